@@ -1,0 +1,3 @@
+"""sdlab: Stable Diffusion in Python."""
+
+__version__ = "0.1.0"
