@@ -1,0 +1,212 @@
+"""Reading and writing weight files: .safetensors (memory-mapped) and .ckpt/.pt/.pth.
+
+Pickled checkpoints are only ever opened with `torch.load(weights_only=True)`:
+a file whose unpickling needs anything but tensors and plain containers is
+refused, and none of its code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..errors import SdlabError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
+
+
+class _LightningCallbackPlaceholder:
+    """Stands in for the PyTorch Lightning callback objects that training runs leave
+    in SD .ckpt files. It only receives their state; nothing is executed."""
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+# Globals some released .ckpt files reference besides tensors. Each is data, not code.
+_SAFE_CKPT_GLOBALS = [
+    (_LightningCallbackPlaceholder, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+]
+
+
+class StateDict(Mapping[str, Tensor]):
+    """A read-only, lazy view of a checkpoint's tensors.
+
+    For .safetensors the tensors are read from the memory-mapped file on access,
+    one at a time, so building a model from it never holds a second full copy.
+    """
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype],
+                 get: "callable[[str], Tensor]", metadata: dict[str, str] | None = None):
+        self.path = path
+        self.shapes = shapes
+        self.dtypes = dtypes
+        self.metadata = metadata or {}
+        self._get = get
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self.shapes:
+            raise KeyError(key)
+        return self._get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], path: Path | str = "<memory>",
+                     metadata: dict[str, str] | None = None) -> StateDict:
+        tensors = dict(tensors)
+        return cls(Path(path), {k: tuple(v.shape) for k, v in tensors.items()},
+                   {k: v.dtype for k, v in tensors.items()}, tensors.__getitem__, metadata)
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Open a weight file lazily; raise SdlabError naming the file on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise SdlabError(f"{path}: no such file")
+    if path.is_dir():
+        raise SdlabError(f"{path}: is a folder; give a .safetensors/.ckpt file or a diffusers folder with model_index.json")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    if suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path)
+    raise SdlabError(f"{path}: unknown file type {suffix!r}; expected .safetensors, .ckpt, .pt, .pth or .bin")
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        keys = list(handle.keys())
+        shapes, dtypes = {}, {}
+        for k in keys:
+            sl = handle.get_slice(k)
+            shapes[k] = tuple(sl.get_shape())
+            dtypes[k] = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
+        metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SdlabError(f"{path}: not a readable .safetensors file ({_first_line(e)}); "
+                         "the download may be truncated or corrupt, fetch it again") from None
+
+    def get(key: str) -> Tensor:
+        try:
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SdlabError(f"{path}: tensor {key!r} cannot be read ({_first_line(e)}); "
+                             "the file is truncated or corrupt, fetch it again") from None
+
+    _check_safetensors_size(path, handle, keys)
+    return StateDict(path, shapes, dtypes, get, metadata)
+
+
+def _check_safetensors_size(path: Path, handle, keys: list[str]) -> None:
+    """safetensors validates the header but lets a truncated data section through until a
+    tensor past the end is read; check the file is as long as its header says."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    have = path.stat().st_size - 8 - header_len
+    if have < end:
+        raise SdlabError(f"{path}: truncated .safetensors file ({have} of {end} data bytes); fetch it again")
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_pickle(path: Path) -> StateDict:
+    try:
+        with torch.serialization.safe_globals(_SAFE_CKPT_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own warnings would add lines to our one-line error
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        message = str(e)
+        if "GLOBAL" not in message and "Unsupported" not in message:
+            raise SdlabError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)}); "
+                             "the file may be truncated or not a model file") from None
+        what = message.split("GLOBAL ")[-1].split(" was")[0] if "GLOBAL" in message else "non-tensor objects"
+        raise SdlabError(f"{path}: refused: loading this pickle would run code ({what}); sdlab never runs code "
+                         "from checkpoints. Use a .safetensors version of the model") from None
+    except Exception as e:  # a damaged file fails anywhere inside the unpickler
+        raise SdlabError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)}); "
+                         "the file may be truncated or not a model file") from None
+
+    tensors = _find_state_dict(obj)
+    if tensors is None:
+        raise SdlabError(f"{path}: contains no tensors (expected a state dict, or one under 'state_dict')")
+    return StateDict.from_tensors(tensors, path)
+
+
+def _find_state_dict(obj: object) -> dict[str, Tensor] | None:
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model", "module"):
+            inner = obj.get(wrapper)
+            if isinstance(inner, Mapping) and any(isinstance(v, Tensor) for v in inner.values()):
+                obj = inner
+                break
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+        return strip_wrapper_prefixes(tensors) if tensors else None
+    return None
+
+
+def strip_wrapper_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove `_orig_mod.` / `module.` left by torch.compile and DDP, in one place."""
+    for prefix in WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)` then rename over `path`, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors to a .safetensors file atomically (contiguous, shared storage broken)."""
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(data, str(tmp), metadata=dict(metadata or {})))

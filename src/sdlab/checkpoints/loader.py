@@ -1,0 +1,299 @@
+"""From a file, folder or hub id to a `Bundle` of built networks.
+
+Networks are built on the meta device and the checkpoint's tensors are assigned
+to them (`load_state_dict(assign=True)`), each cast once to the target dtype, so
+no second copy of the weights is ever made (DESIGN.md decision 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SdlabError
+from ..families import UNET_PREFIX, VAE_PREFIX, ModelConfig, Prediction, model_config, with_prediction
+from ..models.clip import CLIPTextModel
+from ..models.unet import UNet
+from ..models.vae import AutoencoderKL
+from ..text.tokenizer import CLIPTokenizer
+from .diffusers_folder import is_diffusers_folder, read_diffusers_folder
+from .io import StateDict, read_state_dict, save_safetensors
+
+log = logging.getLogger(__name__)
+
+EMA_PREFIX = "model_ema."
+
+
+@dataclass
+class Bundle:
+    """The networks of one loaded model, with what is needed to use them."""
+
+    config: ModelConfig
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoders: list[CLIPTextModel]
+    tokenizers: list[CLIPTokenizer]
+    name: str = "model"
+    source: Path | None = None
+    has_ema: bool = False
+    used_ema: bool = False
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def family(self):
+        return self.config.family
+
+    @property
+    def prediction(self) -> Prediction:
+        return self.config.family.prediction
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def short_hash(self) -> str | None:
+        """The web UIs' model hash: the first 10 hex digits of the file's SHA-256."""
+        if self._hash is None and self.source is not None and self.source.is_file():
+            self._hash = file_sha256(self.source)[:10]
+        return self._hash
+
+    def networks(self) -> dict[str, nn.Module]:
+        nets = {"unet": self.unet, "vae": self.vae}
+        nets.update({f"text_encoder{'' if i == 0 else '_' + str(i + 1)}": te for i, te in enumerate(self.text_encoders)})
+        return nets
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """All weights in the native single-file layout."""
+        sd = {UNET_PREFIX + k: v for k, v in self.unet.state_dict().items()}
+        sd.update({VAE_PREFIX + k: v for k, v in self.vae.state_dict().items()})
+        for slot, te in zip(self.family.text_encoders, self.text_encoders):
+            sd.update({slot.prefix + k: v for k, v in te.state_dict().items()})
+        return sd
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_model(model: str | Path) -> tuple[StateDict, Path]:
+    """Resolve a path, diffusers folder or hub repo id to a (lazy) native state dict."""
+    path = Path(model).expanduser()
+    if is_diffusers_folder(path):
+        sd, _ = read_diffusers_folder(path)
+        return sd, path
+    if path.exists():
+        return read_state_dict(path), path
+    text = str(model)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.endswith((".safetensors", ".ckpt")):
+        return open_model(_download(text))
+    raise SdlabError(f"{model}: no such file or folder")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise SdlabError(f"{repo_id}: looks like a Hugging Face repo id; install huggingface_hub "
+                         "(pip install 'sdlab[hub]') or give a local path") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                                      ignore_patterns=["*.fp16.*", "*non_ema*", "*ema_only*"]))
+    except Exception as e:  # network, auth, missing repo: all one message for the user
+        raise SdlabError(f"{repo_id}: could not download from the Hugging Face hub ({str(e).splitlines()[0][:160]})") from None
+
+
+def config_of(sd: StateDict, prediction: Prediction | None = None) -> ModelConfig:
+    """The model config of an opened checkpoint; errors name the file."""
+    try:
+        return model_config(sd.shapes, sd.metadata, prediction=prediction)
+    except SdlabError as e:
+        raise SdlabError(f"{sd.path}: {e}") from None
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_bundle(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                prediction: Prediction | None = None, use_ema: bool = True) -> Bundle:
+    """Load a checkpoint file, diffusers folder or hub repo id into a Bundle.
+
+    Args:
+        model: a .safetensors/.ckpt path, a diffusers folder, or a hub repo id.
+        device: where the networks run (default: CUDA when available, else CPU).
+        dtype: weight dtype of the UNet and text encoders (default fp16 on CUDA, fp32 on CPU).
+        prediction: "eps" or "v" to override what detection decides.
+        use_ema: take the EMA weights when the file holds both EMA and raw ones.
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or default_dtype(device)
+    sd, path = open_model(model)
+    cfg = config_of(sd, prediction)
+    saved_prediction = sd.metadata.get("sdlab.prediction")
+    if prediction is None and saved_prediction in ("eps", "v"):
+        cfg = with_prediction(cfg, saved_prediction)
+
+    has_ema = any(k.startswith(EMA_PREFIX) and k not in ("model_ema.decay", "model_ema.num_updates") for k in sd)
+    unet_sd = _take(sd, UNET_PREFIX)
+    used_ema = False
+    if has_ema and use_ema:
+        unet_sd, used_ema = _with_ema(sd, unet_sd)
+
+    unet = _build(UNet, cfg.unet, unet_sd, dtype, "UNet", path)
+    # The VAE stays in fp32 on the CPU, where low precision costs accuracy for little speed.
+    vae_dtype = dtype if device.type == "cuda" else torch.float32
+    vae = _build(AutoencoderKL, cfg.vae, _take(sd, VAE_PREFIX), vae_dtype, "VAE", path)
+    text_encoders = [_build(CLIPTextModel, te_cfg, _take(sd, slot.prefix), dtype, "text encoder", path)
+                     for slot, te_cfg in zip(cfg.family.text_encoders, cfg.text_encoders)]
+
+    if prediction is None and saved_prediction is None and cfg.family.name == "sd2":
+        if looks_like_v_prediction(unet):
+            cfg = with_prediction(cfg, "v")
+            log.info("%s: detected v-prediction (override with --prediction eps)", path.name)
+
+    tokenizers = [_tokenizer_for(path, slot, i) for i, slot in enumerate(cfg.family.text_encoders)]
+    bundle = Bundle(cfg, unet, vae, text_encoders, tokenizers, name=path.stem if path.is_file() else path.name,
+                    source=path, has_ema=has_ema, used_ema=used_ema)
+    for net in bundle.networks().values():
+        net.to(device).eval().requires_grad_(False)
+    return bundle
+
+
+class _Lazy:
+    """A tensor not read yet: the file is touched only when the network takes it."""
+
+    __slots__ = ("sd", "key")
+
+    def __init__(self, sd: StateDict, key: str):
+        self.sd, self.key = sd, key
+
+    def __call__(self) -> Tensor:
+        return self.sd[self.key]
+
+
+def _take(sd: StateDict, prefix: str) -> dict[str, _Lazy]:
+    """The entries under a prefix, prefix stripped, not yet read."""
+    return {k[len(prefix):]: _Lazy(sd, k) for k in sd.keys() if k.startswith(prefix)}
+
+
+def _with_ema(sd: StateDict, unet_sd: dict[str, _Lazy]) -> tuple[dict[str, _Lazy], bool]:
+    """EMA twins are stored as `model_ema.diffusion_model<path without dots>`."""
+    out, found = {}, 0
+    for k, lazy in unet_sd.items():
+        ema_key = EMA_PREFIX + ("diffusion_model." + k).replace(".", "")
+        if ema_key in sd:
+            out[k], found = _Lazy(sd, ema_key), found + 1
+        else:
+            out[k] = lazy
+    return out, found > 0
+
+
+def _build(cls, cfg, entries: dict[str, _Lazy], dtype: torch.dtype, what: str, path: Path) -> nn.Module:
+    if not entries:
+        raise SdlabError(f"{path}: has no {what} weights")
+    with torch.device("meta"):
+        module = cls(cfg)
+    ignored = [re.compile(p) for p in getattr(module, "IGNORED_KEYS", ())]
+    expected = module.state_dict()
+    tensors, unexpected = {}, []
+    for k, lazy in entries.items():
+        if k not in expected:
+            if not any(rx.search(k) for rx in ignored):
+                unexpected.append(k)
+            continue
+        t = lazy()
+        if tuple(t.shape) != tuple(expected[k].shape):
+            # Some checkpoints keep 1x1 conv weights as 2-D matrices; let the module's hook decide.
+            if t.numel() != expected[k].numel():
+                raise SdlabError(f"{path}: {what} weight {k} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(expected[k].shape)}; the file does not match its detected model type")
+        tensors[k] = t.to(dtype) if t.is_floating_point() else t
+    missing = [k for k in expected if k not in tensors]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}"
+                         f"{', ...' if len(unexpected) > 3 else ''})")
+        raise SdlabError(f"{path}: {what} keys do not match: {'; '.join(parts)}")
+    module.load_state_dict(tensors, strict=True, assign=True)
+    _materialize_buffers(module)
+    return module
+
+
+def _materialize_buffers(module: nn.Module) -> None:
+    """Non-persistent buffers are not in the file; rebuild any left on the meta device."""
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:
+            raise SdlabError(f"internal error: buffer {name} was not loaded")
+
+
+@torch.no_grad()
+def looks_like_v_prediction(unet: UNet) -> bool:
+    """The web UIs' test for SD 2.x checkpoints, which do not say what they predict:
+    on a constant input at t=999, a v-model's output is strongly negative relative to
+    the input, an eps-model's is not (A1111 `is_using_v_parameterization_for_sd2`)."""
+    p = next(unet.parameters())
+    x = torch.full((1, unet.cfg.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    ctx = torch.full((1, 2, unet.cfg.context_dim), 0.5, device=p.device, dtype=p.dtype)
+    out = unet(x, torch.tensor([999.0], device=p.device), ctx)
+    return (out.float() - x.float()).mean().item() < -1
+
+
+def _tokenizer_for(path: Path, slot, index: int) -> CLIPTokenizer:
+    folder = path / slot.tokenizer_folder if path.is_dir() else None
+    if folder is not None and (folder / "vocab.json").exists():
+        return CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=slot.pad_token)
+    return CLIPTokenizer(pad_token=slot.pad_token)
+
+
+def save_checkpoint(bundle: Bundle, path: str | Path, dtype: torch.dtype | None = None,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write the bundle as one native-layout .safetensors file (atomically), with
+    its exact config in the metadata so sdlab reloads it without guessing."""
+    sd = bundle.state_dict()
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    meta = {"sdlab.config": bundle.config.to_json(), "sdlab.prediction": bundle.prediction,
+            "modelspec.architecture": bundle.family.name, "modelspec.prediction_type": bundle.prediction}
+    meta.update(metadata or {})
+    save_safetensors(sd, path, meta)
+
+
+def new_bundle(cfg: ModelConfig, seed: int = 0, init_std: float | None = None, name: str = "new-model") -> Bundle:
+    """A Bundle of freshly initialised networks (training from scratch, tests, benchmarks).
+
+    `init_std` replaces every parameter with N(0, init_std) noise instead of the modules'
+    own initialisation: tests use it so no layer starts at zero and hides a wrong key.
+    """
+    gen = torch.Generator("cpu").manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae = UNet(cfg.unet), AutoencoderKL(cfg.vae)
+        tes = [CLIPTextModel(c) for c in cfg.text_encoders]
+    if init_std is not None:
+        with torch.no_grad():
+            for net in [unet, vae, *tes]:
+                for p in net.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * init_std)
+    tokenizers = [CLIPTokenizer(pad_token=slot.pad_token) for slot in cfg.family.text_encoders]
+    bundle = Bundle(cfg, unet, vae, tes, tokenizers, name=name)
+    for net in bundle.networks().values():
+        net.eval().requires_grad_(False)
+    return bundle

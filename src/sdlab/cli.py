@@ -1,0 +1,133 @@
+"""The `sdlab` command line. Thin: each sub-command parses its arguments and
+calls the library; errors meant for the user print one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import SdlabError
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    try:
+        return getattr(torch, DTYPES[name.lower()])
+    except KeyError:
+        raise SdlabError(f"unknown dtype {name!r}; choose one of fp32, fp16, bf16") from None
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .checkpoints.loader import EMA_PREFIX, config_of, file_sha256, open_model
+    from .families import UNET_PREFIX, VAE_PREFIX
+
+    sd, path = open_model(args.model)
+    cfg = config_of(sd, args.prediction)
+    prediction = cfg.prediction
+    if args.prediction is None and cfg.family.name == "sd2" and "sdlab.prediction" not in sd.metadata:
+        from .checkpoints.loader import load_bundle
+
+        prediction = load_bundle(args.model, device="cpu").prediction
+    elif "sdlab.prediction" in sd.metadata and args.prediction is None:
+        prediction = sd.metadata["sdlab.prediction"]
+
+    def count(prefix: str) -> int:
+        return sum(_numel(s) for k, s in sd.shapes.items() if k.startswith(prefix))
+
+    dtypes = sorted({str(sd.dtypes[k]).replace("torch.", "") for k in sd.shapes if sd.dtypes[k].is_floating_point})
+    has_ema = any(k.startswith(EMA_PREFIX) for k in sd.shapes)
+    rows = [("file", str(path)), ("family", f"{cfg.family.name} ({cfg.family.label})"),
+            ("prediction", prediction), ("default size", f"{cfg.family.default_size}x{cfg.family.default_size}"),
+            ("UNet", _human(count(UNET_PREFIX))), ("VAE", _human(count(VAE_PREFIX)))]
+    for i, slot in enumerate(cfg.family.text_encoders):
+        rows.append((f"text encoder {i + 1}" if len(cfg.family.text_encoders) > 1 else "text encoder",
+                     f"{_human(count(slot.prefix))} ({slot.layout}, {cfg.text_encoders[i].layers} layers)"))
+    rows += [("dtype", ", ".join(dtypes)), ("EMA weights", "yes" if has_ema else "no")]
+    if path.is_file():
+        rows.append(("model hash", file_sha256(path)[:10]))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .checkpoints.diffusers_folder import is_diffusers_folder, write_diffusers_folder
+    from .checkpoints.loader import load_bundle, save_checkpoint
+
+    dst = Path(args.dst)
+    to = args.to or ("single" if dst.suffix == ".safetensors" else "diffusers")
+    bundle = load_bundle(args.src, device="cpu", dtype=_dtype(args.dtype) or _dtype("fp32"),
+                         prediction=args.prediction, use_ema=not args.no_ema)
+    if to == "single":
+        if dst.suffix != ".safetensors":
+            raise SdlabError(f"{dst}: single-file output must end in .safetensors")
+        save_checkpoint(bundle, dst)
+    else:
+        if is_diffusers_folder(Path(args.src)) and to == "diffusers":
+            logging.getLogger(__name__).info("source is already a diffusers folder; writing a fresh copy")
+        write_diffusers_folder(bundle.state_dict(), bundle.config, dst)
+    print(f"wrote {dst} ({bundle.family.name}, {to})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdlab", description="Stable Diffusion in Python: generate, fine-tune and serve SD models.",
+        epilog="Run 'sdlab COMMAND --help' for the options of one command.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what sdlab is doing")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="what a checkpoint is: family, prediction, sizes, EMA",
+                       description="Show a checkpoint's family, prediction type, parameter counts, dtype and EMA.")
+    p.add_argument("model", help="a .safetensors/.ckpt file, a diffusers folder or a hub repo id")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="single file <-> diffusers folder",
+                       description="Convert a checkpoint between a single .safetensors file (the layout the web UIs "
+                                   "use) and a diffusers folder.")
+    p.add_argument("src", help="a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("dst", help="output: a .safetensors file or a new folder")
+    p.add_argument("--to", choices=["single", "diffusers"], help="output format (default: from DST's name)")
+    p.add_argument("--dtype", help="weight dtype of the output: fp32 (default), fp16, bf16")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
+    p.add_argument("--no-ema", action="store_true", help="keep the raw weights when the file also has EMA ones")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except SdlabError as e:
+        print(f"sdlab: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sdlab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Model families: one entry per kind of Stable Diffusion model, and detection of
+the family (and the exact network configs) from a state dict's keys and shapes.
+
+Detection reads marker keys for the family and tensor shapes for the
+hyperparameters (ComfyUI's `model_detection.py` approach), so pruned,
+non-standard and tiny models load as well as the released ones. Shapes cannot
+tell a few things (attention heads, GroupNorm groups); those come from the
+family's rule (SD1: 8 heads; SD2/SDXL: 64 channels per head; CLIP: 64 per head;
+32 groups), or exactly from the `sdlab.config` metadata of files sdlab wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
+
+from .errors import SdlabError
+from .models.clip import CLIPTextConfig
+from .models.unet import UNetConfig, config_from_state_dict as unet_config_from_shapes
+from .models.vae import VAEConfig
+
+Prediction = Literal["eps", "v"]
+Shapes = Mapping[str, tuple[int, ...]]
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """Where one text encoder lives in a single-file checkpoint and in a diffusers folder."""
+
+    prefix: str
+    layout: Literal["openai", "openclip"]
+    pad_token: Literal["eos", "zero"]  # SD1's tokenizer pads with end-of-text, OpenCLIP's with 0
+    diffusers_folder: str = "text_encoder"
+    tokenizer_folder: str = "tokenizer"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    label: str
+    text_encoders: tuple[TextEncoderSlot, ...]
+    prediction: Prediction
+    default_size: int
+    inpaint: bool = False
+    latent_scale: float = 0.18215
+    clip_skip: int = 1  # the layer the family conditions on: SD2 uses the penultimate one
+    unet_num_heads: int | None = None  # heads are not in the shapes: the family's rule
+    unet_head_channels: int | None = None
+    base_model_version: str = ""  # kohya's ss_base_model_version
+
+
+_CLIP_L = TextEncoderSlot("cond_stage_model.transformer.", "openai", "eos")
+_OPENCLIP_H = TextEncoderSlot("cond_stage_model.model.", "openclip", "zero")
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("sd1", "Stable Diffusion 1.x", (_CLIP_L,), "eps", 512, unet_num_heads=8, base_model_version="sd_v1"),
+    Family("sd1-inpaint", "Stable Diffusion 1.x inpainting", (_CLIP_L,), "eps", 512, inpaint=True,
+           unet_num_heads=8, base_model_version="sd_v1"),
+    Family("sd2", "Stable Diffusion 2.x (512, eps)", (_OPENCLIP_H,), "eps", 512, clip_skip=2,
+           unet_head_channels=64, base_model_version="sd_v2"),
+    Family("sd2-v", "Stable Diffusion 2.x (768, v-prediction)", (_OPENCLIP_H,), "v", 768, clip_skip=2,
+           unet_head_channels=64, base_model_version="sd_v2_768_v"),
+    Family("sd2-inpaint", "Stable Diffusion 2.x inpainting", (_OPENCLIP_H,), "eps", 512, inpaint=True, clip_skip=2,
+           unet_head_channels=64, base_model_version="sd_v2"),
+)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build the networks of one checkpoint."""
+
+    family: Family
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoders: tuple[CLIPTextConfig, ...]
+
+    @property
+    def prediction(self) -> Prediction:
+        return self.family.prediction
+
+    def to_json(self) -> str:
+        return json.dumps({"family": self.family.name, "unet": asdict(self.unet), "vae": asdict(self.vae),
+                           "text_encoders": [asdict(c) for c in self.text_encoders]})
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        d = json.loads(text)
+        return cls(FAMILIES[d["family"]], _dataclass_from_dict(UNetConfig, d["unet"]),
+                   _dataclass_from_dict(VAEConfig, d["vae"]),
+                   tuple(_dataclass_from_dict(CLIPTextConfig, c) for c in d["text_encoders"]))
+
+
+def _dataclass_from_dict(cls, d: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+def detect_family(shapes: Shapes) -> Family:
+    """The family of a single-file state dict, from its marker keys (a pure function).
+
+    SD2 checkpoints do not say whether they predict eps or v; this returns the eps
+    entry and the loader settles it (`looks_like_v_prediction`, or the user's
+    `--prediction`).
+    """
+    keys = shapes.keys()
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None:
+        raise SdlabError(_not_a_model_reason(keys))
+    inpaint = conv_in[1] == 9
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise SdlabError("this is an SDXL checkpoint; SDXL is not supported by this version of sdlab yet")
+    if any(k.startswith(_CLIP_L.prefix) for k in keys):
+        return FAMILIES["sd1-inpaint" if inpaint else "sd1"]
+    if any(k.startswith(_OPENCLIP_H.prefix) for k in keys):
+        return FAMILIES["sd2-inpaint" if inpaint else "sd2"]
+    raise SdlabError("the checkpoint has a UNet but no text encoder this version knows "
+                     "(expected cond_stage_model.transformer.* or cond_stage_model.model.*)")
+
+
+def _not_a_model_reason(keys) -> str:
+    sample = next(iter(keys), "")
+    if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_A." in k or ".lora_down." in k for k in keys):
+        return "this is a LoRA file, not a model: put it in the Lora folder and use <lora:NAME:1> in the prompt"
+    if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
+        return "this is a single diffusers network file, not a checkpoint: give the whole diffusers folder"
+    if any(k in ("string_to_param", "emb_params", "clip_l", "clip_g") for k in keys):
+        return "this is a textual-inversion embedding, not a model: put it in the embeddings folder"
+    return f"not a Stable Diffusion checkpoint this version knows (no {UNET_PREFIX}* keys; first key {sample!r})"
+
+
+def model_config(shapes: Shapes, metadata: Mapping[str, str] | None = None,
+                 prediction: Prediction | None = None) -> ModelConfig:
+    """Family and network configs of a single-file state dict.
+
+    Files sdlab wrote carry their exact config in the `sdlab.config` metadata entry;
+    everything else is read off the shapes.
+    """
+    if metadata and "sdlab.config" in metadata:
+        cfg = ModelConfig.from_json(metadata["sdlab.config"])
+    else:
+        family = detect_family(shapes)
+        unet = unet_config_from_shapes(_strip(shapes, UNET_PREFIX), num_heads=family.unet_num_heads,
+                                       num_head_channels=family.unet_head_channels)
+        vae = vae_config_from_shapes(_strip(shapes, VAE_PREFIX))
+        tes = tuple(clip_config_from_shapes(_strip(shapes, slot.prefix), slot.layout) for slot in family.text_encoders)
+        cfg = ModelConfig(family, unet, vae, tes)
+    if prediction is not None:
+        cfg = with_prediction(cfg, prediction)
+    return cfg
+
+
+def with_prediction(cfg: ModelConfig, prediction: Prediction) -> ModelConfig:
+    """The same networks under the family entry that has the given prediction type."""
+    if prediction == cfg.family.prediction:
+        return cfg
+    if cfg.family.name == "sd2" and prediction == "v":
+        return replace(cfg, family=FAMILIES["sd2-v"])
+    if cfg.family.name == "sd2-v" and prediction == "eps":
+        return replace(cfg, family=FAMILIES["sd2"])
+    # Other families have no entry of the other kind; keep the family, change the type.
+    return replace(cfg, family=replace(cfg.family, prediction=prediction))
+
+
+def _strip(shapes: Shapes, prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix):]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _count(shapes: Shapes, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in shapes if (m := rx.match(k))})
+
+
+def vae_config_from_shapes(shapes: Shapes) -> VAEConfig:
+    """AutoencoderKL config read off `first_stage_model.*` shapes (prefix stripped)."""
+    try:
+        conv_in = shapes["encoder.conv_in.weight"]
+        levels = _count(shapes, r"encoder\.down\.(\d+)\.")
+        base = conv_in[0]
+        mult = tuple(shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] // base for i in range(levels))
+        return VAEConfig(
+            in_channels=conv_in[1],
+            out_channels=shapes["decoder.conv_out.weight"][0],
+            latent_channels=shapes["post_quant_conv.weight"][0],
+            base_channels=base,
+            channel_mult=mult,
+            num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
+        )
+    except KeyError as e:
+        raise SdlabError(f"the VAE weights are incomplete (missing {VAE_PREFIX}{e.args[0]})") from None
+
+
+def clip_config_from_shapes(shapes: Shapes, layout: Literal["openai", "openclip"]) -> CLIPTextConfig:
+    """CLIP text-encoder config read off its shapes (prefix stripped). Every released
+    CLIP text encoder uses 64 channels per head, so heads = width / 64."""
+    try:
+        if layout == "openai":
+            vocab, width = shapes["text_model.embeddings.token_embedding.weight"]
+            return CLIPTextConfig(
+                layout="openai", vocab_size=vocab, width=width,
+                layers=_count(shapes, r"text_model\.encoder\.layers\.(\d+)\."),
+                heads=max(1, width // 64),
+                mlp_width=shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0],
+                max_positions=shapes["text_model.embeddings.position_embedding.weight"][0],
+                activation="quick_gelu",
+                projection_dim=shapes["text_projection.weight"][0] if "text_projection.weight" in shapes else None,
+            )
+        vocab, width = shapes["token_embedding.weight"]
+        return CLIPTextConfig(
+            layout="openclip", vocab_size=vocab, width=width,
+            layers=_count(shapes, r"transformer\.resblocks\.(\d+)\."),
+            heads=max(1, width // 64),
+            mlp_width=shapes["transformer.resblocks.0.mlp.c_fc.weight"][0],
+            max_positions=shapes["positional_embedding"][0],
+            activation="gelu",
+            projection_dim=shapes["text_projection"][1] if "text_projection" in shapes else None,
+        )
+    except KeyError as e:
+        raise SdlabError(f"the text encoder weights are incomplete (missing key ending {e.args[0]!r})") from None

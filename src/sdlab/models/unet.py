@@ -1,0 +1,480 @@
+"""The latent-diffusion UNet of SD 1.x, SD 2.x and SDXL (base, refiner, inpainting): one class,
+one config, the real configurations in `PRESETS`.
+
+Mirrors UNetModel / SpatialTransformer of Stability-AI/generative-models
+(https://github.com/Stability-AI/generative-models/blob/4e3bd79770bb3576f4e330e12a8074d03cad99c1/sgm/modules/diffusionmodules/openaimodel.py),
+without the options no Stable Diffusion checkpoint uses (scale-shift norm, resblock up/down,
+class embeddings other than SDXL's "sequential" one). Attribute names equal the single-file
+checkpoint keys after `model.diffusion_model.`, so loading is a prefix strip.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from sdlab.errors import SdlabError
+from sdlab.models.layers import GroupNorm32, attention, timestep_embedding
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # 9 for inpainting: noisy latent (4), mask (1), masked-image latent (4)
+    out_channels: int = 4
+    model_channels: int = 320  # width of level 0; the time embedding is 4x this
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # width of each level, in units of model_channels
+    num_res_blocks: tuple[int, ...] = (2, 2, 2, 2)  # ResBlocks per level going down (one more going up)
+    # transformer blocks in the SpatialTransformer after each ResBlock of a level; 0 = no attention there
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
+    # 0 = the middle block is a single ResBlock (the layout of SSD-1B / Segmind Vega, which ComfyUI
+    # calls -1 and diffusers "UNetMidBlock2D"); otherwise ResBlock, SpatialTransformer, ResBlock.
+    transformer_depth_middle: int = 1
+    num_heads: int | None = 8  # fixed head count at every width (SD 1.x) ...
+    num_head_channels: int | None = None  # ... or fixed head width (SD 2.x, SDXL: 64); exactly one is set
+    context_dim: int = 768  # width of the text-encoder tokens that cross-attention reads
+    use_linear_in_transformer: bool = False  # proj_in / proj_out are Linear (SD 2.x, SDXL), not 1x1 convs
+    adm_in_channels: int | None = None  # width of SDXL's vector conditioning y (pooled text + size embeddings)
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        # Configs read back from JSON (checkpoint metadata) carry lists; keep the dataclass hashable.
+        for name in ("channel_mult", "num_res_blocks", "transformer_depth"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        levels = len(self.channel_mult)
+        if levels == 0:
+            raise ValueError("channel_mult must name at least one level")
+        if len(self.num_res_blocks) != levels or len(self.transformer_depth) != levels:
+            raise ValueError(f"num_res_blocks {self.num_res_blocks} and transformer_depth {self.transformer_depth} "
+                             f"must have one entry per level of channel_mult {self.channel_mult}")
+        if min(self.channel_mult) < 1 or min(self.num_res_blocks) < 1:
+            raise ValueError("channel_mult and num_res_blocks entries must be >= 1")
+        if min(self.transformer_depth) < 0 or self.transformer_depth_middle < 0:
+            raise ValueError("transformer depths must be >= 0")
+        if (self.num_heads is None) == (self.num_head_channels is None):
+            raise ValueError("exactly one of num_heads and num_head_channels must be set")
+        if min(self.in_channels, self.out_channels, self.model_channels, self.context_dim, self.norm_groups) < 1:
+            raise ValueError("in_channels, out_channels, model_channels, context_dim and norm_groups must be >= 1")
+        if self.adm_in_channels is not None and self.adm_in_channels < 1:
+            raise ValueError("adm_in_channels must be >= 1 or None")
+        attended = [w for w, d in zip(self.level_channels, self.transformer_depth) if d]
+        if self.transformer_depth_middle:
+            attended.append(self.level_channels[-1])
+        for width in self.level_channels:
+            if width % self.norm_groups:
+                raise ValueError(f"norm_groups {self.norm_groups} must divide every level width, not {width}")
+        for width in attended:
+            split = self.num_heads or self.num_head_channels
+            if width % split:
+                raise ValueError(f"num_heads / num_head_channels {split} must divide the attention width {width}")
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    def heads(self, channels: int) -> int:
+        """Number of attention heads at a width (SGM: num_heads, or channels // num_head_channels)."""
+        return self.num_heads if self.num_heads is not None else channels // self.num_head_channels
+
+
+# The released configurations, checked against the original yaml files (CompVis v1-inference,
+# Stability-AI/stablediffusion v2-inference / v2-inpainting-inference, generative-models
+# sd_xl_base / sd_xl_refiner). SD 2.x 512 and 768-v share one UNet; the prediction type is the family's.
+# SDXL base lists transformer_depth [1, 2, 10] with attention_resolutions [4, 2]: level 0 has none.
+PRESETS: dict[str, UNetConfig] = {
+    "sd15": UNetConfig(),
+    "sd15-inpaint": UNetConfig(in_channels=9),
+    "sd21": UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+    "sd21-inpaint": UNetConfig(in_channels=9, num_heads=None, num_head_channels=64, context_dim=1024,
+                               use_linear_in_transformer=True),
+    "sdxl": UNetConfig(channel_mult=(1, 2, 4), num_res_blocks=(2, 2, 2), transformer_depth=(0, 2, 10),
+                       transformer_depth_middle=10, num_heads=None, num_head_channels=64, context_dim=2048,
+                       use_linear_in_transformer=True, adm_in_channels=2816),
+    # diffusers/stable-diffusion-xl-1.0-inpainting-0.1: the SDXL base UNet with the 9 inpainting inputs.
+    "sdxl-inpaint": UNetConfig(in_channels=9, channel_mult=(1, 2, 4), num_res_blocks=(2, 2, 2),
+                               transformer_depth=(0, 2, 10), transformer_depth_middle=10, num_heads=None,
+                               num_head_channels=64, context_dim=2048, use_linear_in_transformer=True,
+                               adm_in_channels=2816),
+    "sdxl-refiner": UNetConfig(model_channels=384, transformer_depth=(0, 4, 4, 0), transformer_depth_middle=4,
+                               num_heads=None, num_head_channels=64, context_dim=1280,
+                               use_linear_in_transformer=True, adm_in_channels=2560),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def sdxl_size_embedding(time_ids: Tensor, dim: int = 256) -> Tensor:
+    """Embed SDXL's micro-conditioning numbers, the size part of the vector conditioning y.
+
+    Args:
+        time_ids: (B, N) floats. SDXL base: original (h, w), crop (top, left), target (h, w), N = 6;
+            the refiner: original (h, w), crop (top, left), aesthetic score, N = 5.
+        dim: embedding width per number (256 in both SDXL models).
+
+    Returns:
+        (B, N * dim) float32; SDXL's y is `torch.cat([pooled_text, this], dim=-1)` (2816 / 2560 wide).
+    """
+    b, n = time_ids.shape
+    return timestep_embedding(time_ids.flatten(), dim).reshape(b, n * dim)  # (B, N*dim)
+
+
+def _transformer_depth(shapes: Mapping[str, Sequence[int]], prefix: str) -> int:
+    depth = 0
+    while f"{prefix}transformer_blocks.{depth}.norm1.weight" in shapes:
+        depth += 1
+    return depth
+
+
+def config_from_state_dict(shapes: Mapping[str, Sequence[int]], *, num_heads: int | None = None,
+                           num_head_channels: int | None = None, prefix: str = "") -> UNetConfig:
+    """Read the UNet config off a state dict's tensor shapes (ComfyUI's `detect_unet_config` idea).
+
+    Heads cannot be read from shapes, so the family passes exactly one of `num_heads` (SD 1.x: 8)
+    and `num_head_channels` (SD 2.x, SDXL: 64). norm_groups is always 32 in real checkpoints.
+
+    Args:
+        shapes: key -> shape (tensors, `torch.Size` or tuples all work) of the whole file or the UNet.
+        num_heads: fixed head count, or None.
+        num_head_channels: fixed head width, or None.
+        prefix: the UNet's key prefix in `shapes`, e.g. "model.diffusion_model.".
+
+    Raises:
+        SdlabError: the state dict holds no UNet, or one whose layout this UNet cannot express.
+    """
+    s = {k[len(prefix):]: tuple(v.shape if isinstance(v, Tensor) else v)
+         for k, v in shapes.items() if k.startswith(prefix)}
+    if "input_blocks.0.0.weight" not in s or "out.2.weight" not in s:
+        raise SdlabError(f"no LDM UNet under the prefix {prefix!r}: 'input_blocks.0.0.weight' or 'out.2.weight' "
+                         "is missing; check that the file is a Stable Diffusion checkpoint")
+    model_channels, in_channels = s["input_blocks.0.0.weight"][:2]
+
+    # Walk the down path: a Downsample (`op`) closes a level; each ResBlock's output width gives
+    # the level's multiplier, its SpatialTransformer (if any) the level's depth.
+    channel_mult: list[int] = []
+    depths: list[list[int]] = [[]]
+    i = 1
+    while True:
+        if f"input_blocks.{i}.0.op.weight" in s:
+            depths.append([])
+        elif f"input_blocks.{i}.0.in_layers.0.weight" in s:
+            width = s[f"input_blocks.{i}.0.out_layers.3.weight"][0]
+            if len(depths[-1]) == 0:
+                channel_mult.append(width // model_channels)
+            elif width != model_channels * channel_mult[-1]:
+                raise SdlabError(f"UNet level {len(channel_mult) - 1} changes width inside the level; "
+                                 "this layout is not supported")
+            depths[-1].append(_transformer_depth(s, f"input_blocks.{i}.1."))
+        else:
+            break
+        i += 1
+    if not all(depths):
+        raise SdlabError("the UNet has a level without ResBlocks (a truncated or damaged file?)")
+    num_res_blocks = [len(d) for d in depths]
+    transformer_depth = [d[0] for d in depths]
+
+    # The up path must use the same depth in every block of a level (not so in SSD-1B / Vega,
+    # which distil blocks away individually).
+    o = 0
+    for level in reversed(range(len(channel_mult))):
+        for _ in range(num_res_blocks[level] + 1):
+            depths[level].append(_transformer_depth(s, f"output_blocks.{o}.1."))
+            o += 1
+    for level, d in enumerate(depths):
+        if len(set(d)) != 1:
+            raise SdlabError(f"UNet level {level} has transformer depths {d} that differ from block to block "
+                             "(a distilled UNet such as SSD-1B); this layout is not supported")
+
+    if "middle_block.1.proj_in.weight" in s:
+        transformer_depth_middle = _transformer_depth(s, "middle_block.1.")
+    elif "middle_block.0.in_layers.0.weight" in s and not any(k.startswith("middle_block.2.") for k in s):
+        transformer_depth_middle = 0
+    else:
+        raise SdlabError("the UNet's middle block is neither ResBlock-SpatialTransformer-ResBlock nor a single "
+                         "ResBlock; this layout is not supported")
+
+    extra = {}
+    attn2 = next((k for k in s if k.endswith("attn2.to_k.weight")), None)
+    if attn2 is not None:
+        extra["context_dim"] = s[attn2][1]
+        proj_in = attn2.split("transformer_blocks.")[0] + "proj_in.weight"
+        extra["use_linear_in_transformer"] = len(s[proj_in]) == 2
+    if "label_emb.0.0.weight" in s:
+        extra["adm_in_channels"] = s["label_emb.0.0.weight"][1]
+    try:
+        return UNetConfig(in_channels=in_channels, out_channels=s["out.2.weight"][0], model_channels=model_channels,
+                          channel_mult=tuple(channel_mult), num_res_blocks=tuple(num_res_blocks),
+                          transformer_depth=tuple(transformer_depth), transformer_depth_middle=transformer_depth_middle,
+                          num_heads=num_heads, num_head_channels=num_head_channels, **extra)
+    except ValueError as e:
+        raise SdlabError(f"the UNet shapes give an invalid config: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the time embedding added in between, plus a (1x1 if needed) skip."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(groups, out_channels), nn.SiLU(),
+            nn.Identity(),  # the original's Dropout: p = 0 in every SD config; keeps out_layers.3 aligned
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        # Zero-initialised as in the original, so an untrained block starts as its skip path.
+        nn.init.zeros_(self.out_layers[3].weight)
+        nn.init.zeros_(self.out_layers[3].bias)
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        # Upsampling to the skip's size (not a plain x2) lets latents of any size through, e.g.
+        # 9 -> 5 -> 9 where x2 would give 10; for even sizes the two are the same.
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over context (over x itself when context is None)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_channels: int):
+        super().__init__()
+        inner = heads * head_channels
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Identity())  # [1] was Dropout(0)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))  # [1] was Dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention on the text, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, head_channels: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, head_channels)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_channels)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Runs transformer blocks over the pixels of a feature map, as a residual branch."""
+
+    def __init__(self, channels: int, heads: int, head_channels: int, depth: int, context_dim: int,
+                 use_linear: bool, groups: int):
+        super().__init__()
+        inner = heads * head_channels
+        self.use_linear = use_linear
+        # eps 1e-6 as the original's Normalize(); computed in fp32 here, which only adds precision.
+        self.norm = GroupNorm32(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, head_channels, context_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)  # zero-initialised as in the original
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, C, H, W)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """One entry of input_blocks / middle_block / output_blocks: hands each layer what it needs."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, out_size: Sequence[int] | None = None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, out_size)
+            else:
+                x = layer(x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+class UNet(nn.Module):
+    """The LDM UNet: eps / v prediction from (noisy latent, timestep, text tokens[, SDXL vector y]).
+
+    Set `gradient_checkpointing = True` to recompute each block's activations in the backward pass
+    while training (less memory, about a third more compute).
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        emb = 4 * mc
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
+        # SGM's "sequential" adm: the MLP sits one Sequential deeper, hence label_emb.0.0 / label_emb.0.2.
+        self.label_emb = None
+        if cfg.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb)))
+
+        levels = list(zip(cfg.level_channels, cfg.num_res_blocks, cfg.transformer_depth))
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]  # width of every input block's output, consumed in reverse by the up path
+        ch = mc
+        for level, (width, n_res, depth) in enumerate(levels):
+            for _ in range(n_res):
+                layers: list[nn.Module] = [ResBlock(ch, emb, width, groups)]
+                ch = width
+                if depth:
+                    layers.append(self._spatial_transformer(ch, depth))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(levels) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        middle: list[nn.Module] = [ResBlock(ch, emb, ch, groups)]
+        if cfg.transformer_depth_middle:
+            middle += [self._spatial_transformer(ch, cfg.transformer_depth_middle), ResBlock(ch, emb, ch, groups)]
+        self.middle_block = TimestepEmbedSequential(*middle)
+
+        self.output_blocks = nn.ModuleList()
+        for level, (width, n_res, depth) in reversed(list(enumerate(levels))):
+            for i in range(n_res + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb, width, groups)]
+                ch = width
+                if depth:
+                    layers.append(self._spatial_transformer(ch, depth))
+                if level and i == n_res:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight)  # zero-initialised as in the original
+        nn.init.zeros_(self.out[2].bias)
+
+    def _spatial_transformer(self, channels: int, depth: int) -> SpatialTransformer:
+        heads = self.cfg.heads(channels)
+        return SpatialTransformer(channels, heads, channels // heads, depth, self.cfg.context_dim,
+                                  self.cfg.use_linear_in_transformer, self.cfg.norm_groups)
+
+    def _run(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor,
+             out_size: Sequence[int] | None = None) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, out_size, use_reentrant=False)
+        return block(h, emb, context, out_size)
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+        """Predict the network's target (eps or v) for a batch.
+
+        Args:
+            x: (B, in_channels, H, W) noisy latents (inpainting: latent, mask, masked-image latent).
+            timesteps: (B,) float training timesteps in [0, 1000); fractional values are fine.
+            context: (B, T, context_dim) text-encoder tokens.
+            y: (B, adm_in_channels) SDXL vector conditioning, given exactly when the config has
+                adm_in_channels; see `sdxl_size_embedding`.
+
+        Returns:
+            (B, out_channels, H, W) in x's dtype. Inputs are cast to the weights' dtype, so an fp16
+            network can be driven by an fp32 sampler.
+        """
+        if (y is None) != (self.label_emb is None):
+            raise ValueError("y (SDXL's vector conditioning) must be given exactly when the config has adm_in_channels")
+        dtype = self.time_embed[0].weight.dtype
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        # The sinusoids are computed in fp32 (fp16 cannot resolve cos(t * f) for t near 1000).
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y.to(dtype))
+        context = context.to(dtype)
+
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h).to(x.dtype)

@@ -1,0 +1,356 @@
+"""txt2img, img2img and inpainting on a loaded Bundle.
+
+Every face of sdlab (Python, CLI, HTTP, web page) builds one `GenerationRequest`
+and calls `Pipeline.generate`; none holds generation logic of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import __version__
+from .checkpoints.loader import Bundle
+from .errors import SdlabError
+from .images import blur_mask, latent_preview, mask_to_tensor, masked_bbox, to_pil, to_tensor
+from .infotext import create_infotext
+from .sampling.denoiser import CFGDenoiser, Conditioning, DiscreteDenoiser
+from .sampling.rng import ImageRNG, RngSource
+from .sampling.samplers import resolve_sampler
+from .sampling.schedules import discrete_schedule, get_sigmas, resolve_schedule
+from .text.conditioning import PromptSchedule, TextEncoderRunner, prompt_schedule
+from .text.prompt import extract_extra_networks
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class GenerationRequest:
+    """One request, as the web UIs' API fields name its parts (A1111 names in comments)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int | None = None  # None: the family's default size
+    height: int | None = None
+    steps: int = 20
+    sampler: str = "Euler a"  # sampler_name
+    schedule: str = "automatic"  # scheduler
+    cfg_scale: float = 7.0
+    seed: int = -1  # -1: random
+    subseed: int = -1  # variation seed
+    subseed_strength: float = 0.0
+    batch_size: int = 1
+    n_iter: int = 1  # batch count
+    clip_skip: int = 1
+    guidance_rescale: float = 0.0
+    rng: RngSource = "cpu"
+    eta: float | None = None
+    # img2img / inpaint
+    init_image: Image.Image | None = None
+    denoising_strength: float = 0.75
+    mask: Image.Image | None = None  # white = repaint
+    mask_blur: float = 4
+    inpaint_full_res: bool = False  # "only masked"
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+
+    @property
+    def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
+        if self.init_image is None:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+
+@dataclass
+class Progress:
+    step: int  # steps done in the current batch
+    total: int
+    batch: int  # index of the current batch (0 .. n_iter-1)
+    batches: int
+    latents: Tensor  # current denoised estimate
+    preview: Callable[[], Image.Image | None] = field(repr=False, default=lambda: None)
+
+
+class Interrupted(Exception):
+    """Raised by a progress callback to stop generation; the images so far are returned."""
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    infotexts: list[str]
+    seeds: list[int]
+    subseeds: list[int]
+    request: GenerationRequest
+    interrupted: bool = False
+
+
+def validate(req: GenerationRequest, default_size: int) -> GenerationRequest:
+    """Check a request; fill defaults. Errors are one line that says what to change."""
+    width, height = req.width or default_size, req.height or default_size
+    for name, v in (("width", width), ("height", height)):
+        if v < 8 or v % 8:
+            raise SdlabError(f"{name} {v} is not a positive multiple of 8; try {max(8, v // 8 * 8)}")
+    if req.steps < 1:
+        raise SdlabError(f"steps must be at least 1, got {req.steps}")
+    if req.batch_size < 1 or req.n_iter < 1:
+        raise SdlabError("batch size and batch count must be at least 1")
+    if not 0.0 <= req.denoising_strength <= 1.0:
+        raise SdlabError(f"denoising strength must be between 0 and 1, got {req.denoising_strength}")
+    if req.cfg_scale < 0:
+        raise SdlabError(f"CFG scale must not be negative, got {req.cfg_scale}")
+    if req.rng not in ("cpu", "nv"):
+        raise SdlabError(f"unknown RNG source {req.rng!r}; choose cpu or nv")
+    if req.clip_skip < 1:
+        raise SdlabError(f"clip skip must be at least 1, got {req.clip_skip}")
+    if req.mask is not None and req.init_image is None:
+        raise SdlabError("a mask needs an init image to inpaint")
+    if req.mask is not None and req.mask.size != req.init_image.size:
+        raise SdlabError(f"the mask is {req.mask.width}x{req.mask.height} but the image is "
+                         f"{req.init_image.width}x{req.init_image.height}; they must be the same size")
+    resolve_sampler(req.sampler)
+    resolve_schedule(req.schedule)
+    seed = random.randrange(MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
+    subseed = random.randrange(MAX_SEED) if req.subseed is None or req.subseed < 0 else int(req.subseed)
+    return replace(req, width=width, height=height, seed=seed, subseed=subseed)
+
+
+class Pipeline:
+    """Generation on one loaded model. Keep it around: the model stays loaded and the
+    conditioning of an unchanged prompt is cached between requests."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.schedule = discrete_schedule()
+        fam = bundle.family
+        self.text = [TextEncoderRunner(te, tok, base_skip=fam.clip_skip)
+                     for te, tok in zip(bundle.text_encoders, bundle.tokenizers)]
+
+    # -- the Python API --------------------------------------------------
+
+    def txt2img(self, prompt: str, **params) -> list[Image.Image]:
+        return self.generate(GenerationRequest(prompt=prompt, **params)).images
+
+    def img2img(self, init_image: Image.Image, prompt: str, **params) -> list[Image.Image]:
+        return self.generate(GenerationRequest(prompt=prompt, init_image=init_image, **params)).images
+
+    def inpaint(self, init_image: Image.Image, mask: Image.Image, prompt: str, **params) -> list[Image.Image]:
+        params.setdefault("denoising_strength", 1.0)
+        return self.generate(GenerationRequest(prompt=prompt, init_image=init_image, mask=mask, **params)).images
+
+    # -- the one generation path ------------------------------------------
+
+    def generate(self, req: GenerationRequest, callback: Callable[[Progress], None] | None = None) -> GenerationResult:
+        req = validate(req, self.bundle.family.default_size)
+        prompt, networks = extract_extra_networks(req.prompt)
+        negative, neg_networks = extract_extra_networks(req.negative_prompt)
+        if networks or neg_networks:
+            raise SdlabError(f"<{(networks or neg_networks)[0].kind}:...> tags need LoRA support, "
+                             "which this version of sdlab does not have yet")
+        sampler = resolve_sampler(req.sampler)
+        schedule_name = resolve_schedule(req.schedule).name
+        if schedule_name == "automatic":
+            schedule_name = sampler.default_schedule or "automatic"
+
+        images, infotexts, seeds, subseeds = [], [], [], []
+        interrupted = False
+        for batch in range(req.n_iter):
+            first = req.seed + batch * req.batch_size
+            batch_seeds = [first + i for i in range(req.batch_size)]
+            batch_subseeds = [req.subseed + batch * req.batch_size + i for i in range(req.batch_size)]
+            try:
+                out, interrupted = self._generate_batch(req, prompt, negative, sampler, schedule_name,
+                                                        batch_seeds, batch_subseeds, batch, callback)
+            except Interrupted:
+                break
+            for i, img in enumerate(out):
+                info = self.infotext(req, sampler.name, schedule_name, batch_seeds[i], batch_subseeds[i])
+                img.info["parameters"] = info
+                images.append(img)
+                infotexts.append(info)
+            seeds += batch_seeds
+            subseeds += batch_subseeds
+            if interrupted:
+                break
+        return GenerationResult(images, infotexts, seeds, subseeds, req, interrupted)
+
+    def infotext(self, req: GenerationRequest, sampler: str, schedule: str, seed: int, subseed: int) -> str:
+        from .sampling.schedules import SCHEDULES
+
+        params: dict[str, object] = {
+            "Steps": req.steps, "Sampler": sampler, "Schedule type": SCHEDULES[schedule].label,
+            "CFG scale": req.cfg_scale, "Seed": seed, "Size": f"{req.width}x{req.height}",
+            "Model hash": self.bundle.short_hash, "Model": self.bundle.name,
+        }
+        if req.subseed_strength:
+            params["Variation seed"] = subseed
+            params["Variation seed strength"] = req.subseed_strength
+        if req.mode != "txt2img":
+            params["Denoising strength"] = req.denoising_strength
+        if req.clip_skip > 1:
+            params["Clip skip"] = req.clip_skip
+        params["RNG"] = "NV" if req.rng == "nv" else "CPU"
+        if req.guidance_rescale:
+            params["CFG rescale phi"] = req.guidance_rescale
+        if req.mode == "inpaint":
+            params["Mask blur"] = req.mask_blur
+            if req.inpaint_full_res:
+                params["Inpaint area"] = "Only masked"
+                params["Masked area padding"] = req.inpaint_full_res_padding
+        params["Version"] = f"sdlab {__version__}"
+        return create_infotext(req.prompt, req.negative_prompt, params)
+
+    # -- internals ----------------------------------------------------------
+
+    def _conditioning(self, prompt: str, negative: str, steps: int, clip_skip: int) -> tuple[PromptSchedule, PromptSchedule]:
+        # One text encoder per family so far (SD1/SD2); SDXL adds the second here.
+        cond, uncond = prompt_schedule(self.text[0], [prompt, negative], steps, clip_skip)
+        return cond, uncond
+
+    @torch.no_grad()
+    def _generate_batch(self, req: GenerationRequest, prompt: str, negative: str, sampler, schedule_name: str,
+                        seeds: list[int], subseeds: list[int], batch: int,
+                        callback: Callable[[Progress], None] | None) -> tuple[list[Image.Image], bool]:
+        b = self.bundle
+        device, dtype = b.device, b.dtype
+        fam = b.family
+        vae_dtype = next(b.vae.parameters()).dtype
+        factor = b.config.vae.downsample_factor
+        latent_shape = (b.config.vae.latent_channels, req.height // factor, req.width // factor)
+        rng = ImageRNG(latent_shape, seeds, req.rng, subseeds, req.subseed_strength)
+
+        # The region we generate: the whole image, or the padded box around the mask.
+        init_image, mask_image, crop = req.init_image, req.mask, None
+        if mask_image is not None:
+            mask_image = mask_image.convert("L")
+            if req.inpainting_mask_invert:
+                mask_image = Image.eval(mask_image, lambda v: 255 - v)
+        if mask_image is not None and req.inpaint_full_res:
+            crop = masked_bbox(mask_image, req.inpaint_full_res_padding, req.width, req.height)
+            init_image, mask_image = init_image.crop(crop), mask_image.crop(crop)
+        if init_image is not None:
+            init_image = init_image.convert("RGB")
+            if init_image.size != (req.width, req.height):
+                init_image = init_image.resize((req.width, req.height), Image.LANCZOS)
+            if mask_image is not None and mask_image.size != (req.width, req.height):
+                mask_image = mask_image.resize((req.width, req.height), Image.LANCZOS)
+
+        sigmas = get_sigmas(schedule_name, req.steps, self.schedule)
+        if sampler.discard_next_to_last_sigma:
+            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+
+        # Random draws happen in diffusers' order (image latent, initial noise, masked-image
+        # latent), so the same seed gives the same image as its pipelines.
+        scale = fam.latent_scale
+        n = req.batch_size
+        inpaint_unet = b.config.unet.in_channels == 9
+        init_latent = concat = latent_mask = mask = None
+        if init_image is not None:
+            pixels = to_tensor(init_image).to(device=device, dtype=vae_dtype)
+            # 9-channel models at full strength start from pure noise: the image enters only
+            # through the masked-image channels.
+            if not (inpaint_unet and mask_image is not None and req.denoising_strength >= 1.0):
+                init_latent = self._encode(pixels, rng) * scale
+        noise = rng.first().to(device=device, dtype=torch.float32)  # (B, C, h, w), drawn on the CPU
+        if mask_image is not None:
+            mask = mask_to_tensor(mask_image).to(device)
+            if inpaint_unet:
+                mask = (mask >= 0.5).float()
+                masked_latent = self._encode(pixels * (mask < 0.5).to(pixels.dtype), rng) * scale
+                small = torch.nn.functional.interpolate(mask, size=latent_shape[1:])
+                concat = torch.cat([small, masked_latent], dim=1).expand(n, -1, -1, -1)
+            else:
+                latent_mask = torch.nn.functional.interpolate(mask, size=latent_shape[1:])
+
+        if init_latent is None:
+            x = noise * sigmas[0]
+        else:
+            # Denoising strength: steps x strength sampler steps, from the matching sigma.
+            t_enc = int(req.steps * req.denoising_strength)
+            if t_enc == 0:
+                return self._decode_images(init_latent.expand(n, -1, -1, -1), req, mask_image, crop), False
+            sigmas = sigmas[-(t_enc + 1):]
+            x = init_latent + noise * sigmas[0]
+
+        cond_sched, uncond_sched = self._conditioning(prompt, negative, req.steps, req.clip_skip)
+
+        def conditioning(encoded) -> Conditioning:
+            ctx = encoded.context.to(device=device, dtype=dtype).expand(n, -1, -1)
+            return Conditioning(context=ctx, concat=concat)
+
+        unet = b.unet
+        model = DiscreteDenoiser(lambda x_in, t, context, y=None: unet(x_in, t, context, y), self.schedule,
+                                 b.prediction)
+        cfg = CFGDenoiser(model, conditioning(cond_sched.at(0)), conditioning(uncond_sched.at(0)), req.cfg_scale,
+                          req.guidance_rescale)
+        state = {"step": 0, "x0": x}
+
+        def denoise(x_t: Tensor, sigma: Tensor) -> Tensor:
+            x0 = cfg(x_t, sigma)
+            if latent_mask is not None:
+                # Ordinary UNet inpainting: keep the original outside the mask at every step.
+                x0 = init_latent.float() * (1 - latent_mask) + x0 * latent_mask
+            return x0
+
+        total = len(sigmas) - 1
+
+        def on_step(i: int, total_steps: int, x_t: Tensor, denoised: Tensor) -> None:
+            state["step"], state["x0"] = i + 1, denoised
+            step = i + 1 + (req.steps - total)  # prompt editing counts in requested steps
+            cfg.cond, cfg.uncond = conditioning(cond_sched.at(step)), conditioning(uncond_sched.at(step))
+            if callback is not None:
+                callback(Progress(i + 1, total, batch, req.n_iter, denoised,
+                                  lambda d=denoised: latent_preview(d / 1.0)))
+
+        interrupted = False
+        try:
+            x = sampler.function(denoise, x, sigmas, callback=on_step,
+                                 noise_sampler=lambda sigma, sigma_next: rng.draw_like(x),
+                                 **({"eta": req.eta} if req.eta is not None and sampler.stochastic else {}))
+        except Interrupted:
+            if state["step"] == 0:
+                raise
+            x, interrupted = state["x0"], True
+        if latent_mask is not None:
+            x = init_latent.float() * (1 - latent_mask) + x * latent_mask
+        return self._decode_images(x, req, mask_image, crop), interrupted
+
+    def _encode(self, pixels: Tensor, rng: ImageRNG) -> Tensor:
+        """A sample of the image's latent distribution, drawn from the first image's generator."""
+        dist = self.bundle.vae.encode(pixels)
+        eps = rng.draw(rng.generators[0], tuple(dist.mean.shape)).to(dist.mean.device, dist.mean.dtype)
+        return (dist.mean + dist.std * eps).float()
+
+    def _decode_images(self, x: Tensor, req: GenerationRequest, mask_image: Image.Image | None,
+                       crop) -> list[Image.Image]:
+        vae = self.bundle.vae
+        vae_dtype = next(vae.parameters()).dtype
+        decoded = vae.decode((x / self.bundle.family.latent_scale).to(vae_dtype))
+        images = to_pil(decoded)
+        if mask_image is None:
+            return images
+        # Paste the result over the original with the (blurred) mask as alpha, so the
+        # pixels outside the mask come back unchanged.
+        alpha = blur_mask(mask_image, req.mask_blur)
+        original = req.init_image.convert("RGB")
+        out = []
+        for img in images:
+            if crop is not None:
+                img = img.resize((crop[2] - crop[0], crop[3] - crop[1]), Image.LANCZOS)
+                a = alpha.resize(img.size, Image.LANCZOS)
+                full = original.copy()
+                full.paste(Image.composite(img, original.crop(crop), a), crop[:2])
+                out.append(full)
+            else:
+                base = original if original.size == img.size else original.resize(img.size, Image.LANCZOS)
+                out.append(Image.composite(img, base, alpha))
+        return out

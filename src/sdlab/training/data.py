@@ -1,0 +1,664 @@
+"""Training data: a folder of captioned images, bucketed by aspect ratio, as kohya's sd-scripts reads it.
+
+Layouts found in `DataConfig.folder` (and in kohya repeat folders `10_name/` inside it, whose
+images count 10 times per epoch and whose name after the number is the fallback caption):
+
+- `name.png` + `name.txt` side by side (the extension is `caption_extension`, e.g. ".caption");
+- a `metadata.jsonl` with one `{"file_name": ..., "text": ...}` per line (Hugging Face imagefolder).
+
+Sizes are (height, width) everywhere in this module, as torch and SDXL's size conditioning order
+them (kohya writes buckets as (width, height)).
+
+Typical use::
+
+    ds = CaptionedImageDataset(DataConfig(folder, resolution=512))
+    sampler = BucketBatchSampler(ds.item_buckets, batch_size=4, seed=0, num_replicas=world, rank=rank)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=2)
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)        # per-item augmentation seed; not seen by persistent_workers
+        sampler.set_epoch(epoch)   # batch order
+        for batch in loader: ...
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from sdlab.errors import SdlabError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILE = "metadata.jsonl"
+_REPEAT_DIR = re.compile(r"^(\d+)_(.*)$")  # kohya DreamBooth folders: "10_sks dog"
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+
+Size = tuple[int, int]  # (height, width)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to augment it. Field names follow kohya's dataset options."""
+
+    folder: Path
+    resolution: int = 512  # bucket area is at most resolution**2; the one square size without buckets
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64  # bucket sides are multiples of this (a multiple of 8, the VAE's factor)
+    bucket_no_upscale: bool = False  # never enlarge an image; buckets then follow each image's own size
+    random_crop: bool = False  # otherwise center crop to the bucket
+    flip_aug: bool = False  # random horizontal flip
+    caption_extension: str = ".txt"
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    caption_dropout_rate: float = 0.0  # chance of an empty caption, which teaches the unconditional branch of CFG
+    shuffle_caption: bool = False  # shuffle the `caption_separator`-separated tags
+    keep_tokens: int = 0  # the first N tags stay in front when shuffling
+    keep_tokens_separator: str = ""  # if set and present, tags before it stay fixed (kohya's "|||")
+    caption_separator: str = ","
+    num_repeats: int = 1  # for images not in an `N_name/` repeat folder
+    cache_latents_to_disk: bool = False
+    latent_cache_dir: Path | None = None  # default: `<folder>/.latent_cache`
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Normalise user input once here (frozen, hence object.__setattr__).
+        object.__setattr__(self, "folder", Path(self.folder))
+        if self.latent_cache_dir is not None:
+            object.__setattr__(self, "latent_cache_dir", Path(self.latent_cache_dir))
+        ext = self.caption_extension
+        object.__setattr__(self, "caption_extension", ext if ext.startswith(".") else f".{ext}")
+
+        if self.resolution <= 0 or self.resolution % 8:
+            raise SdlabError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.bucket_reso_steps <= 0 or self.bucket_reso_steps % 8:
+            raise SdlabError(f"bucket_reso_steps must be a positive multiple of 8, got {self.bucket_reso_steps}")
+        if not 0.0 <= self.caption_dropout_rate <= 1.0:
+            raise SdlabError(f"caption_dropout_rate must be between 0 and 1, got {self.caption_dropout_rate}")
+        if self.keep_tokens < 0:
+            raise SdlabError(f"keep_tokens must be 0 or more, got {self.keep_tokens}")
+        if self.num_repeats < 1:
+            raise SdlabError(f"num_repeats must be 1 or more, got {self.num_repeats}")
+        if self.seed < 0:
+            raise SdlabError(f"seed must be 0 or more, got {self.seed}")
+        if self.cache_latents_to_disk and self.random_crop:
+            raise SdlabError("cache_latents_to_disk cannot be combined with random_crop: turn one of them off")
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image found on disk."""
+
+    path: Path
+    caption: str
+    repeats: int
+    size: Size  # (height, width) after EXIF orientation
+
+
+def _check_image(path: Path) -> Size:
+    """Size of a readable image; raises on a corrupt or truncated file.
+
+    `verify()` checks PNG chunk CRCs without decoding, but it passes a truncated JPEG,
+    so a JPEG without its end-of-image marker is decoded in full to be sure (some valid
+    files carry trailing data after the marker, so the marker alone cannot decide).
+    """
+    with Image.open(path) as im:
+        im.verify()  # must come first: it leaves the image unusable, hence the second open below
+    with Image.open(path) as im:
+        width, height = im.size
+        fmt = im.format
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    if fmt == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 2))
+            if f.read(2) != b"\xff\xd9":
+                with Image.open(path) as im:
+                    im.load()
+    if width <= 0 or height <= 0:
+        raise OSError("image has no pixels")
+    return (width, height) if orientation in _EXIF_TRANSPOSED else (height, width)
+
+
+def _read_caption(path: Path) -> str:
+    # kohya reads the first line: more lines are its wildcard alternatives, not one long caption.
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _read_metadata(path: Path) -> dict[Path, str]:
+    """`file_name` (relative to the metadata file's folder) -> `text`."""
+    captions: dict[Path, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[path.parent / row["file_name"]] = str(row["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SdlabError(
+                f"{path} line {n} is not a JSON object with 'file_name' and 'text' ({e}): fix or remove that line"
+            ) from None
+    return captions
+
+
+def _scan_subset(folder: Path, caption_extension: str, repeats: int, class_tokens: str) -> list[ImageRecord]:
+    metadata = _read_metadata(folder / METADATA_FILE) if (folder / METADATA_FILE).is_file() else {}
+    images = {p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    for p in metadata:
+        if p.is_file():
+            images.add(p)
+        else:
+            logger.warning("%s lists %s, which does not exist; skipping it", folder / METADATA_FILE, p)
+
+    records, uncaptioned = [], []
+    for path in sorted(images):
+        try:
+            size = _check_image(path)
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad files
+            logger.warning("skipping unreadable image %s: %s", path, e)
+            continue
+        sidecar = path.with_suffix(caption_extension)
+        if path in metadata:
+            caption = metadata[path]
+        elif sidecar.is_file():
+            caption = _read_caption(sidecar)
+        else:
+            caption = class_tokens
+            if not class_tokens:
+                uncaptioned.append(path.name)
+        records.append(ImageRecord(path, caption, repeats, size))
+    if uncaptioned:
+        logger.warning(
+            "%d images in %s have no caption (no %s file, not in %s); using an empty caption: %s",
+            len(uncaptioned), folder, caption_extension, METADATA_FILE, ", ".join(uncaptioned[:5])
+            + (", ..." if len(uncaptioned) > 5 else ""),
+        )  # fmt: skip
+    return records
+
+
+def scan_folder(folder: Path, caption_extension: str = ".txt", num_repeats: int = 1) -> list[ImageRecord]:
+    """Find the captioned images in `folder` and in its kohya repeat folders (`N_name/`).
+
+    Unreadable images are skipped with a warning naming each one. Other subfolders are
+    ignored, as kohya does, so a `test/` split next to the training images stays out.
+
+    Raises:
+        SdlabError: the folder is missing or holds no readable image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SdlabError(f"data folder {folder} does not exist or is not a folder")
+    subsets = [(folder, num_repeats, "")]
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if m := _REPEAT_DIR.match(sub.name):
+            subsets.append((sub, int(m[1]), m[2].strip()))
+        else:
+            logger.info("ignoring subfolder %s: not a kohya repeat folder (N_name)", sub)
+    records = [r for sub, n, tokens in subsets if n > 0 for r in _scan_subset(sub, caption_extension, n, tokens)]
+    if not records:
+        raise SdlabError(
+            f"no readable images in {folder}: expected {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files with "
+            f"{caption_extension} captions beside them or a {METADATA_FILE}, there or in repeat folders like 10_name/"
+        )
+    return records
+
+
+# ----------------------------------------------------------------------------- buckets
+
+
+@dataclass(frozen=True)
+class BucketFit:
+    """Where one image goes: resize it to `resized`, then crop `bucket` out of it."""
+
+    bucket: Size
+    resized: Size  # covers the bucket on both sides, same aspect ratio as the image (up to rounding)
+
+
+def _cover(size: Size, bucket: Size) -> Size:
+    """The image size scaled, aspect kept, to the smallest size that covers `bucket`."""
+    (h, w), (bh, bw) = size, bucket
+    scale = max(bh / h, bw / w)
+    return max(bh, int(h * scale + 0.5)), max(bw, int(w * scale + 0.5))
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """A set of bucket sizes and the rule that assigns an image to one of them."""
+
+    resos: tuple[Size, ...]  # sorted (height, width); the candidates unless no_upscale
+    max_area: int
+    step: int
+    no_upscale: bool = False
+
+    def __iter__(self) -> Iterator[Size]:
+        return iter(self.resos)
+
+    def __len__(self) -> int:
+        return len(self.resos)
+
+    def _round(self, x: float) -> int:
+        x = int(x + 0.5)
+        return x - x % self.step
+
+    def fit(self, height: int, width: int) -> BucketFit:
+        """The bucket for an image of this size and the size to resize it to before cropping."""
+        if self.no_upscale:
+            return self._fit_no_upscale(height, width)
+        if (height, width) in self.resos:
+            return BucketFit((height, width), (height, width))
+        # Nearest aspect ratio in log space, so 2:1 and 1:2 are judged alike (kohya compares w/h linearly).
+        log_ar = math.log(width / height)
+        bucket = min(self.resos, key=lambda r: (abs(math.log(r[1] / r[0]) - log_ar), -r[0] * r[1]))
+        return BucketFit(bucket, _cover((height, width), bucket))
+
+    def _fit_no_upscale(self, height: int, width: int) -> BucketFit:
+        # kohya's BucketManager.select_bucket for bucket_no_upscale: shrink only if the area is too
+        # large, then the bucket is the (possibly shrunk) size rounded down to steps, so it is cropped.
+        ar = width / height
+        if height * width > self.max_area:
+            rw = math.sqrt(self.max_area * ar)
+            rh = self.max_area / rw
+            bw_r = self._round(rw)  # round the width to steps, or the height: keep whichever distorts less
+            ar_w = bw_r / max(self.step, self._round(bw_r / ar))
+            bh_r = self._round(rh)
+            ar_h = max(self.step, self._round(bh_r * ar)) / max(self.step, bh_r)
+            if abs(ar_w - ar) < abs(ar_h - ar):
+                resized = (int(bw_r / ar + 0.5), bw_r)
+            else:
+                resized = (bh_r, int(bh_r * ar + 0.5))
+        else:
+            resized = (height, width)
+        if min(resized) < self.step:
+            # Thinner than one step: the one exception to "no upscale", or the bucket would have no side.
+            scale = self.step / min(resized)
+            resized = (math.ceil(resized[0] * scale), math.ceil(resized[1] * scale))
+        bucket = (resized[0] - resized[0] % self.step, resized[1] - resized[1] % self.step)
+        return BucketFit(bucket, resized)
+
+
+def make_buckets(
+    resolution: int, min_reso: int = 256, max_reso: int = 1024, step: int = 64, no_upscale: bool = False
+) -> Buckets:
+    """kohya's bucket sizes: sides multiples of `step` in [min_reso, max_reso], area at most resolution**2.
+
+    For each width the height is the largest step multiple that keeps the area within
+    resolution**2, and each size is also added transposed, plus the largest square.
+
+    Raises:
+        SdlabError: resolution outside [min_reso, max_reso], or min_reso > max_reso.
+    """
+    if step <= 0:
+        raise SdlabError(f"bucket step must be positive, got {step}")
+    if not min_reso <= resolution <= max_reso:
+        raise SdlabError(
+            f"resolution {resolution} must lie between min_bucket_reso {min_reso} and max_bucket_reso {max_reso}"
+        )
+    max_area = resolution * resolution
+    side = int(math.sqrt(max_area) // step) * step
+    resos = {(side, side)}
+    for width in range(min_reso, max_reso + 1, step):
+        height = min(max_reso, (max_area // width) // step * step)
+        if height >= min_reso:
+            resos.update({(height, width), (width, height)})
+    return Buckets(tuple(sorted(resos)), max_area, step, no_upscale)
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def process_caption(caption: str, config: DataConfig, rng: np.random.Generator) -> str:
+    """Prefix/suffix, caption dropout, then tag shuffling with kept leading tags, as kohya does."""
+    if config.caption_prefix:
+        caption = f"{config.caption_prefix} {caption}"
+    if config.caption_suffix:
+        caption = f"{caption} {config.caption_suffix}"
+    if config.caption_dropout_rate > 0 and rng.random() < config.caption_dropout_rate:
+        return ""
+    if not config.shuffle_caption:
+        return caption
+    sep = config.caption_separator
+    if config.keep_tokens_separator and config.keep_tokens_separator in caption:
+        fixed_part, flex_part = caption.split(config.keep_tokens_separator, 1)
+        fixed = [t.strip() for t in fixed_part.split(sep) if t.strip()]
+        flex = [t.strip() for t in flex_part.split(sep) if t.strip()]
+    else:
+        tokens = [t.strip() for t in caption.split(sep) if t.strip()]
+        fixed, flex = tokens[: config.keep_tokens], tokens[config.keep_tokens :]
+    flex = [flex[i] for i in rng.permutation(len(flex))]
+    return f"{sep} ".join(fixed + flex)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+@contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`, renamed over it only if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    # Transparent pixels often hold black RGB; show them over white as image viewers do.
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im.convert("RGB")
+
+
+class CaptionedImageDataset(Dataset):
+    """Captioned images as training items, each resized and cropped to its aspect-ratio bucket.
+
+    An item is a dict with `pixels` ((3, H, W) float in [-1, 1]) or, when a latent cache entry
+    exists, `latents`; `caption` (str); and for SDXL's size conditioning `original_size`,
+    `crop_top_left` and `target_size`, all (height, width) / (top, left) int pairs. Index `i`
+    covers the images with their repeats; its augmentation is a pure function of
+    (config.seed, epoch, i).
+    """
+
+    def __init__(self, config: DataConfig):
+        self.config = config
+        self.records: tuple[ImageRecord, ...] = tuple(
+            scan_folder(config.folder, config.caption_extension, config.num_repeats)
+        )
+        if config.enable_bucket:
+            self.buckets = make_buckets(
+                config.resolution,
+                config.min_bucket_reso,
+                config.max_bucket_reso,
+                config.bucket_reso_steps,
+                config.bucket_no_upscale,
+            )
+        else:
+            res = config.resolution
+            self.buckets = Buckets(((res, res),), res * res, config.bucket_reso_steps)
+        self.fits: tuple[BucketFit, ...] = tuple(self.buckets.fit(*r.size) for r in self.records)
+        self._record_of_index: list[int] = [i for i, r in enumerate(self.records) for _ in range(r.repeats)]
+        self.latent_cache_dir: Path | None = None
+        if config.cache_latents_to_disk:
+            self.latent_cache_dir = config.latent_cache_dir or config.folder / ".latent_cache"
+        self.epoch = 0
+        self._content_hashes: dict[int, str] = {}
+        logger.info(
+            "%d images (%d with repeats) in %s, %d buckets in use",
+            len(self.records), len(self), config.folder, len(set(f.bucket for f in self.fits)),
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self._record_of_index)
+
+    @property
+    def item_buckets(self) -> list[Size]:
+        """The bucket (height, width) of every index, for `BucketBatchSampler`."""
+        return [self.fits[r].bucket for r in self._record_of_index]
+
+    def bucket_counts(self) -> dict[Size, int]:
+        """Items per bucket (with repeats), e.g. for logging or `ss_bucket_info`."""
+        counts: dict[Size, int] = defaultdict(int)
+        for bucket in self.item_buckets:
+            counts[bucket] += 1
+        return dict(sorted(counts.items()))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw fresh augmentations (flip, crop, caption shuffle and dropout) for this epoch."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        cfg = self.config
+        r = self._record_of_index[index]
+        record, fit = self.records[r], self.fits[r]
+        # Separate streams so that turning one augmentation on does not change the draws of another.
+        caption = process_caption(record.caption, cfg, np.random.default_rng((cfg.seed, self.epoch, index, 0)))
+        rng = np.random.default_rng((cfg.seed, self.epoch, index, 1))
+        flip = cfg.flip_aug and bool(rng.random() < 0.5)
+        (bh, bw), (rh, rw) = fit.bucket, fit.resized
+        if cfg.random_crop:
+            top, left = int(rng.integers(0, rh - bh + 1)), int(rng.integers(0, rw - bw + 1))
+        else:
+            top, left = (rh - bh) // 2, (rw - bw) // 2
+
+        item: dict = {
+            "caption": caption,
+            "original_size": record.size,
+            # SDXL conditions on the crop as seen in the image it is shown: a flipped crop starts
+            # from the other side (as diffusers' SDXL training script computes it).
+            "crop_top_left": (top, rw - left - bw if flip else left),
+            "target_size": fit.bucket,
+        }
+        latents = self._cached_latents(r, flip) if self.latent_cache_dir is not None else None
+        if latents is not None:
+            item["latents"] = latents
+        else:
+            item["pixels"] = self._load_pixels(r, top, left, flip)
+        return item
+
+    def _load_pixels(self, r: int, top: int, left: int, flip: bool) -> Tensor:
+        record, fit = self.records[r], self.fits[r]
+        (bh, bw), (rh, rw) = fit.bucket, fit.resized
+        try:
+            with Image.open(record.path) as im:
+                img = _to_rgb(ImageOps.exif_transpose(im))
+        except Exception as e:  # a file that passed the scan can still fail to decode (or change on disk)
+            raise SdlabError(f"cannot read image {record.path} ({e}): remove or re-save it") from None
+        if img.size != (rw, rh):
+            img = img.resize((rw, rh), Image.Resampling.LANCZOS)
+        img = img.crop((left, top, left + bw, top + bh))
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
+
+    # --- latent cache
+
+    def _content_hash(self, r: int) -> str:
+        if r not in self._content_hashes:
+            h = hashlib.blake2b(digest_size=16)
+            with open(self.records[r].path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            self._content_hashes[r] = h.hexdigest()
+        return self._content_hashes[r]
+
+    def _cache_path(self, r: int, cache_dir: Path) -> Path:
+        """The cache file of record `r`: keyed by file content, bucket, resize, crop and flip storage."""
+        (bh, bw), (rh, rw) = self.fits[r].bucket, self.fits[r].resized
+        crop = f"{(rh - bh) // 2},{(rw - bw) // 2}"
+        key = f"{self._content_hash(r)}|{bh}x{bw}|{rh}x{rw}|{crop}|flip={self.config.flip_aug}"
+        return cache_dir / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.safetensors"
+
+    def _cached_latents(self, r: int, flip: bool) -> Tensor | None:
+        assert self.latent_cache_dir is not None
+        path = self._cache_path(r, self.latent_cache_dir)
+        if not path.is_file():
+            return None
+        return load_file(path)["latents_flipped" if flip else "latents"]
+
+
+def cache_latents(
+    dataset: CaptionedImageDataset,
+    encode_fn: Callable[[Tensor], Tensor],
+    cache_dir: Path | None = None,
+    *,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> int:
+    """Encode every image not yet in the on-disk latent cache and point the dataset at the cache.
+
+    One `.safetensors` per image and bucket holds `latents` (and `latents_flipped` when
+    `flip_aug` is on, as kohya caches both), written atomically. Whatever `encode_fn` returns
+    is stored as is: it takes (B, 3, H, W) pixels in [-1, 1] of one bucket and returns
+    (B, C, H/f, W/f); scaling and sampling the VAE's distribution are its choice, and a
+    different VAE needs a different `cache_dir`. In multi-process training call it on the
+    main process only, then wait for it on the others.
+
+    Args:
+        dataset: the dataset; its `latent_cache_dir` is set to the folder used.
+        encode_fn: pixels -> latents, run under `torch.no_grad()`.
+        cache_dir: where to cache; default the dataset's own (from its config).
+        batch_size: images per `encode_fn` call.
+        progress: show a progress bar.
+
+    Returns:
+        The number of images encoded (0 when everything was cached already).
+
+    Raises:
+        SdlabError: random_crop is on (each epoch crops differently), or there is no cache folder.
+    """
+    if dataset.config.random_crop:
+        raise SdlabError("latents cannot be cached with random_crop on: turn random_crop off or do not cache")
+    cache_dir = Path(cache_dir) if cache_dir is not None else dataset.latent_cache_dir
+    if cache_dir is None:
+        raise SdlabError("no latent cache folder: pass cache_dir or set cache_latents_to_disk in the data config")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dataset.latent_cache_dir = cache_dir
+
+    todo: dict[Size, list[int]] = defaultdict(list)
+    seen: set[Path] = set()
+    for r in range(len(dataset.records)):
+        path = dataset._cache_path(r, cache_dir)
+        if path not in seen and not path.is_file():  # identical files in two folders are encoded once
+            seen.add(path)
+            todo[dataset.fits[r].bucket].append(r)
+    total = sum(len(rs) for rs in todo.values())
+    if total == 0:
+        return 0
+
+    flip = dataset.config.flip_aug
+    with tqdm(total=total, desc="caching latents", unit="img", disable=not progress) as bar, torch.no_grad():
+        for rs in todo.values():
+            for start in range(0, len(rs), batch_size):
+                chunk = rs[start : start + batch_size]
+                fits = [dataset.fits[r] for r in chunk]
+                crops = [((f.resized[0] - f.bucket[0]) // 2, (f.resized[1] - f.bucket[1]) // 2) for f in fits]
+                pixels = torch.stack([dataset._load_pixels(r, t, l, False) for r, (t, l) in zip(chunk, crops)])
+                latents = encode_fn(pixels).detach().cpu()
+                flipped = encode_fn(pixels.flip(-1)).detach().cpu() if flip else None
+                for i, r in enumerate(chunk):
+                    tensors = {"latents": latents[i].contiguous()}
+                    if flipped is not None:
+                        tensors["latents_flipped"] = flipped[i].contiguous()
+                    path = dataset._cache_path(r, cache_dir)
+                    with _atomic_path(path) as tmp:
+                        save_file(tensors, str(tmp), metadata={"source": str(dataset.records[r].path)})
+                bar.update(len(chunk))
+    logger.info("cached latents of %d images in %s", total, cache_dir)
+    return total
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of indices that share a bucket, reshuffled every epoch, split across ranks.
+
+    Each bucket's indices are shuffled and cut into batches (the last one may be short, as
+    in kohya), then the batch order is shuffled. All ranks draw the same list from
+    (seed, epoch) and rank `k` takes every `num_replicas`-th batch from `k`, so ranks see
+    disjoint indices and, like `DistributedSampler`, the same number of batches: the list is
+    padded with batches from its start, or with `drop_last` cut to a multiple of `num_replicas`.
+    Pass this sampler's shards to the DataLoader as they are; do not let a wrapper shard again.
+    """
+
+    def __init__(
+        self,
+        item_buckets: Sequence[Size],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be 0 or more, got {seed}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.groups: dict[Size, list[int]] = defaultdict(list)
+        for i, bucket in enumerate(item_buckets):
+            self.groups[tuple(bucket)].append(i)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _num_batches_total(self) -> int:
+        return sum(math.ceil(len(g) / self.batch_size) for g in self.groups.values())
+
+    def __len__(self) -> int:
+        n = self._num_batches_total()
+        return n // self.num_replicas if self.drop_last else math.ceil(n / self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        batches: list[list[int]] = []
+        for indices in self.groups.values():
+            order = rng.permutation(len(indices)) if self.shuffle else range(len(indices))
+            shuffled = [indices[i] for i in order]
+            batches += [shuffled[s : s + self.batch_size] for s in range(0, len(shuffled), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        n = len(self) * self.num_replicas
+        while len(batches) < n:  # pad (a loop, since there may be fewer batches than ranks)
+            batches += batches[: n - len(batches)]
+        yield from batches[self.rank : n : self.num_replicas]
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack items of one bucket: `pixels` or `latents` (B, C, H, W), `caption` list[str], and
+    `original_size`, `crop_top_left`, `target_size` as (B, 2) int64 tensors."""
+    kinds = {"latents" if "latents" in it else "pixels" for it in items}
+    if len(kinds) != 1:
+        raise ValueError("a batch mixes cached latents and pixels: cache all images or none (cache_latents)")
+    kind = kinds.pop()
+    shapes = {tuple(it[kind].shape) for it in items}
+    if len(shapes) != 1:
+        raise ValueError(f"items of different sizes {sorted(shapes)} in one batch: batch with BucketBatchSampler")
+    batch: dict = {kind: torch.stack([it[kind] for it in items]), "caption": [it["caption"] for it in items]}
+    for key in ("original_size", "crop_top_left", "target_size"):
+        batch[key] = torch.tensor([it[key] for it in items], dtype=torch.int64)
+    return batch

@@ -1,0 +1,56 @@
+"""Tiny random model configs shared by the tests (seconds on a CPU).
+
+Widths follow the rules detection reads off shapes: CLIP 64 channels per head,
+SD2 UNet 64 channels per head, 32 GroupNorm groups, so these files load through
+the same path as released checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from sdlab.checkpoints.io import save_safetensors
+from sdlab.checkpoints.loader import Bundle, new_bundle
+from sdlab.families import FAMILIES, ModelConfig
+from sdlab.models.clip import CLIPTextConfig
+from sdlab.models.unet import UNetConfig
+from sdlab.models.vae import VAEConfig
+
+TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=32)
+
+
+def tiny_config(family: str = "sd1") -> ModelConfig:
+    fam = FAMILIES[family]
+    in_ch = 9 if fam.inpaint else 4
+    if family.startswith("sd1"):
+        te = CLIPTextConfig(layout="openai", width=64, layers=2, heads=1, mlp_width=128)
+        unet = UNetConfig(in_channels=in_ch, model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1),
+                          transformer_depth=(1, 1), transformer_depth_middle=1, num_heads=8, context_dim=64)
+    else:
+        te = CLIPTextConfig(layout="openclip", width=64, layers=3, heads=1, mlp_width=128, activation="gelu",
+                            projection_dim=64)
+        unet = UNetConfig(in_channels=in_ch, model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1),
+                          transformer_depth=(1, 1), transformer_depth_middle=1, num_heads=None,
+                          num_head_channels=64, context_dim=64, use_linear_in_transformer=True)
+    return ModelConfig(fam, unet, TINY_VAE, (te,))
+
+
+def tiny_bundle(family: str = "sd1", seed: int = 0) -> Bundle:
+    return new_bundle(tiny_config(family), seed=seed, init_std=0.05, name=f"tiny-{family}")
+
+
+def save_native(bundle: Bundle, path: Path, metadata: dict[str, str] | None = None,
+                dtype: torch.dtype | None = None) -> Path:
+    """Save like a released single file: native keys, no sdlab metadata unless given."""
+    sd = bundle.state_dict()
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    save_safetensors(sd, path, metadata)
+    return path
+
+
+def with_family(cfg: ModelConfig, family: str) -> ModelConfig:
+    return replace(cfg, family=FAMILIES[family])
