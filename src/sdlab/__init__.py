@@ -1,3 +1,48 @@
-"""sdlab: Stable Diffusion in Python."""
+"""sdlab: Stable Diffusion in Python.
+
+    import sdlab
+    pipe = sdlab.load("v1-5-pruned-emaonly.safetensors")   # or sdlab.load() for the demo model
+    image = pipe.txt2img("a red circle on a blue background", seed=42)[0]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    import torch
+
+    from .pipeline import Pipeline
+
+
+def demo_model_path() -> Path:
+    """The tiny demo model shipped inside the package (trained by `sdlab train` on shapes)."""
+    from importlib import resources
+
+    return Path(str(resources.files("sdlab") / "demo" / "demo.safetensors"))
+
+
+def load(model: str | Path | None = None, device: str | None = None, dtype: "torch.dtype | None" = None,
+         prediction: str | None = None, use_ema: bool = True) -> "Pipeline":
+    """Load a model and return a Pipeline (`txt2img`, `img2img`, `inpaint`).
+
+    Args:
+        model: a .safetensors/.ckpt file, a diffusers folder or a hub repo id;
+            None for the built-in demo model.
+        device: "cpu", "cuda", ... (default: CUDA when available).
+        dtype: weight dtype for the UNet and text encoder (default fp16 on CUDA, fp32 on CPU).
+        prediction: "eps" or "v" to override detection.
+        use_ema: prefer the EMA weights when a file has both.
+    """
+    from .checkpoints.loader import load_bundle
+    from .errors import SdlabError
+    from .pipeline import Pipeline
+
+    if model is None:
+        model = demo_model_path()
+        if not model.exists():
+            raise SdlabError("the built-in demo model is missing from this install; give --model PATH")
+    return Pipeline(load_bundle(model, device=device, dtype=dtype, prediction=prediction, use_ema=use_ema))

@@ -111,7 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     p.add_argument("--no-ema", action="store_true", help="keep the raw weights when the file also has EMA ones")
     p.set_defaults(func=cmd_convert)
+
+    # Commands that live beside the code they drive; each module has `register(subparsers)`
+    # and imports nothing heavy at module level.
+    import importlib
+
+    for module in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(sub)
     return parser
+
+
+COMMAND_MODULES = ("sdlab.generate_cli", "sdlab.models_dir", "sdlab.training.cli", "sdlab.server.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,8 @@ from .images import blur_mask, latent_preview, mask_to_tensor, masked_bbox, to_p
 from .infotext import create_infotext
 from .sampling.denoiser import CFGDenoiser, Conditioning, DiscreteDenoiser
 from .sampling.rng import ImageRNG, RngSource
-from .sampling.samplers import resolve_sampler
-from .sampling.schedules import discrete_schedule, get_sigmas, resolve_schedule
+from .sampling.samplers import brownian_tree_noise_sampler, get_sampler_sigmas, resolve_sampler
+from .sampling.schedules import SCHEDULES, discrete_schedule, resolve_schedule
 from .text.conditioning import PromptSchedule, TextEncoderRunner, prompt_schedule
 from .text.prompt import extract_extra_networks
 
@@ -96,7 +96,12 @@ class GenerationResult:
 
 def validate(req: GenerationRequest, default_size: int) -> GenerationRequest:
     """Check a request; fill defaults. Errors are one line that says what to change."""
-    width, height = req.width or default_size, req.height or default_size
+    if req.init_image is not None and not (req.width and req.height):
+        # img2img / inpaint default to the init image's own size (rounded down to 8).
+        default_w, default_h = (max(8, v // 8 * 8) for v in req.init_image.size)
+    else:
+        default_w = default_h = default_size
+    width, height = req.width or default_w, req.height or default_h
     for name, v in (("width", width), ("height", height)):
         if v < 8 or v % 8:
             raise SdlabError(f"{name} {v} is not a positive multiple of 8; try {max(8, v // 8 * 8)}")
@@ -184,8 +189,6 @@ class Pipeline:
         return GenerationResult(images, infotexts, seeds, subseeds, req, interrupted)
 
     def infotext(self, req: GenerationRequest, sampler: str, schedule: str, seed: int, subseed: int) -> str:
-        from .sampling.schedules import SCHEDULES
-
         params: dict[str, object] = {
             "Steps": req.steps, "Sampler": sampler, "Schedule type": SCHEDULES[schedule].label,
             "CFG scale": req.cfg_scale, "Seed": seed, "Size": f"{req.width}x{req.height}",
@@ -244,9 +247,7 @@ class Pipeline:
             if mask_image is not None and mask_image.size != (req.width, req.height):
                 mask_image = mask_image.resize((req.width, req.height), Image.LANCZOS)
 
-        sigmas = get_sigmas(schedule_name, req.steps, self.schedule)
-        if sampler.discard_next_to_last_sigma:
-            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+        sigmas = get_sampler_sigmas(sampler, schedule_name, req.steps, self.schedule)
 
         # Random draws happen in diffusers' order (image latent, initial noise, masked-image
         # latent), so the same seed gives the same image as its pipelines.
@@ -290,32 +291,45 @@ class Pipeline:
         unet = b.unet
         model = DiscreteDenoiser(lambda x_in, t, context, y=None: unet(x_in, t, context, y), self.schedule,
                                  b.prediction)
-        cfg = CFGDenoiser(model, conditioning(cond_sched.at(0)), conditioning(uncond_sched.at(0)), req.cfg_scale,
-                          req.guidance_rescale)
-        state = {"step": 0, "x0": x}
+        state = {"step": 0, "x0": x, "encoded": None, "cfg": None}
+
+        def guidance(step: int) -> CFGDenoiser:
+            # Prompt editing / alternation: the conditioning of the current step.
+            encoded = (cond_sched.at(step), uncond_sched.at(step))
+            if state["encoded"] != encoded:
+                uncond = conditioning(encoded[1]) if req.cfg_scale != 1.0 else None
+                state["cfg"] = CFGDenoiser(model, conditioning(encoded[0]), uncond, req.cfg_scale,
+                                           req.guidance_rescale)
+                state["encoded"] = encoded
+            return state["cfg"]
+
+        offset = req.steps - (len(sigmas) - 1)  # img2img starts part-way; editing counts requested steps
+        guidance(offset)
 
         def denoise(x_t: Tensor, sigma: Tensor) -> Tensor:
-            x0 = cfg(x_t, sigma)
+            x0 = state["cfg"](x_t, sigma)
             if latent_mask is not None:
                 # Ordinary UNet inpainting: keep the original outside the mask at every step.
-                x0 = init_latent.float() * (1 - latent_mask) + x0 * latent_mask
+                x0 = init_latent * (1 - latent_mask) + x0 * latent_mask
             return x0
 
         total = len(sigmas) - 1
 
         def on_step(i: int, total_steps: int, x_t: Tensor, denoised: Tensor) -> None:
             state["step"], state["x0"] = i + 1, denoised
-            step = i + 1 + (req.steps - total)  # prompt editing counts in requested steps
-            cfg.cond, cfg.uncond = conditioning(cond_sched.at(step)), conditioning(uncond_sched.at(step))
+            guidance(i + 1 + offset)
             if callback is not None:
-                callback(Progress(i + 1, total, batch, req.n_iter, denoised,
-                                  lambda d=denoised: latent_preview(d / 1.0)))
+                callback(Progress(i + 1, total, batch, req.n_iter, denoised, lambda d=denoised: latent_preview(d)))
+
+        if sampler.brownian_noise:
+            noise_sampler = brownian_tree_noise_sampler(x, sigmas, seeds)
+        else:
+            noise_sampler = lambda sigma, sigma_next: rng.draw_like(x)  # noqa: E731
 
         interrupted = False
         try:
-            x = sampler.function(denoise, x, sigmas, callback=on_step,
-                                 noise_sampler=lambda sigma, sigma_next: rng.draw_like(x),
-                                 **({"eta": req.eta} if req.eta is not None and sampler.stochastic else {}))
+            x = sampler.function(denoise, x, sigmas, callback=on_step, noise_sampler=noise_sampler,
+                                 **({"eta": req.eta} if req.eta is not None and sampler.default_eta is not None else {}))
         except Interrupted:
             if state["step"] == 0:
                 raise

@@ -22,6 +22,7 @@ from sdlab.sampling.schedules import DiscreteSchedule
 
 __all__ = [
     "CFGDenoiser",
+    "ConditionalDenoiser",
     "Conditioning",
     "DiscreteDenoiser",
     "Prediction",
@@ -46,7 +47,7 @@ class Conditioning:
     concat: Tensor | None = None
 
 
-class Denoiser(Protocol):
+class ConditionalDenoiser(Protocol):
     """What `CFGDenoiser` wraps: `denoiser(x, sigma, cond) -> x0`."""
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor: ...
@@ -177,7 +178,7 @@ class CFGDenoiser:
 
     def __init__(
         self,
-        denoiser: Denoiser,
+        denoiser: ConditionalDenoiser,
         cond: Conditioning,
         uncond: Conditioning | None,
         scale: float,

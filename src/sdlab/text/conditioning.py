@@ -15,7 +15,7 @@ from .prompt import PromptChunk, get_prompt_schedule, pad_chunks, parse_prompt_a
 from .tokenizer import CLIPTokenizer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: the cache hands out the same object
 class EncodedPrompt:
     context: Tensor  # (1, 77 * chunks, width): hidden states of every chunk, concatenated
     pooled: Tensor  # (1, width or projection): the first chunk's pooled output
@@ -24,13 +24,13 @@ class EncodedPrompt:
 @dataclass(frozen=True)
 class PromptSchedule:
     """Conditioning that changes during sampling: `entries[i] = (end_step, encoded)`;
-    entry i applies to steps before `end_step` (prompt editing / alternation)."""
+    entry i applies up to and including step `end_step` (0-based sampler steps, as the web UI counts)."""
 
     entries: tuple[tuple[int, EncodedPrompt], ...]
 
     def at(self, step: int) -> EncodedPrompt:
         for end, encoded in self.entries:
-            if step < end:
+            if step <= end:
                 return encoded
         return self.entries[-1][1]
 

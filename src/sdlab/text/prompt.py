@@ -205,6 +205,9 @@ class _NoParse(Exception):
 class _ScheduleParser:
     def __init__(self, text: str) -> None:
         self.text = text
+        # The parse of a bracket depends only on where it opens, so remember it: a prompt
+        # full of unclosed brackets then costs linear time, not one rescan per bracket.
+        self._brackets: dict[int, tuple[list, int] | None] = {}
 
     def parse(self) -> tuple:
         """Nodes of the whole prompt; raises _NoParse when A1111's grammar rejects it."""
@@ -288,6 +291,17 @@ class _ScheduleParser:
 
     def _bracket(self, i: int) -> tuple[list, int]:
         """A construct opening at i; returns its nodes (literal brackets as text)."""
+        if i not in self._brackets:
+            try:
+                self._brackets[i] = self._parse_bracket(i)
+            except _NoParse:
+                self._brackets[i] = None
+        result = self._brackets[i]
+        if result is None:
+            raise _NoParse
+        return result
+
+    def _parse_bracket(self, i: int) -> tuple[list, int]:
         s, n = self.text, len(self.text)
         if s[i] == "(":
             first, j = self._prompt(i + 1)
@@ -361,8 +375,9 @@ def get_prompt_schedule(prompt: str, steps: int, *, use_old_scheduling: bool = F
     """The plain prompt for each range of sampling steps, as A1111's
     `get_learned_conditioning_prompt_schedules` gives for one prompt without hires fix.
 
-    Each entry is `(end_at_step, text)`: `text` is used while `step <= end_at_step`
-    (steps counted from 1); the last entry ends at `steps`.
+    Each entry is `(end_at_step, text)`; the last entry ends at `steps`. A1111 picks, at
+    sampler step `s` counted from 0 (`CFGDenoiser.step`, one per model call), the first entry
+    with `s <= end_at_step`: with `[a:b:3]` the first 4 steps (0..3) use `a`.
 
     `[from:to:when]` switches from `from` to `to` after step `when`; `[to:when]` adds `to`
     after it and `[from::when]` removes `from` after it. `when` written with a "." is a
@@ -382,20 +397,21 @@ def get_prompt_schedule(prompt: str, steps: int, *, use_old_scheduling: bool = F
         raise SdlabError(f"steps must be at least 1 to schedule a prompt, got {steps}")
     try:
         nodes = _ScheduleParser(prompt).parse()
-    except _NoParse:
+        boundaries = {steps}
+        whens: dict[int, int] = {}
+        for node in _walk(nodes):
+            if isinstance(node, _Scheduled):
+                when = _when_step(node.number, steps, use_old_scheduling)
+                whens[id(node)] = when
+                if when >= 1:
+                    boundaries.add(when)
+            else:
+                boundaries.update(range(1, steps + 1))
+        return [(step, _render(nodes, step, whens)) for step in sorted(boundaries)]
+    except (_NoParse, RecursionError):
+        # RecursionError: brackets nested hundreds deep, which no real prompt does; keep
+        # the prompt whole, as A1111 does with any prompt its parser rejects.
         return [(steps, prompt)]
-
-    boundaries = {steps}
-    whens: dict[int, int] = {}
-    for node in _walk(nodes):
-        if isinstance(node, _Scheduled):
-            when = _when_step(node.number, steps, use_old_scheduling)
-            whens[id(node)] = when
-            if when >= 1:
-                boundaries.add(when)
-        else:
-            boundaries.update(range(1, steps + 1))
-    return [(step, _render(nodes, step, whens)) for step in sorted(boundaries)]
 
 
 # --------------------------------------------------------------------------------------

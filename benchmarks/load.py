@@ -1,0 +1,349 @@
+"""Load time and peak memory of one SD 1.5 checkpoint: sdlab's loader against diffusers'.
+
+    HF_HUB_OFFLINE=1 python benchmarks/load.py [--repeat N] [--smoke]
+
+Writes one full-size SD 1.5-shaped single-file checkpoint (UNet, VAE, CLIP-L; ~2 GB)
+with random fp16 weights to a temporary folder, without sdlab's config metadata, so
+family detection runs as for a downloaded file. Then, each in a fresh child process,
+loads it in fp16 on the CPU:
+
+  sdlab      `sdlab.checkpoints.loader.load_bundle(path, device="cpu", dtype=torch.float16)`
+  diffusers  `StableDiffusionPipeline.from_single_file(path, config=<local config folder>,
+             torch_dtype=torch.float16, local_files_only=True)`, fully offline: the config
+             folder (model_index.json, component config.json files, tokenizer, scheduler;
+             no weights) is written from sdlab's own diffusers-folder helpers.
+
+What is measured, inside each child (the interpreter's own start-up, the same for both, is not):
+  import      importing torch and the loading library
+  load        the load call alone
+  ready       load + reading every weight page once. safetensors memory-maps the file, so a
+              loader that makes no copies returns before the weights are read; their page faults
+              then land on the first forward pass. "ready" puts both loaders on equal terms.
+  peak RSS    the process's lifetime peak (ru_maxrss / VmHWM), interpreter and imports included,
+              after the load call and after the weights were read. Memory-mapped weight pages
+              count once they are read: they are file-backed and reclaimable, unlike copies.
+
+The file's pages are read once before the first child, so every loader starts from a warm page
+cache; loaders alternate across rounds and the best round of each is shown. Run it by hand,
+not by pytest; it takes a few minutes and removes its temporary files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (Stopwatch, emit, fmt_bytes, fmt_ratio, fmt_seconds, memory, peak_rss,  # noqa: E402
+                     print_table, reset_peak_rss, run_child, warm_page_cache)
+
+TARGET_TIME = 0.5
+TARGET_RSS = 0.6
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error",
+               "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+LOADERS = ("sdlab", "diffusers")
+# Prototypes of changes to sdlab's loader (--proposed): see `proposed_load_bundle`.
+PROPOSED = ("sdlab+skip-init", "sdlab+skip-init+vae-fp16")
+
+
+# ---------------------------------------------------------------- the model
+
+
+def model_config(smoke: bool):
+    """SD 1.5 as released (or, with --smoke, a tiny model of the same layout to check the plumbing)."""
+    from sdlab.families import FAMILIES, ModelConfig
+    from sdlab.models import clip, unet, vae
+
+    family = FAMILIES["sd1"]
+    if not smoke:
+        return ModelConfig(family, unet.PRESETS["sd15"], vae.PRESETS["sd"], (clip.PRESETS["clip-l"],))
+    return ModelConfig(family,
+                       unet.UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1),
+                                       transformer_depth=(1, 0), context_dim=64),
+                       vae.VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1),
+                       (clip.CLIPTextConfig(layout="openai", width=64, layers=2, heads=1, mlp_width=128),))
+
+
+def write_checkpoint(path: Path, smoke: bool) -> None:
+    """Random fp16 weights in the single-file layout, one network at a time to keep memory low."""
+    import torch
+
+    from sdlab.checkpoints.io import save_safetensors
+    from sdlab.families import UNET_PREFIX, VAE_PREFIX
+    from sdlab.models.clip import CLIPTextModel
+    from sdlab.models.unet import UNet
+    from sdlab.models.vae import AutoencoderKL
+
+    cfg = model_config(smoke)
+    slot = cfg.family.text_encoders[0]
+    parts = ((UNET_PREFIX, UNet, cfg.unet), (VAE_PREFIX, AutoencoderKL, cfg.vae),
+             (slot.prefix, CLIPTextModel, cfg.text_encoders[0]))
+    tensors = {}
+    torch.manual_seed(0)
+    for prefix, cls, net_cfg in parts:
+        net = cls(net_cfg)
+        tensors.update({prefix + k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()})
+        del net
+    # Released SD 1.x files also carry this constant buffer; both loaders must cope with it.
+    tensors[slot.prefix + "text_model.embeddings.position_ids"] = torch.arange(
+        cfg.text_encoders[0].max_positions, dtype=torch.int64)[None]
+    save_safetensors(tensors, path)  # no metadata: detection runs as for a downloaded file
+
+
+def write_config_folder(out: Path, smoke: bool) -> None:
+    """A diffusers folder without weights, for `from_single_file(config=...)` offline."""
+    from sdlab.checkpoints.diffusers_folder import _clip_json, _unet_json, _vae_json
+    from sdlab.text.tokenizer import CLIPTokenizer
+
+    cfg = model_config(smoke)
+    family, te_cfg, slot = cfg.family, cfg.text_encoders[0], cfg.family.text_encoders[0]
+    unet_json = _unet_json(cfg.unet, family.default_size // cfg.vae.downsample_factor)
+    # diffusers' single-file UNet converter needs scalars where every level agrees (as in the
+    # released SD 1.5 config); `from_pretrained` takes the per-level lists `_unet_json` writes.
+    for key in ("layers_per_block", "attention_head_dim", "transformer_layers_per_block"):
+        if isinstance(unet_json.get(key), list) and len(set(unet_json[key])) == 1:
+            unet_json[key] = unet_json[key][0]
+    files = {
+        "unet/config.json": unet_json,
+        "vae/config.json": _vae_json(cfg.vae, family.default_size, family.latent_scale),
+        "text_encoder/config.json": _clip_json(te_cfg, te_cfg.layers, 49407),
+        "scheduler/scheduler_config.json": {
+            "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+            "skip_prk_steps": True, "set_alpha_to_one": False, "prediction_type": "epsilon"},
+        "model_index.json": {
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+            "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
+            "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
+    }
+    for name, content in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(content, indent=2))
+    CLIPTokenizer(pad_token=slot.pad_token).save(out / "tokenizer")
+
+
+# ---------------------------------------------------------------- prototypes of loader changes
+
+
+def proposed_load_bundle(path: Path, dtype, vae_in_requested_dtype: bool):
+    """`load_bundle` for this file (SD 1.x, no EMA) with the changes proposed for
+    `sdlab/checkpoints/loader.py`, to measure them before anyone edits the loader:
+
+    1. build the networks on the meta device without running their initialisers
+       (`_SkipMetaInit`): `nn.Embedding`'s `normal_` on a meta tensor goes through a Python
+       decomposition that imports `torch._dynamo` (and sympy), which costs seconds and ~100 MiB;
+    2. (with `vae_in_requested_dtype`) keep the VAE in the requested dtype instead of casting
+       it to fp32 on the CPU: the cast reads the VAE's pages and makes a 335 MiB fp32 copy.
+    """
+    import torch
+
+    from sdlab.checkpoints import loader as L
+    from sdlab.families import UNET_PREFIX, VAE_PREFIX
+    from sdlab.models.clip import CLIPTextModel
+    from sdlab.models.unet import UNet
+    from sdlab.models.vae import AutoencoderKL
+
+    sd, path = L.open_model(path)
+    cfg = L.config_of(sd)
+    vae_dtype = dtype if vae_in_requested_dtype else torch.float32
+    with _skip_meta_init():
+        unet = L._build(UNet, cfg.unet, L._take(sd, UNET_PREFIX), dtype, "UNet", path)
+        vae = L._build(AutoencoderKL, cfg.vae, L._take(sd, VAE_PREFIX), vae_dtype, "VAE", path)
+        tes = [L._build(CLIPTextModel, c, L._take(sd, slot.prefix), dtype, "text encoder", path)
+               for slot, c in zip(cfg.family.text_encoders, cfg.text_encoders)]
+    tokenizers = [L._tokenizer_for(path, slot, i) for i, slot in enumerate(cfg.family.text_encoders)]
+    bundle = L.Bundle(cfg, unet, vae, tes, tokenizers, name=path.stem, source=path)
+    for net in bundle.networks().values():
+        net.eval().requires_grad_(False)
+    return bundle
+
+
+def _skip_meta_init():
+    """A TorchFunctionMode under which initialisers applied to meta tensors do nothing
+    (they have nothing to fill; on meta, `normal_` alone costs a `torch._dynamo` import)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    inplace_inits = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_}
+
+    class SkipMetaInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in inplace_inits or getattr(func, "__module__", None) == "torch.nn.init":
+                target = args[0] if args else kwargs.get("tensor")  # nn.init passes it by keyword
+                if isinstance(target, torch.Tensor) and target.is_meta:
+                    return target
+            return func(*args, **kwargs)
+
+    return SkipMetaInit()
+
+
+# ---------------------------------------------------------------- one child per measurement
+
+
+def read_all_weights(modules) -> int:
+    """Read every page of every weight once (one byte per 4 KiB page, so no copy is made);
+    returns the bytes covered. Tied tensors are read once."""
+    import torch
+
+    seen, total = set(), 0
+    with torch.no_grad():
+        for t in itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules):
+            if t.numel() == 0 or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            if t.is_contiguous():
+                raw = t.detach().reshape(-1).view(torch.uint8)
+                raw[::4096].sum()
+                raw[-1:].sum()
+            else:
+                t.sum()
+            total += t.numel() * t.element_size()
+    return total
+
+
+def child(loader: str, path: Path, config_dir: Path) -> None:
+    watch = Stopwatch()
+    import torch
+
+    if loader.startswith("sdlab"):
+        from sdlab.checkpoints.loader import load_bundle
+    else:
+        import transformers  # noqa: F401  (imported lazily by diffusers otherwise; count it here)
+        from diffusers import StableDiffusionPipeline
+    import_s = watch.lap()
+    rss_imported = memory().get("rss", 0)
+    reset_peak_rss()
+
+    if loader == "sdlab":
+        bundle = load_bundle(path, device="cpu", dtype=torch.float16)
+        nets = bundle.networks()
+    elif loader.startswith("sdlab"):
+        bundle = proposed_load_bundle(path, torch.float16, vae_in_requested_dtype=loader == PROPOSED[1])
+        nets = bundle.networks()
+    else:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir), torch_dtype=torch.float16,
+                                                        local_files_only=True)
+        nets = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    load_s = watch.lap()
+    after_load = {**memory(), "lifetime_peak": peak_rss()}
+
+    # The same numbers must have arrived in both loaders: checked on the UNet's first convolution.
+    conv_in = nets["unet"].input_blocks[0][0].weight if loader.startswith("sdlab") else nets["unet"].conv_in.weight
+    weight_bytes = read_all_weights(nets.values())
+    read_s = watch.lap()
+    after_read = {**memory(), "lifetime_peak": peak_rss()}
+    emit({"loader": loader, "import_s": import_s, "load_s": load_s, "read_s": read_s,
+          "rss_imported": rss_imported, "after_load": after_load, "after_read": after_read,
+          "weight_bytes": weight_bytes, "dynamo_imported": "torch._dynamo" in sys.modules,
+          "conv_in_sum": conv_in.double().sum().item(),
+          "params": {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()},
+          "dtypes": {k: str(next(m.parameters()).dtype).replace("torch.", "") for k, m in nets.items()}})
+
+
+# ---------------------------------------------------------------- the parent
+
+
+def best(runs: list[dict], get) -> float:
+    return min(get(r) for r in runs)
+
+
+def report(results: dict[str, list[dict]], file_size: int) -> None:
+    """One table: each loader's best round, and each sdlab variant as a ratio to diffusers."""
+    ours = [name for name in results if name != "diffusers"]
+    measures = [
+        ("import (torch + library)", lambda r: r["import_s"], fmt_seconds, None),
+        ("load call", lambda r: r["load_s"], fmt_seconds, TARGET_TIME),
+        ("load + read all weights", lambda r: r["load_s"] + r["read_s"], fmt_seconds, None),
+        ("import + load + read", lambda r: r["import_s"] + r["load_s"] + r["read_s"], fmt_seconds, None),
+        ("peak RSS after load", lambda r: r["after_load"]["lifetime_peak"], fmt_bytes, TARGET_RSS),
+        ("peak RSS after reading all weights", lambda r: r["after_read"]["lifetime_peak"], fmt_bytes, None),
+        ("  of which added by load + read", lambda r: r["after_read"]["peak"] - r["rss_imported"], fmt_bytes, None),
+        ("RSS after imports", lambda r: r["rss_imported"], fmt_bytes, None),
+        ("RSS at end: anonymous (copies)", lambda r: r["after_read"].get("anon", 0), fmt_bytes, None),
+        ("RSS at end: file-backed (mmap)", lambda r: r["after_read"].get("file", 0), fmt_bytes, None),
+        ("weights held (params + buffers)", lambda r: r["weight_bytes"], fmt_bytes, None),
+    ]
+    headers = [""]
+    for name in ours:
+        headers += [name, f"{name}/diffusers" if name == "sdlab" else "/diffusers"]
+    headers += ["diffusers", "target"]
+    rows = []
+    for label, get, fmt, target in measures:
+        theirs = best(results["diffusers"], get)
+        row = [label]
+        for name in ours:
+            value = best(results[name], get)
+            row += [fmt(value), fmt_ratio(value, theirs)]
+        rows.append(row + [fmt(theirs), f"<= {target:.2f}x" if target else ""])
+    rounds = len(results["diffusers"])
+    print()
+    print_table(headers, rows,
+                title=f"Loading an SD 1.5 checkpoint, fp16, CPU: file {fmt_bytes(file_size)} ({file_size:,} bytes), "
+                      f"best of {rounds} round{'s' * (rounds > 1)}, {os.cpu_count()} CPUs")
+    for name, runs in results.items():
+        r = runs[0]
+        nets = ", ".join(f"{k} {v / 1e6:.1f}M {r['dtypes'][k]}" for k, v in r["params"].items())
+        dynamo = "; imported torch._dynamo" if r["dynamo_imported"] else ""
+        print(f"  {name}: {nets}; UNet conv_in sum {r['conv_in_sum']:.6f}{dynamo}")
+        if rounds > 1:
+            times = ", ".join(f"{r['load_s']:.2f}" for r in runs)
+            print(f"    load call per round: {times} s (median {statistics.median(r['load_s'] for r in runs):.2f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every loader; the best round is shown")
+    parser.add_argument("--proposed", action="store_true",
+                        help=f"also measure prototypes of loader changes: {', '.join(PROPOSED)}")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model of the same layout: checks the plumbing")
+    parser.add_argument("--child", choices=[*LOADERS, *PROPOSED, "write"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--config-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child == "write":
+        write_checkpoint(args.path, args.smoke)
+        emit({"written": str(args.path)})
+        return
+    if args.child:
+        child(args.child, args.path, args.config_dir)
+        return
+
+    os.environ.update(OFFLINE_ENV)
+    loaders = [*LOADERS, *PROPOSED] if args.proposed else list(LOADERS)
+    tmp = Path(tempfile.mkdtemp(prefix="sdlab-bench-load-"))
+    try:
+        path, config_dir = tmp / "sd15-random.safetensors", tmp / "diffusers-config"
+        smoke = ["--smoke"] if args.smoke else []
+        watch = Stopwatch()
+        run_child([__file__, "--child", "write", "--path", str(path), *smoke], OFFLINE_ENV)
+        print(f"wrote {path.name}: {fmt_bytes(path.stat().st_size)} in {watch.lap():.1f} s", flush=True)
+        write_config_folder(config_dir, args.smoke)
+        print(f"read it once to warm the page cache: {warm_page_cache(path):.1f} s", flush=True)
+
+        results: dict[str, list[dict]] = {name: [] for name in loaders}
+        for round_ in range(args.repeat):
+            for name in loaders:
+                r = run_child([__file__, "--child", name, "--path", str(path), "--config-dir", str(config_dir),
+                               *smoke], OFFLINE_ENV)
+                results[name].append(r)
+                print(f"round {round_ + 1}: {name:24s} import {r['import_s']:.2f} s, load {r['load_s']:.2f} s, "
+                      f"read {r['read_s']:.2f} s, peak {fmt_bytes(r['after_read']['lifetime_peak'])}", flush=True)
+        report(results, path.stat().st_size)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Build the FastAPI app: middleware, error handlers, routers, static files, lifespan.
+Nothing else lives here (STYLE habit 14)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from .. import __version__
+from ..errors import SdlabError
+from .errors import status_of
+from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, ProcessTimeMiddleware
+from .routers import catalog, generation, jobs, options, page, system
+from .routers.page import STATIC_DIR
+from .settings import ServerSettings
+from .state import ServerState
+from .worker import Job
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    """The app for one server. Raises SdlabError if --model names nothing."""
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.worker.start()
+        if state.selected is not None:
+            # Load the first model in the worker, so the server answers at once and the
+            # first generation waits for the load in the queue like any other job.
+            state.worker.submit(Job("load", state.selected))
+        else:
+            log.warning("no checkpoint in %s; add one and POST /sdapi/v1/refresh-checkpoints",
+                        state.catalog.root / "Stable-diffusion")
+        yield
+        state.worker.stop()
+
+    app = FastAPI(title="sdlab", version=__version__, lifespan=lifespan,
+                  description="Stable Diffusion in Python: the web UI's API (/sdapi/v1) and a web page (/).")
+    app.state.sdlab = state
+
+    @app.exception_handler(SdlabError)
+    async def sdlab_error(request: Request, exc: SdlabError):
+        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status_of(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {str(exc)[:300]}",
+                             "error": type(exc).__name__}, status_code=500)
+
+    for module in (generation, jobs, catalog, options, system, page):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # Added last = outermost: time everything, then authenticate, then limit the body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_upload_bytes)
+    app.add_middleware(BasicAuthMiddleware, settings=settings)
+    app.add_middleware(ProcessTimeMiddleware)
+    return app

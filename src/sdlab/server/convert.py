@@ -1,0 +1,287 @@
+"""Between the web UI's request/response shapes and sdlab's own `GenerationRequest` /
+`GenerationResult`. No generation logic lives here: only names, defaults, limits and
+encodings."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ValidationError
+
+from .. import __version__
+from ..errors import SdlabError
+from ..infotext import parse_infotext, png_info
+from ..pipeline import GenerationRequest, validate
+from ..sampling.samplers import SAMPLERS, resolve_sampler
+from ..sampling.schedules import SCHEDULES, resolve_schedule
+from .catalog import CheckpointEntry
+from .errors import BadInput, OverLimit, TooLarge
+from .models import GenerationFields, Img2ImgRequest, Txt2ImgRequest
+from .settings import Limits
+from .state import RANDN_SOURCES, ServerState, clip_skip_value, randn_source_value
+from .worker import JobResult
+
+# Fields sdlab accepts but does not act on, with the value that means "off". A request
+# that sets one to anything else gets a note in `info` saying it was ignored.
+IGNORED_UNLESS_DEFAULT: dict[str, Any] = {
+    "styles": (None, []), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
+    "restore_faces": (None, False), "tiling": (None, False), "s_min_uncond": (None, 0, 0.0),
+    "s_churn": (None, 0, 0.0), "s_tmax": (None,), "s_tmin": (None, 0, 0.0), "s_noise": (None, 1, 1.0),
+    "refiner_checkpoint": (None, "", "None"), "refiner_switch_at": (None,), "script_name": (None, ""),
+    "script_args": ([],), "save_images": (False,), "alwayson_scripts": ({},),
+    # txt2img: hires fix
+    "enable_hr": (False,), "hr_upscaler": (None, ""), "hr_checkpoint_name": (None, ""),
+    "hr_prompt": ("",), "hr_negative_prompt": ("",), "firstpass_image": (None, ""),
+    # img2img
+    "resize_mode": (0,), "image_cfg_scale": (None,), "initial_noise_multiplier": (None, 1, 1.0),
+    "latent_mask": (None, ""),
+}
+# Options that `override_settings` may carry and what sdlab does with them.
+OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source")
+
+_DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.I)
+
+
+# -- images ---------------------------------------------------------------------------
+
+def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
+    """A base64 image from a client, refused before decoding if it claims too many pixels."""
+    text = _DATA_URL.sub("", data.strip(), count=1)
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadInput(f"{what}: not valid base64") from None
+    if not raw:
+        raise BadInput(f"{what}: empty image")
+    try:
+        img = Image.open(io.BytesIO(raw))
+        if img.width * img.height > limits.max_image_pixels:
+            raise TooLarge(f"{what}: {img.width}x{img.height} is more pixels than this server accepts "
+                           f"({limits.max_image_pixels})")
+        img.load()
+    except SdlabError:
+        raise
+    except Image.DecompressionBombError:
+        raise TooLarge(f"{what}: refused as a decompression bomb") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadInput(f"{what}: not a readable image ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
+    return img
+
+
+def encode_png(img: Image.Image, infotext: str | None) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=png_info(infotext) if infotext else None)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# -- requests -----------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """A request ready for the worker, and what to tell the client about it."""
+
+    request: GenerationRequest
+    checkpoint: CheckpointEntry | None
+    notes: list[str] = field(default_factory=list)
+    ignored_fields: list[str] = field(default_factory=list)
+    sampler_name: str = ""
+
+
+def _fill_from_infotext(body: GenerationFields) -> GenerationFields:
+    """The web UI's `infotext` field: its values fill every field the request left unset."""
+    params = parse_infotext(body.infotext or "")
+    mapping = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "Sampler": "sampler_name",
+               "Schedule type": "scheduler", "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width",
+               "Size-2": "height", "Variation seed": "subseed", "Variation seed strength": "subseed_strength",
+               "Denoising strength": "denoising_strength"}
+    update = {f: params[k] for k, f in mapping.items() if k in params and f not in body.model_fields_set
+              and f in type(body).model_fields and params[k] != ""}
+    if "Clip skip" in params and "CLIP_stop_at_last_layers" not in body.override_settings:
+        update["override_settings"] = {**body.override_settings, "CLIP_stop_at_last_layers": params["Clip skip"]}
+    if not update:
+        return body
+    data = body.model_dump()
+    data.update(update)
+    try:
+        return type(body).model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SdlabError(f"infotext: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def sampler_of(body: GenerationFields) -> str:
+    name = body.sampler_name or body.sampler_index
+    if isinstance(name, int):
+        names = list(SAMPLERS)
+        if not 0 <= name < len(names):
+            raise SdlabError(f"sampler_index {name} is out of range 0-{len(names) - 1}")
+        return names[name]
+    return name
+
+
+def check_limits(body: GenerationFields, limits: Limits) -> None:
+    pixels = body.width * body.height
+    if pixels > limits.max_pixels:
+        raise OverLimit(f"{body.width}x{body.height} is {pixels} pixels; this server allows at most "
+                        f"{limits.max_pixels} (e.g. {int(limits.max_pixels ** 0.5) // 8 * 8}x"
+                        f"{int(limits.max_pixels ** 0.5) // 8 * 8})")
+    if body.steps > limits.max_steps:
+        raise OverLimit(f"steps {body.steps} is more than this server allows ({limits.max_steps})")
+    if body.batch_size * body.n_iter > limits.max_batch:
+        raise OverLimit(f"batch_size x n_iter = {body.batch_size * body.n_iter} images; this server makes at "
+                        f"most {limits.max_batch} per request")
+
+
+def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepared:
+    """Check a request against the limits and translate it; raise on anything wrong."""
+    limits = state.settings.limits
+    if body.infotext:
+        body = _fill_from_infotext(body)
+    check_limits(body, limits)
+    notes, ignored = [], sorted(body.model_extra or {})
+    for name in ignored:
+        notes.append(f"unknown field {name!r} ignored")
+    for name, off in IGNORED_UNLESS_DEFAULT.items():
+        if name in type(body).model_fields and getattr(body, name) not in off:
+            notes.append(f"{name} is not implemented by sdlab; ignored")
+
+    # Options: the server's, then this request's override_settings.
+    checkpoint = state.selected
+    clip_skip = state.option("CLIP_stop_at_last_layers")
+    randn = state.option("randn_source")
+    for key, value in body.override_settings.items():
+        if key == "sd_model_checkpoint":
+            checkpoint = state.catalog.find_checkpoint(str(value))
+        elif key == "CLIP_stop_at_last_layers":
+            clip_skip = clip_skip_value(value)
+        elif key == "randn_source":
+            randn = randn_source_value(value)
+        else:
+            notes.append(f"override_settings[{key!r}] is not an option sdlab has; ignored")
+
+    sampler = sampler_of(body)
+    schedule = body.scheduler or "automatic"
+    prompt, negative = body.prompt, body.negative_prompt
+    if body.disable_extra_networks:
+        from ..text.prompt import extract_extra_networks
+
+        prompt, negative = extract_extra_networks(prompt)[0], extract_extra_networks(negative)[0]
+    gen = GenerationRequest(
+        prompt=prompt, negative_prompt=negative, width=body.width, height=body.height, steps=body.steps,
+        sampler=sampler, schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, subseed=body.subseed,
+        subseed_strength=body.subseed_strength, batch_size=body.batch_size, n_iter=body.n_iter,
+        clip_skip=clip_skip, rng=RANDN_SOURCES[randn], eta=body.eta,
+    )
+    if isinstance(body, Img2ImgRequest):
+        gen = _img2img_fields(body, gen, limits, notes)
+    # Resolve -1 seeds now, so the batches the worker runs and the info we return agree.
+    gen = validate(gen, 512)
+    sampler_info = resolve_sampler(sampler)
+    resolve_schedule(schedule)
+    return Prepared(gen, checkpoint, notes, ignored, sampler_info.name)
+
+
+def _img2img_fields(body: Img2ImgRequest, gen: GenerationRequest, limits: Limits, notes: list[str]) -> GenerationRequest:
+    init = decode_image(body.init_images[0], "init_images[0]", limits)
+    if len(body.init_images) > 1:
+        notes.append("only the first of init_images is used")
+    mask = decode_image(body.mask, "mask", limits) if body.mask else None
+    if mask is not None and mask.size != init.size:
+        # Clients send masks drawn at another scale; the web UI resizes them to the image.
+        mask = mask.convert("L").resize(init.size, Image.LANCZOS)
+    if mask is not None and body.inpainting_fill != 1:
+        notes.append(f"inpainting_fill={body.inpainting_fill} is not implemented; sdlab starts from the "
+                     "original content (1)")
+    blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
+    if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
+        notes.append("mask_blur_x and mask_blur_y differ; sdlab blurs evenly by mask_blur_x")
+    gen.init_image = init
+    gen.mask = mask
+    gen.denoising_strength = body.denoising_strength
+    gen.mask_blur = blur
+    gen.inpaint_full_res = bool(body.inpaint_full_res)
+    gen.inpaint_full_res_padding = body.inpaint_full_res_padding
+    gen.inpainting_mask_invert = bool(body.inpainting_mask_invert)
+    return gen
+
+
+# -- responses --------------------------------------------------------------------------------
+
+def echo_parameters(body: BaseModel) -> dict[str, Any]:
+    """The request as the web UI echoes it: images left out unless include_init_images."""
+    data = body.model_dump()
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        data["init_images"] = None
+        data["mask"] = None
+    return data
+
+
+def info_json(done: JobResult, prep: Prepared) -> str:
+    """The web UI's `Processed.js()`, plus sdlab's notes."""
+    res, req = done.result, prep.request
+    n = len(res.images)
+    bundle_name = done.checkpoint.model_name
+    obj = {
+        "prompt": req.prompt,
+        "all_prompts": [req.prompt] * n,
+        "negative_prompt": req.negative_prompt,
+        "all_negative_prompts": [req.negative_prompt] * n,
+        "seed": res.seeds[0] if res.seeds else req.seed,
+        "all_seeds": res.seeds,
+        "subseed": res.subseeds[0] if res.subseeds else req.subseed,
+        "all_subseeds": res.subseeds,
+        "subseed_strength": req.subseed_strength,
+        "width": req.width,
+        "height": req.height,
+        "sampler_name": prep.sampler_name,
+        "cfg_scale": req.cfg_scale,
+        "steps": req.steps,
+        "batch_size": req.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": bundle_name,
+        "sd_model_hash": done.checkpoint.short_hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": req.denoising_strength if req.init_image is not None else None,
+        "extra_generation_params": _extra_params(req),
+        "index_of_first_image": 0,
+        "infotexts": res.infotexts,
+        "styles": [],
+        "job_timestamp": prep_timestamp(),
+        "clip_skip": req.clip_skip,
+        "is_using_inpainting_conditioning": False,
+        "version": f"sdlab {__version__}",
+        # sdlab's additions; web UI clients ignore keys they do not know.
+        "scheduler": SCHEDULES[resolve_schedule(req.schedule).name].label,
+        "interrupted": done.interrupted,
+        "steps_done": done.steps_done,
+        "notes": prep.notes,
+        "ignored_fields": prep.ignored_fields,
+    }
+    return json.dumps(obj)
+
+
+def _extra_params(req: GenerationRequest) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if req.mode == "inpaint":
+        extra["Mask blur"] = req.mask_blur
+        if req.inpaint_full_res:
+            extra["Inpaint area"] = "Only masked"
+            extra["Masked area padding"] = req.inpaint_full_res_padding
+    return extra
+
+
+def prep_timestamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%d%H%M%S")

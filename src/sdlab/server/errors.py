@@ -1,0 +1,48 @@
+"""Errors the HTTP layer answers with a status code and a one-line message.
+
+Each is an `SdlabError`, so a message written for the CLI reads the same over HTTP;
+`app.py` maps the classes to status codes in one place.
+"""
+
+from __future__ import annotations
+
+from ..errors import SdlabError
+from .catalog import NotFound
+
+
+class BadInput(SdlabError):
+    """Undecodable input (invalid base64, not an image): 400."""
+
+
+class TooLarge(SdlabError):
+    """A body or an image over the server's size limits: 413."""
+
+
+class OverLimit(SdlabError):
+    """A request over a configured limit (size, steps, batch): 422."""
+
+
+class NoModel(SdlabError):
+    """Nothing to generate with: no checkpoint in the folder and none named: 503."""
+
+
+class ModelLoadError(SdlabError):
+    """A checkpoint in the folder could not be loaded: 500, with the loader's message."""
+
+
+STATUS = (  # checked in order: subclasses first
+    (NotFound, 404),
+    (BadInput, 400),
+    (TooLarge, 413),
+    (OverLimit, 422),
+    (NoModel, 503),
+    (ModelLoadError, 500),
+    (SdlabError, 422),  # any other user-facing error is a request the pipeline refused
+)
+
+
+def status_of(error: SdlabError) -> int:
+    for cls, status in STATUS:
+        if isinstance(error, cls):
+            return status
+    return 422

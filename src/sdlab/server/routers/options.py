@@ -1,0 +1,36 @@
+"""GET/POST /sdapi/v1/options; setting sd_model_checkpoint switches the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+
+from ..state import ServerState, get_state
+from ..worker import Job
+from .generation import ClientGone, run_job
+
+router = APIRouter(prefix="/sdapi/v1", tags=["options"])
+
+
+@router.get("/options", response_model=dict[str, Any], summary="Server options")
+async def get_options(state: ServerState = Depends(get_state)):
+    return state.options()
+
+
+@router.post("/options", summary="Set options; sd_model_checkpoint loads that checkpoint")
+async def set_options(request: Request, body: dict[str, Any] = Body(...), state: ServerState = Depends(get_state)):
+    """Options sdlab does not have are ignored, as in the web UI. A new sd_model_checkpoint is
+    loaded by the worker between jobs: jobs queued before keep the model they asked for."""
+    for key, value in body.items():
+        if key != "sd_model_checkpoint":
+            state.set_option(key, value)
+    name = body.get("sd_model_checkpoint")
+    if name is not None:
+        entry = state.catalog.find_checkpoint(str(name))
+        try:
+            await run_job(Job("load", entry), state, request)
+        except ClientGone:
+            pass
+        state.selected = entry
+    return None

@@ -1,0 +1,54 @@
+"""What `sdlab serve` was started with. One frozen object, built by the CLI (or a test) and
+handed to `create_app`; nothing reads the environment or argv at import time."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SdlabError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request ceilings; a request over one is answered 422 with the limit in the message."""
+
+    max_pixels: int = 2048 * 2048  # width * height of one image
+    max_steps: int = 150
+    max_batch: int = 16  # batch_size * n_iter: images made by one request
+    max_upload_bytes: int = 64 * 1024 * 1024  # a whole request body (base64 images inside)
+    max_image_pixels: int = 4096 * 4096  # an uploaded image, checked from its header before decoding
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    models_dir: Path = Path("models")
+    model: str | None = None  # checkpoint to load first: a name in the models folder or a file path
+    host: str = "127.0.0.1"  # loopback unless the operator says otherwise
+    port: int = 7860
+    api_auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs; empty: no auth
+    device: str | None = None  # None: CUDA when available, else CPU
+    dtype: str | None = None  # "fp16", "bf16", "fp32"; None: the loader's default for the device
+    limits: Limits = field(default_factory=Limits)
+
+    def check_credentials(self, user: str, password: str) -> bool:
+        # compare_digest on every pair, so the time taken does not tell which part was wrong
+        ok = False
+        for u, p in self.api_auth:
+            ok |= secrets.compare_digest(u.encode(), user.encode()) & secrets.compare_digest(p.encode(), password.encode())
+        return ok
+
+
+def parse_api_auth(text: str | None) -> tuple[tuple[str, str], ...]:
+    """`user:pass[,user2:pass2]` as the web UI's --api-auth takes it."""
+    if not text:
+        return ()
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise SdlabError(f"--api-auth: {item.strip()!r} is not user:password; "
+                             "give user:pass or user1:pass1,user2:pass2")
+        pairs.append((user, password))
+    return tuple(pairs)

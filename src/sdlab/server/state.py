@@ -1,0 +1,138 @@
+"""Everything one running server holds: its settings, the models folder, the worker,
+and the web UI's options. Built once per app and reached from handlers through the
+`get_state` dependency (app.state, not a module global, so tests can run several apps)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from ..errors import SdlabError
+from .catalog import CheckpointEntry, ModelCatalog
+from .settings import ServerSettings
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+RANDN_SOURCES = {"CPU": "cpu", "NV": "nv", "GPU": "cpu"}  # noise is always drawn on the CPU (DESIGN 4)
+
+
+class ServerState:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        extra = self._extra_checkpoint(settings)
+        self.catalog = ModelCatalog(settings.models_dir, extra)
+        self.selected: CheckpointEntry | None = self._initial_checkpoint(settings, extra)
+        self.worker = Worker(self.catalog, self._load_pipeline)
+        self._lock = threading.Lock()
+        self._options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "randn_source": "CPU"}
+
+    @staticmethod
+    def _extra_checkpoint(settings: ServerSettings) -> Path | None:
+        # --model may be a file the operator trusts outside the folder; else the demo model
+        # when the folder has no checkpoint.
+        if settings.model is not None:
+            p = Path(settings.model).expanduser()
+            return p if p.is_file() else None
+        return None
+
+    def _initial_checkpoint(self, settings: ServerSettings, extra: Path | None) -> CheckpointEntry | None:
+        if settings.model is not None:
+            if extra is not None:
+                return next(e for e in self.catalog.checkpoints() if e.path == extra.resolve())
+            return self.catalog.find_checkpoint(settings.model)
+        entry = self.catalog.default_checkpoint()
+        if entry is None:
+            from .. import demo_model_path
+
+            demo = demo_model_path()
+            if demo.is_file():
+                self.catalog.extra_checkpoint = demo.resolve()
+                self.catalog.refresh()
+                entry = self.catalog.default_checkpoint()
+        return entry
+
+    def _load_pipeline(self, entry: CheckpointEntry):
+        from ..checkpoints.loader import file_sha256, load_bundle
+        from ..pipeline import Pipeline
+
+        dtype = _torch_dtype(self.settings.dtype)
+        bundle = load_bundle(entry.path, device=self.settings.device, dtype=dtype)
+        if entry.path.is_file():
+            sha = entry.sha256 or file_sha256(entry.path)
+            self.catalog.set_hash(entry.path, sha)
+            # The bundle would hash the file again for its infotext; hand it the short hash we have.
+            bundle._hash = sha[:10]
+        return Pipeline(bundle)
+
+    # -- the web UI's options ---------------------------------------------------------
+
+    def options(self) -> dict[str, Any]:
+        entry = self.selected
+        if entry is not None:  # the title gains its hash once the file was hashed
+            entry = next((e for e in self.catalog.checkpoints() if e.path == entry.path), entry)
+        with self._lock:
+            return {
+                "sd_model_checkpoint": entry.title if entry else None,
+                "sd_checkpoint_hash": entry.sha256 if entry else None,
+                **self._options,
+                "samples_format": "png",
+                "sd_vae": "Automatic",
+            }
+
+    def set_option(self, key: str, value: Any) -> bool:
+        """Set one option; False if sdlab has no such option (the web UI ignores those too)."""
+        if key == "CLIP_stop_at_last_layers":
+            value = clip_skip_value(value)
+        elif key == "randn_source":
+            value = randn_source_value(value)
+        elif key in ("sd_model_checkpoint", "sd_checkpoint_hash", "samples_format", "sd_vae"):
+            return key == "sd_model_checkpoint"  # handled by the router (a model switch)
+        else:
+            return False
+        with self._lock:
+            self._options[key] = value
+        return True
+
+    def option(self, key: str) -> Any:
+        with self._lock:
+            return self._options[key]
+
+
+def clip_skip_value(value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise SdlabError(f"CLIP_stop_at_last_layers must be a whole number 1-12, got {value!r}") from None
+    if not 1 <= n <= 12:
+        raise SdlabError(f"CLIP_stop_at_last_layers must be 1-12, got {n}")
+    return n
+
+
+def randn_source_value(value: Any) -> str:
+    text = str(value).upper()
+    if text not in RANDN_SOURCES:
+        raise SdlabError(f"randn_source must be one of GPU, CPU, NV, got {value!r}")
+    return text
+
+
+def _torch_dtype(name: str | None):
+    if name is None:
+        return None
+    import torch
+
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise SdlabError(f"unknown dtype {name!r}; choose one of fp32, fp16, bf16") from None
+
+
+def get_state(request: Request) -> ServerState:
+    """FastAPI dependency: the state of the app that received the request."""
+    return request.app.state.sdlab

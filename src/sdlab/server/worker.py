@@ -1,0 +1,260 @@
+"""The job queue: one thread owns the model and the device and runs jobs one at a time,
+in arrival order.
+
+HTTP handlers never touch the model. They put a `Job` on the queue and wait for its
+future; the worker switches checkpoints between jobs when a job asks for another one,
+reports progress (with a preview and an ETA) for GET /progress, and stops the running
+job at the next sampling step on interrupt, skip, or when the client that asked for it
+has gone away.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from PIL import Image
+
+from ..errors import SdlabError
+from ..pipeline import GenerationRequest, GenerationResult, Interrupted, Pipeline, Progress
+from .catalog import CheckpointEntry, ModelCatalog
+from .errors import ModelLoadError, NoModel
+
+log = logging.getLogger(__name__)
+
+JobKind = Literal["txt2img", "img2img", "load"]
+
+
+@dataclass
+class Job:
+    kind: JobKind
+    checkpoint: CheckpointEntry | None  # None: whatever the worker has (only if nothing is named anywhere)
+    request: GenerationRequest | None = None  # seeds already resolved; None for a load job
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    id: str = ""
+
+    def cancel(self) -> None:
+        """The client is gone: drop the job if it waits, stop it at the next step if it runs."""
+        self.cancelled.set()
+        self.future.cancel()
+
+
+@dataclass
+class JobResult:
+    result: GenerationResult
+    checkpoint: CheckpointEntry
+    interrupted: bool
+    steps_done: int  # sampling steps of the last batch that ran (== total unless stopped early)
+
+
+@dataclass
+class _State:
+    """What GET /progress reports; the web UI's `shared.state` fields."""
+
+    job: str = ""
+    job_count: int = 0
+    job_no: int = 0
+    job_timestamp: str = "0"
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    skipped: bool = False
+    interrupted: bool = False
+    time_start: float = 0.0
+    textinfo: str | None = None
+    preview: Callable[[], Image.Image | None] | None = None
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    progress: float
+    eta_relative: float
+    state: dict
+    textinfo: str | None
+    preview: Callable[[], Image.Image | None] | None
+
+
+Loader = Callable[[CheckpointEntry], Pipeline]
+
+
+class Worker:
+    """One thread, one model, one queue."""
+
+    def __init__(self, catalog: ModelCatalog, loader: Loader):
+        self.catalog = catalog
+        self._loader = loader
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._state = _State()
+        self._thread: threading.Thread | None = None
+        self._pipeline: Pipeline | None = None
+        self.loaded: CheckpointEntry | None = None
+        self._counter = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sdlab-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the running job is interrupted; jobs still waiting are cancelled."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+        with self._lock:
+            self._state.interrupted = True
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- called from HTTP handlers -----------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        with self._lock:
+            self._counter += 1
+            job.id = f"task({self._counter})"
+        self._queue.put(job)
+        return job
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._state.job:
+                self._state.interrupted = True
+
+    def skip(self) -> None:
+        with self._lock:
+            if self._state.job:
+                self._state.skipped = True
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def snapshot(self) -> ProgressSnapshot:
+        """The web UI's /progress arithmetic: a little progress as soon as a job starts,
+        then batches done plus steps done in this batch; ETA from the time so far."""
+        with self._lock:
+            s = self._state
+            state = {"skipped": s.skipped, "interrupted": s.interrupted, "stopping_generation": False,
+                     "job": s.job, "job_count": s.job_count, "job_timestamp": s.job_timestamp,
+                     "job_no": s.job_no, "sampling_step": s.sampling_step, "sampling_steps": s.sampling_steps,
+                     "queued": self._queue.qsize()}
+            if s.job_count == 0:
+                return ProgressSnapshot(0.0, 0.0, state, s.textinfo, None)
+            progress = 0.01 + s.job_no / s.job_count
+            if s.sampling_steps > 0:
+                progress += s.sampling_step / s.sampling_steps / s.job_count
+            elapsed = time.time() - s.time_start
+            eta = elapsed / progress - elapsed
+            return ProgressSnapshot(min(progress, 1.0), max(eta, 0.0), state, s.textinfo, s.preview)
+
+    # -- the worker thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = self._load_job(job) if job.kind == "load" else self._generate_job(job)
+            except BaseException as e:  # noqa: BLE001 - every failure goes back to the waiting client
+                if not isinstance(e, SdlabError):
+                    log.exception("job %s failed", job.id)
+                job.future.set_exception(e)
+            else:
+                job.future.set_result(result)
+            finally:
+                with self._lock:
+                    self._state = _State()
+
+    def _begin(self, job: Job, job_count: int, steps: int, textinfo: str) -> None:
+        with self._lock:
+            self._state = _State(job=job.kind, job_count=job_count, sampling_steps=steps,
+                                 job_timestamp=time.strftime("%Y%m%d%H%M%S"), time_start=time.time(),
+                                 textinfo=textinfo)
+
+    def _ensure_model(self, entry: CheckpointEntry | None) -> tuple[Pipeline, CheckpointEntry]:
+        if entry is None:
+            if self._pipeline is not None:
+                return self._pipeline, self.loaded
+            raise NoModel(f"no model to generate with: put a checkpoint in {self.catalog.root / 'Stable-diffusion'} "
+                          "or start the server with --model")
+        if self._pipeline is not None and self.loaded is not None and self.loaded.path == entry.path:
+            return self._pipeline, self.loaded
+        # Free the old model before loading the next: two never fit at once on a small GPU.
+        self._pipeline, self.loaded = None, None
+        gc.collect()
+        _empty_device_cache()
+        with self._lock:
+            self._state.textinfo = f"Loading {entry.name}"
+        log.info("loading %s", entry.path)
+        try:
+            self._pipeline = self._loader(entry)
+        except SdlabError as e:
+            raise ModelLoadError(f"cannot load {entry.name}: {e}") from None
+        self.loaded = next((e for e in self.catalog.checkpoints() if e.path == entry.path), entry)
+        return self._pipeline, self.loaded
+
+    def _load_job(self, job: Job) -> CheckpointEntry:
+        self._begin(job, 1, 0, f"Loading {job.checkpoint.name if job.checkpoint else ''}")
+        return self._ensure_model(job.checkpoint)[1]
+
+    def _generate_job(self, job: Job) -> JobResult:
+        req = job.request
+        self._begin(job, req.n_iter, req.steps, f"Preparing {job.kind}")
+        pipeline, entry = self._ensure_model(job.checkpoint)
+        steps_done = 0
+
+        def callback(p: Progress) -> None:
+            nonlocal steps_done
+            steps_done = p.step
+            with self._lock:
+                s = self._state
+                s.sampling_step, s.sampling_steps, s.preview = p.step, p.total, p.preview
+                s.textinfo = f"Sampling step {p.step}/{p.total}"
+                stop = s.interrupted or s.skipped
+            if stop or job.cancelled.is_set():
+                raise Interrupted()
+
+        # Batches run as separate calls so "skip" can end one batch and go on with the next,
+        # as the web UI's skip does; seeds continue exactly as one call would number them.
+        images, infotexts, seeds, subseeds = [], [], [], []
+        interrupted = False
+        for batch in range(req.n_iter):
+            with self._lock:
+                self._state.job_no, self._state.sampling_step, self._state.skipped = batch, 0, False
+            offset = batch * req.batch_size
+            part = pipeline.generate(replace(req, n_iter=1, seed=req.seed + offset, subseed=req.subseed + offset),
+                                     callback)
+            images += part.images
+            infotexts += part.infotexts
+            seeds += part.seeds
+            subseeds += part.subseeds
+            with self._lock:
+                stopped_by_user = self._state.interrupted
+            if job.cancelled.is_set() or stopped_by_user:
+                interrupted = True
+                break
+        result = GenerationResult(images, infotexts, seeds, subseeds, req, interrupted)
+        return JobResult(result, entry, interrupted, steps_done)
+
+
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

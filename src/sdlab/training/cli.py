@@ -1,0 +1,68 @@
+"""`sdlab train` and `sdlab make-dataset`. Imports nothing heavy until a command runs."""
+
+from __future__ import annotations
+
+import argparse
+
+# Flags for the options people change most; anything else goes through --set KEY=VALUE.
+_FLAGS = {
+    "mode": str, "base_model": str, "output_dir": str, "output_name": str, "steps": int, "batch_size": int,
+    "grad_accum": int, "lr": float, "lr_scheduler": str, "mixed_precision": str, "seed": int,
+    "save_every_n_steps": int,
+}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .trainer import train
+
+    overrides = list(args.set or [])
+    for name in _FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            overrides.append(f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}")
+    if args.data is not None:
+        overrides.append(f"data.folder={args.data!r}")
+    cfg = load_config(args.config, overrides)
+    path = train(cfg, resume=args.resume)
+    if path is not None:
+        print(f"wrote {path}")
+
+
+def cmd_make_dataset(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..errors import SdlabError
+    from .shapes import make_shapes_dataset
+
+    if args.count < 1:
+        raise SdlabError(f"--count must be at least 1, got {args.count}")
+    if args.size < 8:
+        raise SdlabError(f"--size must be at least 8, got {args.size}")
+    paths = make_shapes_dataset(Path(args.dir), args.count, size=args.size, seed=args.seed, layout=args.layout)
+    print(f"wrote {len(paths)} images to {args.dir}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a LoRA, fine-tune, or train a model from scratch",
+                       description="Train as a TOML config says (see docs/training.md). Runs on one process, "
+                                   "or on several under 'accelerate launch' / 'torchrun'.")
+    p.add_argument("config", nargs="?", help="the training config (.toml); all of it can also come from --set")
+    p.add_argument("--resume", action="store_true", help="continue from the newest state in OUTPUT_DIR/state")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lr=1e-4 --set lora.rank=8 (repeatable)")
+    p.add_argument("--data", help="the image folder (data.folder)")
+    for name, typ in _FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("make-dataset", help="write a synthetic captioned data set",
+                       description="Write captioned images of coloured shapes on coloured backgrounds.")
+    p.add_argument("kind", choices=["shapes"], help="the kind of data set")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--count", type=int, default=1000, help="number of images (default 1000)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="images are a pure function of (seed, index)")
+    p.add_argument("--layout", choices=["kohya", "jsonl"], default="kohya",
+                   help="kohya: NAME.png + NAME.txt; jsonl: images + metadata.jsonl (default kohya)")
+    p.set_defaults(func=cmd_make_dataset)

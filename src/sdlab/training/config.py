@@ -1,0 +1,225 @@
+"""The training configuration: one TOML file, overridable from the command line.
+
+Top-level keys are `TrainConfig` fields; the tables `[model]`, `[data]`, `[lora]` and
+`[validation]` fill the nested configs. `--set lr=1e-4` or `--set data.folder=imgs`
+overrides any key (the value is read as TOML, falling back to a plain string).
+Relative paths are relative to the current directory, as in kohya's scripts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import SdlabError
+from .data import DataConfig
+
+Mode = Literal["lora", "finetune", "scratch"]
+MODES = ("lora", "finetune", "scratch")
+SCHEDULERS = ("constant", "linear", "cosine")
+PRECISIONS = ("no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What `scratch` mode builds: a named preset (`demo`, `tiny`) with optional per-network
+    field overrides, e.g. `unet = { model_channels = 96 }`."""
+
+    preset: str = "demo"
+    family: str = "sd1"
+    unet: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+    text_encoder: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 16  # kohya's network_dim
+    alpha: float = 1.0  # kohya's network_alpha: the update is scaled by alpha / rank
+    conv_rank: int = 0  # > 0: LoCon / C3Lier, LoRA on the 3x3 convs of the ResBlocks and resamplers too
+    conv_alpha: float = 1.0
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # default: the main lr
+    dropout: float = 0.0  # dropout on the rank-r activations (kohya's network_dropout)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)  # one image per (prompt, seed)
+    every_n_steps: int = 0  # 0: only at the end (when prompts are given)
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "Euler a"
+    width: int | None = None  # default: the data resolution
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: Mode
+    data: DataConfig
+    output_dir: Path = Path("output")
+    output_name: str = "model"
+    base_model: str | None = None  # lora / finetune: a checkpoint file or diffusers folder
+    model: ModelSpec = field(default_factory=ModelSpec)  # scratch
+    prediction: Literal["eps", "v"] | None = None  # default: the base model's (scratch: the family's)
+    seed: int = 0
+    steps: int = 1000  # optimizer steps of the diffusion phase (epochs follow from it)
+    batch_size: int = 1  # per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0  # 0: no clipping
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
+    noise_offset: float = 0.0
+    ema_decay: float = 0.0  # 0: no EMA; the saved model holds the EMA weights when on
+    train_text_encoder: bool = False  # finetune / scratch
+    text_encoder_lr: float | None = None
+    # scratch: the VAE first learns to reconstruct for vae_steps, then is frozen
+    vae_steps: int = 0
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    save_every_n_steps: int = 0  # 0: only at the end
+    keep_states: int = 2  # training states kept for --resume
+    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    log_every_n_steps: int = 10
+    tensorboard: bool = False
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> SdlabError:
+            return SdlabError(f"training config: {msg}")
+
+        if self.mode not in MODES:
+            raise bad(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode in ("lora", "finetune") and not self.base_model:
+            raise bad(f"mode {self.mode!r} needs base_model (a checkpoint file or diffusers folder)")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise bad(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise bad(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.prediction not in (None, "eps", "v"):
+            raise bad(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+        if self.save_dtype not in ("fp32", "fp16", "bf16"):
+            raise bad(f"save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}")
+        for name in ("steps", "batch_size", "grad_accum", "keep_states", "log_every_n_steps"):
+            if getattr(self, name) < 1:
+                raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "vae_steps", "save_every_n_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise bad(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise bad(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise bad(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.min_snr_gamma < 0 or self.noise_offset < 0:
+            raise bad("min_snr_gamma and noise_offset must be 0 or more")
+        if self.vae_steps and self.mode != "scratch":
+            raise bad("vae_steps (the VAE reconstruction phase) only applies to mode 'scratch'")
+        if self.mode == "lora":
+            lc = self.lora
+            if lc.rank < 1 or lc.conv_rank < 0:
+                raise bad(f"lora.rank must be at least 1 and lora.conv_rank 0 or more, got {lc.rank}, {lc.conv_rank}")
+            if not (lc.train_unet or lc.train_text_encoder):
+                raise bad("lora: nothing to train; set lora.train_unet or lora.train_text_encoder")
+        if self.validation.prompts and not self.validation.seeds:
+            raise bad("validation.seeds must not be empty")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.output_dir / "state"
+
+
+_SECTIONS = {"data": DataConfig, "lora": LoRAConfig, "validation": ValidationConfig, "model": ModelSpec}
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: TOML (numbers, booleans, arrays, quoted strings), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `key=value` / `section.key=value` overrides to a raw config dict (a copy)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SdlabError(f"override {item!r}: expected key=value, e.g. lr=1e-4 or data.folder=images")
+        parts = key.strip().split(".")
+        target = out
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise SdlabError(f"override {item!r}: {p} is not a table")
+        target[parts[-1]] = parse_value(value.strip())
+    return out
+
+
+def _build(cls, raw: dict, where: str):
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise SdlabError(f"training config: unknown key {where}{unknown[0]!r}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in raw.items():
+        if k in ("output_dir", "folder", "latent_cache_dir") and v is not None:
+            v = Path(v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise SdlabError(f"training config{' [' + where.rstrip('.') + ']' if where else ''}: {e}") from None
+    except ValueError as e:  # DataConfig validates with ValueError
+        raise SdlabError(f"training config: {e}") from None
+
+
+def config_from_dict(raw: dict) -> TrainConfig:
+    raw = dict(raw)
+    if "data" not in raw or "folder" not in raw.get("data", {}):
+        raise SdlabError("training config: [data] folder is required (a folder of captioned images)")
+    nested = {}
+    for name, cls in _SECTIONS.items():
+        if name in raw:
+            if not isinstance(raw[name], dict):
+                raise SdlabError(f"training config: {name} must be a table ([{name}])")
+            nested[name] = _build(cls, raw.pop(name), f"{name}.")
+    return _build(TrainConfig, {**raw, **nested}, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a TOML training config and apply `key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SdlabError(f"{path}: no such training config") from None
+        except tomllib.TOMLDecodeError as e:
+            raise SdlabError(f"{path}: not valid TOML ({e})") from None
+    raw = apply_overrides(raw, list(overrides))
+    data_seed_given = "seed" in raw.get("data", {})
+    cfg = config_from_dict(raw)
+    if not data_seed_given:  # the data's augmentation seed follows the run's unless [data] sets its own
+        cfg = replace(cfg, data=replace(cfg.data, seed=cfg.seed))
+    return cfg

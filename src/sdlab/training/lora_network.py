@@ -1,0 +1,159 @@
+"""LoRA modules for training, attached with forward hooks, saved in kohya's format.
+
+A LoRA adds `up(down(x)) * alpha / rank` to the output of a Linear or Conv2d layer.
+The base layers are untouched (hooks, not replaced modules), so the base model's
+state dict keeps its keys and weights, and removing the hooks restores it exactly.
+
+Targets follow kohya's `networks/lora.py`: in the UNet every Linear and 1x1 conv of
+the transformer blocks (diffusers' `Transformer2DModel`), plus with `conv_rank` the
+ResBlocks and resamplers (LoCon / C3Lier: 3x3 convs at `conv_rank`, their Linear and
+1x1 layers at `rank`); in the text encoder the attention and MLP Linears. Names are
+kohya's: `lora_unet_` + the diffusers module path, `lora_te_` + the transformers one,
+dots replaced by underscores.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoints.diffusers_keys import unet_to_diffusers
+from ..errors import SdlabError
+from ..models.clip import CLIPTextModel
+from ..models.unet import UNet
+
+UNET_PREFIX = "lora_unet"
+TE_PREFIX = "lora_te"
+
+
+class LoRAModule(nn.Module):
+    """The low-rank update of one layer: `down` has the layer's kernel, `up` is 1x1 (kohya)."""
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        else:
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        # kohya's init: down ~ Kaiming uniform, up = 0, so training starts from the base model.
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.rank = rank
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.multiplier = 1.0
+
+    def delta(self, x: Tensor) -> Tensor:
+        down = self.lora_down.weight
+        h = self.dropout(self.lora_down(x.to(down.dtype)))
+        return self.lora_up(h) * (self.scale * self.multiplier)
+
+    def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return output + self.delta(inputs[0]).to(output.dtype)
+
+    @torch.no_grad()
+    def merged_weight_delta(self) -> Tensor:
+        """The change of the base layer's weight this LoRA amounts to (for merging)."""
+        up, down = self.lora_up.weight.float(), self.lora_down.weight.float()
+        if down.ndim == 2:
+            return up @ down * self.scale
+        if down.shape[2:] == (1, 1):
+            return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1) * self.scale
+        # 3x3 down, 1x1 up: the product is a 3x3 kernel (kohya's merge)
+        return torch.einsum("or,rikl->oikl", up.flatten(1), down) * self.scale
+
+
+def _unet_targets(unet: UNet, conv: bool) -> Iterator[tuple[str, nn.Module, bool]]:
+    """(native module path, layer, is_3x3_conv) of the UNet layers kohya puts LoRA on."""
+    from ..models.unet import Downsample, ResBlock, SpatialTransformer, Upsample
+
+    kinds = (SpatialTransformer, ResBlock, Downsample, Upsample) if conv else (SpatialTransformer,)
+    for parent_name, parent in unet.named_modules():
+        if not isinstance(parent, kinds):
+            continue
+        for child_name, child in parent.named_modules():
+            if isinstance(child, nn.Linear) or (isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1)):
+                yield f"{parent_name}.{child_name}", child, False
+            elif conv and isinstance(child, nn.Conv2d):
+                yield f"{parent_name}.{child_name}", child, True
+
+
+def unet_kohya_names(unet: UNet, native_paths: list[str]) -> dict[str, str]:
+    """native module path -> kohya name (`lora_unet_` + diffusers path with `_`)."""
+    renamed = unet_to_diffusers({p + ".weight": torch.empty(0) for p in native_paths}, unet.cfg)
+    out = {}
+    for native, diffusers_key in zip(native_paths, renamed):
+        out[native] = UNET_PREFIX + "_" + diffusers_key.removesuffix(".weight").replace(".", "_")
+    return out
+
+
+_TE_TARGET = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+
+
+def _te_targets(te: CLIPTextModel) -> Iterator[tuple[str, nn.Module]]:
+    if te.cfg.layout != "openai":
+        raise SdlabError("LoRA on an OpenCLIP text encoder (SD 2.x) is not supported yet: set lora.train_text_encoder = false")
+    for name, mod in te.named_modules():
+        if isinstance(mod, nn.Linear) and _TE_TARGET.search(name):
+            yield name, mod
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one model, by kohya name. `apply()` attaches them, `remove()` detaches."""
+
+    def __init__(self, unet: UNet | None, text_encoder: CLIPTextModel | None, rank: int, alpha: float,
+                 conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        self.rank, self.alpha, self.conv_rank, self.conv_alpha = rank, alpha, conv_rank, conv_alpha
+        self.loras = nn.ModuleDict()
+        self._targets: dict[str, nn.Module] = {}
+        self._handles: list = []
+        if unet is not None:
+            targets = list(_unet_targets(unet, conv_rank > 0))
+            names = unet_kohya_names(unet, [p for p, _, _ in targets])
+            for path, layer, is_conv3 in targets:
+                r, a = (conv_rank, conv_alpha) if is_conv3 else (rank, alpha)
+                self._add(names[path], layer, r, a, dropout)
+        if text_encoder is not None:
+            for path, layer in _te_targets(text_encoder):
+                self._add(TE_PREFIX + "_" + path.replace(".", "_"), layer, rank, alpha, dropout)
+        if not self.loras:
+            raise SdlabError("LoRA: the model has no layers to attach LoRA to (no transformer blocks?)")
+
+    def _add(self, name: str, layer: nn.Module, rank: int, alpha: float, dropout: float) -> None:
+        p = layer.weight
+        self.loras[name] = LoRAModule(layer, rank, alpha, dropout).to(device=p.device, dtype=torch.float32)
+        self._targets[name] = layer
+
+    def apply(self) -> None:
+        self.remove()
+        self._handles = [self._targets[n].register_forward_hook(m.hook) for n, m in self.loras.items()]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        sd = {}
+        for name, m in self.loras.items():
+            for part in ("lora_down", "lora_up"):
+                w = getattr(m, part).weight.detach()
+                sd[f"{name}.{part}.weight"] = w.to(dtype) if dtype is not None else w
+            sd[f"{name}.alpha"] = m.alpha.detach().to(dtype or torch.float32)
+        return sd
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add every LoRA into its base weight (for tests and exports); detach the hooks first."""
+        self.remove()
+        for name, m in self.loras.items():
+            w = self._targets[name].weight
+            w += m.merged_weight_delta().reshape(w.shape).to(w.dtype)

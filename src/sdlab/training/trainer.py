@@ -1,0 +1,635 @@
+"""The training loop: LoRA, fine-tuning and training from scratch, on one or many processes.
+
+One `accelerate.Accelerator` drives everything, so the same code runs on a CPU, one GPU,
+or several processes started by `accelerate launch` / `torchrun` (DDP). The data order,
+the noise and the timesteps are all drawn from seeded generators shared by every rank:
+each optimizer step takes one *global* batch (batch_size x processes x grad_accum items),
+every rank draws the noise for the whole global batch and keeps its own slice. A run on
+N processes therefore computes the same loss as one process with N times the batch, and
+a resumed run continues with exactly the draws it would have made.
+
+Scratch mode trains in two phases: first the VAE alone learns to reconstruct the images
+(L1 + L2 + a small KL term) for `vae_steps`; it is then rescaled so its latents have the
+spread the family's `latent_scale` assumes, frozen, and the UNet and text encoder train
+together on its latents.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoints.io import atomic_write, save_safetensors
+from ..checkpoints.loader import Bundle, load_bundle, new_bundle, save_checkpoint
+from ..errors import SdlabError
+from ..families import FAMILIES, ModelConfig, with_prediction
+from ..models.clip import CLIPTextConfig
+from ..models.unet import UNetConfig
+from ..models.vae import VAEConfig
+from ..sampling.schedules import discrete_schedule
+from .config import ModelSpec, TrainConfig
+from .data import BucketBatchSampler, CaptionedImageDataset, collate
+
+log = logging.getLogger(__name__)
+
+STATE_PATTERN = "state-*.pt"
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- model presets
+
+def model_preset(spec: ModelSpec) -> ModelConfig:
+    """The network configs `scratch` mode builds: a preset with per-network overrides."""
+    presets = {
+        # The shipped demo model: 64x64 images, VAE factor 4 (16x16x4 latents).
+        "demo": (UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=(1, 1, 1),
+                            transformer_depth=(0, 1, 1), transformer_depth_middle=1, num_heads=4, context_dim=128),
+                 VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=32),
+                 CLIPTextConfig(layout="openai", width=128, layers=2, heads=2, mlp_width=256)),
+        # The test suite's size: seconds per step on a CPU.
+        "tiny": (UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1),
+                            transformer_depth_middle=1, num_heads=4, context_dim=64),
+                 VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=32),
+                 CLIPTextConfig(layout="openai", width=64, layers=2, heads=1, mlp_width=128)),
+    }
+    if spec.preset not in presets:
+        raise SdlabError(f"model.preset must be one of {', '.join(presets)}, got {spec.preset!r}")
+    if spec.family not in FAMILIES:
+        raise SdlabError(f"model.family must be one of {', '.join(FAMILIES)}, got {spec.family!r}")
+    unet, vae, te = presets[spec.preset]
+    try:
+        unet = replace(unet, **{k: tuple(v) if isinstance(v, list) else v for k, v in spec.unet.items()})
+        vae = replace(vae, **{k: tuple(v) if isinstance(v, list) else v for k, v in spec.vae.items()})
+        te = replace(te, **spec.text_encoder)
+    except (TypeError, ValueError) as e:
+        raise SdlabError(f"model: {e}") from None
+    if unet.context_dim != te.width:
+        raise SdlabError(f"model: unet.context_dim ({unet.context_dim}) must equal text_encoder.width ({te.width})")
+    return ModelConfig(FAMILIES[spec.family], unet, vae, (te,))
+
+
+# ----------------------------------------------------------------------------- losses
+
+def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for eps
+    prediction, min(SNR, gamma) / (SNR + 1) for v prediction (whose loss is already
+    weighted by SNR + 1 relative to eps)."""
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if prediction == "v" else clipped / snr
+
+
+def diffusion_loss(pred: Tensor, latents: Tensor, noise: Tensor, alphas_cumprod_t: Tensor, prediction: str,
+                   min_snr_gamma: float = 0.0) -> Tensor:
+    """Per-sample loss (B,) of a UNet prediction for `noisy = sqrt(a) x0 + sqrt(1 - a) eps`."""
+    a = alphas_cumprod_t.view(-1, 1, 1, 1)
+    target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        loss = loss * min_snr_weight(alphas_cumprod_t / (1 - alphas_cumprod_t), min_snr_gamma, prediction)
+    return loss
+
+
+class Denoising(nn.Module):
+    """What one process runs per micro-batch: text encoding, UNet, loss. One module so that
+    DDP sees every trained parameter (UNet, text encoder, LoRA) in one place."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, lora: nn.Module | None, prediction: str,
+                 min_snr_gamma: float, train_text_encoder: bool):
+        super().__init__()
+        self.unet, self.text_encoder, self.lora = unet, text_encoder, lora
+        self.prediction, self.min_snr_gamma, self.train_text_encoder = prediction, min_snr_gamma, train_text_encoder
+
+    def forward(self, latents: Tensor, tokens: Tensor, noise: Tensor, timesteps: Tensor,
+                alphas_cumprod: Tensor) -> Tensor:
+        with nullcontext() if self.train_text_encoder else torch.no_grad():
+            context = self.text_encoder(tokens).hidden
+        a = alphas_cumprod[timesteps].to(latents.dtype)
+        noisy = a.view(-1, 1, 1, 1).sqrt() * latents + (1 - a).view(-1, 1, 1, 1).sqrt() * noise
+        pred = self.unet(noisy, timesteps.float(), context)
+        return diffusion_loss(pred, latents, noise, a, self.prediction, self.min_snr_gamma).mean()
+
+
+class Reconstruction(nn.Module):
+    """Scratch mode's first phase: the VAE learns to reconstruct (L1 + L2 + KL * weight)."""
+
+    def __init__(self, vae: nn.Module, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, pixels: Tensor, eps: Tensor) -> Tensor:
+        post = self.vae.encode(pixels)
+        z = post.mean + post.std * eps
+        rec = self.vae.decode(z)
+        loss = F.l1_loss(rec, pixels) + F.mse_loss(rec, pixels)
+        kl = 0.5 * (post.mean.pow(2) + post.logvar.exp() - 1 - post.logvar).mean()
+        return loss + self.kl_weight * kl
+
+
+@torch.no_grad()
+def rescale_vae_latents(vae: nn.Module, std: float, latent_scale: float) -> None:
+    """Change the VAE so its latents are `1 / (std * latent_scale)` times larger, without
+    changing what it reconstructs: the encoder's mean (and std) are scaled in `quant_conv`,
+    the decoder undoes it in `post_quant_conv`. Afterwards latents * latent_scale have unit
+    spread, which is what the sampler's noise levels assume."""
+    c = 1.0 / (std * latent_scale)
+    n = vae.cfg.latent_channels
+    qc, pqc = vae.quant_conv, vae.post_quant_conv
+    qc.weight[:n] *= c
+    qc.bias[:n] *= c
+    qc.bias[n:] += 2 * math.log(c)  # logvar of c * z
+    pqc.weight /= c
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+@dataclass
+class _Progress:
+    step: int = 0  # optimizer steps done, both phases
+    batches: int = 0  # global batches consumed (the data order follows from it)
+
+
+def _lr_lambda(cfg_scheduler: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg_scheduler == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg_scheduler == "linear":
+            return 1.0 - frac
+        return 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+class Trainer:
+    """Build with a TrainConfig, call `train()`. Tests drive it step by step."""
+
+    def __init__(self, cfg: TrainConfig, accelerator=None, progress_bar: bool = True):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        self.progress_bar = progress_bar
+        self.device = self.acc.device
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.started_at = datetime.now(timezone.utc)
+        torch.manual_seed(cfg.seed)  # module initialisation (LoRA down weights) is seeded too
+
+        self.bundle = self._load_model()
+        self.prediction = self.bundle.prediction
+        self.alphas_cumprod = discrete_schedule().alphas_cumprod.to(self.device)
+        self.dataset = CaptionedImageDataset(cfg.data)
+        if len(self.dataset) == 0:
+            raise SdlabError(f"{cfg.data.folder}: no training images")
+        self.global_batch = cfg.batch_size * self.world
+        self.sampler = BucketBatchSampler(self.dataset.item_buckets, self.global_batch, seed=cfg.seed)
+        self.batches_per_epoch = len(self.sampler)
+        self.lora = None
+        self.ema: dict[str, Tensor] | None = None
+        self.progress = _Progress()
+        self.phase = ""
+        self._setup_phase("vae" if cfg.mode == "scratch" and cfg.vae_steps else "diffusion")
+        self._csv = None
+
+    # -- setup ------------------------------------------------------------
+
+    def _load_model(self) -> Bundle:
+        cfg = self.cfg
+        if cfg.mode == "scratch":
+            mcfg = model_preset(cfg.model)
+            if cfg.prediction:
+                mcfg = with_prediction(mcfg, cfg.prediction)
+            bundle = new_bundle(mcfg, seed=cfg.seed, name=cfg.output_name)
+        else:
+            bundle = load_bundle(cfg.base_model, device="cpu", dtype=torch.float32, prediction=cfg.prediction)
+        for net in bundle.networks().values():
+            net.to(self.device)
+        return bundle
+
+    def _trained_text_encoder(self) -> bool:
+        cfg = self.cfg
+        return cfg.lora.train_text_encoder if cfg.mode == "lora" else (cfg.train_text_encoder or cfg.mode == "scratch")
+
+    def _setup_phase(self, phase: str) -> None:
+        cfg, b = self.cfg, self.bundle
+        self.phase = phase
+        for net in b.networks().values():
+            net.requires_grad_(False).eval()
+        if phase == "vae":
+            b.vae.requires_grad_(True).train()
+            module = Reconstruction(b.vae, cfg.vae_kl_weight)
+            groups = [{"params": list(b.vae.parameters()), "lr": cfg.vae_lr}]
+            total = cfg.vae_steps
+        else:
+            te = b.text_encoders[0]
+            train_te = self._trained_text_encoder()
+            b.unet.gradient_checkpointing = cfg.gradient_checkpointing
+            if cfg.mode == "lora":
+                from .lora_network import LoRANetwork
+
+                lc = cfg.lora
+                if self.lora is None:
+                    self.lora = LoRANetwork(b.unet if lc.train_unet else None, te if lc.train_text_encoder else None,
+                                            lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.dropout).to(self.device)
+                self.lora.apply()
+                self.lora.train()
+                b.unet.train()
+                unet_params = [p for n, p in self.lora.named_parameters() if n.startswith("loras.lora_unet")]
+                te_params = [p for n, p in self.lora.named_parameters() if n.startswith("loras.lora_te")]
+                groups = [{"params": unet_params, "lr": cfg.lr}]
+                if te_params:
+                    groups.append({"params": te_params, "lr": lc.text_encoder_lr or cfg.lr})
+            else:
+                b.unet.requires_grad_(True).train()
+                groups = [{"params": list(b.unet.parameters()), "lr": cfg.lr}]
+                if train_te:
+                    te.requires_grad_(True).train()
+                    groups.append({"params": list(te.parameters()), "lr": cfg.text_encoder_lr or cfg.lr})
+            groups = [g for g in groups if g["params"]]
+            module = Denoising(b.unet, te, self.lora, self.prediction, cfg.min_snr_gamma, train_te)
+            total = cfg.steps
+        self.trained = [p for g in groups for p in g["params"]]
+        self.optimizer = self._make_optimizer(groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total))
+        self.module, self.optimizer = self.acc.prepare(module, self.optimizer)
+        if phase == "diffusion" and cfg.ema_decay:
+            self.ema = {str(i): p.detach().float().clone() for i, p in enumerate(self.trained)}
+
+    def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        kw = dict(betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise SdlabError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                                 "(or use optimizer = \"adamw\")") from None
+            return bnb.optim.AdamW8bit(groups, **kw)
+        return torch.optim.AdamW(groups, **kw)
+
+    # -- data -------------------------------------------------------------
+
+    def _global_batches(self):
+        """Global batches (index lists) from `progress.batches` on, epoch after epoch."""
+        while True:
+            epoch, skip = divmod(self.progress.batches, self.batches_per_epoch)
+            self.sampler.set_epoch(epoch)
+            self.dataset.set_epoch(epoch)
+            for indices in list(self.sampler)[skip:]:
+                yield indices
+
+    def _local(self, indices: list[int]) -> tuple[dict, slice]:
+        """This rank's share of a global batch (the last batch of a bucket may be short)."""
+        n = len(indices)
+        per = math.ceil(n / self.world)
+        lo = min(self.rank * per, n - 1)
+        hi = max(lo + 1, min(n, (self.rank + 1) * per))
+        return collate([self.dataset[i] for i in indices[lo:hi]]), slice(lo, hi)
+
+    def _tokens(self, captions: list[str]) -> Tensor:
+        return self.bundle.tokenizers[0](captions).to(self.device)
+
+    @torch.no_grad()
+    def _latents(self, batch: dict, gen: torch.Generator) -> Tensor:
+        if "latents" in batch:
+            return batch["latents"].to(self.device)
+        pixels = batch["pixels"].to(self.device)
+        post = self.bundle.vae.encode(pixels)
+        eps = torch.randn(post.mean.shape, generator=gen).to(self.device)
+        return (post.mean + post.std * eps) * self.bundle.family.latent_scale
+
+    # -- one step ---------------------------------------------------------
+
+    def train_step(self, batches) -> float:
+        """One optimizer step over `grad_accum` global batches; returns the mean loss over all ranks."""
+        cfg = self.cfg
+        self.module.train()
+        losses = []
+        for micro in range(cfg.grad_accum):
+            indices = next(batches)
+            self.progress.batches += 1
+            # Draws for the whole global batch, seeded by (seed, batch number): identical on every
+            # rank, the same after a resume, each rank keeping its slice.
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.progress.batches)
+            batch, part = self._local(indices)
+            sync = micro == cfg.grad_accum - 1
+            with (nullcontext() if sync else self.acc.no_sync(self.module)), self.acc.autocast():
+                if self.phase == "vae":
+                    pixels = batch["pixels"].to(self.device)
+                    lat_shape = (len(indices), self.bundle.vae.cfg.latent_channels,
+                                 pixels.shape[2] // self.bundle.vae.cfg.downsample_factor,
+                                 pixels.shape[3] // self.bundle.vae.cfg.downsample_factor)
+                    eps = torch.randn(lat_shape, generator=gen)[part].to(self.device)
+                    loss = self.module(pixels, eps)
+                else:
+                    latents = self._latents(batch, gen)
+                    shape = (len(indices), *latents.shape[1:])
+                    noise = torch.randn(shape, generator=gen)
+                    if cfg.noise_offset:
+                        noise = noise + cfg.noise_offset * torch.randn(shape[:2] + (1, 1), generator=gen)
+                    t = torch.randint(0, self.alphas_cumprod.numel(), (len(indices),), generator=gen)
+                    loss = self.module(latents, self._tokens(batch["caption"]), noise[part].to(self.device),
+                                       t[part].to(self.device), self.alphas_cumprod)
+                self.acc.backward(loss / cfg.grad_accum)
+            losses.append(loss.detach())
+        if cfg.max_grad_norm:
+            self.acc.clip_grad_norm_(self.trained, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        self._update_ema()
+        loss = torch.stack(losses).mean()
+        return self.acc.reduce(loss, reduction="mean").item() if self.world > 1 else loss.item()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        n = self.progress.step - self.cfg.vae_steps
+        # Warm-up of the decay (as diffusers' EMAModel): early averages forget the random init fast.
+        decay = min(self.cfg.ema_decay, (1 + n) / (10 + n))
+        for i, p in enumerate(self.trained):
+            self.ema[str(i)].lerp_(p.detach().float(), 1 - decay)
+
+    # -- the loop ---------------------------------------------------------
+
+    @property
+    def total_steps(self) -> int:
+        return (self.cfg.vae_steps if self.cfg.mode == "scratch" else 0) + self.cfg.steps
+
+    def train(self, resume: bool = False, max_steps: int | None = None) -> Path | None:
+        """Run to the end (or `max_steps` total steps, for tests); returns the saved model path."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if resume:
+            self.resume()
+        stop = min(self.total_steps, max_steps or self.total_steps)
+        self.cfg.output_dir.mkdir(parents=True, exist_ok=True) if self.acc.is_main_process else None
+        batches = self._global_batches()
+        bar = tqdm(total=stop, initial=self.progress.step, desc="train", unit="step",
+                   disable=not (self.progress_bar and self.acc.is_main_process))
+        t0, steps0 = time.perf_counter(), self.progress.step
+        while self.progress.step < stop:
+            loss = self.train_step(batches)
+            step = self.progress.step
+            if not math.isfinite(loss):
+                raise SdlabError(f"step {step}: the loss is {loss}; lower lr or use mixed_precision = \"no\"")
+            rate = (step - steps0) / max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss:.4f}", phase=self.phase, it_s=f"{rate:.2f}")
+            bar.update(1)
+            self._log(step, loss)
+            if self.phase == "vae" and step == cfg.vae_steps:
+                self._finish_vae_phase(batches)
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < self.total_steps:
+                self.save_state()
+                self.save_model(suffix=f"-step{step:06d}")
+            if (self.phase == "diffusion" and cfg.validation.prompts and cfg.validation.every_n_steps
+                    and step % cfg.validation.every_n_steps == 0):
+                self.validate()
+        bar.close()
+        if self.progress.step < self.total_steps:
+            self.save_state()
+            return None
+        path = self.save_model()
+        if cfg.validation.prompts:
+            self.validate()
+        return path
+
+    def _finish_vae_phase(self, batches) -> None:
+        """Rescale the trained VAE to unit-spread latents, freeze it, start the diffusion phase."""
+        cfg, vae = self.cfg, self.bundle.vae
+        vae.eval()
+        with torch.no_grad():
+            # The spread of the latents over the first few batches of this epoch (same on every rank).
+            sample = [self.dataset[i]["pixels"] for i in range(min(len(self.dataset), 64))]
+            z = torch.cat([vae.encode(torch.stack(sample[i:i + 16]).to(self.device)).mean
+                           for i in range(0, len(sample), 16)])
+            std = z.float().std().item()
+        rescale_vae_latents(vae, std, self.bundle.family.latent_scale)
+        log.info("VAE phase done: latent std %.3f, rescaled to %.3f", std, 1 / self.bundle.family.latent_scale)
+        self._setup_phase("diffusion")
+
+    # -- logging and validation -------------------------------------------
+
+    def _log(self, step: int, loss: float) -> None:
+        if not self.acc.is_main_process:
+            return
+        if self._csv is None:
+            path = self.cfg.output_dir / "log.csv"
+            new = not path.exists()
+            self._csv = open(path, "a", newline="", encoding="utf-8")
+            self._writer = csv.writer(self._csv)
+            if new:
+                self._writer.writerow(["step", "phase", "loss", "lr", "time"])
+            self._tb = None
+            if self.cfg.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.cfg.output_dir / "tensorboard"))
+                except ImportError:
+                    log.warning("tensorboard is not installed (pip install tensorboard); logging to log.csv only")
+        lr = self.scheduler.get_last_lr()[0]
+        self._writer.writerow([step, self.phase, f"{loss:.6f}", f"{lr:.3e}", f"{time.time():.1f}"])
+        if step % self.cfg.log_every_n_steps == 0:
+            self._csv.flush()
+        if self._tb is not None:
+            self._tb.add_scalar(f"loss/{self.phase}", loss, step)
+            self._tb.add_scalar("lr", lr, step)
+
+    def validate(self) -> list[Path]:
+        """Images for the validation prompts and seeds (main process), in `<output>/samples`."""
+        if not self.acc.is_main_process:
+            return []
+        from ..pipeline import Pipeline
+
+        v, out = self.cfg.validation, self.cfg.output_dir / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        nets = self.bundle.networks()
+        modes = {k: n.training for k, n in nets.items()}
+        for n in nets.values():
+            n.eval()
+        paths = []
+        try:
+            pipe = Pipeline(self.bundle)
+            size = self.cfg.data.resolution
+            for i, prompt in enumerate(v.prompts):
+                for seed in v.seeds:
+                    img = pipe.txt2img(prompt, seed=seed, steps=v.steps, cfg_scale=v.cfg_scale, sampler=v.sampler,
+                                       width=v.width or size, height=v.height or size)[0]
+                    path = out / f"step{self.progress.step:06d}-p{i}-s{seed}.png"
+                    img.save(path)
+                    paths.append(path)
+        except Exception as e:  # validation must never kill a long run
+            log.warning("validation images failed at step %d: %s", self.progress.step, e)
+        finally:
+            for k, n in nets.items():
+                n.train(modes[k])
+        return paths
+
+    # -- saving -----------------------------------------------------------
+
+    def _networks_state(self) -> dict[str, Tensor]:
+        """Everything that training changes (and resume must restore)."""
+        if self.lora is not None:
+            return {"lora." + k: v for k, v in self.lora.state_dict().items()}
+        return {k: v for k, v in self.bundle.state_dict().items()}
+
+    def save_state(self) -> Path | None:
+        """Write `state/state-<step>.pt` atomically (weights, optimizer, scheduler, step, RNG, EMA)
+        and keep the newest `keep_states`. Every rank must call it (it waits for all)."""
+        self.acc.wait_for_everyone()
+        path = None
+        if self.acc.is_main_process:
+            state = {
+                "step": self.progress.step, "batches": self.progress.batches, "phase": self.phase,
+                "networks": {k: v.detach().cpu().clone() for k, v in self._networks_state().items()},
+                "optimizer": self.acc.unwrap_model(self.optimizer).state_dict() if hasattr(self.optimizer, "state_dict") else None,
+                "scheduler": self.scheduler.state_dict(),
+                "ema": {k: v.cpu() for k, v in self.ema.items()} if self.ema is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "config": json.dumps(asdict(self.cfg), default=str),
+            }
+            self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            path = self.cfg.state_dir / f"state-{self.progress.step:08d}.pt"
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            for old in sorted(self.cfg.state_dir.glob(STATE_PATTERN))[:-self.cfg.keep_states]:
+                old.unlink(missing_ok=True)
+        self.acc.wait_for_everyone()
+        return path
+
+    def resume(self, path: Path | None = None) -> None:
+        """Continue from `path` or the newest state in `<output_dir>/state`."""
+        if path is None:
+            states = sorted(self.cfg.state_dir.glob(STATE_PATTERN))
+            if not states:
+                raise SdlabError(f"--resume: no saved training state in {self.cfg.state_dir}")
+            path = states[-1]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise SdlabError(f"{path}: cannot read the training state ({e})") from None
+        if state["phase"] != self.phase:
+            self.bundle.vae.eval()
+            self._setup_phase(state["phase"])
+        nets = state["networks"]
+        if self.lora is not None:
+            self.lora.load_state_dict({k[len("lora."):]: v for k, v in nets.items()})
+        else:
+            own = self.bundle.state_dict()
+            with torch.no_grad():
+                for k, v in nets.items():
+                    own[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["ema"] is not None:
+            self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
+        torch.set_rng_state(state["torch_rng"])
+        self.progress = _Progress(state["step"], state["batches"])
+        log.info("resumed from %s at step %d", path, self.progress.step)
+
+    def _ema_swapped(self):
+        """Context: the trained parameters hold their EMA values inside the block."""
+        trainer = self
+
+        class _Swap:
+            def __enter__(self):
+                self.saved = None
+                if trainer.ema is not None:
+                    self.saved = [p.detach().clone() for p in trainer.trained]
+                    with torch.no_grad():
+                        for i, p in enumerate(trainer.trained):
+                            p.copy_(trainer.ema[str(i)])
+
+            def __exit__(self, *exc):
+                if self.saved is not None:
+                    with torch.no_grad():
+                        for p, s in zip(trainer.trained, self.saved):
+                            p.copy_(s)
+        return _Swap()
+
+    def save_model(self, suffix: str = "") -> Path | None:
+        """The usable result: a kohya LoRA file, or a single-file checkpoint (EMA weights if on)."""
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return None
+        cfg = self.cfg
+        path = cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors"
+        dtype = SAVE_DTYPES[cfg.save_dtype]
+        with self._ema_swapped():
+            if self.lora is not None:
+                save_safetensors(self.lora.kohya_state_dict(dtype), path, self.lora_metadata())
+            else:
+                meta = {"sdlab.training": json.dumps({"mode": cfg.mode, "steps": self.progress.step,
+                                                      "ema": bool(cfg.ema_decay)})}
+                save_checkpoint(self.bundle, path, dtype=dtype, metadata=meta)
+        log.info("saved %s", path)
+        return path
+
+    def lora_metadata(self) -> dict[str, str]:
+        cfg, lc = self.cfg, self.cfg.lora
+        res = cfg.data.resolution
+        meta = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(lc.rank),
+            "ss_network_alpha": str(lc.alpha),
+            "ss_network_args": json.dumps({"conv_dim": str(lc.conv_rank), "conv_alpha": str(lc.conv_alpha)}
+                                          if lc.conv_rank else {}),
+            "ss_network_dropout": str(lc.dropout),
+            "ss_base_model_version": self.bundle.family.base_model_version,
+            "ss_v2": str(self.bundle.family.name.startswith("sd2")),
+            "ss_sd_model_name": Path(cfg.base_model or "").name,
+            "ss_resolution": f"({res}, {res})",
+            "ss_steps": str(self.progress.step),
+            "ss_max_train_steps": str(cfg.steps),
+            "ss_epoch": str(self.progress.batches // max(1, self.batches_per_epoch)),
+            "ss_learning_rate": str(cfg.lr),
+            "ss_unet_lr": str(cfg.lr),
+            "ss_text_encoder_lr": str(lc.text_encoder_lr or cfg.lr),
+            "ss_lr_scheduler": cfg.lr_scheduler,
+            "ss_lr_warmup_steps": str(cfg.warmup_steps),
+            "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.optimizer == "adamw8bit" else "torch.optim.AdamW",
+            "ss_batch_size_per_device": str(cfg.batch_size),
+            "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+            "ss_mixed_precision": cfg.mixed_precision,
+            "ss_seed": str(cfg.seed),
+            "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),
+            "ss_noise_offset": str(cfg.noise_offset or None),
+            "ss_caption_dropout_rate": str(cfg.data.caption_dropout_rate),
+            "ss_shuffle_caption": str(cfg.data.shuffle_caption),
+            "ss_keep_tokens": str(cfg.data.keep_tokens),
+            "ss_num_train_images": str(len(self.dataset)),
+            "ss_training_started_at": str(self.started_at.timestamp()),
+            "ss_training_finished_at": str(time.time()),
+            "ss_output_name": cfg.output_name,
+            "ss_network_train_unet_only": str(not lc.train_text_encoder),
+            "ss_network_train_text_encoder_only": str(not lc.train_unet),
+            "modelspec.architecture": f"stable-diffusion-v1/lora" if self.bundle.family.name.startswith("sd1")
+            else "stable-diffusion-v2/lora",
+            "modelspec.implementation": "sdlab",
+            "modelspec.title": cfg.output_name,
+            "modelspec.resolution": f"{res}x{res}",
+            "modelspec.prediction_type": "v" if self.prediction == "v" else "epsilon",
+        }
+        return meta
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
+    """Train as configured; returns the saved model (on the main process)."""
+    trainer = Trainer(cfg)
+    return trainer.train(resume=resume)

@@ -1,0 +1,249 @@
+"""The trainer on tiny models and a tiny shapes data set (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sdlab.errors import SdlabError
+from sdlab.training.config import load_config
+from sdlab.training.shapes import make_shapes_dataset
+from sdlab.training.trainer import Trainer, diffusion_loss, min_snr_weight
+from tests.tiny import save_native, tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(folder, 8, size=32, seed=1)
+    return folder
+
+
+def config(tmp: Path, data: Path, **over):
+    """A tiny-run config; `over` are `--set` style overrides (strings)."""
+    sets = [f"data.folder={str(data)!r}", "data.resolution=32", "data.enable_bucket=false",
+            f"output_dir={str(tmp / 'out')!r}", "batch_size=2", "lr=1e-3", "mode='scratch'", "model.preset='tiny'"]
+    sets += [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, sets)
+
+
+def trainer(cfg) -> Trainer:
+    return Trainer(cfg, progress_bar=False)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["mode='dreambooth'"], "mode must be one of"),
+    (["mode='lora'"], "needs base_model"),
+    (["lr=-1"], "lr must be positive"),
+    (["lr_scheduler='step'"], "lr_scheduler must be one of"),
+    (["learning_rate=1"], "unknown key 'learning_rate'"),
+    (["lora.rnk=4"], "unknown key lora.'rnk'"),
+    (["batch_size=0"], "batch_size must be at least 1"),
+    (["vae_steps=5", "mode='finetune'", "base_model='x'"], "only applies to mode 'scratch'"),
+    (["data.resolution=30"], "multiple of 8"),
+    (["steps"], "expected key=value"),
+])
+def test_config_errors(tmp_path, shapes, sets, message):
+    with pytest.raises(SdlabError, match=message.replace("(", r"\(")):
+        load_config(None, [f"data.folder={str(shapes)!r}", "mode='scratch'", *sets])
+
+
+def test_config_from_toml_and_overrides(tmp_path, shapes):
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent(f"""
+        mode = "scratch"
+        steps = 7
+        [data]
+        folder = "{shapes}"
+        [lora]
+        rank = 4
+        [validation]
+        prompts = ["a red circle on a blue background"]
+    """))
+    cfg = load_config(path, ["lr=2e-4", "lora.rank=8", "output_name=run1", "seed=3"])
+    assert (cfg.steps, cfg.lr, cfg.lora.rank, cfg.output_name, cfg.data.seed) == (7, 2e-4, 8, "run1", 3)
+    assert cfg.validation.prompts == ("a red circle on a blue background",)
+    with pytest.raises(SdlabError, match="no such training config"):
+        load_config(tmp_path / "missing.toml")
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_min_snr_weight_by_hand():
+    snr = torch.tensor([0.5, 5.0, 20.0])
+    assert torch.allclose(min_snr_weight(snr, 5.0, "eps"), torch.tensor([1.0, 1.0, 0.25]))
+    assert torch.allclose(min_snr_weight(snr, 5.0, "v"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
+
+
+def test_eps_and_v_losses():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    a = torch.tensor([0.9, 0.2])
+    v = a.sqrt().view(-1, 1, 1, 1) * eps - (1 - a).sqrt().view(-1, 1, 1, 1) * x0
+    assert diffusion_loss(eps, x0, eps, a, "eps").abs().max() == 0
+    assert diffusion_loss(v, x0, eps, a, "v").abs().max() < 1e-12
+    # a zero prediction costs the mean square of the target, per sample
+    assert torch.allclose(diffusion_loss(torch.zeros_like(v), x0, eps, a, "v"), v.pow(2).mean(dim=(1, 2, 3)))
+    weighted = diffusion_loss(torch.zeros_like(eps), x0, eps, a, "eps", min_snr_gamma=5.0)
+    snr = a / (1 - a)
+    assert torch.allclose(weighted, eps.pow(2).mean(dim=(1, 2, 3)) * snr.clamp(max=5) / snr)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_scratch_training_loss_falls(tmp_path, shapes):
+    t = trainer(config(tmp_path, shapes, steps=24, vae_steps=2, ema_decay=0.9, lr=2e-3, warmup_steps=0))
+    before = {k: v.clone() for k, v in t.bundle.state_dict().items()}
+    batches = t._global_batches()
+    vae_losses = [t.train_step(batches) for _ in range(2)]
+    t._finish_vae_phase(batches)
+    losses = [t.train_step(batches) for _ in range(24)]
+    assert all(map(torch.isfinite, torch.tensor(vae_losses + losses)))
+    assert sum(losses[-6:]) < sum(losses[:6])
+    after = t.bundle.state_dict()
+    for prefix in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_resume_is_exact(tmp_path, shapes, prediction):
+    kw = dict(steps=3, vae_steps=1, ema_decay=0.9, noise_offset=0.05, min_snr_gamma=5.0, lr_scheduler="'cosine'",
+              warmup_steps=1, grad_accum=2, prediction=f"'{prediction}'")
+    straight = trainer(config(tmp_path / "a", shapes, **kw))
+    straight.train()
+    first = trainer(config(tmp_path / "b", shapes, **kw))
+    assert first.train(max_steps=2) is None  # stops with a saved state
+    resumed = trainer(config(tmp_path / "b", shapes, **kw))
+    resumed.train(resume=True)
+    assert resumed.progress.step == straight.progress.step == 4
+    a, b = straight.bundle.state_dict(), resumed.bundle.state_dict()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6
+    for k in straight.ema:
+        torch.testing.assert_close(straight.ema[k], resumed.ema[k], atol=1e-6, rtol=0)
+    saved = tmp_path / "b" / "out" / "model.safetensors"
+    with safe_open(saved, "pt") as f:
+        assert json.loads(f.metadata()["sdlab.config"])["family"] == "sd1"
+
+
+def test_interrupted_save_keeps_the_previous_state(tmp_path, shapes, monkeypatch):
+    t = trainer(config(tmp_path, shapes, steps=4))
+    batches = t._global_batches()
+    t.train_step(batches)
+    good = t.save_state()
+    t.train_step(batches)
+
+    def half_write(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", half_write)
+    with pytest.raises(KeyboardInterrupt):
+        t.save_state()
+    monkeypatch.undo()
+    files = sorted(p.name for p in t.cfg.state_dir.iterdir())
+    assert files == [good.name]  # no partial file, no temp file
+    fresh = trainer(config(tmp_path, shapes, steps=4))
+    fresh.resume()
+    assert fresh.progress.step == 1
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    return save_native(tiny_bundle("sd1", seed=0), tmp_path_factory.mktemp("base") / "tiny.safetensors")
+
+
+def test_lora_file_format_and_base_unchanged(tmp_path, shapes, base_model):
+    cfg = config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", steps=2, **{
+        "lora.rank": 4, "lora.alpha": 2, "lora.conv_rank": 2, "lora.train_text_encoder": "true", "save_dtype": "'fp32'"})
+    t = trainer(cfg)
+    base = {k: v.clone() for k, v in t.bundle.state_dict().items()}
+    path = t.train()
+    assert all(torch.equal(base[k], v) for k, v in t.bundle.state_dict().items())
+    with safe_open(path, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        alpha = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha")
+        up = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight")
+    for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+                 "lora_unet_mid_block_attentions_0_proj_in", "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_ff_net_2",
+                 "lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_up_blocks_0_upsamplers_0_conv",
+                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_1_mlp_fc2"):
+        assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= keys, name
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    assert alpha.item() == 2.0 and up.shape == (32, 4) and up.abs().sum() > 0
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    assert meta["ss_network_alpha"] == "2.0" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_steps"] == "2" and meta["ss_resolution"] == "(32, 32)"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+
+
+def test_lora_loads_in_diffusers_like_merging(tmp_path, shapes, base_model):
+    diffusers = pytest.importorskip("diffusers")
+    from sdlab.checkpoints.diffusers_folder import write_diffusers_folder
+    from sdlab.checkpoints.loader import load_bundle
+
+    cfg = config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", steps=2, lr=5e-2,
+                 save_dtype="'fp32'", **{"lora.rank": 4, "lora.alpha": 2})
+    t = trainer(cfg)
+    path = t.train()
+    bundle = load_bundle(base_model, device="cpu", dtype=torch.float32)
+    write_diffusers_folder(bundle.state_dict(), bundle.config, tmp_path / "pipe")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", safety_checker=None)
+    g = torch.Generator().manual_seed(0)
+    x, ctx, ts = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, 64, generator=g), torch.tensor([500.0])
+    with torch.no_grad():
+        plain = pipe.unet(x, ts, ctx).sample
+        pipe.load_lora_weights(str(path))
+        theirs = pipe.unet(x, ts, ctx).sample
+        t.lora.merge()
+        ours = t.bundle.unet(x, ts, ctx)
+    assert (theirs - plain).abs().max() > 1e-3  # the LoRA does something...
+    assert (theirs - ours).abs().max() < 1e-4  # ...and the same thing in both
+
+
+# ----------------------------------------------------------------------------- many processes
+
+_DDP_SCRIPT = """
+import json, sys
+from sdlab.training.config import load_config
+from sdlab.training.trainer import Trainer
+cfg = load_config(None, sys.argv[2:])
+t = Trainer(cfg, progress_bar=False)
+batches = t._global_batches()
+losses = [t.train_step(batches) for _ in range(2)]
+if t.acc.is_main_process:
+    json.dump({"losses": losses, "world": t.world}, open(sys.argv[1], "w"))
+"""
+
+
+def test_two_processes_match_one(tmp_path, shapes):
+    """2 gloo processes with batch 1 each == 1 process with batch 2 (same global batches and noise)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    common = [f"data.folder={str(shapes)!r}", "data.resolution=32", "data.enable_bucket=false", "mode='scratch'",
+              "model.preset='tiny'", "lr=1e-3", "steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    subprocess.run([*torchrun, str(script), str(tmp_path / "two.json"), *common, "batch_size=1",
+                    f"output_dir={str(tmp_path / 'two')!r}"], check=True, env=env, timeout=120, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.json"), *common, "batch_size=2",
+                    f"output_dir={str(tmp_path / 'one')!r}"], check=True, env=env, timeout=120, capture_output=True)
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["world"] == 2 and one["world"] == 1
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
