@@ -1,6 +1,6 @@
 """Load time and peak memory of one SD 1.5 checkpoint: sdlab's loader against diffusers'.
 
-    HF_HUB_OFFLINE=1 python benchmarks/load.py [--repeat N] [--smoke]
+    HF_HUB_OFFLINE=1 python benchmarks/load.py [--repeat N] [--proposed] [--smoke]
 
 Writes one full-size SD 1.5-shaped single-file checkpoint (UNet, VAE, CLIP-L; ~2 GB)
 with random fp16 weights to a temporary folder, without sdlab's config metadata, so
@@ -16,16 +16,18 @@ loads it in fp16 on the CPU:
 What is measured, inside each child (the interpreter's own start-up, the same for both, is not):
   import      importing torch and the loading library
   load        the load call alone
-  ready       load + reading every weight page once. safetensors memory-maps the file, so a
-              loader that makes no copies returns before the weights are read; their page faults
-              then land on the first forward pass. "ready" puts both loaders on equal terms.
+  read        load + reading every weight page once (one byte per page). safetensors (>= 0.8)
+              memory-maps the file lazily, so a loader that makes no copies returns before the
+              weights are read; their page faults then land on the first forward pass. Adding
+              this phase puts loaders that copy and loaders that do not on equal terms.
   peak RSS    the process's lifetime peak (ru_maxrss / VmHWM), interpreter and imports included,
               after the load call and after the weights were read. Memory-mapped weight pages
               count once they are read: they are file-backed and reclaimable, unlike copies.
 
 The file's pages are read once before the first child, so every loader starts from a warm page
-cache; loaders alternate across rounds and the best round of each is shown. Run it by hand,
-not by pytest; it takes a few minutes and removes its temporary files.
+cache; loaders alternate across rounds and the best round of each is shown. `--proposed` adds
+prototypes of changes to sdlab's loader (`proposed_load_bundle`), each as its own column.
+Run it by hand, not by pytest; it takes a few minutes and removes its temporary files.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
                "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 LOADERS = ("sdlab", "diffusers")
 # Prototypes of changes to sdlab's loader (--proposed): see `proposed_load_bundle`.
-PROPOSED = ("sdlab+skip-init", "sdlab+skip-init+vae-fp16")
+# Each adds one change to the one before it.
+PROPOSED = ("sdlab+skip-init", "sdlab+skip-init+vae-fp16", "sdlab+skip-init+vae-fp16+lazy-tok")
 
 
 # ---------------------------------------------------------------- the model
@@ -135,15 +138,17 @@ def write_config_folder(out: Path, smoke: bool) -> None:
 # ---------------------------------------------------------------- prototypes of loader changes
 
 
-def proposed_load_bundle(path: Path, dtype, vae_in_requested_dtype: bool):
+def proposed_load_bundle(path: Path, dtype, variant: str):
     """`load_bundle` for this file (SD 1.x, no EMA) with the changes proposed for
     `sdlab/checkpoints/loader.py`, to measure them before anyone edits the loader:
 
     1. build the networks on the meta device without running their initialisers
-       (`_SkipMetaInit`): `nn.Embedding`'s `normal_` on a meta tensor goes through a Python
-       decomposition that imports `torch._dynamo` (and sympy), which costs seconds and ~100 MiB;
-    2. (with `vae_in_requested_dtype`) keep the VAE in the requested dtype instead of casting
-       it to fp32 on the CPU: the cast reads the VAE's pages and makes a 335 MiB fp32 copy.
+       (`_skip_meta_init`): `nn.Embedding`'s `normal_` on a meta tensor goes through a Python
+       decomposition that imports `torch._dynamo` (and sympy): about a second and ~70 MiB;
+    2. (`+vae-fp16`) keep the VAE in the requested dtype instead of casting it to fp32 on the
+       CPU: the cast reads the VAE's pages and makes a 335 MiB fp32 copy;
+    3. (`+lazy-tok`) build the tokenizer on first use: building the CLIP BPE (parsing 48,894
+       merges) takes 0.1-0.2 s, which then moves from the load to the first prompt.
     """
     import torch
 
@@ -155,17 +160,33 @@ def proposed_load_bundle(path: Path, dtype, vae_in_requested_dtype: bool):
 
     sd, path = L.open_model(path)
     cfg = L.config_of(sd)
-    vae_dtype = dtype if vae_in_requested_dtype else torch.float32
+    vae_dtype = dtype if "+vae-fp16" in variant else torch.float32
     with _skip_meta_init():
         unet = L._build(UNet, cfg.unet, L._take(sd, UNET_PREFIX), dtype, "UNet", path)
         vae = L._build(AutoencoderKL, cfg.vae, L._take(sd, VAE_PREFIX), vae_dtype, "VAE", path)
         tes = [L._build(CLIPTextModel, c, L._take(sd, slot.prefix), dtype, "text encoder", path)
                for slot, c in zip(cfg.family.text_encoders, cfg.text_encoders)]
-    tokenizers = [L._tokenizer_for(path, slot, i) for i, slot in enumerate(cfg.family.text_encoders)]
+    tokenizers = [_LazyTokenizer(lambda slot=slot, i=i: L._tokenizer_for(path, slot, i)) if "+lazy-tok" in variant
+                  else L._tokenizer_for(path, slot, i) for i, slot in enumerate(cfg.family.text_encoders)]
     bundle = L.Bundle(cfg, unet, vae, tes, tokenizers, name=path.stem, source=path)
     for net in bundle.networks().values():
         net.eval().requires_grad_(False)
     return bundle
+
+
+class _LazyTokenizer:
+    """Stands in for a CLIPTokenizer and builds it on first use."""
+
+    def __init__(self, make):
+        self._make, self._tok = make, None
+
+    def __getattr__(self, name):
+        if self._tok is None:
+            self._tok = self._make()
+        return getattr(self._tok, name)
+
+    def __call__(self, texts):
+        return self.__getattr__("__call__")(texts)
 
 
 def _skip_meta_init():
@@ -219,7 +240,7 @@ def child(loader: str, path: Path, config_dir: Path) -> None:
     if loader.startswith("sdlab"):
         from sdlab.checkpoints.loader import load_bundle
     else:
-        import transformers  # noqa: F401  (imported lazily by diffusers otherwise; count it here)
+        import transformers  # noqa: F401  # imported lazily by diffusers otherwise; count it here
         from diffusers import StableDiffusionPipeline
     import_s = watch.lap()
     rss_imported = memory().get("rss", 0)
@@ -229,7 +250,7 @@ def child(loader: str, path: Path, config_dir: Path) -> None:
         bundle = load_bundle(path, device="cpu", dtype=torch.float16)
         nets = bundle.networks()
     elif loader.startswith("sdlab"):
-        bundle = proposed_load_bundle(path, torch.float16, vae_in_requested_dtype=loader == PROPOSED[1])
+        bundle = proposed_load_bundle(path, torch.float16, loader)
         nets = bundle.networks()
     else:
         pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir), torch_dtype=torch.float16,
@@ -276,7 +297,8 @@ def report(results: dict[str, list[dict]], file_size: int) -> None:
     ]
     headers = [""]
     for name in ours:
-        headers += [name, f"{name}/diffusers" if name == "sdlab" else "/diffusers"]
+        # Proposed variants are cumulative; each column is headed by the change it adds.
+        headers += [name if name == "sdlab" else "+" + name.rsplit("+", 1)[1], "/diffusers"]
     headers += ["diffusers", "target"]
     rows = []
     for label, get, fmt, target in measures:
@@ -291,6 +313,9 @@ def report(results: dict[str, list[dict]], file_size: int) -> None:
     print_table(headers, rows,
                 title=f"Loading an SD 1.5 checkpoint, fp16, CPU: file {fmt_bytes(file_size)} ({file_size:,} bytes), "
                       f"best of {rounds} round{'s' * (rounds > 1)}, {os.cpu_count()} CPUs")
+    if len(ours) > 1:
+        print("  +COLUMN: a prototype of a loader change (benchmarks/load.py proposed_load_bundle), "
+              "each adding one change to the column on its left")
     for name, runs in results.items():
         r = runs[0]
         nets = ", ".join(f"{k} {v / 1e6:.1f}M {r['dtypes'][k]}" for k, v in r["params"].items())

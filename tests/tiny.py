@@ -29,6 +29,18 @@ def tiny_config(family: str = "sd1") -> ModelConfig:
         te = CLIPTextConfig(layout="openai", width=64, layers=2, heads=1, mlp_width=128)
         unet = UNetConfig(in_channels=in_ch, model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1),
                           transformer_depth=(1, 1), transformer_depth_middle=1, num_heads=8, context_dim=64)
+    elif family.startswith("sdxl"):
+        # CLIP-L (64) + bigG (64, projection 64): context 128; y = pooled 64 + 6 or 5 numbers x 256.
+        te_l = CLIPTextConfig(layout="openai", width=64, layers=2, heads=1, mlp_width=128)
+        te_g = CLIPTextConfig(layout="openclip", width=64, layers=3, heads=1, mlp_width=128, activation="gelu",
+                              projection_dim=64)
+        refiner = family == "sdxl-refiner"
+        tes = (te_g,) if refiner else (te_l, te_g)
+        unet = UNetConfig(in_channels=in_ch, model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1),
+                          transformer_depth=(0, 2) if not refiner else (1, 1), transformer_depth_middle=2 if not refiner else 1,
+                          num_heads=None, num_head_channels=64, context_dim=64 if refiner else 128,
+                          use_linear_in_transformer=True, adm_in_channels=64 + (5 if refiner else 6) * 256)
+        return ModelConfig(fam, unet, TINY_VAE, tes)
     else:
         te = CLIPTextConfig(layout="openclip", width=64, layers=3, heads=1, mlp_width=128, activation="gelu",
                             projection_dim=64)

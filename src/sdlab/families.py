@@ -53,21 +53,38 @@ class Family:
     unet_num_heads: int | None = None  # heads are not in the shapes: the family's rule
     unet_head_channels: int | None = None
     base_model_version: str = ""  # kohya's ss_base_model_version
+    # SDXL conditions on the penultimate layer *without* the final LayerNorm (SD1's CLIP skip
+    # and SD2 apply it), and adds a vector `y`: the pooled text embedding plus size embeddings.
+    text_final_norm: bool = True
+    added_conditioning: Literal["sdxl", "sdxl-refiner"] | None = None
+    diffusers_pipeline: str = "StableDiffusionPipeline"
 
 
 _CLIP_L = TextEncoderSlot("cond_stage_model.transformer.", "openai", "eos")
 _OPENCLIP_H = TextEncoderSlot("cond_stage_model.model.", "openclip", "zero")
+_SDXL_L = TextEncoderSlot("conditioner.embedders.0.transformer.", "openai", "eos")
+_SDXL_G = TextEncoderSlot("conditioner.embedders.1.model.", "openclip", "zero", "text_encoder_2", "tokenizer_2")
+_REFINER_G = TextEncoderSlot("conditioner.embedders.0.model.", "openclip", "zero", "text_encoder_2", "tokenizer_2")
+_SDXL = dict(latent_scale=0.13025, clip_skip=2, unet_head_channels=64, text_final_norm=False)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd1", "Stable Diffusion 1.x", (_CLIP_L,), "eps", 512, unet_num_heads=8, base_model_version="sd_v1"),
     Family("sd1-inpaint", "Stable Diffusion 1.x inpainting", (_CLIP_L,), "eps", 512, inpaint=True,
-           unet_num_heads=8, base_model_version="sd_v1"),
+           unet_num_heads=8, base_model_version="sd_v1", diffusers_pipeline="StableDiffusionInpaintPipeline"),
     Family("sd2", "Stable Diffusion 2.x (512, eps)", (_OPENCLIP_H,), "eps", 512, clip_skip=2,
            unet_head_channels=64, base_model_version="sd_v2"),
     Family("sd2-v", "Stable Diffusion 2.x (768, v-prediction)", (_OPENCLIP_H,), "v", 768, clip_skip=2,
            unet_head_channels=64, base_model_version="sd_v2_768_v"),
     Family("sd2-inpaint", "Stable Diffusion 2.x inpainting", (_OPENCLIP_H,), "eps", 512, inpaint=True, clip_skip=2,
-           unet_head_channels=64, base_model_version="sd_v2"),
+           unet_head_channels=64, base_model_version="sd_v2", diffusers_pipeline="StableDiffusionInpaintPipeline"),
+    Family("sdxl", "Stable Diffusion XL", (_SDXL_L, _SDXL_G), "eps", 1024, added_conditioning="sdxl",
+           base_model_version="sdxl_base_v1-0", diffusers_pipeline="StableDiffusionXLPipeline", **_SDXL),
+    Family("sdxl-inpaint", "Stable Diffusion XL inpainting", (_SDXL_L, _SDXL_G), "eps", 1024, inpaint=True,
+           added_conditioning="sdxl", base_model_version="sdxl_base_v1-0",
+           diffusers_pipeline="StableDiffusionXLInpaintPipeline", **_SDXL),
+    Family("sdxl-refiner", "Stable Diffusion XL refiner", (_REFINER_G,), "eps", 1024,
+           added_conditioning="sdxl-refiner", base_model_version="sdxl_refiner_v1-0",
+           diffusers_pipeline="StableDiffusionXLImg2ImgPipeline", **_SDXL),
 )}
 
 
@@ -104,7 +121,9 @@ def _dataclass_from_dict(cls, d: dict):
 def detect_family(shapes: Shapes) -> Family:
     """The family of a single-file state dict, from its marker keys (a pure function).
 
-    SD2 checkpoints do not say whether they predict eps or v; this returns the eps
+    SDXL base has CLIP-L and OpenCLIP bigG under `conditioner.embedders.0/1`; the
+    refiner has only bigG, as embedder 0. SD2 checkpoints do not say whether they
+    predict eps or v; this returns the eps
     entry and the loader settles it (`looks_like_v_prediction`, or the user's
     `--prediction`).
     """
@@ -113,8 +132,10 @@ def detect_family(shapes: Shapes) -> Family:
     if conv_in is None:
         raise SdlabError(_not_a_model_reason(keys))
     inpaint = conv_in[1] == 9
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise SdlabError("this is an SDXL checkpoint; SDXL is not supported by this version of sdlab yet")
+    if any(k.startswith(_SDXL_G.prefix) for k in keys):
+        return FAMILIES["sdxl-inpaint" if inpaint else "sdxl"]
+    if any(k.startswith(_REFINER_G.prefix) for k in keys):
+        return FAMILIES["sdxl-refiner"]
     if any(k.startswith(_CLIP_L.prefix) for k in keys):
         return FAMILIES["sd1-inpaint" if inpaint else "sd1"]
     if any(k.startswith(_OPENCLIP_H.prefix) for k in keys):

@@ -55,9 +55,29 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the model's prediction type")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 for the UNet and text encoder")
+    p.add_argument("--refiner", default=None,
+                   help="SDXL refiner checkpoint: it samples the steps after --refiner-switch")
+    p.add_argument("--refiner-switch", dest="refiner_switch_at", type=float, default=None,
+                   help="fraction of the steps after which the refiner takes over (default 0.8)")
+    p.add_argument("--original-size", type=_size, default=None, metavar="WxH",
+                   help="SDXL size conditioning: the 'original' image size (default: the output size)")
+    p.add_argument("--target-size", type=_size, default=None, metavar="WxH",
+                   help="SDXL size conditioning: the target size (default: the output size)")
+    p.add_argument("--crop", dest="crop_top_left", type=_size, default=None, metavar="LEFTxTOP",
+                   help="SDXL crop conditioning, top-left corner (default 0x0)")
+    p.add_argument("--aesthetic-score", type=float, default=None, help="SDXL refiner aesthetic score (default 6)")
     p.add_argument("--from", dest="from_image", default=None,
                    help="take the parameters from a PNG's infotext (flags given here override them)")
     p.add_argument("-o", "--output", default="outputs", help="a .png file, or a folder (default: ./outputs)")
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'WxH' -> (H, W), the (height, width) order SDXL's conditioning uses."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 1024x1024, got {text!r}") from None
+    return h, w
 
 
 def register(sub) -> None:
@@ -144,7 +164,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     names = ("prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "seed", "subseed",
              "subseed_strength", "width", "height", "batch_size", "n_iter", "clip_skip", "guidance_rescale", "rng",
              "denoising_strength", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding",
-             "inpainting_mask_invert")
+             "inpainting_mask_invert", "refiner_switch_at", "original_size", "target_size", "crop_top_left",
+             "aesthetic_score")
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
@@ -157,7 +178,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fields["mask"] = open_image(args.mask, "mask")
         fields.setdefault("denoising_strength", 1.0)
 
-    pipe = load(_resolve_model(args), device=args.device, dtype=_dtype(args.dtype), prediction=args.prediction)
+    pipe = load(_resolve_model(args, args.model), device=args.device, dtype=_dtype(args.dtype),
+                prediction=args.prediction)
+    if args.refiner:
+        from .checkpoints.loader import load_bundle
+
+        refiner = load_bundle(_resolve_model(args, args.refiner), device=pipe.bundle.device, dtype=pipe.bundle.dtype)
+        pipe.set_refiner(refiner)
+        fields["refiner_checkpoint"] = refiner.name
     request = GenerationRequest(**fields)
     result = _run_with_progress(pipe, request)
     for path in save_images(result, Path(args.output)):
@@ -166,18 +194,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SdlabError("interrupted; the images so far were saved")
 
 
-def _resolve_model(args: argparse.Namespace) -> str | None:
-    if args.model is None or Path(args.model).expanduser().exists():
-        return args.model
+def _resolve_model(args: argparse.Namespace, name: str | None) -> str | None:
+    if name is None or Path(name).expanduser().exists():
+        return name
     try:
         from .models_dir import ModelsDir
     except ModuleNotFoundError:
         return args.model
     models = ModelsDir(args.models_dir) if args.models_dir else ModelsDir()
     try:
-        return str(models.resolve_checkpoint(args.model))
+        return str(models.resolve_checkpoint(name))
     except SdlabError:
-        return args.model  # a hub repo id, or a clear "no such file" from the loader
+        return name  # a hub repo id, or a clear "no such file" from the loader
 
 
 def _dtype(name: str | None):

@@ -100,6 +100,13 @@ def _te_transformers_path(module_path: str) -> str:
     return module_path
 
 
+def _te_aliases(module_path: str) -> tuple[str, ...]:
+    """The native path, transformers' path, and transformers 5's (which dropped the
+    `text_model.` level of CLIPTextModel, so PEFT files written with it lack it too)."""
+    hf = _te_transformers_path(module_path)
+    return module_path, hf, hf.removeprefix("text_model.")
+
+
 def _index(unet: nn.Module, unet_cfg: UNetConfig, text_encoders: Sequence[nn.Module]) -> dict[tuple[str, str], _Slot]:
     """(net, name) -> slot, for every name a LoRA file may use: the native and the diffusers /
     transformers dotted paths, and the same with dots replaced by underscores (kohya)."""
@@ -118,7 +125,7 @@ def _index(unet: nn.Module, unet_cfg: UNetConfig, text_encoders: Sequence[nn.Mod
         net: Net = "te0" if i == 0 else "te1"
         for name, m in te.named_modules():
             if isinstance(m, nn.Linear):
-                add(_Slot(net, name, name + ".weight"), name, _te_transformers_path(name))
+                add(_Slot(net, name, name + ".weight"), *_te_aliases(name))
         if te.cfg.layout == "openclip":
             width = te.cfg.width
             for layer in range(te.cfg.layers):
@@ -127,7 +134,7 @@ def _index(unet: nn.Module, unet_cfg: UNetConfig, text_encoders: Sequence[nn.Mod
                 add(_Slot(net, base + "in_proj", param), base + "in_proj")
                 for j, x in enumerate("qkv"):
                     path = f"{base}{x}_proj"
-                    add(_Slot(net, path, param, (j * width, (j + 1) * width)), path, _te_transformers_path(path))
+                    add(_Slot(net, path, param, (j * width, (j + 1) * width)), *_te_aliases(path))
     return index
 
 
@@ -353,7 +360,7 @@ def _parse_diffusers_key(key: str) -> tuple[Net, str, str, str] | None:
             net, body = candidate, body[len(prefix):]
             break
     if net is None:  # unprefixed files hold one network; diffusers reads them as the UNet
-        net = "te0" if body.startswith("text_model.") else "unet"
+        net = "te0" if body.startswith(("text_model.", "encoder.layers.")) else "unet"
     m = _PROCESSOR.match(body)
     if m:
         names = _PROCESSOR_UNET if net == "unet" else _PROCESSOR_TE

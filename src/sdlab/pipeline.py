@@ -21,11 +21,12 @@ from .checkpoints.loader import Bundle
 from .errors import SdlabError
 from .images import blur_mask, latent_preview, mask_to_tensor, masked_bbox, to_pil, to_tensor
 from .infotext import create_infotext
+from .models.unet import sdxl_size_embedding
 from .sampling.denoiser import CFGDenoiser, Conditioning, DiscreteDenoiser
 from .sampling.rng import ImageRNG, RngSource
 from .sampling.samplers import brownian_tree_noise_sampler, get_sampler_sigmas, resolve_sampler
 from .sampling.schedules import SCHEDULES, discrete_schedule, resolve_schedule
-from .text.conditioning import PromptSchedule, TextEncoderRunner, prompt_schedule
+from .text.conditioning import TextEncoderRunner, prompt_schedule
 from .text.prompt import extract_extra_networks
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,17 @@ class GenerationRequest:
     inpaint_full_res: bool = False  # "only masked"
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False
+    # SDXL size conditioning, (height, width); None: the generation size. The refiner's
+    # aesthetic scores (diffusers' defaults).
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    # SDXL refiner: the fraction of the steps after which the refiner takes over (with a
+    # refiner loaded in the pipeline); its name is only recorded in the infotext.
+    refiner_switch_at: float | None = 0.8
+    refiner_checkpoint: str | None = None
 
     @property
     def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
@@ -115,6 +127,8 @@ def validate(req: GenerationRequest, default_size: int) -> GenerationRequest:
         raise SdlabError(f"CFG scale must not be negative, got {req.cfg_scale}")
     if req.rng not in ("cpu", "nv"):
         raise SdlabError(f"unknown RNG source {req.rng!r}; choose cpu or nv")
+    if req.refiner_switch_at is not None and not 0.0 <= req.refiner_switch_at <= 1.0:
+        raise SdlabError(f"refiner switch must be between 0 and 1, got {req.refiner_switch_at}")
     if req.clip_skip < 1:
         raise SdlabError(f"clip skip must be at least 1, got {req.clip_skip}")
     if req.mask is not None and req.init_image is None:
@@ -129,16 +143,42 @@ def validate(req: GenerationRequest, default_size: int) -> GenerationRequest:
     return replace(req, width=width, height=height, seed=seed, subseed=subseed)
 
 
+def text_runners(bundle: Bundle) -> list[TextEncoderRunner]:
+    fam = bundle.family
+    return [TextEncoderRunner(te, tok, base_skip=fam.clip_skip, final_norm=fam.text_final_norm)
+            for te, tok in zip(bundle.text_encoders, bundle.tokenizers)]
+
+
+def added_conditioning(family, pooled: Tensor, req: GenerationRequest, negative: bool) -> Tensor | None:
+    """SDXL's vector conditioning y: the pooled text embedding followed by the embedded
+    size numbers (original size, crop top-left, then the target size for the base model
+    or the aesthetic score for the refiner), all (height, width) as diffusers orders them."""
+    if family.added_conditioning is None:
+        return None
+    original = req.original_size or (req.height, req.width)
+    if family.added_conditioning == "sdxl":
+        numbers = [*original, *req.crop_top_left, *(req.target_size or (req.height, req.width))]
+    else:
+        numbers = [*original, *req.crop_top_left, req.negative_aesthetic_score if negative else req.aesthetic_score]
+    size = sdxl_size_embedding(torch.tensor([numbers], dtype=torch.float32))
+    return torch.cat([pooled.float().cpu(), size], dim=-1)
+
+
 class Pipeline:
     """Generation on one loaded model. Keep it around: the model stays loaded and the
     conditioning of an unchanged prompt is cached between requests."""
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, refiner: Bundle | None = None):
         self.bundle = bundle
         self.schedule = discrete_schedule()
-        fam = bundle.family
-        self.text = [TextEncoderRunner(te, tok, base_skip=fam.clip_skip)
-                     for te, tok in zip(bundle.text_encoders, bundle.tokenizers)]
+        self.text = text_runners(bundle)
+        self.refiner = refiner
+        self.refiner_text = text_runners(refiner) if refiner is not None else []
+
+    def set_refiner(self, refiner: Bundle | None) -> None:
+        """Use (or stop using) an SDXL refiner for the last part of the steps."""
+        self.refiner = refiner
+        self.refiner_text = text_runners(refiner) if refiner is not None else []
 
     # -- the Python API --------------------------------------------------
 
@@ -209,15 +249,41 @@ class Pipeline:
             if req.inpaint_full_res:
                 params["Inpaint area"] = "Only masked"
                 params["Masked area padding"] = req.inpaint_full_res_padding
+        if self.refiner is not None and req.refiner_switch_at is not None and req.refiner_switch_at < 1.0:
+            params["Refiner"] = req.refiner_checkpoint or self.refiner.name
+            params["Refiner switch at"] = req.refiner_switch_at
         params["Version"] = f"sdlab {__version__}"
         return create_infotext(req.prompt, req.negative_prompt, params)
 
     # -- internals ----------------------------------------------------------
 
-    def _conditioning(self, prompt: str, negative: str, steps: int, clip_skip: int) -> tuple[PromptSchedule, PromptSchedule]:
-        # One text encoder per family so far (SD1/SD2); SDXL adds the second here.
-        cond, uncond = prompt_schedule(self.text[0], [prompt, negative], steps, clip_skip)
-        return cond, uncond
+    def _stage(self, bundle: Bundle, runners: list[TextEncoderRunner], req: GenerationRequest, prompt: str,
+               negative: str, concat: Tensor | None) -> Callable[[int], CFGDenoiser]:
+        """The guided denoiser of one model for each step (prompt editing changes it)."""
+        cond_sched, uncond_sched = prompt_schedule(runners, [prompt, negative], req.steps, req.clip_skip)
+        device, dtype, n = bundle.device, bundle.dtype, req.batch_size
+        unet = bundle.unet
+        model = DiscreteDenoiser(lambda x_in, t, context, y=None: unet(x_in, t, context, y), self.schedule,
+                                 bundle.prediction)
+
+        def conditioning(encoded, negative: bool) -> Conditioning:
+            ctx = encoded.context.to(device=device, dtype=dtype).expand(n, -1, -1)
+            y = added_conditioning(bundle.family, encoded.pooled, req, negative)
+            y = None if y is None else y.to(device=device, dtype=dtype).expand(n, -1)
+            return Conditioning(context=ctx, y=y, concat=concat)
+
+        current: dict = {"encoded": None, "cfg": None}
+
+        def at(step: int) -> CFGDenoiser:
+            encoded = (cond_sched.at(step), uncond_sched.at(step))
+            if current["encoded"] != encoded:
+                uncond = conditioning(encoded[1], True) if req.cfg_scale != 1.0 else None
+                current["cfg"] = CFGDenoiser(model, conditioning(encoded[0], False), uncond, req.cfg_scale,
+                                             req.guidance_rescale)
+                current["encoded"] = encoded
+            return current["cfg"]
+
+        return at
 
     @torch.no_grad()
     def _generate_batch(self, req: GenerationRequest, prompt: str, negative: str, sampler, schedule_name: str,
@@ -282,54 +348,43 @@ class Pipeline:
             sigmas = sigmas[-(t_enc + 1):]
             x = init_latent + noise * sigmas[0]
 
-        cond_sched, uncond_sched = self._conditioning(prompt, negative, req.steps, req.clip_skip)
-
-        def conditioning(encoded) -> Conditioning:
-            ctx = encoded.context.to(device=device, dtype=dtype).expand(n, -1, -1)
-            return Conditioning(context=ctx, concat=concat)
-
-        unet = b.unet
-        model = DiscreteDenoiser(lambda x_in, t, context, y=None: unet(x_in, t, context, y), self.schedule,
-                                 b.prediction)
-        state = {"step": 0, "x0": x, "encoded": None, "cfg": None}
-
-        def guidance(step: int) -> CFGDenoiser:
-            # Prompt editing / alternation: the conditioning of the current step.
-            encoded = (cond_sched.at(step), uncond_sched.at(step))
-            if state["encoded"] != encoded:
-                uncond = conditioning(encoded[1]) if req.cfg_scale != 1.0 else None
-                state["cfg"] = CFGDenoiser(model, conditioning(encoded[0]), uncond, req.cfg_scale,
-                                           req.guidance_rescale)
-                state["encoded"] = encoded
-            return state["cfg"]
-
-        offset = req.steps - (len(sigmas) - 1)  # img2img starts part-way; editing counts requested steps
-        guidance(offset)
+        # With a refiner, the base model samples the first part of the steps and the refiner the rest.
+        total = len(sigmas) - 1
+        offset = req.steps - total  # img2img starts part-way; prompt editing counts requested steps
+        parts = [(self._stage(self.bundle, self.text, req, prompt, negative, concat), sigmas)]
+        if self.refiner is not None and req.refiner_switch_at is not None and req.refiner_switch_at < 1.0:
+            switch = min(max(int(req.steps * req.refiner_switch_at) - offset, 0), total)
+            refiner = self._stage(self.refiner, self.refiner_text, req, prompt, negative, concat)
+            parts = [(parts[0][0], sigmas[:switch + 1]), (refiner, sigmas[switch:])]
+            parts = [(stage, part) for stage, part in parts if len(part) > 1]
+        state = {"step": 0, "x0": x, "stage": parts[0][0]}
 
         def denoise(x_t: Tensor, sigma: Tensor) -> Tensor:
-            x0 = state["cfg"](x_t, sigma)
+            x0 = state["stage"](state["step"] + offset)(x_t, sigma)
             if latent_mask is not None:
                 # Ordinary UNet inpainting: keep the original outside the mask at every step.
                 x0 = init_latent * (1 - latent_mask) + x0 * latent_mask
             return x0
 
-        total = len(sigmas) - 1
-
-        def on_step(i: int, total_steps: int, x_t: Tensor, denoised: Tensor) -> None:
-            state["step"], state["x0"] = i + 1, denoised
-            guidance(i + 1 + offset)
-            if callback is not None:
-                callback(Progress(i + 1, total, batch, req.n_iter, denoised, lambda d=denoised: latent_preview(d)))
-
         if sampler.brownian_noise:
             noise_sampler = brownian_tree_noise_sampler(x, sigmas, seeds)
         else:
             noise_sampler = lambda sigma, sigma_next: rng.draw_like(x)  # noqa: E731
+        knobs = {"eta": req.eta} if req.eta is not None and sampler.default_eta is not None else {}
 
         interrupted = False
         try:
-            x = sampler.function(denoise, x, sigmas, callback=on_step, noise_sampler=noise_sampler,
-                                 **({"eta": req.eta} if req.eta is not None and sampler.default_eta is not None else {}))
+            for stage, part in parts:
+                state["stage"] = stage
+                done = state["step"]
+
+                def on_step(i: int, n_steps: int, x_t: Tensor, denoised: Tensor, done=done) -> None:
+                    state["step"], state["x0"] = done + i + 1, denoised
+                    if callback is not None:
+                        callback(Progress(done + i + 1, total, batch, req.n_iter, denoised,
+                                          lambda d=denoised: latent_preview(d)))
+
+                x = sampler.function(denoise, x, part, callback=on_step, noise_sampler=noise_sampler, **knobs)
         except Interrupted:
             if state["step"] == 0:
                 raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from torch import Tensor
@@ -97,48 +98,55 @@ def _clip_config(d: dict, layout: str, extra_layer: bool) -> CLIPTextConfig:
     )
 
 
-def read_diffusers_folder(path: Path) -> tuple[StateDict, ModelConfig]:
-    """A diffusers Stable Diffusion folder as a native state dict plus its exact config."""
-    index = _read_json(path / "model_index.json")
-    unet_cfg_json = _read_json(path / "unet" / "config.json")
-    te_cfg_json = _read_json(path / "text_encoder" / "config.json")
-    unet_cfg = _unet_config(unet_cfg_json)
-    vae_cfg = _vae_config(_read_json(path / "vae" / "config.json"))
-    sched = {}
-    if (path / "scheduler" / "scheduler_config.json").exists():
-        sched = _read_json(path / "scheduler" / "scheduler_config.json")
-    if "text_encoder_2" in index and index["text_encoder_2"][0] is not None:
-        raise SdlabError(f"{path}: an SDXL folder; SDXL is not supported by this version of sdlab yet")
+def _present(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and entry and entry[0] is not None
 
-    # SD 2.x is the family whose text encoder is OpenCLIP (GELU); SD 1.x's is OpenAI CLIP (quick GELU).
-    openclip = te_cfg_json.get("hidden_act") == "gelu"
+
+def _family_of_folder(index: dict, unet_cfg: UNetConfig, te_json: dict | None, prediction: str) -> Family:
     inpaint = unet_cfg.in_channels == 9
-    prediction = sched.get("prediction_type", "epsilon")
-    if openclip:
+    if _present(index, "text_encoder_2"):
+        name = "sdxl-inpaint" if inpaint else ("sdxl" if _present(index, "text_encoder") else "sdxl-refiner")
+    elif te_json is not None and te_json.get("hidden_act") == "gelu":
+        # SD 2.x is the family whose text encoder is OpenCLIP (GELU); SD 1.x's is OpenAI CLIP (quick GELU).
         name = "sd2-inpaint" if inpaint else ("sd2-v" if prediction == "v_prediction" else "sd2")
     else:
         name = "sd1-inpaint" if inpaint else "sd1"
-    family: Family = FAMILIES[name]
-    if not openclip and prediction == "v_prediction":
-        from ..families import with_prediction
-        family = with_prediction(ModelConfig(family, unet_cfg, vae_cfg, ()), "v").family
-    layout = "openclip" if openclip else "openai"
-    te_cfg = _clip_config(te_cfg_json, layout, extra_layer=openclip)
-    vae_scale = _read_json(path / "vae" / "config.json").get("scaling_factor")
-    if vae_scale is not None and abs(vae_scale - family.latent_scale) > 1e-6:
-        from dataclasses import replace
-        family = replace(family, latent_scale=float(vae_scale))
+    family = FAMILIES[name]
+    if prediction == "v_prediction" and family.prediction != "v":
+        family = replace(family, prediction="v")
+    return family
+
+
+def read_diffusers_folder(path: Path) -> tuple[StateDict, ModelConfig]:
+    """A diffusers Stable Diffusion (XL) folder as a native state dict plus its exact config."""
+    index = _read_json(path / "model_index.json")
+    unet_cfg = _unet_config(_read_json(path / "unet" / "config.json"))
+    vae_json = _read_json(path / "vae" / "config.json")
+    vae_cfg = _vae_config(vae_json)
+    sched = {}
+    if (path / "scheduler" / "scheduler_config.json").exists():
+        sched = _read_json(path / "scheduler" / "scheduler_config.json")
+    te_json = _read_json(path / "text_encoder" / "config.json") if _present(index, "text_encoder") else None
+    family = _family_of_folder(index, unet_cfg, te_json, sched.get("prediction_type", "epsilon"))
+    if vae_json.get("scaling_factor") is not None and abs(vae_json["scaling_factor"] - family.latent_scale) > 1e-6:
+        family = replace(family, latent_scale=float(vae_json["scaling_factor"]))
 
     tensors: dict[str, Tensor] = {}
     for k, v in dk.unet_from_diffusers(_read_weights(path / "unet"), unet_cfg).items():
         tensors[UNET_PREFIX + k] = v
     for k, v in dk.vae_from_diffusers(_read_weights(path / "vae"), vae_cfg).items():
         tensors[VAE_PREFIX + k] = v
-    slot = family.text_encoders[0]
-    te = dk.clip_from_diffusers(_read_weights(path / "text_encoder"), layout, append_identity_layer=openclip)
-    for k, v in te.items():
-        tensors[slot.prefix + k] = v
-    cfg = ModelConfig(family, unet_cfg, vae_cfg, (te_cfg,))
+    te_cfgs = []
+    # Only SD 2.x folders drop OpenCLIP's last layer (their pipelines read the last hidden
+    # state); SDXL folders keep every layer and read the penultimate one.
+    sd2 = family.name.startswith("sd2")
+    for slot in family.text_encoders:
+        folder = path / slot.diffusers_folder
+        te_cfgs.append(_clip_config(_read_json(folder / "config.json"), slot.layout, extra_layer=sd2))
+        for k, v in dk.clip_from_diffusers(_read_weights(folder), slot.layout, append_identity_layer=sd2).items():
+            tensors[slot.prefix + k] = v
+    cfg = ModelConfig(family, unet_cfg, vae_cfg, tuple(te_cfgs))
     return StateDict.from_tensors(tensors, path, {"sdlab.config": cfg.to_json()}), cfg
 
 
@@ -180,8 +188,8 @@ def _vae_json(cfg: VAEConfig, sample_size: int, scale: float) -> dict:
             "sample_size": sample_size, "scaling_factor": scale, "act_fn": "silu"}
 
 
-def _clip_json(cfg: CLIPTextConfig, layers: int, pad_token_id: int) -> dict:
-    return {"architectures": ["CLIPTextModel"],
+def _clip_json(cfg: CLIPTextConfig, layers: int, pad_token_id: int, with_projection: bool = False) -> dict:
+    return {"architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
             "model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "hidden_size": cfg.width,
             "intermediate_size": cfg.mlp_width, "num_hidden_layers": layers, "num_attention_heads": cfg.heads,
             "max_position_embeddings": cfg.max_positions, "hidden_act": cfg.activation, "layer_norm_eps": 1e-5,
@@ -206,28 +214,43 @@ def write_diffusers_folder(sd: dict[str, Tensor], cfg: ModelConfig, out: Path, t
         (tmp / "vae").mkdir()
         save_safetensors(dk.vae_to_diffusers(part(VAE_PREFIX), cfg.vae), tmp / "vae" / "diffusion_pytorch_model.safetensors")
         (tmp / "vae" / "config.json").write_text(json.dumps(_vae_json(cfg.vae, family.default_size, family.latent_scale), indent=2))
-        slot, te_cfg = family.text_encoders[0], cfg.text_encoders[0]
-        openclip = te_cfg.layout == "openclip"
-        te = dk.clip_to_diffusers(part(slot.prefix), te_cfg, drop_last_layer=openclip)
-        te.pop("text_projection.weight", None)  # CLIPTextModel has no projection
-        (tmp / "text_encoder").mkdir()
-        save_safetensors(te, tmp / "text_encoder" / "model.safetensors")
-        (tmp / "text_encoder" / "config.json").write_text(json.dumps(
-            _clip_json(te_cfg, te_cfg.layers - int(openclip), 0 if slot.pad_token == "zero" else 49407), indent=2))
-        _write_tokenizer(tmp / "tokenizer", slot.pad_token, tokenizer_dir)
+        sd2 = family.name.startswith("sd2")
+        for slot, te_cfg in zip(family.text_encoders, cfg.text_encoders):
+            te = dk.clip_to_diffusers(part(slot.prefix), te_cfg, drop_last_layer=sd2)
+            with_projection = "text_projection.weight" in te and not sd2
+            if not with_projection:
+                te.pop("text_projection.weight", None)  # CLIPTextModel has no projection
+            (tmp / slot.diffusers_folder).mkdir()
+            save_safetensors(te, tmp / slot.diffusers_folder / "model.safetensors")
+            (tmp / slot.diffusers_folder / "config.json").write_text(json.dumps(
+                _clip_json(te_cfg, te_cfg.layers - int(sd2), 0 if slot.pad_token == "zero" else 49407,
+                           with_projection), indent=2))
+            _write_tokenizer(tmp / slot.tokenizer_folder, slot.pad_token, tokenizer_dir)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps({
             "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
             "prediction_type": "v_prediction" if family.prediction == "v" else "epsilon",
             "timestep_spacing": "leading", "interpolation_type": "linear"}, indent=2))
-        (tmp / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionInpaintPipeline" if family.inpaint else "StableDiffusionPipeline",
-            "_diffusers_version": "0.30.0", "feature_extractor": [None, None], "safety_checker": [None, None],
-            "image_encoder": [None, None], "requires_safety_checker": False,
-            "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+        index = {
+            "_class_name": family.diffusers_pipeline,
+            "_diffusers_version": "0.30.0", "feature_extractor": [None, None], "image_encoder": [None, None],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": [None, None], "tokenizer": [None, None],
+        }
+        for slot in family.text_encoders:
+            cls = "CLIPTextModelWithProjection" if slot.diffusers_folder == "text_encoder_2" else "CLIPTextModel"
+            index[slot.diffusers_folder] = ["transformers", cls]
+            index[slot.tokenizer_folder] = ["transformers", "CLIPTokenizer"]
+        if family.added_conditioning:
+            # sdlab (like the web UIs) encodes an empty negative prompt rather than using zeros.
+            index["force_zeros_for_empty_prompt"] = False
+            if family.added_conditioning == "sdxl-refiner":
+                index["requires_aesthetics_score"] = True
+        else:
+            index.update(safety_checker=[None, None], requires_safety_checker=False)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -69,7 +69,8 @@ def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
     except SdlabError:
         raise
     except Image.DecompressionBombError:
-        raise TooLarge(f"{what}: refused as a decompression bomb") from None
+        raise TooLarge(f"{what}: its header claims far more pixels than this server accepts "
+                       f"({limits.max_image_pixels}); refused as a decompression bomb") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise BadInput(f"{what}: not a readable image ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
     return img

@@ -39,10 +39,14 @@ class TextEncoderRunner:
     """Encodes chunks with one text encoder; caches by (tokens, weights, skip) so an
     unchanged prompt is not recomputed between requests."""
 
-    def __init__(self, encoder, tokenizer: CLIPTokenizer, base_skip: int = 1, cache_size: int = 32):
+    def __init__(self, encoder, tokenizer: CLIPTokenizer, base_skip: int = 1, final_norm: bool = True,
+                 cache_size: int = 32):
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.base_skip = base_skip
+        self.final_norm = final_norm
+        # Bumped by whoever changes the encoder's weights (LoRA), so cached results are not reused.
+        self.weights_version = 0
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._cache_size = cache_size
 
@@ -56,7 +60,7 @@ class TextEncoderRunner:
                embeddings: Mapping[str, Tensor] | None = None) -> EncodedPrompt:
         skip = self.base_skip + max(clip_skip, 1) - 1
         skip = min(skip, self.encoder.cfg.layers)
-        key = (tuple(tuple(c.tokens) + tuple(c.weights) for c in chunks), skip,
+        key = (self.weights_version, tuple(tuple(c.tokens) + tuple(c.weights) for c in chunks), skip,
                tuple(sorted((r.name, r.offset) for c in chunks for r in c.embeddings)))
         if key in self._cache and not any(c.embeddings for c in chunks):
             context, pooled = self._cache[key]
@@ -88,7 +92,7 @@ class TextEncoderRunner:
             for ref in chunk.embeddings:
                 vec = embeddings[ref.name].to(inputs)
                 inputs[0, 1 + ref.offset: 1 + ref.offset + ref.vectors] = vec
-        out = self.encoder(tokens, skip=skip, embeddings=inputs)
+        out = self.encoder(tokens, skip=skip, embeddings=inputs, final_norm=self.final_norm)
         z = out.hidden.float()
         weights = torch.tensor([1.0] + list(chunk.weights) + [1.0], device=device)
         if bool((weights != 1.0).any()):
@@ -99,18 +103,28 @@ class TextEncoderRunner:
         return z, out.pooled.float()
 
 
-def prompt_schedule(runner: TextEncoderRunner, prompts: Sequence[str], steps: int, clip_skip: int,
+def encode_all(runners: Sequence[TextEncoderRunner], chunks: Sequence[PromptChunk], clip_skip: int,
+               embeddings: Mapping[str, Tensor] | None = None) -> EncodedPrompt:
+    """Encode with every text encoder of the model: hidden states concatenated on the
+    feature axis (SDXL: CLIP-L 768 + bigG 1280 = 2048), pooled output of the last one."""
+    encoded = [r.encode(chunks, clip_skip, embeddings) for r in runners]
+    if len(encoded) == 1:
+        return encoded[0]
+    return EncodedPrompt(torch.cat([e.context for e in encoded], dim=-1), encoded[-1].pooled)
+
+
+def prompt_schedule(runners: Sequence[TextEncoderRunner], prompts: Sequence[str], steps: int, clip_skip: int,
                     embeddings: Mapping[str, Tensor] | None = None) -> list[PromptSchedule]:
     """Encode several prompts (e.g. positive and negative) with their editing schedules,
-    every variant padded to the same number of chunks so they batch together."""
+    every variant padded to the same number of chunks so they batch together. All
+    encoders share CLIP's vocabulary, so the chunks are made once."""
+    first = runners[0]
     schedules = [get_prompt_schedule(p, steps) for p in prompts]
-    chunked = [[runner.chunks(text, embeddings) for _, text in sched] for sched in schedules]
+    chunked = [[first.chunks(text, embeddings) for _, text in sched] for sched in schedules]
     flat = [c for per_prompt in chunked for c in per_prompt]
-    padded = iter(pad_chunks(*flat, pad_id=runner.tokenizer.eos_id))
+    padded = iter(pad_chunks(*flat, pad_id=first.tokenizer.eos_id))
     out = []
-    for sched, per_prompt in zip(schedules, chunked):
-        entries = []
-        for (end, _), _ in zip(sched, per_prompt):
-            entries.append((end, runner.encode(next(padded), clip_skip, embeddings)))
+    for sched in schedules:
+        entries = [(end, encode_all(runners, next(padded), clip_skip, embeddings)) for end, _ in sched]
         out.append(PromptSchedule(tuple(entries)))
     return out

@@ -98,6 +98,7 @@ class TrainConfig:
     log_every_n_steps: int = 10
     tensorboard: bool = False
     num_workers: int = 0
+    time_limit_minutes: float = 0.0  # > 0: stop after this long and save as if the run had ended
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> SdlabError:

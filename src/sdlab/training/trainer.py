@@ -384,7 +384,12 @@ class Trainer:
         bar = tqdm(total=stop, initial=self.progress.step, desc="train", unit="step",
                    disable=not (self.progress_bar and self.acc.is_main_process))
         t0, steps0 = time.perf_counter(), self.progress.step
+        deadline = time.monotonic() + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
         while self.progress.step < stop:
+            if deadline is not None and time.monotonic() > deadline and self.phase == "diffusion":
+                log.warning("time limit of %g minutes reached at step %d: saving", cfg.time_limit_minutes, self.progress.step)
+                stop = self.progress.step
+                break
             loss = self.train_step(batches)
             step = self.progress.step
             if not math.isfinite(loss):
@@ -402,7 +407,7 @@ class Trainer:
                     and step % cfg.validation.every_n_steps == 0):
                 self.validate()
         bar.close()
-        if self.progress.step < self.total_steps:
+        if self.progress.step < self.total_steps and deadline is None:
             self.save_state()
             return None
         path = self.save_model()
@@ -499,7 +504,7 @@ class Trainer:
             state = {
                 "step": self.progress.step, "batches": self.progress.batches, "phase": self.phase,
                 "networks": {k: v.detach().cpu().clone() for k, v in self._networks_state().items()},
-                "optimizer": self.acc.unwrap_model(self.optimizer).state_dict() if hasattr(self.optimizer, "state_dict") else None,
+                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "ema": {k: v.cpu() for k, v in self.ema.items()} if self.ema is not None else None,
                 "torch_rng": torch.get_rng_state(),
