@@ -113,6 +113,32 @@ def _assert_unchanged(bundle, snapshot: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.fixture(scope="module")
+def _tiny_models() -> dict:
+    return {}
+
+
+@pytest.fixture
+def tiny(_tiny_models):
+    """`tiny(family)`: a tiny random bundle built once per module and put back to its
+    original weights after each test (building one costs more than restoring it)."""
+    used = set()
+
+    def get(family: str = "sd1"):
+        if family not in _tiny_models:
+            b = tiny_bundle(family)
+            _tiny_models[family] = (b, {n: {k: v.clone() for k, v in net.state_dict().items()}
+                                        for n, net in b.networks().items()})
+        used.add(family)
+        return _tiny_models[family][0]
+
+    yield get
+    for family in used:
+        b, original = _tiny_models[family]
+        for n, net in b.networks().items():
+            net.load_state_dict(original[n])
+
+
+@pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     """Diffusers folders of the tiny SD1 and SD2 models (written once per module)."""
     out = {}
@@ -126,9 +152,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 # ---------------------------------------------------------------- parity with diffusers
 
 
-def test_kohya_lora_matches_diffusers(tmp_path, folders):
+def test_kohya_lora_matches_diffusers(tmp_path, folders, tiny):
     """kohya format, UNet attention + LoCon convs + text encoder, multiplier 0.7 both ways."""
-    bundle = tiny_bundle("sd1")
+    bundle = tiny("sd1")
     sd = _kohya(bundle)
     # The names are kohya's spelling, not only what our own kohya_name says they are.
     for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
@@ -179,8 +205,8 @@ def _peft_file(pipe, path: Path, text_model_level: bool = False) -> None:
     save_safetensors(sd, path, {"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
 
 
-def test_peft_lora_matches_diffusers(tmp_path, folders):
-    bundle = tiny_bundle("sd1")
+def test_peft_lora_matches_diffusers(tmp_path, folders, tiny):
+    bundle = tiny("sd1")
     pipe = _pipeline(folders["sd1"])
     path = tmp_path / "pytorch_lora_weights.safetensors"
     _peft_file(pipe, path)
@@ -207,9 +233,9 @@ def test_peft_lora_matches_diffusers(tmp_path, folders):
     assert _max_diff(_ours(bundle), ours)["text"] < 1e-6
 
 
-def test_sd2_openclip_text_encoder_matches_diffusers(tmp_path, folders):
+def test_sd2_openclip_text_encoder_matches_diffusers(tmp_path, folders, tiny):
     """SD2's OpenCLIP encoder fuses q, k, v: kohya's q_proj/k_proj/v_proj land on row slices."""
-    bundle = tiny_bundle("sd2")
+    bundle = tiny("sd2")
     te_layers = bundle.text_encoders[0].cfg.layers - 1  # what the diffusers folder holds
     sd = _kohya(bundle, te_layers=te_layers)
     assert "lora_te_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight" in sd
@@ -234,22 +260,28 @@ def test_sd2_openclip_text_encoder_matches_diffusers(tmp_path, folders):
 # ---------------------------------------------------------------- names and formats
 
 
-def test_original_unet_spelling_equals_diffusers_spelling(tmp_path):
-    a, b = tiny_bundle("sd1"), tiny_bundle("sd1")
-    save_safetensors(_kohya(a, te=False), tmp_path / "diffusers_names.safetensors")
-    native = _kohya(a, te=False, native_names=True)
+def _merged_with(bundle, path: Path) -> dict[str, torch.Tensor]:
+    """The bundle's weights with one LoRA merged (the bundle is restored afterwards)."""
+    with apply_loras(bundle, [(load_lora(path), 1, 1)]):
+        return _snapshot(bundle)
+
+
+def test_original_unet_spelling_equals_diffusers_spelling(tmp_path, tiny):
+    bundle = tiny("sd1")
+    save_safetensors(_kohya(bundle, te=False), tmp_path / "diffusers_names.safetensors")
+    native = _kohya(bundle, te=False, native_names=True)
     assert "lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in native
     assert "lora_unet_output_blocks_2_0_skip_connection.lora_up.weight" in native
     save_safetensors(native, tmp_path / "native_names.safetensors")
-    apply_loras(a, [(load_lora(tmp_path / "diffusers_names.safetensors"), 1, 1)])
-    apply_loras(b, [(load_lora(tmp_path / "native_names.safetensors"), 1, 1)])
-    for (k, va), vb in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
-        assert torch.equal(va, vb), k
+    a = _merged_with(bundle, tmp_path / "diffusers_names.safetensors")
+    b = _merged_with(bundle, tmp_path / "native_names.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
-def test_kohya_name_round_trip():
+def test_kohya_name_round_trip(tiny):
     for family in ("sd1", "sd2"):
-        bundle = tiny_bundle(family)
+        bundle = tiny(family)
         cfg = bundle.config
         paths = [("unet", p) for p, _ in _layers(bundle.unet)]
         paths += [("te", p) for p, _ in _layers(bundle.text_encoders[0])]
@@ -261,16 +293,16 @@ def test_kohya_name_round_trip():
             assert native_module_path(kohya_name(path, part), cfg) == (part, path)  # the original spelling
     assert kohya_name("transformer.resblocks.3.mlp.c_fc", "te2") == "lora_te2_text_model_encoder_layers_3_mlp_fc1"
     with pytest.raises(SdlabError, match="names no layer"):
-        native_module_path("lora_unet_down_blocks_7_attentions_0_proj_in", tiny_bundle("sd1").config)
+        native_module_path("lora_unet_down_blocks_7_attentions_0_proj_in", tiny("sd1").config)
 
 
 def _weight(bundle, path: str) -> torch.Tensor:
     return bundle.unet.get_submodule(path).weight
 
 
-def test_older_diffusers_spellings(tmp_path):
+def test_older_diffusers_spellings(tmp_path, tiny):
     """`.lora.down`, `.lora_linear_layer.down`, attention processors `to_q_lora`, `.alpha` keys."""
-    bundle = tiny_bundle("sd1")
+    bundle = tiny("sd1")
     g = torch.Generator().manual_seed(3)
     q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
     out = "input_blocks.1.1.transformer_blocks.0.attn2.to_out.0"
@@ -294,15 +326,14 @@ def test_older_diffusers_spellings(tmp_path):
     torch.testing.assert_close(bundle.text_encoders[0].get_submodule(te_q).weight, w[te_q] + 0.5 * f[te_q][1] @ f[te_q][0])
 
 
-def test_pt_file_equals_safetensors(tmp_path):
-    a, b = tiny_bundle("sd1"), tiny_bundle("sd1")
-    sd = _kohya(a, unet=False)
+def test_pt_file_equals_safetensors(tmp_path, tiny):
+    bundle = tiny("sd1")
+    sd = _kohya(bundle, unet=False)
     save_safetensors(sd, tmp_path / "x.safetensors")
     torch.save(sd, tmp_path / "x.pt")
-    apply_loras(a, [(load_lora(tmp_path / "x.safetensors"), 1, 1)])
-    apply_loras(b, [(load_lora(tmp_path / "x.pt"), 1, 1)])
-    for va, vb in zip(a.text_encoders[0].state_dict().values(), b.text_encoders[0].state_dict().values()):
-        assert torch.equal(va, vb)
+    a, b = _merged_with(bundle, tmp_path / "x.safetensors"), _merged_with(bundle, tmp_path / "x.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 # ---------------------------------------------------------------- LyCORIS deltas against the formulas
@@ -313,18 +344,17 @@ KCONV = "lora_unet_down_blocks_0_resnets_0_conv1"
 KLINEAR = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
-def _merged_delta(tmp_path, sd: dict, path: str, multiplier: float = 0.5) -> torch.Tensor:
-    bundle = tiny_bundle("sd1")
+def _merged_delta(tmp_path, bundle, sd: dict, path: str, multiplier: float = 0.5) -> torch.Tensor:
     before = _weight(bundle, path).clone()
     save_safetensors(sd, tmp_path / "lyco.safetensors")
-    apply_loras(bundle, [(load_lora(tmp_path / "lyco.safetensors"), 1.0, multiplier)])
-    return (_weight(bundle, path) - before) / multiplier
+    with apply_loras(bundle, [(load_lora(tmp_path / "lyco.safetensors"), 1.0, multiplier)]):
+        return (_weight(bundle, path) - before) / multiplier
 
 
-def test_locon_3x3_is_the_two_convolutions(tmp_path):
+def test_locon_3x3_is_the_two_convolutions(tmp_path, tiny):
     g = torch.Generator().manual_seed(0)
     down, up = torch.randn(4, 32, 3, 3, generator=g), torch.randn(32, 4, 1, 1, generator=g)
-    delta = _merged_delta(tmp_path, {f"{KCONV}.lora_down.weight": down, f"{KCONV}.lora_up.weight": up,
+    delta = _merged_delta(tmp_path, tiny("sd1"), {f"{KCONV}.lora_down.weight": down, f"{KCONV}.lora_up.weight": up,
                                      f"{KCONV}.alpha": torch.tensor(8.0)}, CONV)
     x = torch.randn(1, 32, 8, 8, generator=g)
     # LoCon's forward is up(down(x)); the merged delta must be that convolution, times alpha / rank.
@@ -332,34 +362,34 @@ def test_locon_3x3_is_the_two_convolutions(tmp_path):
                                atol=1e-4, rtol=1e-4)
 
 
-def test_locon_tucker_mid_is_the_three_convolutions(tmp_path):
+def test_locon_tucker_mid_is_the_three_convolutions(tmp_path, tiny):
     g = torch.Generator().manual_seed(1)
     down, mid, up = (torch.randn(4, 32, 1, 1, generator=g), torch.randn(4, 4, 3, 3, generator=g),
                      torch.randn(32, 4, 1, 1, generator=g))
-    delta = _merged_delta(tmp_path, {f"{KCONV}.lora_down.weight": down, f"{KCONV}.lora_mid.weight": mid,
+    delta = _merged_delta(tmp_path, tiny("sd1"), {f"{KCONV}.lora_down.weight": down, f"{KCONV}.lora_mid.weight": mid,
                                      f"{KCONV}.lora_up.weight": up, f"{KCONV}.alpha": torch.tensor(4.0)}, CONV)
     x = torch.randn(1, 32, 8, 8, generator=g)
     expected = F.conv2d(F.conv2d(F.conv2d(x, down), mid, padding=1), up)
     torch.testing.assert_close(F.conv2d(x, delta, padding=1), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_loha(tmp_path):
+def test_loha(tmp_path, tiny):
     g = torch.Generator().manual_seed(2)
     r = 3
     w1a, w1b, w2a, w2b = (torch.randn(32, r, generator=g), torch.randn(r, 32, generator=g),
                           torch.randn(32, r, generator=g), torch.randn(r, 32, generator=g))
-    delta = _merged_delta(tmp_path, {f"{KLINEAR}.hada_w1_a": w1a, f"{KLINEAR}.hada_w1_b": w1b,
+    delta = _merged_delta(tmp_path, tiny("sd1"), {f"{KLINEAR}.hada_w1_a": w1a, f"{KLINEAR}.hada_w1_b": w1b,
                                      f"{KLINEAR}.hada_w2_a": w2a, f"{KLINEAR}.hada_w2_b": w2b,
                                      f"{KLINEAR}.alpha": torch.tensor(1.5)}, LINEAR)
     torch.testing.assert_close(delta, (1.5 / r) * (w1a @ w1b) * (w2a @ w2b), atol=1e-4, rtol=1e-4)
 
 
-def test_loha_conv_with_tucker(tmp_path):
+def test_loha_conv_with_tucker(tmp_path, tiny):
     g = torch.Generator().manual_seed(3)
     r = 2
     t1, t2 = torch.randn(r, r, 3, 3, generator=g), torch.randn(r, r, 3, 3, generator=g)
     w1a, w1b, w2a, w2b = (torch.randn(r, 32, generator=g) for _ in range(4))  # (rank, out) and (rank, in)
-    delta = _merged_delta(tmp_path, {f"{KCONV}.hada_t1": t1, f"{KCONV}.hada_t2": t2, f"{KCONV}.hada_w1_a": w1a,
+    delta = _merged_delta(tmp_path, tiny("sd1"), {f"{KCONV}.hada_t1": t1, f"{KCONV}.hada_t2": t2, f"{KCONV}.hada_w1_a": w1a,
                                      f"{KCONV}.hada_w1_b": w1b, f"{KCONV}.hada_w2_a": w2a, f"{KCONV}.hada_w2_b": w2b},
                           CONV)
     # LyCORIS rebuild_tucker: W[o, i, k, l] = sum_ab t[a, b, k, l] wa[a, o] wb[b, i]
@@ -367,11 +397,11 @@ def test_loha_conv_with_tucker(tmp_path):
     torch.testing.assert_close(delta, expected, atol=1e-4, rtol=1e-4)  # no alpha: scale 1
 
 
-def test_lokr(tmp_path):
+def test_lokr(tmp_path, tiny):
     g = torch.Generator().manual_seed(4)
     w1 = torch.randn(4, 2, generator=g)
     w2a, w2b = torch.randn(8, 2, generator=g), torch.randn(2, 16, generator=g)
-    delta = _merged_delta(tmp_path, {f"{KLINEAR}.lokr_w1": w1, f"{KLINEAR}.lokr_w2_a": w2a,
+    delta = _merged_delta(tmp_path, tiny("sd1"), {f"{KLINEAR}.lokr_w1": w1, f"{KLINEAR}.lokr_w2_a": w2a,
                                      f"{KLINEAR}.lokr_w2_b": w2b, f"{KLINEAR}.alpha": torch.tensor(1.0)}, LINEAR)
     w2 = w2a @ w2b
     # Kronecker product: W[a * 8 + b, c * 16 + d] = w1[a, c] * w2[b, d]; scale alpha / rank(w2) = 1/2.
@@ -379,24 +409,24 @@ def test_lokr(tmp_path):
     torch.testing.assert_close(delta, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_lokr_conv_full_factors_and_full_diff(tmp_path):
+def test_lokr_conv_full_factors_and_full_diff(tmp_path, tiny):
     g = torch.Generator().manual_seed(5)
     w1, w2 = torch.randn(2, 4, generator=g), torch.randn(16, 8, 3, 3, generator=g)
-    delta = _merged_delta(tmp_path, {f"{KCONV}.lokr_w1": w1, f"{KCONV}.lokr_w2": w2,
+    delta = _merged_delta(tmp_path, tiny("sd1"), {f"{KCONV}.lokr_w1": w1, f"{KCONV}.lokr_w2": w2,
                                      f"{KCONV}.alpha": torch.tensor(7.0)}, CONV)
     # Both factors whole: no rank, so alpha does not scale (the web UI's rule).
     expected = torch.einsum("ac,bdkl->abcdkl", w1, w2).reshape(32, 32, 3, 3)
     torch.testing.assert_close(delta, expected, atol=1e-4, rtol=1e-4)
 
     diff = torch.randn(32, 32, generator=g)
-    torch.testing.assert_close(_merged_delta(tmp_path, {f"{KLINEAR}.diff": diff}, LINEAR), diff, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_merged_delta(tmp_path, tiny("sd1"), {f"{KLINEAR}.diff": diff}, LINEAR), diff, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- applying several, multipliers, dyn
 
 
-def test_several_loras_with_their_own_multipliers(tmp_path):
-    bundle = tiny_bundle("sd1")
+def test_several_loras_with_their_own_multipliers(tmp_path, tiny):
+    bundle = tiny("sd1")
     save_safetensors(_kohya(bundle, seed=1), tmp_path / "a.safetensors")
     save_safetensors(_kohya(bundle, seed=2, alpha=4.0), tmp_path / "b.safetensors")
     a, b = load_lora(tmp_path / "a.safetensors"), load_lora(tmp_path / "b.safetensors")
@@ -413,8 +443,9 @@ def test_several_loras_with_their_own_multipliers(tmp_path):
         assert torch.equal(v, te["cond_stage_model.transformer." + k])
 
 
-def test_dyn_dim_uses_the_first_ranks(tmp_path):
-    bundle, ref = tiny_bundle("sd1"), tiny_bundle("sd1")
+def test_dyn_dim_uses_the_first_ranks(tmp_path, tiny):
+    bundle = tiny("sd1")
+    original = _weight(bundle, LINEAR).clone()
     sd = _kohya(bundle, te=False, rank=4, alpha=2.0)
     save_safetensors(sd, tmp_path / "full.safetensors")
     truncated = {k: (v[:2] if k.endswith("lora_down.weight") else v[:, :2] if k.endswith("lora_up.weight") else v)
@@ -422,7 +453,7 @@ def test_dyn_dim_uses_the_first_ranks(tmp_path):
     lora = load_lora(tmp_path / "full.safetensors")
     apply_loras(bundle, [LoraUse(lora, 1.0, 1.0, dyn_dim=2)])
     # The scale stays alpha / (full rank), as in the web UI.
-    expected = _weight(ref, LINEAR) + 0.5 * truncated[f"{KLINEAR}.lora_up.weight"] @ truncated[f"{KLINEAR}.lora_down.weight"]
+    expected = original + 0.5 * truncated[f"{KLINEAR}.lora_up.weight"] @ truncated[f"{KLINEAR}.lora_down.weight"]
     torch.testing.assert_close(_weight(bundle, LINEAR), expected, atol=1e-6, rtol=1e-6)
 
 
@@ -450,8 +481,8 @@ def test_restore_is_bit_exact(tmp_path, dtype):
     _assert_unchanged(bundle, snapshot)
 
 
-def test_shape_mismatch_changes_nothing(tmp_path):
-    bundle = tiny_bundle("sd1")
+def test_shape_mismatch_changes_nothing(tmp_path, tiny):
+    bundle = tiny("sd1")
     sd = _kohya(bundle)
     # Last in the file, so a loader that merged as it went would already have changed the others.
     bad = "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_k"
@@ -466,7 +497,7 @@ def test_shape_mismatch_changes_nothing(tmp_path):
     _assert_unchanged(bundle, snapshot)
 
     # A whole LoRA of another family: SD1 file on an SD2 model.
-    sd2 = tiny_bundle("sd2")
+    sd2 = tiny("sd2")
     snapshot = _snapshot(sd2)
     with pytest.raises(SdlabError, match="another model family"):
         apply_loras(sd2, [(load_lora(_kohya_file(tmp_path, bundle)), 1, 1)])
@@ -479,8 +510,8 @@ def _kohya_file(tmp_path: Path, bundle, **kw) -> Path:
     return path
 
 
-def test_unmatched_keys_are_reported_by_name(tmp_path, caplog):
-    bundle = tiny_bundle("sd1")
+def test_unmatched_keys_are_reported_by_name(tmp_path, caplog, tiny):
+    bundle = tiny("sd1")
     sd = _kohya(bundle, te=False)
     sd["lora_unet_down_blocks_5_attentions_0_proj_in.lora_down.weight"] = torch.randn(4, 32)
     sd["lora_unet_down_blocks_5_attentions_0_proj_in.lora_up.weight"] = torch.randn(32, 4)
@@ -497,8 +528,8 @@ def test_unmatched_keys_are_reported_by_name(tmp_path, caplog):
     assert len(lines) == 1 and "odd" in lines[0] and "lora_unet_down_blocks_5_attentions_0_proj_in" in lines[0]
 
 
-def test_bad_files(tmp_path):
-    bundle = tiny_bundle("sd1")
+def test_bad_files(tmp_path, tiny):
+    bundle = tiny("sd1")
     cases = {
         "model": ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, "model checkpoint"),
         "embedding": ({"emb_params": torch.zeros(1, 64)}, "embedding"),
@@ -526,10 +557,10 @@ def test_bad_files(tmp_path):
 # ---------------------------------------------------------------- the pipeline's state
 
 
-def test_lora_state_merges_only_on_change(tmp_path, monkeypatch):
+def test_lora_state_merges_only_on_change(tmp_path, monkeypatch, tiny):
     import sdlab.lora as lora_module
 
-    bundle = tiny_bundle("sd1")
+    bundle = tiny("sd1")
     path = _kohya_file(tmp_path, bundle)
     snapshot = _snapshot(bundle)
     calls = []
@@ -566,3 +597,49 @@ def test_lora_state_merges_only_on_change(tmp_path, monkeypatch):
     _assert_unchanged(bundle, snapshot)
     with pytest.raises(SdlabError, match="not a file"):
         state.set(bundle, [LoraSpec("gone", tmp_path / "gone.safetensors")])
+
+
+# ---------------------------------------------------------------- speed (full size: slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_speed_rank128_on_sd15_unet(tmp_path, dtype):
+    """Apply + restore a rank-128 kohya LoRA (every transformer layer, as kohya trains) on an
+    SD 1.5-shaped UNet; the issue asks for under 2 s on the 2-core CPU machine."""
+    import dataclasses
+    import time
+
+    from sdlab.checkpoints.loader import Bundle
+    from sdlab.models.unet import PRESETS, UNet
+
+    with torch.device("meta"):
+        unet = UNet(PRESETS["sd15"])
+    unet = unet.to_empty(device="cpu").to(dtype).requires_grad_(False)
+    for p in unet.parameters():
+        p.zero_()
+    cfg = dataclasses.replace(tiny_bundle("sd1").config, unet=PRESETS["sd15"])
+    bundle = Bundle(cfg, unet, None, [], [])
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for path, m in _layers(unet):
+        if ".transformer_blocks." in path or path.endswith(("proj_in", "proj_out")):
+            down, up = _factors(m, 128, g, std=0.01)
+            name = kohya_name(path, "unet", cfg.unet)
+            sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down.half(), up.half()
+            sd[f"{name}.alpha"] = torch.tensor(64.0)
+    save_safetensors(sd, tmp_path / "r128.safetensors")
+    lora = load_lora(tmp_path / "r128.safetensors")
+    touched = sum(unet.get_submodule(native_module_path(m.key, cfg)[1]).weight.numel() for m in lora.modules)
+    runs = []
+    for _ in range(3):  # the best of three: the first run also pays for fresh memory pages
+        start = time.perf_counter()
+        applied = apply_loras(bundle, [(lora, 1.0, 1.0)])
+        middle = time.perf_counter()
+        applied.restore()
+        runs.append((middle - start, time.perf_counter() - middle))
+    apply_s, restore_s = min(runs, key=sum)
+    print(f"rank 128, {len(lora.modules)} modules, {touched / 1e6:.0f}M weights, {dtype}, "
+          f"{torch.get_num_threads()} threads: apply {apply_s:.2f} s, restore {restore_s:.3f} s "
+          f"(all runs: {', '.join(f'{a + r:.2f}' for a, r in runs)} s)")
+    assert apply_s + restore_s < 2.0

@@ -157,9 +157,11 @@ def _read_pickle(path: Path) -> object:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e) or "Unsupported" in str(e):
-            raise SdlabError(f"{path}: refused: loading this pickle would run code; sdlab never runs code from "
-                             "embedding files. Convert it to .safetensors") from None
+        message = str(e)
+        if "GLOBAL " in message:  # weights_only met a class or function: the file wants to run code
+            what = message.split("GLOBAL ")[-1].split(" was")[0]
+            raise SdlabError(f"{path}: refused: loading this pickle would run code ({what}); sdlab never runs code "
+                             "from embedding files. Use a .safetensors version") from None
         raise SdlabError(f"{path}: not a readable PyTorch file ({_first_line(e)})") from None
     except Exception as e:  # a damaged file fails anywhere inside the unpickler
         raise SdlabError(f"{path}: not a readable PyTorch file ({_first_line(e)})") from None

@@ -302,15 +302,28 @@ class LoraModule:
                           {k: torch.empty(v.shape, device="meta") for k, v in self.tensors.items()})
         return meta.delta("meta", dyn_dim).shape
 
+    @property
+    def is_low_rank(self) -> bool:
+        """A plain `up @ down` product (merged with one addmm, no temporary delta)."""
+        return self.kind == "lora" and "lora_mid.weight" not in self.tensors
+
+    def _up_down(self, device: torch.device, dyn_dim: int | None) -> tuple[Tensor, Tensor]:
+        up = self.tensors["lora_up.weight"].to(device=device, dtype=torch.float32).flatten(1)
+        down = self.tensors["lora_down.weight"].to(device=device, dtype=torch.float32).flatten(1)
+        if dyn_dim is not None:
+            up, down = up[:, :dyn_dim], down[:dyn_dim]
+        return up, down
+
+    def added(self, weight: Tensor, factor: float, dyn_dim: int | None = None) -> Tensor:
+        """`weight + factor * delta` as a new tensor; `weight` is fp32 and 2-D (out, rest)."""
+        if self.is_low_rank:
+            return torch.addmm(weight, *self._up_down(weight.device, dyn_dim), alpha=factor)
+        return torch.add(weight, self.delta(weight.device, dyn_dim).reshape(weight.shape), alpha=factor)
+
     def add_to(self, weight: Tensor, factor: float, dyn_dim: int | None = None) -> None:
         """`weight += factor * delta` in place; `weight` is fp32 and 2-D (out, rest)."""
-        t = self.tensors
-        if self.kind == "lora" and "lora_mid.weight" not in t:
-            up = t["lora_up.weight"].to(device=weight.device, dtype=torch.float32).flatten(1)
-            down = t["lora_down.weight"].to(device=weight.device, dtype=torch.float32).flatten(1)
-            if dyn_dim is not None:
-                up, down = up[:, :dyn_dim], down[:dyn_dim]
-            weight.addmm_(up, down, alpha=factor)  # no (out, in) temporary
+        if self.is_low_rank:
+            weight.addmm_(*self._up_down(weight.device, dyn_dim), alpha=factor)  # no (out, in) temporary
         else:
             weight.add_(self.delta(weight.device, dyn_dim).reshape(weight.shape), alpha=factor)
 
@@ -533,6 +546,9 @@ class AppliedLoras:
     unmatched: dict[str, list[str]]  # LoRA name -> its keys that matched no layer (skipped)
     touched_unet: bool
     touched_text_encoders: bool
+    # (parameter, its original tensor). On the CPU that is the original tensor object itself
+    # (the merged weights are a new tensor), so restoring is a pointer swap; on an accelerator
+    # it is a CPU copy, so the originals do not take accelerator memory while LoRAs are applied.
     _backups: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list, repr=False)
 
     @property
@@ -541,8 +557,8 @@ class AppliedLoras:
 
     @torch.no_grad()
     def restore(self) -> None:
-        for param, original in self._backups:
-            param.data.copy_(original)
+        for param, original in reversed(self._backups):
+            param.data = original if original.device == param.device else original.to(param.device)
         self._backups = []
 
     def __enter__(self) -> AppliedLoras:
@@ -561,6 +577,9 @@ def _fits(delta: Sequence[int], region: Sequence[int]) -> bool:
 def _family_hint(lora: LoraFile) -> str:
     base = lora.base_model
     return f" (its metadata says it was trained on {base})" if base else ""
+
+
+_Item = tuple[tuple[int, int] | None, LoraModule, float, int | None]  # rows, module, multiplier * scale, dyn_dim
 
 
 def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLoras:
@@ -584,8 +603,7 @@ def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLora
     index = _bundle_index(bundle)
     label = bundle.family.label
 
-    # param id -> (param, [(rows, module, factor, dyn_dim)]), in a stable order
-    plan: dict[int, tuple[nn.Parameter, list[tuple[tuple[int, int] | None, LoraModule, float, int | None]]]] = {}
+    plan: dict[int, tuple[nn.Parameter, list[_Item]]] = {}  # by id(param), in a stable order
     unmatched: dict[str, list[str]] = {}
     touched = set()
     for use in uses:
@@ -624,23 +642,31 @@ def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLora
     try:
         with torch.no_grad():
             for param, items in plan.values():
-                applied._backups.append((param, param.detach().to("cpu", copy=True)))
-                _merge(param, items)
+                original = param.data
+                merged = _merged(original, items)
+                backup = original if original.device.type == "cpu" else original.to("cpu", copy=True)
+                applied._backups.append((param, backup))
+                param.data = merged
     except BaseException:
         applied.restore()  # e.g. out of memory half-way: never leave half-applied weights
         raise
     return applied
 
 
-def _merge(param: nn.Parameter, items: list[tuple[tuple[int, int] | None, LoraModule, float, int | None]]) -> None:
-    data = param.data
-    # Sum every delta in fp32 and round to the weight's dtype once.
-    work = data if data.dtype == torch.float32 else data.float()
-    for rows, module, factor, dyn_dim in items:
+def _merged(weight: Tensor, items: list[_Item]) -> Tensor:
+    """A new tensor: `weight` plus every delta, summed in fp32 and rounded to the weight's
+    dtype once. `weight` itself is not modified."""
+    rows, module, factor, dyn_dim = items[0]
+    rest = items[1:]
+    if weight.dtype == torch.float32 and rows is None and module.is_low_rank:
+        # The common case (fp32, plain LoRA): addmm writes the sum straight into a new tensor.
+        work = module.added(weight.view(weight.shape[0], -1), factor, dyn_dim).view(weight.shape)
+    else:
+        work, rest = weight.to(torch.float32, copy=True), items
+    for rows, module, factor, dyn_dim in rest:
         region = work if rows is None else work[rows[0]:rows[1]]
         module.add_to(region.view(region.shape[0], -1), factor, dyn_dim)
-    if work is not data:
-        data.copy_(work)
+    return work if work.dtype == weight.dtype else work.to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------

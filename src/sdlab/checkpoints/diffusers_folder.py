@@ -159,7 +159,8 @@ def _unet_json(cfg: UNetConfig, sample_size: int) -> dict:
     d = {
         "_class_name": "UNet2DConditionModel", "sample_size": sample_size,
         "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "block_out_channels": bo,
-        "layers_per_block": list(cfg.num_res_blocks),
+        # One number when uniform, as released configs have it (from_single_file needs that).
+        "layers_per_block": cfg.num_res_blocks[0] if len(set(cfg.num_res_blocks)) == 1 else list(cfg.num_res_blocks),
         "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_depth],
         "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(cfg.transformer_depth)],
         "mid_block_type": "UNetMidBlock2DCrossAttn" if cfg.transformer_depth_middle else "UNetMidBlock2D",

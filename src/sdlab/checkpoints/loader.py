@@ -155,9 +155,9 @@ def load_bundle(model: str | Path, device: str | torch.device | None = None, dty
         unet_sd, used_ema = _with_ema(sd, unet_sd)
 
     unet = _build(UNet, cfg.unet, unet_sd, dtype, "UNet", path)
-    # The VAE stays in fp32 on the CPU, where low precision costs accuracy for little speed.
-    vae_dtype = dtype if device.type == "cuda" else torch.float32
-    vae = _build(AutoencoderKL, cfg.vae, _take(sd, VAE_PREFIX), vae_dtype, "VAE", path)
+    # The VAE loads in the same dtype (no copy of an fp16 file); the pipeline upcasts it on
+    # the CPU at first use, where low precision costs accuracy for little speed.
+    vae = _build(AutoencoderKL, cfg.vae, _take(sd, VAE_PREFIX), dtype, "VAE", path)
     text_encoders = [_build(CLIPTextModel, te_cfg, _take(sd, slot.prefix), dtype, "text encoder", path)
                      for slot, te_cfg in zip(cfg.family.text_encoders, cfg.text_encoders)]
 
@@ -206,7 +206,7 @@ def _with_ema(sd: StateDict, unet_sd: dict[str, _Lazy]) -> tuple[dict[str, _Lazy
 def _build(cls, cfg, entries: dict[str, _Lazy], dtype: torch.dtype, what: str, path: Path) -> nn.Module:
     if not entries:
         raise SdlabError(f"{path}: has no {what} weights")
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init_on_meta():
         module = cls(cfg)
     ignored = [re.compile(p) for p in getattr(module, "IGNORED_KEYS", ())]
     expected = module.state_dict()
@@ -235,6 +235,25 @@ def _build(cls, cfg, entries: dict[str, _Lazy], dtype: torch.dtype, what: str, p
     module.load_state_dict(tensors, strict=True, assign=True)
     _materialize_buffers(module)
     return module
+
+
+def _skip_init_on_meta():
+    """Initialisers applied to meta tensors do nothing here: there is nothing to fill, and on
+    meta `normal_` alone costs a `torch._dynamo` import (about a second and 70 MiB)."""
+    from torch.overrides import TorchFunctionMode
+
+    inplace_inits = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_}
+
+    class SkipMetaInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in inplace_inits or getattr(func, "__module__", None) == "torch.nn.init":
+                target = args[0] if args else kwargs.get("tensor")  # nn.init passes it by keyword
+                if isinstance(target, torch.Tensor) and target.is_meta:
+                    return target
+            return func(*args, **kwargs)
+
+    return SkipMetaInit()
 
 
 def _materialize_buffers(module: nn.Module) -> None:

@@ -23,6 +23,12 @@ from .worker import Job
 log = logging.getLogger(__name__)
 
 
+def _log_load_failure(future) -> None:
+    # Nobody waits for the first load; say here why the first request will fail.
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("%s", future.exception())
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     """The app for one server. Raises SdlabError if --model names nothing."""
     state = ServerState(settings)
@@ -33,7 +39,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if state.selected is not None:
             # Load the first model in the worker, so the server answers at once and the
             # first generation waits for the load in the queue like any other job.
-            state.worker.submit(Job("load", state.selected))
+            job = state.worker.submit(Job("load", state.selected))
+            job.future.add_done_callback(_log_load_failure)
         else:
             log.warning("no checkpoint in %s; add one and POST /sdapi/v1/refresh-checkpoints",
                         state.catalog.root / "Stable-diffusion")

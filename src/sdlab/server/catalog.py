@@ -1,10 +1,12 @@
 """The models folder as the HTTP API sees it: checkpoints, LoRAs and embeddings by name.
 
-A thin adapter over `sdlab.models_dir.ModelsDir` (the models-folder module) when it is
-installed, with a small scan of its own otherwise, so the server does not depend on the
-order the two land in. Either way a name coming from a client is only ever *matched
-against the files found by scanning the folder*; it is never joined onto a path, so
-`../../etc/passwd` cannot name anything outside it.
+A thin adapter over `sdlab.models_dir.ModelsDir`, adding the web UI's view of a
+checkpoint (title "name.safetensors [hash]", model_name, aliases) and a listing that
+stays the same between rescans (POST refresh-checkpoints), as the web UI's does.
+
+A name from a client is first matched against the listed files, then resolved by
+`ModelsDir.resolve_checkpoint`, which refuses names that lead outside the folder; only
+a file that is in the listing is ever loaded.
 """
 
 from __future__ import annotations
@@ -16,15 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SdlabError
+from ..models_dir import KINDS, ModelsDir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
-
-# The web UI's folder names inside the models folder.
-CHECKPOINT_DIR, LORA_DIR, EMBEDDING_DIR = "Stable-diffusion", "Lora", "embeddings"
+CHECKPOINT_DIR = KINDS["checkpoint"].folder
 
 
 class NotFound(SdlabError):
@@ -33,9 +31,9 @@ class NotFound(SdlabError):
 
 @dataclass(frozen=True)
 class CheckpointEntry:
-    name: str  # path relative to Stable-diffusion/ with "/" separators, as the web UI shows it
+    name: str  # path relative to Stable-diffusion/ with "/" separators and the extension, as the web UI shows it
     path: Path
-    sha256: str | None = None  # known once the file was hashed (hashing a 2-7 GB file takes seconds)
+    sha256: str | None = None  # known once the file was hashed (a 2-7 GB file takes seconds)
 
     @property
     def model_name(self) -> str:
@@ -60,27 +58,9 @@ class CheckpointEntry:
 
 @dataclass(frozen=True)
 class FileEntry:
-    name: str  # stem, what a prompt tag or an embedding trigger uses
+    name: str  # file stem: what a <lora:NAME:1> tag or an embedding trigger uses
     path: Path
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-def _scan(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
-    return sorted(found, key=lambda p: str(p.relative_to(folder)).lower())
-
-
-def _as_path(item: object) -> Path:
-    """An item of ModelsDir's listings as a path: a Path, a str, or an object with `.path`."""
-    if isinstance(item, (str, os.PathLike)):
-        return Path(item)
-    for attr in ("path", "filename", "file"):
-        value = getattr(item, attr, None)
-        if isinstance(value, (str, os.PathLike)):
-            return Path(value)
-    raise TypeError(f"cannot read a path from {item!r}")
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -100,77 +80,62 @@ class ModelCatalog:
     """Thread-safe listing of one models folder, rescanned on `refresh()`."""
 
     def __init__(self, root: Path, extra_checkpoint: Path | None = None):
-        self.root = Path(root).expanduser().resolve()
-        # A checkpoint file the operator named on the command line (trusted, may live elsewhere).
+        self.models = ModelsDir(root)
+        self.root = self.models.root.resolve()
+        # A checkpoint the operator named by path on the command line (trusted; may live
+        # elsewhere), or the built-in demo model.
         self.extra_checkpoint = extra_checkpoint.resolve() if extra_checkpoint is not None else None
         self._lock = threading.Lock()
         self._hashes: dict[Path, str] = {}
         self._checkpoints: list[CheckpointEntry] = []
-        self._models_dir = self._open_models_dir()
         self.refresh()
-
-    def _open_models_dir(self):
-        try:
-            from ..models_dir import ModelsDir
-        except ImportError:
-            return None
-        try:
-            return ModelsDir(self.root)
-        except Exception as e:
-            log.warning("models folder %s: %s; using the server's own scan", self.root, e)
-            return None
 
     # -- checkpoints ------------------------------------------------------------
 
-    def _checkpoint_files(self) -> list[Path]:
-        if self._models_dir is not None and hasattr(self._models_dir, "list_checkpoints"):
-            try:
-                return [_as_path(x) for x in self._models_dir.list_checkpoints()]
-            except Exception as e:
-                log.warning("ModelsDir.list_checkpoints failed (%s); using the server's own scan", e)
-        return _scan(self.root / CHECKPOINT_DIR, CHECKPOINT_SUFFIXES)
-
     def refresh(self) -> None:
-        folder = self.root / CHECKPOINT_DIR
+        folder = self.models.folder("checkpoint")
         entries = []
-        for path in self._checkpoint_files():
-            path = path if path.is_absolute() else folder / path
-            try:
-                name = path.relative_to(folder).as_posix()
-            except ValueError:
-                name = path.name
+        for m in self.models.list_checkpoints():
+            # ModelFile.name has no extension; the web UI's checkpoint name keeps it.
+            name = m.name + (m.path.suffix if m.path.is_file() else "")
+            path = m.path.resolve()
             entries.append(CheckpointEntry(name, path, self._hashes.get(path)))
         if self.extra_checkpoint is not None and all(e.path != self.extra_checkpoint for e in entries):
             p = self.extra_checkpoint
             entries.insert(0, CheckpointEntry(p.name, p, self._hashes.get(p)))
         with self._lock:
             self._checkpoints = entries
+        log.debug("%d checkpoints in %s", len(entries), folder)
 
     def checkpoints(self) -> list[CheckpointEntry]:
         with self._lock:
             return list(self._checkpoints)
 
     def find_checkpoint(self, name: str) -> CheckpointEntry:
-        """The checkpoint a client named: file name, title, model name or hash."""
+        """The checkpoint a client named: file name, title, model name, hash, or anything
+        `ModelsDir.resolve_checkpoint` accepts; never a file outside the listing."""
         wanted = name.strip()
         entries = self.checkpoints()
         for entry in entries:
             if wanted in entry.names():
                 return entry
-        # "name [hash]" with a hash we have not computed yet
-        if wanted.endswith("]") and " [" in wanted:
-            base = wanted.rsplit(" [", 1)[0]
-            for entry in entries:
-                if base in entry.names():
-                    return entry
-        listed = ", ".join(e.name for e in entries) or f"none; put checkpoints in {self.root / CHECKPOINT_DIR}"
-        raise NotFound(f"no checkpoint named {name!r} in the models folder; available: {listed}")
+        try:
+            path = self.models.resolve_checkpoint(wanted).resolve()
+        except SdlabError as e:  # ModelsDir's message lists what is there, or says why the name is refused
+            raise NotFound(f"no checkpoint named {name!r} in the models folder: {e}") from None
+        for entry in entries:
+            if entry.path == path:
+                return entry
+        raise NotFound(f"checkpoint {name!r} is not in the listing yet; POST /sdapi/v1/refresh-checkpoints")
 
-    def set_hash(self, path: Path, sha256: str) -> None:
+    def sha256(self, entry: CheckpointEntry) -> str:
+        """Hash a checkpoint file (cached by ModelsDir across runs) and remember it for the listing."""
+        sha = self._hashes.get(entry.path) or self.models.sha256(entry.path)
         with self._lock:
-            self._hashes[path] = sha256
-            self._checkpoints = [CheckpointEntry(e.name, e.path, sha256) if e.path == path else e
+            self._hashes[entry.path] = sha
+            self._checkpoints = [CheckpointEntry(e.name, e.path, sha) if e.path == entry.path else e
                                  for e in self._checkpoints]
+        return sha
 
     def default_checkpoint(self) -> CheckpointEntry | None:
         entries = self.checkpoints()
@@ -178,16 +143,8 @@ class ModelCatalog:
 
     # -- LoRAs and embeddings ------------------------------------------------------
 
-    def _listed(self, method: str, folder: str, suffixes: tuple[str, ...]) -> list[Path]:
-        if self._models_dir is not None and hasattr(self._models_dir, method):
-            try:
-                return [_as_path(x) for x in getattr(self._models_dir, method)()]
-            except Exception as e:
-                log.warning("ModelsDir.%s failed (%s); using the server's own scan", method, e)
-        return _scan(self.root / folder, suffixes)
-
     def loras(self) -> list[FileEntry]:
-        return [FileEntry(p.stem, p, _safetensors_metadata(p)) for p in self._listed("list_loras", LORA_DIR, LORA_SUFFIXES)]
+        return [FileEntry(m.path.stem, m.path, _safetensors_metadata(m.path)) for m in self.models.list_loras()]
 
     def embeddings(self) -> list[FileEntry]:
-        return [FileEntry(p.stem, p) for p in self._listed("list_embeddings", EMBEDDING_DIR, EMBEDDING_SUFFIXES)]
+        return [FileEntry(m.path.stem, m.path) for m in self.models.list_embeddings()]

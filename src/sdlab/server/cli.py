@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--models-dir", default=os.environ.get("SDLAB_MODELS_DIR", "models"),
-                   help="models folder with Stable-diffusion/, Lora/, embeddings/ (default $SDLAB_MODELS_DIR or ./models)")
+                   help="models folder with Stable-diffusion/, Lora/, embeddings/ "
+                        "(default $SDLAB_MODELS_DIR or ./models)")
     p.add_argument("--model", help="checkpoint to load first: a name in the models folder or a file path")
     p.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]",
                    help="require HTTP Basic auth with one of these credentials on every route")
@@ -29,7 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", help="weight dtype: fp16, bf16, fp32 (default fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); 1 is often "
                    "fastest for small models on a busy machine")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"most width x height per image (default {d.max_pixels})")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"most width x height per image (default {d.max_pixels})")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"most sampling steps (default {d.max_steps})")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"most images per request, batch_size x n_iter (default {d.max_batch})")

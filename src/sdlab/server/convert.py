@@ -72,7 +72,8 @@ def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
         raise TooLarge(f"{what}: its header claims far more pixels than this server accepts "
                        f"({limits.max_image_pixels}); refused as a decompression bomb") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise BadInput(f"{what}: not a readable image ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise BadInput(f"{what}: not a readable image ({reason})") from None
     return img
 
 
@@ -189,7 +190,8 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     return Prepared(gen, checkpoint, notes, ignored, sampler_info.name)
 
 
-def _img2img_fields(body: Img2ImgRequest, gen: GenerationRequest, limits: Limits, notes: list[str]) -> GenerationRequest:
+def _img2img_fields(body: Img2ImgRequest, gen: GenerationRequest, limits: Limits,
+                    notes: list[str]) -> GenerationRequest:
     init = decode_image(body.init_images[0], "init_images[0]", limits)
     if len(body.init_images) > 1:
         notes.append("only the first of init_images is used")

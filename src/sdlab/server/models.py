@@ -22,53 +22,69 @@ class GenerationFields(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str = Field("", description="What to draw. Web UI syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:1>.")
+    prompt: str = Field("",
+                        description="What to draw. Web UI syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:1>.")
     negative_prompt: str = Field("", description="What to steer away from.")
     styles: list[str] | None = Field(None, description="Saved prompt styles (not implemented; ignored).")
-    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="Seed of the first image; -1 picks one at random. Image i of a batch uses seed + i.")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED,
+                      description="Seed of the first image; -1 picks one at random. Image i of a batch uses seed + i.")
     subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="Variation seed; -1 picks one at random.")
-    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="How far to move toward the variation seed's noise (0 = none).")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                                    description="How far to move toward the variation seed's noise (0 = none).")
     seed_resize_from_h: int = Field(-1, description="Seed resize from height (not implemented; ignored).")
     seed_resize_from_w: int = Field(-1, description="Seed resize from width (not implemented; ignored).")
-    sampler_name: str | None = Field(None, description="Sampler, e.g. 'Euler a', 'DPM++ 2M'; the pre-1.9 combined names ('DPM++ 2M Karras') work too. See GET /sdapi/v1/samplers.")
-    sampler_index: int | str = Field("Euler", description="Deprecated alias of sampler_name, used when sampler_name is not given.")
-    scheduler: str | None = Field(None, description="Schedule type, e.g. 'Karras', 'Exponential'; default 'Automatic' (the sampler's own). See GET /sdapi/v1/schedulers.")
+    sampler_name: str | None = Field(None,
+        description="Sampler, e.g. 'Euler a', 'DPM++ 2M'; the pre-1.9 combined names ('DPM++ 2M Karras') work too. "
+                    "See GET /sdapi/v1/samplers.")
+    sampler_index: int | str = Field("Euler",
+        description="Deprecated alias of sampler_name, used when sampler_name is not given.")
+    scheduler: str | None = Field(None,
+        description="Schedule type, e.g. 'Karras', 'Exponential'; default 'Automatic' (the sampler's own). See GET "
+                    "/sdapi/v1/schedulers.")
     batch_size: int = Field(1, ge=1, description="Images per batch (made together).")
     n_iter: int = Field(1, ge=1, description="Batch count: batches made one after another.")
     steps: int = Field(50, ge=1, description="Sampling steps.")
-    cfg_scale: float = Field(7.0, ge=0.0, description="Classifier-free guidance scale.")
+    cfg_scale: float = Field(7.0, ge=0.0, allow_inf_nan=False, description="Classifier-free guidance scale.")
     width: int = Field(512, ge=8, description="Image width in pixels, a multiple of 8.")
     height: int = Field(512, ge=8, description="Image height in pixels, a multiple of 8.")
     restore_faces: bool | None = Field(None, description="Face restoration (not implemented; ignored).")
     tiling: bool | None = Field(None, description="Tileable images (not implemented; ignored).")
-    do_not_save_samples: bool = Field(False, description="sdlab's server never saves images to disk; accepted for compatibility.")
+    do_not_save_samples: bool = Field(False,
+        description="sdlab's server never saves images to disk; accepted for compatibility.")
     do_not_save_grid: bool = Field(False, description="sdlab's server never saves grids; accepted for compatibility.")
-    eta: float | None = Field(None, ge=0.0, description="Noise multiplier of ancestral / SDE samplers (None: the sampler's default).")
+    eta: float | None = Field(None, ge=0.0, allow_inf_nan=False,
+                              description="Noise multiplier of ancestral / SDE samplers (None: the sampler's default).")
     s_min_uncond: float | None = Field(None, description="Negative guidance minimum sigma (not implemented; ignored).")
     s_churn: float | None = Field(None, description="Sigma churn (not implemented; ignored).")
     s_tmax: float | None = Field(None, description="Sigma tmax (not implemented; ignored).")
     s_tmin: float | None = Field(None, description="Sigma tmin (not implemented; ignored).")
     s_noise: float | None = Field(None, description="Sigma noise (not implemented; ignored).")
-    override_settings: dict[str, Any] = Field(default_factory=dict, description="Options for this request only: sd_model_checkpoint, CLIP_stop_at_last_layers, randn_source.")
-    override_settings_restore_afterwards: bool = Field(True, description="sdlab always restores; overrides apply to this request only.")
+    override_settings: dict[str, Any] = Field(default_factory=dict,
+        description="Options for this request only: sd_model_checkpoint, CLIP_stop_at_last_layers, randn_source.")
+    override_settings_restore_afterwards: bool = Field(True,
+        description="sdlab always restores; overrides apply to this request only.")
     refiner_checkpoint: str | None = Field(None, description="SDXL refiner (not implemented; ignored).")
     refiner_switch_at: float | None = Field(None, description="SDXL refiner switch point (not implemented; ignored).")
     disable_extra_networks: bool = Field(False, description="Ignore <lora:...> tags in the prompt.")
     comments: dict[str, Any] | None = Field(None, description="Free-form comments (ignored).")
-    force_task_id: str | None = Field(None, description="Task id to report in progress (accepted; sdlab makes its own).")
+    force_task_id: str | None = Field(None,
+                                      description="Task id to report in progress (accepted; sdlab makes its own).")
     script_name: str | None = Field(None, description="Web UI script (not implemented; ignored).")
     script_args: list[Any] = Field(default_factory=list, description="Arguments of script_name (ignored).")
     send_images: bool = Field(True, description="Return the images in the response.")
     save_images: bool = Field(False, description="Save images on the server (not implemented; ignored).")
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Extension scripts such as ControlNet (not implemented; ignored).")
-    infotext: str | None = Field(None, description="Infotext (PNG parameters) whose values fill every field the request leaves unset.")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict,
+        description="Extension scripts such as ControlNet (not implemented; ignored).")
+    infotext: str | None = Field(None,
+        description="Infotext (PNG parameters) whose values fill every field the request leaves unset.")
 
 
 class Txt2ImgRequest(GenerationFields):
     """POST /sdapi/v1/txt2img (`StableDiffusionProcessingTxt2Img`)."""
 
     enable_hr: bool = Field(False, description="Hires fix (not implemented; ignored).")
-    denoising_strength: float | None = Field(0.75, ge=0.0, le=1.0, description="Hires fix denoising strength (hires fix is not implemented).")
+    denoising_strength: float | None = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False,
+                                             description="Hires fix denoising strength (hires fix is not implemented).")
     firstphase_width: int = Field(0, description="Hires fix (ignored).")
     firstphase_height: int = Field(0, description="Hires fix (ignored).")
     hr_scale: float = Field(2.0, description="Hires fix (ignored).")
@@ -87,17 +103,23 @@ class Txt2ImgRequest(GenerationFields):
 class Img2ImgRequest(GenerationFields):
     """POST /sdapi/v1/img2img (`StableDiffusionProcessingImg2Img`); a mask makes it inpainting."""
 
-    init_images: list[str] = Field(..., min_length=1, description="Base64 images (PNG/JPEG/WebP; a data: URL prefix is fine). The first is used.")
+    init_images: list[str] = Field(..., min_length=1,
+        description="Base64 images (PNG/JPEG/WebP; a data: URL prefix is fine). The first is used.")
     resize_mode: int = Field(0, ge=0, le=3, description="0: just resize (others not implemented).")
-    denoising_strength: float = Field(0.75, ge=0.0, le=1.0, description="How much to change the image: 0 keeps it, 1 replaces it.")
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False,
+                                      description="How much to change the image: 0 keeps it, 1 replaces it.")
     image_cfg_scale: float | None = Field(None, description="Instruct-pix2pix image CFG (not implemented; ignored).")
     mask: str | None = Field(None, description="Base64 mask, white = repaint; makes the request inpainting.")
-    mask_blur_x: int = Field(4, ge=0, description="Mask blur, horizontal (sdlab blurs evenly: it uses mask_blur, else this).")
+    mask_blur_x: int = Field(4, ge=0,
+                             description="Mask blur, horizontal (sdlab blurs evenly: it uses mask_blur, else this).")
     mask_blur_y: int = Field(4, ge=0, description="Mask blur, vertical.")
     mask_blur: int | None = Field(None, ge=0, description="Mask blur in pixels for both directions.")
     mask_round: bool = Field(True, description="Round the mask to 0/1 in latent space (accepted).")
-    inpainting_fill: int = Field(0, ge=0, le=3, description="Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing. sdlab starts from the original (1).")
-    inpaint_full_res: bool | int = Field(True, description="Inpaint area 'Only masked': work on the padded box around the mask at full resolution.")
+    inpainting_fill: int = Field(0, ge=0, le=3,
+        description="Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing. sdlab starts from the "
+                    "original (1).")
+    inpaint_full_res: bool | int = Field(True,
+        description="Inpaint area 'Only masked': work on the padded box around the mask at full resolution.")
     inpaint_full_res_padding: int = Field(0, ge=0, description="Padding around the mask for 'Only masked', in pixels.")
     inpainting_mask_invert: int | bool = Field(0, ge=0, le=1, description="1: repaint what the mask leaves black.")
     initial_noise_multiplier: float | None = Field(None, description="Not implemented; ignored.")
@@ -106,9 +128,12 @@ class Img2ImgRequest(GenerationFields):
 
 
 class GenerationResponse(BaseModel):
-    images: list[str] = Field(description="Generated images, base64 PNG; each carries its infotext in the 'parameters' text chunk.")
+    images: list[str] = Field(
+        description="Generated images, base64 PNG; each carries its infotext in the 'parameters' text chunk.")
     parameters: dict[str, Any] = Field(description="The request, echoed back.")
-    info: str = Field(description="JSON string: infotexts, all_seeds, all_prompts, seed, width, height, sampler_name, ... (the web UI's Processed.js()).")
+    info: str = Field(
+        description="JSON string: infotexts, all_seeds, all_prompts, seed, width, height, sampler_name, ... "
+                    "(the web UI's Processed.js()).")
 
 
 class TextToImageResponse(GenerationResponse):
@@ -122,7 +147,9 @@ class ImageToImageResponse(GenerationResponse):
 class ProgressResponse(BaseModel):
     progress: float = Field(description="Progress of the running job, 0..1.")
     eta_relative: float = Field(description="Estimated seconds left.")
-    state: dict[str, Any] = Field(description="skipped, interrupted, job, job_count, job_timestamp, job_no, sampling_step, sampling_steps, queued.")
+    state: dict[str, Any] = Field(
+        description="skipped, interrupted, job, job_count, job_timestamp, job_no, sampling_step, sampling_steps, "
+                    "queued.")
     current_image: str | None = Field(None, description="A preview of the image being made, base64 PNG.")
     textinfo: str | None = Field(None, description="A line about what the server is doing.")
 
@@ -142,9 +169,11 @@ class SchedulerItem(BaseModel):
 
 
 class SDModelItem(BaseModel):
-    title: str = Field(description="'name.safetensors [hash]' once the hash is known; what options.sd_model_checkpoint takes.")
+    title: str = Field(
+        description="'name.safetensors [hash]' once the hash is known; what options.sd_model_checkpoint takes.")
     model_name: str
-    hash: str | None = Field(description="Short hash: first 10 hex digits of the file's SHA-256 (known after first load).")
+    hash: str | None = Field(
+        description="Short hash: first 10 hex digits of the file's SHA-256 (known after first load).")
     sha256: str | None
     filename: str
     config: str | None = None
@@ -177,7 +206,8 @@ class PNGInfoRequest(BaseModel):
 class PNGInfoResponse(BaseModel):
     info: str = Field(description="The infotext ('parameters' chunk), '' if none.")
     items: dict[str, Any] = Field(description="The image's other text chunks.")
-    parameters: dict[str, Any] = Field(description="The infotext parsed into fields (Prompt, Negative prompt, Steps, Sampler, ...).")
+    parameters: dict[str, Any] = Field(
+        description="The infotext parsed into fields (Prompt, Negative prompt, Steps, Sampler, ...).")
 
 
 class MemoryResponse(BaseModel):

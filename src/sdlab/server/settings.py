@@ -36,7 +36,8 @@ class ServerSettings:
         # compare_digest on every pair, so the time taken does not tell which part was wrong
         ok = False
         for u, p in self.api_auth:
-            ok |= secrets.compare_digest(u.encode(), user.encode()) & secrets.compare_digest(p.encode(), password.encode())
+            same_user = secrets.compare_digest(u.encode(), user.encode())
+            ok |= same_user & secrets.compare_digest(p.encode(), password.encode())
         return ok
 
 

@@ -37,7 +37,7 @@ class ServerState:
         # when the folder has no checkpoint.
         if settings.model is not None:
             p = Path(settings.model).expanduser()
-            return p if p.is_file() else None
+            return p if p.is_file() or (p / "model_index.json").is_file() else None
         return None
 
     def _initial_checkpoint(self, settings: ServerSettings, extra: Path | None) -> CheckpointEntry | None:
@@ -57,15 +57,14 @@ class ServerState:
         return entry
 
     def _load_pipeline(self, entry: CheckpointEntry):
-        from ..checkpoints.loader import file_sha256, load_bundle
+        from ..checkpoints.loader import load_bundle
         from ..pipeline import Pipeline
 
         dtype = _torch_dtype(self.settings.dtype)
         bundle = load_bundle(entry.path, device=self.settings.device, dtype=dtype)
         if entry.path.is_file():
-            sha = entry.sha256 or file_sha256(entry.path)
-            self.catalog.set_hash(entry.path, sha)
-            # The bundle would hash the file again for its infotext; hand it the short hash we have.
+            sha = self.catalog.sha256(entry)
+            # The bundle would hash the file again for its infotext; hand it the hash we have.
             bundle._hash = sha[:10]
         return Pipeline(bundle)
 

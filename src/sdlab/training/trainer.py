@@ -20,7 +20,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -417,7 +416,7 @@ class Trainer:
 
     def _finish_vae_phase(self, batches) -> None:
         """Rescale the trained VAE to unit-spread latents, freeze it, start the diffusion phase."""
-        cfg, vae = self.cfg, self.bundle.vae
+        vae = self.bundle.vae
         vae.eval()
         with torch.no_grad():
             # The spread of the latents over the first few batches of this epoch (same on every rank).
@@ -624,7 +623,7 @@ class Trainer:
             "ss_output_name": cfg.output_name,
             "ss_network_train_unet_only": str(not lc.train_text_encoder),
             "ss_network_train_text_encoder_only": str(not lc.train_unet),
-            "modelspec.architecture": f"stable-diffusion-v1/lora" if self.bundle.family.name.startswith("sd1")
+            "modelspec.architecture": "stable-diffusion-v1/lora" if self.bundle.family.name.startswith("sd1")
             else "stable-diffusion-v2/lora",
             "modelspec.implementation": "sdlab",
             "modelspec.title": cfg.output_name,

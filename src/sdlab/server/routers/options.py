@@ -22,12 +22,12 @@ async def get_options(state: ServerState = Depends(get_state)):
 async def set_options(request: Request, body: dict[str, Any] = Body(...), state: ServerState = Depends(get_state)):
     """Options sdlab does not have are ignored, as in the web UI. A new sd_model_checkpoint is
     loaded by the worker between jobs: jobs queued before keep the model they asked for."""
+    name = body.get("sd_model_checkpoint")
+    entry = state.catalog.find_checkpoint(str(name)) if name is not None else None  # 404 before changing anything
     for key, value in body.items():
         if key != "sd_model_checkpoint":
             state.set_option(key, value)
-    name = body.get("sd_model_checkpoint")
-    if name is not None:
-        entry = state.catalog.find_checkpoint(str(name))
+    if entry is not None:
         try:
             await run_job(Job("load", entry), state, request)
         except ClientGone:

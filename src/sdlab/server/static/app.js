@@ -141,6 +141,7 @@ function setInitImage(img) {
   $("width").value = Math.max(64, Math.round(img.naturalWidth / 8) * 8);
   $("height").value = Math.max(64, Math.round(img.naturalHeight / 8) * 8);
   $("dropzone-init").querySelector(".hint").hidden = true;
+  $("canvas-wrap").hidden = false;
 }
 
 function sizeMaskCanvas() {
