@@ -561,7 +561,7 @@ def test_lora_state_merges_only_on_change(tmp_path, monkeypatch, tiny):
     import sdlab.lora as lora_module
 
     bundle = tiny("sd1")
-    path = _kohya_file(tmp_path, bundle)
+    _kohya_file(tmp_path, bundle)  # good.safetensors, named by the prompt below
     snapshot = _snapshot(bundle)
     calls = []
     real = lora_module.apply_loras

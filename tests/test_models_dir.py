@@ -89,7 +89,7 @@ def test_names_leading_outside_are_refused(models, name):
 
 
 def test_hashes_and_their_cache(models, monkeypatch):
-    import sdlab.checkpoints.loader as loader
+    from sdlab.checkpoints import loader
 
     path = models.resolve_checkpoint("v1-5-pruned-emaonly")
     expected = hashlib.sha256(b"checkpoint one").hexdigest()
@@ -145,31 +145,29 @@ def test_module_import_is_light():
 
 
 def test_separate_vae_file(tmp_path):
-    bundle, other = tiny_bundle("sd1"), tiny_bundle("sd1", seed=5)
-    wanted = other.vae.state_dict()
-    vae_only = {k: v.clone() for k, v in wanted.items()}
+    bundle = tiny_bundle("sd1")
+    original = {k: v.clone() for k, v in bundle.vae.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    wanted = {k: torch.randn(v.shape, generator=g) for k, v in original.items()}
     # Released VAE .ckpt/.safetensors: no prefix, with training leftovers.
-    save_safetensors({**vae_only, "loss.logvar": torch.zeros(()), "model_ema.decay": torch.ones(())},
+    save_safetensors({**wanted, "loss.logvar": torch.zeros(()), "model_ema.decay": torch.ones(())},
                      tmp_path / "plain.safetensors")
-    save_safetensors({f"first_stage_model.{k}": v for k, v in vae_only.items()}, tmp_path / "prefixed.safetensors")
-    save_safetensors(vae_to_diffusers(vae_only, bundle.config.vae), tmp_path / "diffusers.safetensors")
-    torch.save({"state_dict": vae_only}, tmp_path / "old.pt")
+    save_safetensors({f"first_stage_model.{k}": v for k, v in wanted.items()}, tmp_path / "prefixed.safetensors")
+    save_safetensors(vae_to_diffusers(wanted, bundle.config.vae), tmp_path / "diffusers.safetensors")
+    torch.save({"state_dict": wanted}, tmp_path / "old.pt")
     unet_before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
     for name in ("plain.safetensors", "prefixed.safetensors", "diffusers.safetensors", "old.pt"):
-        fresh = tiny_bundle("sd1")
-        load_vae_into(fresh, tmp_path / name)
-        for k, v in fresh.vae.state_dict().items():
+        bundle.vae.load_state_dict(original)
+        load_vae_into(bundle, tmp_path / name)
+        for k, v in bundle.vae.state_dict().items():
             assert torch.equal(v, wanted[k]), (name, k)
-    load_vae_into(bundle, tmp_path / "plain.safetensors")
     assert all(torch.equal(v, unet_before[k]) for k, v in bundle.unet.state_dict().items())
 
     # A VAE of another shape: one clear error, the model's VAE unchanged.
-    sd2_vae = tiny_bundle("sd2").vae.state_dict()
-    save_safetensors({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in sd2_vae.items()}, tmp_path / "big.safetensors")
-    before = {k: v.clone() for k, v in bundle.vae.state_dict().items()}
+    save_safetensors({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in wanted.items()}, tmp_path / "big.safetensors")
     with pytest.raises(SdlabError, match="another model family"):
         load_vae_into(bundle, tmp_path / "big.safetensors")
     save_safetensors({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "partial.safetensors")
     with pytest.raises(SdlabError, match="not a VAE"):
         load_vae_into(bundle, tmp_path / "partial.safetensors")
-    assert all(torch.equal(v, before[k]) for k, v in bundle.vae.state_dict().items())
+    assert all(torch.equal(v, wanted[k]) for k, v in bundle.vae.state_dict().items())

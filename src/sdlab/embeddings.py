@@ -163,7 +163,7 @@ def _read_pickle(path: Path) -> object:
             raise SdlabError(f"{path}: refused: loading this pickle would run code ({what}); sdlab never runs code "
                              "from embedding files. Use a .safetensors version") from None
         raise SdlabError(f"{path}: not a readable PyTorch file ({_first_line(e)})") from None
-    except Exception as e:  # a damaged file fails anywhere inside the unpickler
+    except Exception as e:  # noqa: BLE001 - a damaged file fails anywhere inside the unpickler
         raise SdlabError(f"{path}: not a readable PyTorch file ({_first_line(e)})") from None
 
 

@@ -102,13 +102,18 @@ class ModelConfig:
         return self.family.prediction
 
     def to_json(self) -> str:
-        return json.dumps({"family": self.family.name, "unet": asdict(self.unet), "vae": asdict(self.vae),
+        return json.dumps({"family": self.family.name, "prediction": self.family.prediction,
+                           "default_size": self.family.default_size, "latent_scale": self.family.latent_scale,
+                           "unet": asdict(self.unet), "vae": asdict(self.vae),
                            "text_encoders": [asdict(c) for c in self.text_encoders]})
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         d = json.loads(text)
-        return cls(FAMILIES[d["family"]], _dataclass_from_dict(UNetConfig, d["unet"]),
+        family = FAMILIES[d["family"]]
+        # Our own files may differ from the family's defaults (the demo model is 64x64).
+        family = replace(family, **{k: d[k] for k in ("prediction", "default_size", "latent_scale") if k in d})
+        return cls(family, _dataclass_from_dict(UNetConfig, d["unet"]),
                    _dataclass_from_dict(VAEConfig, d["vae"]),
                    tuple(_dataclass_from_dict(CLIPTextConfig, c) for c in d["text_encoders"]))
 

@@ -241,13 +241,12 @@ def _lokr_delta(w: Mapping[str, Tensor]) -> Tensor:
     return torch.kron(w1, w2)
 
 
-_DELTA_ROLES: dict[Kind, tuple[frozenset[str], frozenset[str]]] = {
-    # kind: (required roles, optional roles)
-    "lora": (frozenset({"lora_down.weight", "lora_up.weight"}), frozenset({"lora_mid.weight"})),
-    "loha": (frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}), frozenset({"hada_t1", "hada_t2"})),
-    "lokr": (frozenset(), frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                                     "lokr_t2"})),
-    "full": (frozenset({"diff"}), frozenset()),
+# The factors each kind cannot do without (LoKr: w1 and w2, each whole or as _a @ _b, checked apart).
+_REQUIRED_ROLES: dict[Kind, frozenset[str]] = {
+    "lora": frozenset({"lora_down.weight", "lora_up.weight"}),
+    "loha": frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
+    "lokr": frozenset(),
+    "full": frozenset({"diff"}),
 }
 
 
@@ -401,8 +400,7 @@ def _kind_of(roles: Iterable[str]) -> Kind | None:
 
 
 def _check_roles(kind: Kind, roles: set[str], where: str) -> None:
-    required, _ = _DELTA_ROLES[kind]
-    missing = sorted(required - roles)
+    missing = sorted(_REQUIRED_ROLES[kind] - roles)
     if kind == "lokr":
         for w in ("lokr_w1", "lokr_w2"):
             if w not in roles and not {w + "_a", w + "_b"} <= roles:

@@ -322,7 +322,7 @@ def read_vae(path: str | os.PathLike, cfg: VAEConfig) -> dict[str, Tensor]:
     from .checkpoints.io import read_state_dict
 
     sd = read_state_dict(path)
-    keys = [k for k in sd.keys() if not k.startswith(_VAE_DROPPED)]
+    keys = [k for k in sd if not k.startswith(_VAE_DROPPED)]
     if any(k.startswith(_VAE_PREFIX) for k in keys):
         tensors = {k[len(_VAE_PREFIX):]: sd[k] for k in keys if k.startswith(_VAE_PREFIX)}
     else:

@@ -180,7 +180,7 @@ def test_lora_file_format_and_base_unchanged(tmp_path, shapes, base_model):
         alpha = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha")
         up = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight")
     for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
-                 "lora_unet_mid_block_attentions_0_proj_in", "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_ff_net_2",
+                 "lora_unet_mid_block_attentions_0_proj_in", "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_ff_net_2",
                  "lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_up_blocks_0_upsamplers_0_conv",
                  "lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_1_mlp_fc2"):
         assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= keys, name

@@ -16,6 +16,7 @@ together on its latents.
 
 from __future__ import annotations
 
+
 import csv
 import json
 import logging
@@ -210,6 +211,8 @@ class Trainer:
             mcfg = model_preset(cfg.model)
             if cfg.prediction:
                 mcfg = with_prediction(mcfg, cfg.prediction)
+            # A new model's natural size is the size it is trained at (saved in its config).
+            mcfg = replace(mcfg, family=replace(mcfg.family, default_size=cfg.data.resolution))
             bundle = new_bundle(mcfg, seed=cfg.seed, name=cfg.output_name)
         else:
             bundle = load_bundle(cfg.base_model, device="cpu", dtype=torch.float32, prediction=cfg.prediction)

@@ -1,0 +1,187 @@
+"""Where the networks run and in which precision: device choice, the CPU's fastest
+dtype, thread count, and the `sdlab info --device` text.
+
+Nothing here runs at import; the CLI and the server call `configure_threads()` once
+at start-up and `choose_device` / `default_dtype` when they load a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import SdlabError
+
+log = logging.getLogger(__name__)
+
+# Set by the user (or a launcher such as torchrun) to fix the thread count; we never override them.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# CPU flags that mean bf16 matrix maths runs in hardware: AVX512-BF16 (Cooper Lake and later)
+# and AMX (Sapphire Rapids and later). Without them bf16 is emulated and slower than fp32.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+# ---------------------------------------------------------------- the CPU
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (or of `cpuinfo`, a text in its format).
+
+    Empty where the file does not exist (macOS, Windows): callers then fall back to fp32.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = _CPUINFO.read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / ARM spelling
+            return frozenset(value.split())
+    return frozenset()
+
+
+def best_cpu_dtype(flags: Iterable[str] | None = None) -> torch.dtype:
+    """bf16 when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), else fp32.
+
+    Args:
+        flags: CPU feature flags; default: read from /proc/cpuinfo.
+    """
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    return torch.bfloat16 if flags & BF16_FLAGS else torch.float32
+
+
+def physical_cores(cpuinfo: str | None = None) -> int:
+    """Physical cores this process may run on (hyper-threads share one core's FMA units,
+    so a second thread per core only adds contention to matrix-bound work)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    if cpuinfo is None:
+        try:
+            cpuinfo = _CPUINFO.read_text()
+        except OSError:
+            return allowed
+    cores, physical, logical = set(), "0", 0
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "processor":
+            logical += 1
+        elif key == "physical id":
+            physical = value.strip()
+        elif key == "core id":
+            cores.add((physical, value.strip()))
+    if not cores or logical == 0:
+        return allowed
+    # The affinity mask counts logical CPUs; scale it by the machine's threads per core.
+    threads_per_core = max(1, logical // len(cores))
+    return max(1, min(len(cores), allowed // threads_per_core))
+
+
+def configure_threads(env: Mapping[str, str] | None = None, cpuinfo: str | None = None) -> int | None:
+    """Use one intra-op thread per physical core unless the user chose a count.
+
+    Call once at start-up (the CLI and server do). Returns the count set, or None when
+    OMP_NUM_THREADS / MKL_NUM_THREADS is set and torch's own choice is kept.
+    """
+    env = os.environ if env is None else env
+    if any(env.get(name) for name in THREAD_ENV_VARS):
+        return None
+    n = physical_cores(cpuinfo)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+        log.debug("torch intra-op threads: %d (one per physical core)", n)
+    return n
+
+
+# ---------------------------------------------------------------- the device
+
+
+def choose_device(name: str | torch.device | None = None) -> torch.device:
+    """The device to run on: `name` when given ("cpu", "cuda", "cuda:1", "mps"), else CUDA
+    when available, else the CPU.
+
+    Raises:
+        SdlabError: the named device does not exist on this machine.
+    """
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SdlabError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SdlabError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SdlabError(f"device {name!r} asked for, but there are {torch.cuda.device_count()} CUDA GPUs")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SdlabError("device 'mps' asked for, but this torch has no Metal support; use --device cpu")
+    return device
+
+
+def default_dtype(device: torch.device, flags: Iterable[str] | None = None) -> torch.dtype:
+    """Weight dtype of the UNet and text encoders when the user gives none.
+
+    CUDA and MPS: fp16 (every SD checkpoint is trained to run in it; its VAE is guarded,
+    see `perf.vae_dtype`). CPU: `best_cpu_dtype()`.
+    """
+    if device.type in ("cuda", "mps"):
+        return torch.float16
+    return best_cpu_dtype(flags)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def describe(device: torch.device | None = None) -> str:
+    """Several lines for `sdlab info --device`: the device, what the CPU offers and the
+    dtypes sdlab would choose."""
+    # Imported here: perf imports this module.
+    from .perf import vae_dtype
+
+    device = choose_device(device)
+    flags = cpu_flags()
+    dtype = default_dtype(device, flags)
+    rows = [("device", str(device)), ("torch", torch.__version__)]
+    cpu_name = _cpu_model()
+    if cpu_name:
+        rows.append(("CPU", cpu_name))
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+    rows.append(("CPU features", " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"))
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    rows.append(("CPU kernels", f"{capability}, oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}"))
+    rows.append(("threads", f"{torch.get_num_threads()} (physical cores: {physical_cores()}"
+                 f"{', set by ' + ', '.join(v for v in THREAD_ENV_VARS if os.environ.get(v)) if any(os.environ.get(v) for v in THREAD_ENV_VARS) else ''})"))
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        rows.append(("GPU", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, compute {props.major}.{props.minor}"))
+        rows.append(("GPU bf16", "yes" if torch.cuda.is_bf16_supported() else "no"))
+    why = ""
+    if device.type == "cpu":
+        why = " (CPU has AVX512-BF16/AMX)" if dtype == torch.bfloat16 else " (no bf16 in hardware)"
+    rows.append(("UNet / text encoder dtype", dtype_name(dtype) + why))
+    rows.append(("VAE dtype", dtype_name(vae_dtype(device, dtype))))
+    rows.append(("attention", "torch scaled_dot_product_attention"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in _CPUINFO.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return ""
