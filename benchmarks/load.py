@@ -190,23 +190,10 @@ class _LazyTokenizer:
 
 
 def _skip_meta_init():
-    """A TorchFunctionMode under which initialisers applied to meta tensors do nothing
-    (they have nothing to fill; on meta, `normal_` alone costs a `torch._dynamo` import)."""
-    import torch
-    from torch.overrides import TorchFunctionMode
+    """The loader's own guard (see `sdlab.checkpoints.loader._skip_init_on_meta`)."""
+    from sdlab.checkpoints.loader import _skip_init_on_meta
 
-    inplace_inits = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_}
-
-    class SkipMetaInit(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func in inplace_inits or getattr(func, "__module__", None) == "torch.nn.init":
-                target = args[0] if args else kwargs.get("tensor")  # nn.init passes it by keyword
-                if isinstance(target, torch.Tensor) and target.is_meta:
-                    return target
-            return func(*args, **kwargs)
-
-    return SkipMetaInit()
+    return _skip_init_on_meta()
 
 
 # ---------------------------------------------------------------- one child per measurement

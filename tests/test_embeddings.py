@@ -23,9 +23,6 @@ def _webui_pt(path, vectors: torch.Tensor, **extra) -> None:
                 "step": 1500, "sd_checkpoint": "6ce0161689", "sd_checkpoint_name": "v1-5-pruned-emaonly", **extra}, path)
 
 
-@pytest.mark.xfail(raises=IndexError, strict=True,
-                   reason="text/conditioning.py runs nn.Embedding on the EMBEDDING_TOKEN (-1) placeholders before "
-                          "splicing the vectors in; fix: embed_tokens(tokens.clamp(min=0)), then drop this marker")
 def test_webui_embedding_matches_diffusers_textual_inversion(tmp_path):
     from diffusers import StableDiffusionPipeline
 

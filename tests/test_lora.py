@@ -98,6 +98,7 @@ def _max_diff(a: dict, b: dict) -> dict[str, float]:
 
 
 def _pipeline(folder: Path):
+    pytest.importorskip("peft")  # diffusers' load_lora_weights needs it (test extra)
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)

@@ -17,30 +17,10 @@ from sdlab.errors import SdlabError
 from sdlab.infotext import create_infotext, parse_infotext
 from sdlab.pipeline import GenerationRequest, Interrupted, Pipeline
 
-from .tiny import save_native, tiny_bundle
+from .tiny import as_float_array, diffusers_folder, euler_karras, save_native, tiny_bundle
 
 SIZE = 64
 PROMPT = "a red circle on a blue background"
-
-
-def _folder(tmp_path, family, seed=0):
-    ref = tiny_bundle(family, seed=seed)
-    folder = tmp_path / family
-    write_diffusers_folder(ref.state_dict(), ref.config, folder)
-    return folder
-
-
-def _euler_karras(pipe):
-    from diffusers import EulerDiscreteScheduler
-
-    # Karras sigmas over the model's full sigma range (linspace spacing), as our "karras" schedule.
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True,
-                                                        timestep_spacing="linspace")
-    return pipe
-
-
-def _np(images):
-    return np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
 
 
 def _init_image():
@@ -52,14 +32,14 @@ def _init_image():
 def test_txt2img_matches_diffusers(tmp_path, family):
     from diffusers import StableDiffusionPipeline
 
-    folder = _folder(tmp_path, family)
-    theirs = _euler_karras(StableDiffusionPipeline.from_pretrained(folder, safety_checker=None))
+    _, folder = diffusers_folder(tmp_path, family)
+    theirs = euler_karras(StableDiffusionPipeline.from_pretrained(folder, safety_checker=None))
     ref = theirs(PROMPT, negative_prompt="blurry", num_inference_steps=5, guidance_scale=7.5, height=SIZE,
                  width=SIZE, generator=torch.Generator("cpu").manual_seed(42), output_type="np").images
     ours = Pipeline(load_bundle(folder, device="cpu")).txt2img(
         PROMPT, negative_prompt="blurry", steps=5, sampler="Euler", schedule="karras", cfg_scale=7.5,
         seed=42, width=SIZE, height=SIZE)
-    diff = np.abs(_np(ours) - ref).max()
+    diff = np.abs(as_float_array(ours) - ref).max()
     assert diff <= 1 / 255, diff
 
 
@@ -68,7 +48,7 @@ def test_euler_ancestral_batch_matches_diffusers_per_seed(tmp_path):
     diffusers run with that seed alone."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
-    folder = _folder(tmp_path, "sd1")
+    _, folder = diffusers_folder(tmp_path, "sd1")
     theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     theirs.scheduler = EulerAncestralDiscreteScheduler.from_config(theirs.scheduler.config, timestep_spacing="linspace")
     pipe = Pipeline(load_bundle(folder, device="cpu"))
@@ -77,27 +57,27 @@ def test_euler_ancestral_batch_matches_diffusers_per_seed(tmp_path):
     for i, img in enumerate(ours):
         ref = theirs(PROMPT, num_inference_steps=4, guidance_scale=5, height=SIZE, width=SIZE,
                      generator=torch.Generator("cpu").manual_seed(7 + i), output_type="np").images
-        assert np.abs(_np([img]) - ref).max() <= 1 / 255
+        assert np.abs(as_float_array([img]) - ref).max() <= 1 / 255
 
 
 def test_img2img_matches_diffusers(tmp_path):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    folder = _folder(tmp_path, "sd1")
-    theirs = _euler_karras(StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None))
+    _, folder = diffusers_folder(tmp_path, "sd1")
+    theirs = euler_karras(StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None))
     init = _init_image()
     ref = theirs(PROMPT, image=init, strength=0.6, num_inference_steps=5, guidance_scale=7.5,
                  generator=torch.Generator("cpu").manual_seed(3), output_type="np").images
     ours = Pipeline(load_bundle(folder, device="cpu")).img2img(
         init, PROMPT, steps=5, denoising_strength=0.6, sampler="Euler", schedule="karras", cfg_scale=7.5, seed=3)
-    assert np.abs(_np(ours) - ref).max() <= 1 / 255
+    assert np.abs(as_float_array(ours) - ref).max() <= 1 / 255
 
 
 def test_inpaint_9ch_matches_diffusers_and_keeps_unmasked_pixels(tmp_path):
     from diffusers import StableDiffusionInpaintPipeline
 
-    folder = _folder(tmp_path, "sd1-inpaint")
-    theirs = _euler_karras(StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None))
+    _, folder = diffusers_folder(tmp_path, "sd1-inpaint")
+    theirs = euler_karras(StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None))
     init = _init_image()
     mask = Image.new("L", (SIZE, SIZE), 0)
     mask.paste(255, (16, 16, 48, 40))
@@ -107,7 +87,7 @@ def test_inpaint_9ch_matches_diffusers_and_keeps_unmasked_pixels(tmp_path):
         init, mask, PROMPT, steps=5, sampler="Euler", schedule="karras", cfg_scale=7.5, seed=5, mask_blur=0)
     keep = np.asarray(mask)[None, :, :, None] < 128
     # Inside the mask: what the model painted, as diffusers paints it.
-    assert np.abs(_np(ours) - ref)[np.broadcast_to(~keep, ref.shape)].max() <= 1 / 255
+    assert np.abs(as_float_array(ours) - ref)[np.broadcast_to(~keep, ref.shape)].max() <= 1 / 255
     # Outside: the original pixels, unchanged.
     assert np.array_equal(np.asarray(ours[0])[keep[0, :, :, 0]], np.asarray(init)[keep[0, :, :, 0]])
 

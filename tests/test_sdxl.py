@@ -13,29 +13,10 @@ from sdlab.checkpoints.loader import load_bundle
 from sdlab.pipeline import GenerationRequest, Pipeline
 
 from .checkpoints.test_loading import _assert_close
-from .tiny import save_native, tiny_bundle
+from .tiny import as_float_array, diffusers_folder, euler_karras, save_native, tiny_bundle
 
 SIZE = 64
 PROMPT = "a red circle on a blue background"
-
-
-def _folder(tmp_path, family, seed=0):
-    ref = tiny_bundle(family, seed=seed)
-    folder = tmp_path / family
-    write_diffusers_folder(ref.state_dict(), ref.config, folder)
-    return ref, folder
-
-
-def _euler_karras(pipe):
-    from diffusers import EulerDiscreteScheduler
-
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True,
-                                                        timestep_spacing="linspace")
-    return pipe
-
-
-def _np(images):
-    return np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
 
 
 def _text_outputs(bundle):
@@ -47,7 +28,7 @@ def _text_outputs(bundle):
 
 @pytest.mark.parametrize("family", ["sdxl", "sdxl-inpaint", "sdxl-refiner"])
 def test_sdxl_single_file_and_folder_round_trip(tmp_path, family):
-    ref, folder = _folder(tmp_path, family)
+    ref, folder = diffusers_folder(tmp_path, family)
     single = load_bundle(save_native(ref, tmp_path / "m.safetensors"), device="cpu")
     assert single.family.name == family
     assert single.config.unet == ref.config.unet and single.config.text_encoders == ref.config.text_encoders
@@ -59,7 +40,7 @@ def test_sdxl_single_file_and_folder_round_trip(tmp_path, family):
 def test_sdxl_text_encoders_match_transformers(tmp_path):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    ref, folder = _folder(tmp_path, "sdxl")
+    ref, folder = diffusers_folder(tmp_path, "sdxl")
     te1 = CLIPTextModel.from_pretrained(folder / "text_encoder")
     te2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
     tokens = ref.tokenizers[1](["a red circle, on a blue background"])
@@ -73,29 +54,29 @@ def test_sdxl_text_encoders_match_transformers(tmp_path):
 def test_sdxl_txt2img_matches_diffusers(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    _, folder = _folder(tmp_path, "sdxl")
-    theirs = _euler_karras(StableDiffusionXLPipeline.from_pretrained(folder))
+    _, folder = diffusers_folder(tmp_path, "sdxl")
+    theirs = euler_karras(StableDiffusionXLPipeline.from_pretrained(folder))
     ref = theirs(PROMPT, negative_prompt="blurry", num_inference_steps=4, guidance_scale=6.0, height=SIZE,
                  width=SIZE, generator=torch.Generator("cpu").manual_seed(42), output_type="np").images
     ours = Pipeline(load_bundle(folder, device="cpu")).txt2img(
         PROMPT, negative_prompt="blurry", steps=4, sampler="Euler", schedule="karras", cfg_scale=6.0,
         seed=42, width=SIZE, height=SIZE)
-    diff = np.abs(_np(ours) - ref).max()
+    diff = np.abs(as_float_array(ours) - ref).max()
     assert diff <= 1 / 255, diff
 
 
 def test_refiner_img2img_matches_diffusers(tmp_path):
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    _, folder = _folder(tmp_path, "sdxl-refiner")
-    theirs = _euler_karras(StableDiffusionXLImg2ImgPipeline.from_pretrained(folder))
+    _, folder = diffusers_folder(tmp_path, "sdxl-refiner")
+    theirs = euler_karras(StableDiffusionXLImg2ImgPipeline.from_pretrained(folder))
     init = Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8))
     ref = theirs(PROMPT, image=init, strength=0.5, negative_prompt="blurry", num_inference_steps=6,
                  guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(1), output_type="np").images
     ours = Pipeline(load_bundle(folder, device="cpu")).img2img(
         init, PROMPT, negative_prompt="blurry", steps=6, denoising_strength=0.5, sampler="Euler",
         schedule="karras", cfg_scale=5.0, seed=1)
-    diff = np.abs(_np(ours) - ref).max()
+    diff = np.abs(as_float_array(ours) - ref).max()
     assert diff <= 1 / 255, diff
 
 

@@ -66,3 +66,30 @@ def save_native(bundle: Bundle, path: Path, metadata: dict[str, str] | None = No
 
 def with_family(cfg: ModelConfig, family: str) -> ModelConfig:
     return replace(cfg, family=FAMILIES[family])
+
+
+def euler_karras(pipe):
+    """A diffusers pipeline's scheduler set to our "Euler" + "karras": Karras sigmas over the
+    model's full sigma range (linspace spacing)."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True,
+                                                        timestep_spacing="linspace")
+    return pipe
+
+
+def as_float_array(images):
+    """PIL images -> (N, H, W, 3) floats in [0, 1], as diffusers' output_type="np"."""
+    import numpy as np
+
+    return np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+
+
+def diffusers_folder(tmp_path: Path, family: str, seed: int = 0) -> tuple[Bundle, Path]:
+    """A tiny random model written as a diffusers folder."""
+    from sdlab.checkpoints.diffusers_folder import write_diffusers_folder
+
+    ref = tiny_bundle(family, seed=seed)
+    folder = tmp_path / family
+    write_diffusers_folder(ref.state_dict(), ref.config, folder)
+    return ref, folder

@@ -298,6 +298,8 @@ def _addnet_sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         header = int.from_bytes(f.read(8), "little")
+        if 8 + header > path.stat().st_size:  # not really a .safetensors file: hash all of it
+            header = -8
         f.seek(8 + header)
         while block := f.read(chunk):
             h.update(block)

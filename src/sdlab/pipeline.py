@@ -19,9 +19,12 @@ from torch import Tensor
 from . import __version__
 from .checkpoints.loader import Bundle
 from .errors import SdlabError
+from .embeddings import EmbeddingLibrary
 from .images import blur_mask, latent_preview, mask_to_tensor, masked_bbox, to_pil, to_tensor
 from .infotext import create_infotext
+from .lora import LoraState, lora_specs
 from .models.unet import sdxl_size_embedding
+from .models_dir import ModelsDir
 from .sampling.denoiser import CFGDenoiser, Conditioning, DiscreteDenoiser
 from .sampling.rng import ImageRNG, RngSource
 from .sampling.samplers import brownian_tree_noise_sampler, get_sampler_sigmas, resolve_sampler
@@ -168,12 +171,16 @@ class Pipeline:
     """Generation on one loaded model. Keep it around: the model stays loaded and the
     conditioning of an unchanged prompt is cached between requests."""
 
-    def __init__(self, bundle: Bundle, refiner: Bundle | None = None):
+    def __init__(self, bundle: Bundle, refiner: Bundle | None = None, models: ModelsDir | None = None):
         self.bundle = bundle
         self.schedule = discrete_schedule()
         self.text = text_runners(bundle)
         self.refiner = refiner
         self.refiner_text = text_runners(refiner) if refiner is not None else []
+        # LoRAs and embeddings are found by name in the models folder (web UI layout).
+        self.models = models if models is not None else ModelsDir()
+        self.loras = LoraState()
+        self.embeddings = EmbeddingLibrary(self.models.folder("embedding"))
 
     def set_refiner(self, refiner: Bundle | None) -> None:
         """Use (or stop using) an SDXL refiner for the last part of the steps."""
@@ -197,10 +204,14 @@ class Pipeline:
     def generate(self, req: GenerationRequest, callback: Callable[[Progress], None] | None = None) -> GenerationResult:
         req = validate(req, self.bundle.family.default_size)
         prompt, networks = extract_extra_networks(req.prompt)
-        negative, neg_networks = extract_extra_networks(req.negative_prompt)
-        if networks or neg_networks:
-            raise SdlabError(f"<{(networks or neg_networks)[0].kind}:...> tags need LoRA support, "
-                             "which this version of sdlab does not have yet")
+        negative, _ = extract_extra_networks(req.negative_prompt)  # the web UIs apply only the prompt's
+        specs = lora_specs(networks, self.models.resolve_lora)
+        embeddings = self._embeddings(prompt, negative)
+        # Merged into the weights (and restored exactly when a later request drops them).
+        self.loras.set(self.bundle, specs)
+        for runner in self.text:
+            runner.weights_version = self.loras.te_version
+        extras = self._extra_infotext(specs, prompt + " " + negative)
         sampler = resolve_sampler(req.sampler)
         schedule_name = resolve_schedule(req.schedule).name
         if schedule_name == "automatic":
@@ -213,12 +224,12 @@ class Pipeline:
             batch_seeds = [first + i for i in range(req.batch_size)]
             batch_subseeds = [req.subseed + batch * req.batch_size + i for i in range(req.batch_size)]
             try:
-                out, interrupted = self._generate_batch(req, prompt, negative, sampler, schedule_name,
+                out, interrupted = self._generate_batch(req, prompt, negative, embeddings, sampler, schedule_name,
                                                         batch_seeds, batch_subseeds, batch, callback)
             except Interrupted:
                 break
             for i, img in enumerate(out):
-                info = self.infotext(req, sampler.name, schedule_name, batch_seeds[i], batch_subseeds[i])
+                info = self.infotext(req, sampler.name, schedule_name, batch_seeds[i], batch_subseeds[i], extras)
                 img.info["parameters"] = info
                 images.append(img)
                 infotexts.append(info)
@@ -228,7 +239,8 @@ class Pipeline:
                 break
         return GenerationResult(images, infotexts, seeds, subseeds, req, interrupted)
 
-    def infotext(self, req: GenerationRequest, sampler: str, schedule: str, seed: int, subseed: int) -> str:
+    def infotext(self, req: GenerationRequest, sampler: str, schedule: str, seed: int, subseed: int,
+                 extras: dict[str, str] | None = None) -> str:
         params: dict[str, object] = {
             "Steps": req.steps, "Sampler": sampler, "Schedule type": SCHEDULES[schedule].label,
             "CFG scale": req.cfg_scale, "Seed": seed, "Size": f"{req.width}x{req.height}",
@@ -249,6 +261,7 @@ class Pipeline:
             if req.inpaint_full_res:
                 params["Inpaint area"] = "Only masked"
                 params["Masked area padding"] = req.inpaint_full_res_padding
+        params.update(extras or {})
         if self.refiner is not None and req.refiner_switch_at is not None and req.refiner_switch_at < 1.0:
             params["Refiner"] = req.refiner_checkpoint or self.refiner.name
             params["Refiner switch at"] = req.refiner_switch_at
@@ -257,10 +270,33 @@ class Pipeline:
 
     # -- internals ----------------------------------------------------------
 
+    def _embeddings(self, prompt: str, negative: str) -> list[dict[str, Tensor]]:
+        """Textual-inversion vectors for each text encoder (SDXL files hold clip_l and clip_g)."""
+        self.embeddings.refresh()
+        names = [None] if len(self.text) == 1 else ["clip_l", "clip_g"]
+        out = []
+        for runner, encoder in zip(self.text, names):
+            width = runner.encoder.cfg.width
+            for text in (prompt, negative):
+                self.embeddings.check_prompt(text, runner.tokenizer, width, encoder)
+            out.append(self.embeddings.tensors(width, encoder))
+        return out
+
+    def _extra_infotext(self, specs, text: str) -> dict[str, str]:
+        extras = {}
+        if specs:
+            extras["Lora hashes"] = ", ".join(f"{s.name}: {self.models.lora_hash(s.path)}" for s in specs)
+        used = [e for name, e in self.embeddings.embeddings.items() if name in text]
+        if used:
+            extras["TI hashes"] = ", ".join(f"{e.name}: {self.models.infotext_hash('embedding', e.path)}"
+                                            for e in used)
+        return extras
+
     def _stage(self, bundle: Bundle, runners: list[TextEncoderRunner], req: GenerationRequest, prompt: str,
-               negative: str, concat: Tensor | None) -> Callable[[int], CFGDenoiser]:
+               negative: str, concat: Tensor | None, embeddings=None) -> Callable[[int], CFGDenoiser]:
         """The guided denoiser of one model for each step (prompt editing changes it)."""
-        cond_sched, uncond_sched = prompt_schedule(runners, [prompt, negative], req.steps, req.clip_skip)
+        cond_sched, uncond_sched = prompt_schedule(runners, [prompt, negative], req.steps, req.clip_skip,
+                                                   embeddings)
         device, dtype, n = bundle.device, bundle.dtype, req.batch_size
         unet = bundle.unet
         model = DiscreteDenoiser(lambda x_in, t, context, y=None: unet(x_in, t, context, y), self.schedule,
@@ -286,11 +322,12 @@ class Pipeline:
         return at
 
     @torch.no_grad()
-    def _generate_batch(self, req: GenerationRequest, prompt: str, negative: str, sampler, schedule_name: str,
+    def _generate_batch(self, req: GenerationRequest, prompt: str, negative: str, embeddings: list[dict],
+                        sampler, schedule_name: str,
                         seeds: list[int], subseeds: list[int], batch: int,
                         callback: Callable[[Progress], None] | None) -> tuple[list[Image.Image], bool]:
         b = self.bundle
-        device, dtype = b.device, b.dtype
+        device = b.device
         fam = b.family
         vae_dtype = self._vae_dtype()
         factor = b.config.vae.downsample_factor
@@ -351,7 +388,7 @@ class Pipeline:
         # With a refiner, the base model samples the first part of the steps and the refiner the rest.
         total = len(sigmas) - 1
         offset = req.steps - total  # img2img starts part-way; prompt editing counts requested steps
-        parts = [(self._stage(self.bundle, self.text, req, prompt, negative, concat), sigmas)]
+        parts = [(self._stage(self.bundle, self.text, req, prompt, negative, concat, embeddings), sigmas)]
         if self.refiner is not None and req.refiner_switch_at is not None and req.refiner_switch_at < 1.0:
             switch = min(max(int(req.steps * req.refiner_switch_at) - offset, 0), total)
             refiner = self._stage(self.refiner, self.refiner_text, req, prompt, negative, concat)

@@ -13,8 +13,8 @@ import os
 import pickle
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -191,18 +191,26 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename over `path`, so a crash never leaves half a file."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`, renamed over it only if the block succeeds,
+    so a crash never leaves a half-written file under the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(Path(tmp))
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call `write(tmp_path)` then rename over `path` (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,

@@ -8,9 +8,12 @@ is stripped, so loading is `load_state_dict(strict=True, assign=True)`.
 
 The latent scale (0.18215 for SD1/SD2, 0.13025 for SDXL) is *not* applied here:
 it belongs to the model family, which knows which one to use.
+
+Large images go through `decode_tiled` / `encode_tiled`, which give the same result
+as `decode` / `encode` in bounded memory; see "Tiled encode and decode" below.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -257,6 +260,175 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+# ---------------------------------------------------------------------------------------------
+# Tiled encode and decode
+#
+# Tiles decoded separately (diffusers' `enable_tiling`) disagree where they meet: every
+# GroupNorm normalises each tile with that tile's own statistics, the mid block's attention
+# sees only the tile, and the borders see zero padding instead of their neighbours, so the
+# seams have to be blended away and the image still differs from an untiled decode.
+#
+# Here the network runs layer by layer over whole feature maps, but each layer is computed
+# in bands of rows (a band plus one halo row on each side in, the band out), so only one
+# band's temporaries exist at a time. The GroupNorm statistics of every map are summed up
+# while its bands are written, and used by the next layer, and the mid block runs whole at
+# latent resolution. The result equals the untiled one up to rounding: there are no seams
+# to blend. Memory is the few full maps a block needs at once (at the highest resolution a
+# 256-channel input and two 128-channel maps), not the dozen temporaries of an eager
+# forward; for large images the maps are stored in bf16 (computation stays in the VAE's
+# dtype), which halves that again.
+
+# Above this many output pixels (all images of the batch together), the maps between layers
+# are stored in bf16 when the VAE computes in fp32: 2048x2048 then needs about 4 GB, not 8.
+FULL_PRECISION_MAP_PIXELS = 1536 * 1536
+# Peak activation memory of an untiled SD-VAE decode in bytes per output pixel at fp32
+# (measured with torch 2.x eager on the CPU: about 3.4 KB at 512x512, 3.6 KB at 1024x1024).
+DECODE_BYTES_PER_PIXEL = 3700
+
+
+def should_tile(height: int, width: int, available_memory: int, batch: int = 1, element_size: int = 4,
+                fraction: float = 0.5) -> bool:
+    """Whether an untiled decode (or encode) of `batch` height x width images would take more
+    than `fraction` of `available_memory` bytes, so `decode_tiled` should be used instead.
+
+    Args:
+        height, width: image size in pixels.
+        available_memory: free bytes where the VAE runs (`sdlab.device.available_memory`).
+        batch: images decoded at once.
+        element_size: bytes per activation value (4 for fp32, 2 for fp16 / bf16).
+        fraction: the share of free memory an untiled decode may take.
+    """
+    need = DECODE_BYTES_PER_PIXEL * element_size / 4 * height * width * batch
+    return need > fraction * available_memory
+
+
+class _GroupStats:
+    """Per-group mean and variance of a feature map written band by band.
+
+    Bands are merged with Chan et al.'s pairwise update in float64, so the result is the
+    whole map's statistics, as GroupNorm would compute them, however many bands there are.
+    """
+
+    def __init__(self, groups: int):
+        self.groups = groups
+        self.count = 0
+        self.mean = self.m2 = torch.zeros(())
+
+    def add(self, x: Tensor) -> None:
+        b, c = x.shape[:2]
+        n = x.shape[-2] * x.shape[-1] * (c // self.groups)
+        # Per channel first (no copy whatever the memory format), then channels into groups.
+        var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), unbiased=False)  # (B, C)
+        mean_c, var_c = mean_c.double().view(b, self.groups, -1), var_c.double().view(b, self.groups, -1)
+        mean = mean_c.mean(-1)
+        m2 = (var_c.mean(-1) + mean_c.var(-1, unbiased=False)) * n  # (B, G)
+        if self.count == 0:
+            self.mean, self.m2 = mean, m2
+        else:
+            total = self.count + n
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (n / total)
+            self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count += n
+
+    def normalize(self, norm: nn.GroupNorm, x: Tensor) -> Tensor:
+        """`norm(x)` with these statistics in place of x's own, computed in fp32."""
+        repeat = x.shape[1] // self.groups
+        mean = self.mean.float().repeat_interleave(repeat, dim=1)[:, :, None, None]  # (B, C, 1, 1)
+        rstd = torch.rsqrt((self.m2 / self.count).float() + norm.eps).repeat_interleave(repeat, dim=1)
+        scale = (rstd * norm.weight.float())[:, :, None, None]
+        return torch.addcmul(norm.bias.float()[:, None, None], x.float() - mean, scale)
+
+
+def _bands(height: int, width: int, pixels: int) -> list[tuple[int, int]]:
+    rows = max(1, pixels // width)
+    return [(r, min(r + rows, height)) for r in range(0, height, rows)]
+
+
+class _Streamer:
+    """Runs VAE layers band by band over full maps (see the section comment)."""
+
+    def __init__(self, groups: int, band_pixels: int, store_dtype: torch.dtype, channels_last: bool):
+        self.groups = groups
+        self.band_pixels = band_pixels
+        self.store_dtype = store_dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def empty(self, like: Tensor, channels: int, height: int, width: int, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.empty(like.shape[0], channels, height, width, device=like.device,
+                           dtype=dtype or self.store_dtype, memory_format=self.memory_format)
+
+    def conv3x3(self, conv: nn.Conv2d, x: Tensor, pre: Callable[[Tensor], Tensor] | None = None,
+                skip: Callable[[int, int], Tensor] | None = None, out: Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> tuple[Tensor, _GroupStats]:
+        """`conv(pre(x)) + skip(rows)` for a 3x3, stride-1, padding-1 conv; `pre` must be pointwise.
+
+        Each band reads one halo row above and below; only at the image's own top and bottom
+        are zero rows padded, as the untiled conv would.
+        """
+        b, _, height, width = x.shape
+        dtype = conv.weight.dtype
+        if out is None:
+            out = self.empty(x, conv.out_channels, height, width, out_dtype)
+        stats = _GroupStats(self.groups) if conv.out_channels % self.groups == 0 else None
+        for r0, r1 in _bands(height, width, self.band_pixels):
+            i0, i1 = max(r0 - 1, 0), min(r1 + 1, height)
+            a = x[..., i0:i1, :]
+            a = pre(a) if pre is not None else a
+            a = F.pad(a.to(dtype), (1, 1, int(r0 == 0), int(r1 == height)))
+            part = F.conv2d(a, conv.weight, conv.bias)
+            if skip is not None:
+                part = part + skip(r0, r1)
+            if stats is not None:
+                stats.add(part)
+            out[..., r0:r1, :] = part
+        return out, stats
+
+    def resnet(self, block: ResnetBlock, x: Tensor, stats: _GroupStats) -> tuple[Tensor, _GroupStats]:
+        """ResnetBlock.forward, in two banded passes. Consumes x: when the block keeps the
+        width, its output overwrites x (a band's skip reads x only at its own rows)."""
+        dtype = block.conv1.weight.dtype
+        h, h_stats = self.conv3x3(block.conv1, x, pre=lambda t: F.silu(stats.normalize(block.norm1, t)))
+
+        def skip(r0: int, r1: int) -> Tensor:
+            rows = x[..., r0:r1, :].to(dtype)
+            return block.nin_shortcut(rows) if block.nin_shortcut is not None else rows
+
+        out = x if block.nin_shortcut is None else None
+        return self.conv3x3(block.conv2, h, pre=lambda t: F.silu(h_stats.normalize(block.norm2, t)),
+                            skip=skip, out=out)
+
+    def upsample(self, up: Upsample, x: Tensor) -> tuple[Tensor, _GroupStats]:
+        """Upsample.forward: nearest x2, then the 3x3 conv, a band of output rows at a time."""
+        b, c, height, width = x.shape
+        out = self.empty(x, up.conv.out_channels, 2 * height, 2 * width)
+        stats = _GroupStats(self.groups)
+        dtype = up.conv.weight.dtype
+        for r0, r1 in _bands(2 * height, 2 * width, self.band_pixels):
+            i0, i1 = max(r0 - 1, 0), min(r1 + 1, 2 * height)  # upsampled rows, with halo
+            s0, s1 = i0 // 2, (i1 + 1) // 2  # the source rows they repeat
+            u = F.interpolate(x[..., s0:s1, :].to(dtype), scale_factor=2.0, mode="nearest")
+            u = F.pad(u[..., i0 - 2 * s0:i1 - 2 * s0, :], (1, 1, int(r0 == 0), int(r1 == 2 * height)))
+            part = F.conv2d(u, up.conv.weight, up.conv.bias)
+            stats.add(part)
+            out[..., r0:r1, :] = part
+        return out, stats
+
+    def downsample(self, down: Downsample, x: Tensor) -> tuple[Tensor, _GroupStats]:
+        """Downsample.forward: pad right and bottom by one, 3x3 conv with stride 2."""
+        b, c, height, width = x.shape
+        ho, wo = (height - 2) // 2 + 1, (width - 2) // 2 + 1
+        out = self.empty(x, down.conv.out_channels, ho, wo)
+        stats = _GroupStats(self.groups)
+        for r0, r1 in _bands(ho, wo, self.band_pixels):
+            end = min(2 * r1 + 1, height)  # output row i reads padded rows 2i .. 2i + 2
+            a = F.pad(x[..., 2 * r0:end, :].to(down.conv.weight.dtype), (0, 1, 0, 2 * r1 + 1 - end))
+            part = F.conv2d(a, down.conv.weight, down.conv.bias, stride=2)
+            stats.add(part)
+            out[..., r0:r1, :] = part
+        return out, stats
+
+
 class AutoencoderKL(nn.Module):
     """The SD VAE. Images are in [-1, 1]; latents are unscaled (the family scales them)."""
 
@@ -287,3 +459,56 @@ class AutoencoderKL(nn.Module):
             z: the latents (divide by the family's scale factor first).
         """
         return self.decoder(self.post_quant_conv(z))
+
+    def decode_tiled(self, z: Tensor, tile: int = 256, store_dtype: torch.dtype | None = None) -> Tensor:
+        """`decode` in bounded memory, for large images; same result up to rounding.
+
+        Args:
+            z: unscaled latents (B, latent_channels, h, w).
+            tile: the layers run in full-width bands of about tile x tile output pixels.
+            store_dtype: dtype of the feature maps kept between layers; default: the VAE's
+                dtype, or bf16 for an fp32 VAE above FULL_PRECISION_MAP_PIXELS output pixels.
+        """
+        dec = self.decoder
+        f = self.cfg.downsample_factor
+        streamer = self._streamer(z, z.shape[-2] * z.shape[-1] * f * f, tile, store_dtype)
+        # Latent resolution: small enough to run whole, so attention sees every pixel.
+        h = dec.mid(dec.conv_in(self.post_quant_conv(z)))
+        stats = _GroupStats(self.cfg.norm_groups)
+        stats.add(h)
+        h = h.to(streamer.store_dtype)
+        for level in reversed(dec.up):
+            for block in level.block:
+                h, stats = streamer.resnet(block, h, stats)
+            if level.upsample is not None:
+                h, stats = streamer.upsample(level.upsample, h)
+        image, _ = streamer.conv3x3(dec.conv_out, h, pre=lambda t: F.silu(stats.normalize(dec.norm_out, t)),
+                                    out_dtype=dec.conv_out.weight.dtype)
+        return image
+
+    def encode_tiled(self, x: Tensor, tile: int = 256, store_dtype: torch.dtype | None = None) -> DiagonalGaussian:
+        """`encode` in bounded memory, for large images; same result up to rounding.
+
+        Args:
+            x: images (B, C, H, W) in [-1, 1], H and W multiples of `downsample_factor`.
+            tile: the layers run in full-width bands of about tile x tile input pixels.
+            store_dtype: as in `decode_tiled`.
+        """
+        enc = self.encoder
+        streamer = self._streamer(x, x.shape[-2] * x.shape[-1], tile, store_dtype)
+        h, stats = streamer.conv3x3(enc.conv_in, x)
+        for level in enc.down:
+            for block in level.block:
+                h, stats = streamer.resnet(block, h, stats)
+            if level.downsample is not None:
+                h, stats = streamer.downsample(level.downsample, h)
+        h = enc.mid(h.to(enc.conv_out.weight.dtype))  # latent resolution: whole
+        return DiagonalGaussian(self.quant_conv(enc.conv_out(F.silu(enc.norm_out(h)))))
+
+    def _streamer(self, x: Tensor, pixels: int, tile: int, store_dtype: torch.dtype | None) -> _Streamer:
+        dtype = self.post_quant_conv.weight.dtype
+        if store_dtype is None:
+            large = pixels * x.shape[0] > FULL_PRECISION_MAP_PIXELS
+            store_dtype = torch.bfloat16 if dtype == torch.float32 and large else dtype
+        channels_last = self.decoder.mid.block_1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        return _Streamer(self.cfg.norm_groups, tile * tile, store_dtype, channels_last)

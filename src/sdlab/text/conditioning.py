@@ -88,7 +88,8 @@ class TextEncoderRunner:
         tokens = torch.tensor([ids], device=device)
         inputs = None
         if chunk.embeddings:
-            inputs = self.encoder.embed_tokens(tokens).clone()
+            # Embedding positions hold a negative placeholder id; look up something valid, then overwrite.
+            inputs = self.encoder.embed_tokens(tokens.clamp(min=0)).clone()
             for ref in chunk.embeddings:
                 vec = embeddings[ref.name].to(inputs)
                 inputs[0, 1 + ref.offset: 1 + ref.offset + ref.vectors] = vec
@@ -104,23 +105,25 @@ class TextEncoderRunner:
 
 
 def encode_all(runners: Sequence[TextEncoderRunner], chunks: Sequence[PromptChunk], clip_skip: int,
-               embeddings: Mapping[str, Tensor] | None = None) -> EncodedPrompt:
+               embeddings: Sequence[Mapping[str, Tensor]] | None = None) -> EncodedPrompt:
     """Encode with every text encoder of the model: hidden states concatenated on the
-    feature axis (SDXL: CLIP-L 768 + bigG 1280 = 2048), pooled output of the last one."""
-    encoded = [r.encode(chunks, clip_skip, embeddings) for r in runners]
+    feature axis (SDXL: CLIP-L 768 + bigG 1280 = 2048), pooled output of the last one.
+    `embeddings` holds one name -> vectors mapping per encoder."""
+    per_encoder = embeddings or [{} for _ in runners]
+    encoded = [r.encode(chunks, clip_skip, e) for r, e in zip(runners, per_encoder)]
     if len(encoded) == 1:
         return encoded[0]
     return EncodedPrompt(torch.cat([e.context for e in encoded], dim=-1), encoded[-1].pooled)
 
 
 def prompt_schedule(runners: Sequence[TextEncoderRunner], prompts: Sequence[str], steps: int, clip_skip: int,
-                    embeddings: Mapping[str, Tensor] | None = None) -> list[PromptSchedule]:
+                    embeddings: Sequence[Mapping[str, Tensor]] | None = None) -> list[PromptSchedule]:
     """Encode several prompts (e.g. positive and negative) with their editing schedules,
     every variant padded to the same number of chunks so they batch together. All
     encoders share CLIP's vocabulary, so the chunks are made once."""
     first = runners[0]
     schedules = [get_prompt_schedule(p, steps) for p in prompts]
-    chunked = [[first.chunks(text, embeddings) for _, text in sched] for sched in schedules]
+    chunked = [[first.chunks(text, embeddings[0] if embeddings else None) for _, text in sched] for sched in schedules]
     flat = [c for per_prompt in chunked for c in per_prompt]
     padded = iter(pad_chunks(*flat, pad_id=first.tokenizer.eos_id))
     out = []

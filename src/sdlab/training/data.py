@@ -26,10 +26,8 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
+from sdlab.checkpoints.io import atomic_path
 from sdlab.errors import SdlabError
 
 logger = logging.getLogger(__name__)
@@ -358,19 +357,6 @@ def process_caption(caption: str, config: DataConfig, rng: np.random.Generator) 
 # ----------------------------------------------------------------------------- dataset
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`, renamed over it only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _to_rgb(im: Image.Image) -> Image.Image:
     # Transparent pixels often hold black RGB; show them over white as image viewers do.
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -574,7 +560,7 @@ def cache_latents(
                     if flipped is not None:
                         tensors["latents_flipped"] = flipped[i].contiguous()
                     path = dataset._cache_path(r, cache_dir)
-                    with _atomic_path(path) as tmp:
+                    with atomic_path(path) as tmp:
                         save_file(tensors, str(tmp), metadata={"source": str(dataset.records[r].path)})
                 bar.update(len(chunk))
     logger.info("cached latents of %d images in %s", total, cache_dir)

@@ -14,10 +14,7 @@ same images as a smaller one made from the same seed.
 import json
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
@@ -25,6 +22,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
+
+from sdlab.checkpoints.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -109,20 +108,6 @@ def _sample(seed: int, index: int, size: int) -> tuple[str, str, str, dict]:
     return shape, COLOURS[colour], COLOURS[background], dict(center=(cx, cy), radius=radius, angle=angle)
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds,
-    so an interrupted run never leaves a half-written file under the real name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def make_shapes_dataset(
     out_dir: Path, count: int, size: int = 64, seed: int = 0, layout: Literal["kohya", "jsonl"] = "kohya"
 ) -> list[Path]:
@@ -149,16 +134,16 @@ def make_shapes_dataset(
         shape, colour, background, geometry = _sample(seed, i, size)
         caption = caption_for(shape, colour, background)
         path = out_dir / f"{i:06d}.png"
-        with _atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             render_shape(shape, colour, background, size, **geometry).save(tmp, format="PNG")
         if layout == "kohya":
-            with _atomic_path(path.with_suffix(".txt")) as tmp:
+            with atomic_path(path.with_suffix(".txt")) as tmp:
                 tmp.write_text(caption + "\n", encoding="utf-8")
         else:
             records.append({"file_name": path.name, "text": caption})
         paths.append(path)
     if layout == "jsonl":
-        with _atomic_path(out_dir / "metadata.jsonl") as tmp:
+        with atomic_path(out_dir / "metadata.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     logger.info("wrote %d shape images to %s (%s layout)", count, out_dir, layout)
     return paths
