@@ -13,7 +13,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 RESULT_MARK = "BENCH-RESULT "
@@ -70,6 +70,36 @@ class Stopwatch:
         now = time.perf_counter()
         elapsed, self.t0 = now - self.t0, now
         return elapsed
+
+
+def write_safetensors_streamed(path: Path, specs: Mapping[str, tuple[tuple[int, ...], object]],
+                               tensor_for: Callable[[str], object]) -> None:
+    """Write a .safetensors file one tensor at a time: `specs` maps each key to its
+    (shape, torch dtype), and `tensor_for(key)` makes that tensor just before it is written.
+    `safetensors.torch.save_file` needs every tensor in memory at once (and may copy each to
+    bytes); a full-size SDXL file is ~6.9 GB in fp16, so this keeps the writer's memory to
+    one tensor. No `__metadata__`: like a file downloaded from elsewhere."""
+    import torch
+
+    names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+    header, offset = {}, 0
+    for key, (shape, dtype) in specs.items():
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key, (shape, dtype) in specs.items():
+            t = tensor_for(key)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{key}: made {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dtype}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy for a contiguous tensor
+        if f.tell() != 8 + len(raw) + offset:
+            raise ValueError(f"{path}: wrote {f.tell()} bytes, expected {8 + len(raw) + offset}")
 
 
 # ---------------------------------------------------------------- in the parent

@@ -1,17 +1,22 @@
-"""Load time and peak memory of one SD 1.5 checkpoint: sdlab's loader against diffusers'.
+"""Load time and peak memory of one SD 1.5 or SDXL checkpoint: sdlab's loader against diffusers'.
 
-    HF_HUB_OFFLINE=1 python benchmarks/load.py [--repeat N] [--proposed] [--smoke]
+    HF_HUB_OFFLINE=1 python benchmarks/load.py [--family sd15|sdxl] [--repeat N] [--proposed] [--smoke]
 
-Writes one full-size SD 1.5-shaped single-file checkpoint (UNet, VAE, CLIP-L; ~2 GB)
-with random fp16 weights to a temporary folder, without sdlab's config metadata, so
-family detection runs as for a downloaded file. Then, each in a fresh child process,
-loads it in fp16 on the CPU:
+Writes one full-size single-file checkpoint with random fp16 weights to a temporary folder,
+without sdlab's config metadata, so family detection runs as for a downloaded file:
+
+  sd15   SD 1.5-shaped: UNet, VAE, CLIP-L (~2 GB)
+  sdxl   SDXL base-shaped: UNet (2.57 B parameters), VAE, CLIP-L under
+         `conditioner.embedders.0.transformer.`, OpenCLIP bigG under `conditioner.embedders.1.model.`
+         (~6.9 GB); streamed to disk one tensor at a time, so writing it needs ~0.4 GB of RAM
+
+Then, each in a fresh child process, loads it in fp16 on the CPU:
 
   sdlab      `sdlab.checkpoints.loader.load_bundle(path, device="cpu", dtype=torch.float16)`
-  diffusers  `StableDiffusionPipeline.from_single_file(path, config=<local config folder>,
-             torch_dtype=torch.float16, local_files_only=True)`, fully offline: the config
-             folder (model_index.json, component config.json files, tokenizer, scheduler;
-             no weights) is written from sdlab's own diffusers-folder helpers.
+  diffusers  `StableDiffusionPipeline.from_single_file` (sd15) or `StableDiffusionXLPipeline.from_single_file`
+             (sdxl) `(path, config=<local config folder>, torch_dtype=torch.float16, local_files_only=True)`,
+             fully offline: the config folder (model_index.json, component config.json files,
+             tokenizers, scheduler; no weights) is written from sdlab's own diffusers-folder helpers.
 
 What is measured, inside each child (the interpreter's own start-up, the same for both, is not):
   import      importing torch and the loading library
@@ -23,6 +28,11 @@ What is measured, inside each child (the interpreter's own start-up, the same fo
   peak RSS    the process's lifetime peak (ru_maxrss / VmHWM), interpreter and imports included,
               after the load call and after the weights were read. Memory-mapped weight pages
               count once they are read: they are file-backed and reclaimable, unlike copies.
+              Each is also shown as a multiple of the file size. A loader that copies nothing
+              ends at about 1.0x the file size (+ the interpreter) once every weight was read,
+              all of it file-backed; one that copies ends near 2x, or at 1x anonymous memory.
+              The "RSS at end: anonymous" rows are the copies, the real cost: the kernel can
+              drop file-backed pages under memory pressure and fault them back in.
 
 The file's pages are read once before the first child, so every loader starts from a warm page
 cache; loaders alternate across rounds and the best round of each is shown. `--proposed` adds
@@ -44,10 +54,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (Stopwatch, emit, fmt_bytes, fmt_ratio, fmt_seconds, memory, peak_rss,  # noqa: E402
-                     print_table, reset_peak_rss, run_child, warm_page_cache)
+                     print_table, reset_peak_rss, run_child, warm_page_cache, write_safetensors_streamed)
 
-TARGET_TIME = 0.5
-TARGET_RSS = 0.6
+# Targets, per family: sdlab / diffusers for the load call and its peak RSS (sd15), and
+# sdlab's peak RSS once all weights were read, as a multiple of the file size (sdxl).
+TARGETS = {"sd15": {"time": 0.5, "rss": 0.6}, "sdxl": {"rss_per_file": 1.2}}
+FAMILIES = tuple(TARGETS)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error",
                "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
@@ -60,11 +72,28 @@ PROPOSED = ("sdlab+skip-init", "sdlab+skip-init+vae-fp16", "sdlab+skip-init+vae-
 # ---------------------------------------------------------------- the model
 
 
-def model_config(smoke: bool):
-    """SD 1.5 as released (or, with --smoke, a tiny model of the same layout to check the plumbing)."""
+def model_config(smoke: bool, family_name: str = "sd15"):
+    """SD 1.5 or SDXL base as released (or, with --smoke, a tiny model of the same layout to
+    check the plumbing)."""
     from sdlab.families import FAMILIES, ModelConfig
     from sdlab.models import clip, unet, vae
 
+    if family_name == "sdxl":
+        family = FAMILIES["sdxl"]
+        if not smoke:
+            return ModelConfig(family, unet.PRESETS["sdxl"], vae.PRESETS["sd"],
+                               (clip.PRESETS["clip-l"], clip.PRESETS["openclip-bigg"]))
+        # The two encoders need different widths: diffusers tells CLIP-L from bigG by the width.
+        # Context = 64 + 128; y = pooled 128 + 6 size numbers x 256.
+        return ModelConfig(family,
+                           unet.UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1),
+                                           transformer_depth=(0, 2), transformer_depth_middle=2, num_heads=None,
+                                           num_head_channels=64, context_dim=192, use_linear_in_transformer=True,
+                                           adm_in_channels=128 + 6 * 256),
+                           vae.VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1),
+                           (clip.CLIPTextConfig(layout="openai", width=64, layers=2, heads=1, mlp_width=128),
+                            clip.CLIPTextConfig(layout="openclip", width=128, layers=3, heads=2, mlp_width=256,
+                                                activation="gelu", projection_dim=128)))
     family = FAMILIES["sd1"]
     if not smoke:
         return ModelConfig(family, unet.PRESETS["sd15"], vae.PRESETS["sd"], (clip.PRESETS["clip-l"],))
@@ -75,8 +104,11 @@ def model_config(smoke: bool):
                        (clip.CLIPTextConfig(layout="openai", width=64, layers=2, heads=1, mlp_width=128),))
 
 
-def write_checkpoint(path: Path, smoke: bool) -> None:
+def write_checkpoint(path: Path, smoke: bool, family_name: str = "sd15") -> None:
     """Random fp16 weights in the single-file layout, one network at a time to keep memory low."""
+    if family_name == "sdxl":
+        write_checkpoint_streamed(path, model_config(smoke, family_name))
+        return
     import torch
 
     from sdlab.checkpoints.io import save_safetensors
@@ -101,13 +133,61 @@ def write_checkpoint(path: Path, smoke: bool) -> None:
     save_safetensors(tensors, path)  # no metadata: detection runs as for a downloaded file
 
 
-def write_config_folder(out: Path, smoke: bool) -> None:
+def write_checkpoint_streamed(path: Path, cfg) -> None:
+    """The file written one tensor at a time (`write_safetensors_streamed`), never holding a
+    network in memory: an fp32 SDXL UNet alone is 10 GB. The networks are built on the meta
+    device only for their keys and shapes. Each floating-point tensor is a slice, at a random
+    offset, of one pool of N(0, 0.02) fp16 noise (128 MiB, longer than the largest tensor),
+    which writes at disk speed; what a loader does with a tensor does not depend on its values."""
+    import torch
+
+    from sdlab.checkpoints.loader import _skip_init_on_meta
+    from sdlab.families import UNET_PREFIX, VAE_PREFIX
+    from sdlab.models.clip import CLIPTextModel
+    from sdlab.models.unet import UNet
+    from sdlab.models.vae import AutoencoderKL
+
+    parts = [(UNET_PREFIX, UNet, cfg.unet), (VAE_PREFIX, AutoencoderKL, cfg.vae)]
+    parts += [(slot.prefix, CLIPTextModel, c) for slot, c in zip(cfg.family.text_encoders, cfg.text_encoders)]
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for prefix, cls, net_cfg in parts:
+        with torch.device("meta"), _skip_init_on_meta():
+            net = cls(net_cfg)
+        specs.update({prefix + k: (tuple(v.shape), torch.float16 if v.is_floating_point() else v.dtype)
+                      for k, v in net.state_dict().items()})
+    # Released SDXL files also carry CLIP-L's position ids and bigG's logit scale; both loaders
+    # must cope with them.
+    constants = {}
+    for slot, c in zip(cfg.family.text_encoders, cfg.text_encoders):
+        if slot.layout == "openai":
+            constants[slot.prefix + "text_model.embeddings.position_ids"] = torch.arange(
+                c.max_positions, dtype=torch.int64)[None]
+        else:
+            constants[slot.prefix + "logit_scale"] = torch.tensor(4.6052, dtype=torch.float16)
+    specs.update({k: (tuple(v.shape), v.dtype) for k, v in constants.items()})
+
+    gen = torch.Generator().manual_seed(0)
+    longest = max(torch.Size(shape).numel() for shape, _ in specs.values())
+    pool = (torch.randn(max(longest, 1 << 26), generator=gen) * 0.02).half()
+
+    def tensor_for(key: str):
+        if key in constants:
+            return constants[key]
+        shape, _ = specs[key]
+        n = torch.Size(shape).numel()
+        start = int(torch.randint(0, pool.numel() - n + 1, (), generator=gen))
+        return pool[start:start + n].view(shape)
+
+    write_safetensors_streamed(path, specs, tensor_for)  # no metadata: detection runs as for a download
+
+
+def write_config_folder(out: Path, smoke: bool, family_name: str = "sd15") -> None:
     """A diffusers folder without weights, for `from_single_file(config=...)` offline."""
     from sdlab.checkpoints.diffusers_folder import _clip_json, _unet_json, _vae_json
     from sdlab.text.tokenizer import CLIPTokenizer
 
-    cfg = model_config(smoke)
-    family, te_cfg, slot = cfg.family, cfg.text_encoders[0], cfg.family.text_encoders[0]
+    cfg = model_config(smoke, family_name)
+    family = cfg.family
     unet_json = _unet_json(cfg.unet, family.default_size // cfg.vae.downsample_factor)
     # diffusers' single-file UNet converter needs scalars where every level agrees (as in the
     # released SD 1.5 config); `from_pretrained` takes the per-level lists `_unet_json` writes.
@@ -117,22 +197,41 @@ def write_config_folder(out: Path, smoke: bool) -> None:
     files = {
         "unet/config.json": unet_json,
         "vae/config.json": _vae_json(cfg.vae, family.default_size, family.latent_scale),
-        "text_encoder/config.json": _clip_json(te_cfg, te_cfg.layers, 49407),
-        "scheduler/scheduler_config.json": {
+    }
+    for slot, te_cfg in zip(family.text_encoders, cfg.text_encoders):
+        # SDXL's second encoder is bigG with its projection; SDXL folders keep all its layers.
+        files[f"{slot.diffusers_folder}/config.json"] = _clip_json(
+            te_cfg, te_cfg.layers, 0 if slot.pad_token == "zero" else 49407,
+            with_projection=slot.diffusers_folder == "text_encoder_2")
+    if family_name == "sdxl":
+        files["scheduler/scheduler_config.json"] = {
+            "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+            "prediction_type": "epsilon", "timestep_spacing": "leading", "interpolation_type": "linear"}
+        files["model_index.json"] = {
+            "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+            "feature_extractor": [None, None], "image_encoder": [None, None], "force_zeros_for_empty_prompt": False,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    else:
+        files["scheduler/scheduler_config.json"] = {
             "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
-            "skip_prk_steps": True, "set_alpha_to_one": False, "prediction_type": "epsilon"},
-        "model_index.json": {
+            "skip_prk_steps": True, "set_alpha_to_one": False, "prediction_type": "epsilon"}
+        files["model_index.json"] = {
             "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
             "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
             "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
-    }
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     for name, content in files.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(json.dumps(content, indent=2))
-    CLIPTokenizer(pad_token=slot.pad_token).save(out / "tokenizer")
+    for slot in family.text_encoders:
+        CLIPTokenizer(pad_token=slot.pad_token).save(out / slot.tokenizer_folder)
 
 
 # ---------------------------------------------------------------- prototypes of loader changes

@@ -231,6 +231,21 @@ if t.acc.is_main_process:
 """
 
 
+def _free_port() -> int:
+    # A fixed port collides with other test runs on a shared machine.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], env: dict) -> None:
+    done = subprocess.run(cmd, env=env, timeout=120, capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(f"{' '.join(cmd[:6])} ... exited with {done.returncode}:\n{done.stderr[-4000:]}")
+
+
 def test_two_processes_match_one(tmp_path, shapes):
     """2 gloo processes with batch 1 each == 1 process with batch 2 (same global batches and noise)."""
     script = tmp_path / "ddp.py"
@@ -238,11 +253,12 @@ def test_two_processes_match_one(tmp_path, shapes):
     common = [f"data.folder={str(shapes)!r}", "data.resolution=32", "data.enable_bucket=false", "mode='scratch'",
               "model.preset='tiny'", "lr=1e-3", "steps=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    subprocess.run([*torchrun, str(script), str(tmp_path / "two.json"), *common, "batch_size=1",
-                    f"output_dir={str(tmp_path / 'two')!r}"], check=True, env=env, timeout=120, capture_output=True)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.json"), *common, "batch_size=2",
-                    f"output_dir={str(tmp_path / 'one')!r}"], check=True, env=env, timeout=120, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    _run([*torchrun, str(script), str(tmp_path / "two.json"), *common, "batch_size=1",
+          f"output_dir={str(tmp_path / 'two')!r}"], env)
+    _run([sys.executable, str(script), str(tmp_path / "one.json"), *common, "batch_size=2",
+          f"output_dir={str(tmp_path / 'one')!r}"], env)
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert two["world"] == 2 and one["world"] == 1
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)

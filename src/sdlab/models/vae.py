@@ -317,8 +317,11 @@ class _GroupStats:
     def add(self, x: Tensor) -> None:
         b, c = x.shape[:2]
         n = x.shape[-2] * x.shape[-1] * (c // self.groups)
-        # Per channel first (no copy whatever the memory format), then channels into groups.
-        var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), unbiased=False)  # (B, C)
+        # Per channel first, reducing over the pixels as they lie in memory, then channels into groups.
+        if x.is_contiguous(memory_format=torch.channels_last):
+            var_c, mean_c = torch.var_mean(x.permute(0, 2, 3, 1).reshape(b, -1, c).float(), dim=1, unbiased=False)
+        else:
+            var_c, mean_c = torch.var_mean(x.reshape(b, c, -1).float(), dim=2, unbiased=False)  # (B, C)
         mean_c, var_c = mean_c.double().view(b, self.groups, -1), var_c.double().view(b, self.groups, -1)
         mean = mean_c.mean(-1)
         m2 = (var_c.mean(-1) + mean_c.var(-1, unbiased=False)) * n  # (B, G)
@@ -332,12 +335,21 @@ class _GroupStats:
         self.count += n
 
     def normalize(self, norm: nn.GroupNorm, x: Tensor) -> Tensor:
-        """`norm(x)` with these statistics in place of x's own, computed in fp32."""
+        """`norm(x)` with these statistics in place of x's own, computed in fp32 as one
+        per-channel scale and shift."""
         repeat = x.shape[1] // self.groups
-        mean = self.mean.float().repeat_interleave(repeat, dim=1)[:, :, None, None]  # (B, C, 1, 1)
-        rstd = torch.rsqrt((self.m2 / self.count).float() + norm.eps).repeat_interleave(repeat, dim=1)
-        scale = (rstd * norm.weight.float())[:, :, None, None]
-        return torch.addcmul(norm.bias.float()[:, None, None], x.float() - mean, scale)
+        rstd = torch.rsqrt(self.m2 / self.count + norm.eps)  # (B, G)
+        scale = (rstd.repeat_interleave(repeat, dim=1) * norm.weight.double())  # (B, C)
+        shift = norm.bias.double() - self.mean.repeat_interleave(repeat, dim=1) * scale
+        return torch.addcmul(shift.float()[:, :, None, None], x.float(), scale.float()[:, :, None, None])
+
+
+def _conv_rows(conv: nn.Conv2d, a: Tensor, top: bool, bottom: bool) -> Tensor:
+    """A 3x3 padding-1 conv of rows whose first and last rows are halo (real neighbours),
+    except at the image's top / bottom edge, which get the zero row the untiled conv pads."""
+    if top or bottom:  # copies the band; only the two edge bands of each layer come here
+        a = F.pad(a, (0, 0, int(top), int(bottom)))
+    return F.conv2d(a, conv.weight, conv.bias, padding=(0, 1))
 
 
 def _bands(height: int, width: int, pixels: int) -> list[tuple[int, int]]:
@@ -364,7 +376,7 @@ class _Streamer:
         """`conv(pre(x)) + skip(rows)` for a 3x3, stride-1, padding-1 conv; `pre` must be pointwise.
 
         Each band reads one halo row above and below; only at the image's own top and bottom
-        are zero rows padded, as the untiled conv would.
+        are zero rows padded (the conv pads the columns itself), as the untiled conv would.
         """
         b, _, height, width = x.shape
         dtype = conv.weight.dtype
@@ -375,8 +387,7 @@ class _Streamer:
             i0, i1 = max(r0 - 1, 0), min(r1 + 1, height)
             a = x[..., i0:i1, :]
             a = pre(a) if pre is not None else a
-            a = F.pad(a.to(dtype), (1, 1, int(r0 == 0), int(r1 == height)))
-            part = F.conv2d(a, conv.weight, conv.bias)
+            part = _conv_rows(conv, a.to(dtype), r0 == 0, r1 == height)
             if skip is not None:
                 part = part + skip(r0, r1)
             if stats is not None:
@@ -408,8 +419,7 @@ class _Streamer:
             i0, i1 = max(r0 - 1, 0), min(r1 + 1, 2 * height)  # upsampled rows, with halo
             s0, s1 = i0 // 2, (i1 + 1) // 2  # the source rows they repeat
             u = F.interpolate(x[..., s0:s1, :].to(dtype), scale_factor=2.0, mode="nearest")
-            u = F.pad(u[..., i0 - 2 * s0:i1 - 2 * s0, :], (1, 1, int(r0 == 0), int(r1 == 2 * height)))
-            part = F.conv2d(u, up.conv.weight, up.conv.bias)
+            part = _conv_rows(up.conv, u[..., i0 - 2 * s0:i1 - 2 * s0, :], r0 == 0, r1 == 2 * height)
             stats.add(part)
             out[..., r0:r1, :] = part
         return out, stats

@@ -66,7 +66,7 @@ class ServerState:
             sha = self.catalog.sha256(entry)
             # The bundle would hash the file again for its infotext; hand it the hash we have.
             bundle._hash = sha[:10]
-        return Pipeline(bundle)
+        return Pipeline(bundle, models=self.catalog.models)
 
     # -- the web UI's options ---------------------------------------------------------
 

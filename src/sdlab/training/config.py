@@ -185,6 +185,9 @@ def _build(cls, raw: dict, where: str):
             v = Path(v)
         elif isinstance(v, list):
             v = tuple(v)
+        elif isinstance(v, int) and not isinstance(v, bool) and names[k].type in ("float", "float | None"):
+            # TOML reads `alpha = 2` as an int; the field (and kohya's metadata, "2.0") is a float
+            v = float(v)
         kwargs[k] = v
     try:
         return cls(**kwargs)

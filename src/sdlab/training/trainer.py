@@ -173,6 +173,18 @@ def _lr_lambda(cfg_scheduler: str, warmup: int, total: int):
     return f
 
 
+def _multi_process_cpu() -> bool:
+    """Whether a launcher (torchrun, `accelerate launch`, mpirun) started several processes on a
+    machine without a GPU. accelerate only sets up multi-CPU DDP (gloo) when told `cpu=True`:
+    without it each torchrun child would silently train alone on the whole batch."""
+    import os
+
+    launched = any(int(os.environ.get(k, "1") or 1) > 1
+                   for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return launched and not gpu
+
+
 class Trainer:
     """Build with a TrainConfig, call `train()`. Tests drive it step by step."""
 
@@ -180,7 +192,7 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=_multi_process_cpu())
         self.progress_bar = progress_bar
         self.device = self.acc.device
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
@@ -305,12 +317,14 @@ class Trainer:
         return self.bundle.tokenizers[0](captions).to(self.device)
 
     @torch.no_grad()
-    def _latents(self, batch: dict, gen: torch.Generator) -> Tensor:
+    def _latents(self, batch: dict, gen: torch.Generator, n: int, part: slice) -> Tensor:
+        """This rank's latents; the posterior sample is drawn for the whole global batch of `n`
+        items (this rank keeping `part`), so the draws after it are the same on every rank."""
         if "latents" in batch:
             return batch["latents"].to(self.device)
         pixels = batch["pixels"].to(self.device)
         post = self.bundle.vae.encode(pixels)
-        eps = torch.randn(post.mean.shape, generator=gen).to(self.device)
+        eps = torch.randn((n, *post.mean.shape[1:]), generator=gen)[part].to(self.device)
         return (post.mean + post.std * eps) * self.bundle.family.latent_scale
 
     # -- one step ---------------------------------------------------------
@@ -337,7 +351,7 @@ class Trainer:
                     eps = torch.randn(lat_shape, generator=gen)[part].to(self.device)
                     loss = self.module(pixels, eps)
                 else:
-                    latents = self._latents(batch, gen)
+                    latents = self._latents(batch, gen, len(indices), part)
                     shape = (len(indices), *latents.shape[1:])
                     noise = torch.randn(shape, generator=gen)
                     if cfg.noise_offset:
@@ -594,8 +608,8 @@ class Trainer:
         meta = {
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(lc.rank),
-            "ss_network_alpha": str(lc.alpha),
-            "ss_network_args": json.dumps({"conv_dim": str(lc.conv_rank), "conv_alpha": str(lc.conv_alpha)}
+            "ss_network_alpha": str(float(lc.alpha)),
+            "ss_network_args": json.dumps({"conv_dim": str(lc.conv_rank), "conv_alpha": str(float(lc.conv_alpha))}
                                           if lc.conv_rank else {}),
             "ss_network_dropout": str(lc.dropout),
             "ss_base_model_version": self.bundle.family.base_model_version,
