@@ -319,7 +319,7 @@ def read_all_weights(modules) -> int:
     return total
 
 
-def child(loader: str, path: Path, config_dir: Path) -> None:
+def child(loader: str, path: Path, config_dir: Path, family_name: str = "sd15") -> None:
     watch = Stopwatch()
     import torch
 
@@ -327,7 +327,10 @@ def child(loader: str, path: Path, config_dir: Path) -> None:
         from sdlab.checkpoints.loader import load_bundle
     else:
         import transformers  # noqa: F401  # imported lazily by diffusers otherwise; count it here
-        from diffusers import StableDiffusionPipeline
+        if family_name == "sdxl":
+            from diffusers import StableDiffusionXLPipeline as Pipeline
+        else:
+            from diffusers import StableDiffusionPipeline as Pipeline
     import_s = watch.lap()
     rss_imported = memory().get("rss", 0)
     reset_peak_rss()
@@ -339,9 +342,11 @@ def child(loader: str, path: Path, config_dir: Path) -> None:
         bundle = proposed_load_bundle(path, torch.float16, loader)
         nets = bundle.networks()
     else:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir), torch_dtype=torch.float16,
-                                                        local_files_only=True)
+        pipe = Pipeline.from_single_file(str(path), config=str(config_dir), torch_dtype=torch.float16,
+                                         local_files_only=True)
         nets = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+        if family_name == "sdxl":
+            nets["text_encoder_2"] = pipe.text_encoder_2
     load_s = watch.lap()
     after_load = {**memory(), "lifetime_peak": peak_rss()}
 
@@ -365,21 +370,29 @@ def best(runs: list[dict], get) -> float:
     return min(get(r) for r in runs)
 
 
-def report(results: dict[str, list[dict]], file_size: int) -> None:
+def report(results: dict[str, list[dict]], file_size: int, family_name: str = "sd15") -> None:
     """One table: each loader's best round, and each sdlab variant as a ratio to diffusers."""
     ours = [name for name in results if name != "diffusers"]
+    targets = TARGETS[family_name]
+    per_file = lambda get: lambda r: get(r) / file_size  # noqa: E731
+    fmt_per_file = lambda x: f"{x:.2f}x"  # noqa: E731
     measures = [
         ("import (torch + library)", lambda r: r["import_s"], fmt_seconds, None),
-        ("load call", lambda r: r["load_s"], fmt_seconds, TARGET_TIME),
+        ("load call", lambda r: r["load_s"], fmt_seconds, targets.get("time")),
         ("load + read all weights", lambda r: r["load_s"] + r["read_s"], fmt_seconds, None),
         ("import + load + read", lambda r: r["import_s"] + r["load_s"] + r["read_s"], fmt_seconds, None),
-        ("peak RSS after load", lambda r: r["after_load"]["lifetime_peak"], fmt_bytes, TARGET_RSS),
+        ("peak RSS after load", lambda r: r["after_load"]["lifetime_peak"], fmt_bytes, targets.get("rss")),
         ("peak RSS after reading all weights", lambda r: r["after_read"]["lifetime_peak"], fmt_bytes, None),
         ("  of which added by load + read", lambda r: r["after_read"]["peak"] - r["rss_imported"], fmt_bytes, None),
         ("RSS after imports", lambda r: r["rss_imported"], fmt_bytes, None),
         ("RSS at end: anonymous (copies)", lambda r: r["after_read"].get("anon", 0), fmt_bytes, None),
         ("RSS at end: file-backed (mmap)", lambda r: r["after_read"].get("file", 0), fmt_bytes, None),
         ("weights held (params + buffers)", lambda r: r["weight_bytes"], fmt_bytes, None),
+        # As multiples of the file size (the sdxl target is on the second: every weight resident).
+        ("peak RSS after load / file size", per_file(lambda r: r["after_load"]["lifetime_peak"]), fmt_per_file, None),
+        ("peak RSS after reading all / file size", per_file(lambda r: r["after_read"]["lifetime_peak"]),
+         fmt_per_file, targets.get("rss_per_file")),
+        ("RSS at end: anonymous / file size", per_file(lambda r: r["after_read"].get("anon", 0)), fmt_per_file, None),
     ]
     headers = [""]
     for name in ours:
@@ -392,12 +405,14 @@ def report(results: dict[str, list[dict]], file_size: int) -> None:
         row = [label]
         for name in ours:
             value = best(results[name], get)
-            row += [fmt(value), fmt_ratio(value, theirs)]
+            # A ratio of two multiples of the file size would repeat the bytes row's ratio.
+            row += [fmt(value), "" if fmt is fmt_per_file else fmt_ratio(value, theirs)]
         rows.append(row + [fmt(theirs), f"<= {target:.2f}x" if target else ""])
     rounds = len(results["diffusers"])
+    what = {"sd15": "an SD 1.5", "sdxl": "an SDXL base"}[family_name]
     print()
     print_table(headers, rows,
-                title=f"Loading an SD 1.5 checkpoint, fp16, CPU: file {fmt_bytes(file_size)} ({file_size:,} bytes), "
+                title=f"Loading {what} checkpoint, fp16, CPU: file {fmt_bytes(file_size)} ({file_size:,} bytes), "
                       f"best of {rounds} round{'s' * (rounds > 1)}, {os.cpu_count()} CPUs")
     if len(ours) > 1:
         print("  +COLUMN: a prototype of a loader change (benchmarks/load.py proposed_load_bundle), "
@@ -414,6 +429,8 @@ def report(results: dict[str, list[dict]], file_size: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=FAMILIES, default="sd15",
+                        help="the checkpoint's layout: SD 1.5 (~2 GB) or SDXL base (~6.9 GB, fp16)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every loader; the best round is shown")
     parser.add_argument("--proposed", action="store_true",
                         help=f"also measure prototypes of loader changes: {', '.join(PROPOSED)}")
@@ -424,34 +441,35 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child == "write":
-        write_checkpoint(args.path, args.smoke)
+        write_checkpoint(args.path, args.smoke, args.family)
         emit({"written": str(args.path)})
         return
     if args.child:
-        child(args.child, args.path, args.config_dir)
+        child(args.child, args.path, args.config_dir, args.family)
         return
 
     os.environ.update(OFFLINE_ENV)
     loaders = [*LOADERS, *PROPOSED] if args.proposed else list(LOADERS)
     tmp = Path(tempfile.mkdtemp(prefix="sdlab-bench-load-"))
     try:
-        path, config_dir = tmp / "sd15-random.safetensors", tmp / "diffusers-config"
-        smoke = ["--smoke"] if args.smoke else []
+        path, config_dir = tmp / f"{args.family}-random.safetensors", tmp / "diffusers-config"
+        child_args = ["--smoke"] if args.smoke else []
+        child_args += ["--family", args.family]
         watch = Stopwatch()
-        run_child([__file__, "--child", "write", "--path", str(path), *smoke], OFFLINE_ENV)
+        run_child([__file__, "--child", "write", "--path", str(path), *child_args], OFFLINE_ENV)
         print(f"wrote {path.name}: {fmt_bytes(path.stat().st_size)} in {watch.lap():.1f} s", flush=True)
-        write_config_folder(config_dir, args.smoke)
+        write_config_folder(config_dir, args.smoke, args.family)
         print(f"read it once to warm the page cache: {warm_page_cache(path):.1f} s", flush=True)
 
         results: dict[str, list[dict]] = {name: [] for name in loaders}
         for round_ in range(args.repeat):
             for name in loaders:
                 r = run_child([__file__, "--child", name, "--path", str(path), "--config-dir", str(config_dir),
-                               *smoke], OFFLINE_ENV)
+                               *child_args], OFFLINE_ENV)
                 results[name].append(r)
                 print(f"round {round_ + 1}: {name:24s} import {r['import_s']:.2f} s, load {r['load_s']:.2f} s, "
                       f"read {r['read_s']:.2f} s, peak {fmt_bytes(r['after_read']['lifetime_peak'])}", flush=True)
-        report(results, path.stat().st_size)
+        report(results, path.stat().st_size, args.family)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

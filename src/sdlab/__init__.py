@@ -26,7 +26,7 @@ def demo_model_path() -> Path:
 
 
 def load(model: str | Path | None = None, device: str | None = None, dtype: "torch.dtype | None" = None,
-         prediction: str | None = None, use_ema: bool = True) -> "Pipeline":
+         prediction: str | None = None, use_ema: bool = True, models_dir: str | Path | None = None) -> "Pipeline":
     """Load a model and return a Pipeline (`txt2img`, `img2img`, `inpaint`).
 
     Args:
@@ -36,6 +36,8 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
         dtype: weight dtype for the UNet and text encoder (default fp16 on CUDA, fp32 on CPU).
         prediction: "eps" or "v" to override detection.
         use_ema: prefer the EMA weights when a file has both.
+        models_dir: where LoRAs and embeddings named in prompts are found (web UI layout;
+            default: $SDLAB_MODELS_DIR or ./models).
     """
     from .checkpoints.loader import load_bundle
     from .errors import SdlabError
@@ -45,4 +47,8 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
         model = demo_model_path()
         if not model.exists():
             raise SdlabError("the built-in demo model is missing from this install; give --model PATH")
-    return Pipeline(load_bundle(model, device=device, dtype=dtype, prediction=prediction, use_ema=use_ema))
+    from .models_dir import ModelsDir
+
+    models = ModelsDir(models_dir) if models_dir is not None else None
+    return Pipeline(load_bundle(model, device=device, dtype=dtype, prediction=prediction, use_ema=use_ema),
+                    models=models)

@@ -55,6 +55,8 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the model's prediction type")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 for the UNet and text encoder")
+    p.add_argument("--vae", default=None,
+                   help="a separate VAE file (path, or a name in the models folder's VAE/) replacing the model's")
     p.add_argument("--refiner", default=None,
                    help="SDXL refiner checkpoint: it samples the steps after --refiner-switch")
     p.add_argument("--refiner-switch", dest="refiner_switch_at", type=float, default=None,
@@ -179,7 +181,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fields.setdefault("denoising_strength", 1.0)
 
     pipe = load(_resolve_model(args, args.model), device=args.device, dtype=_dtype(args.dtype),
-                prediction=args.prediction)
+                prediction=args.prediction, models_dir=args.models_dir)
+    if args.vae:
+        from .models_dir import load_vae_into
+
+        models = pipe.models
+        vae_path = Path(args.vae) if Path(args.vae).expanduser().is_file() else models.resolve_vae(args.vae)
+        load_vae_into(pipe.bundle, vae_path)
+        pipe.vae_info = {"VAE hash": models.short_hash(vae_path), "VAE": vae_path.stem}
     if args.refiner:
         from .checkpoints.loader import load_bundle
 
@@ -206,6 +215,12 @@ def _resolve_model(args: argparse.Namespace, name: str | None) -> str | None:
         return str(models.resolve_checkpoint(name))
     except SdlabError:
         return name  # a hub repo id, or a clear "no such file" from the loader
+
+
+def _models_dir(args: argparse.Namespace):
+    from .models_dir import ModelsDir
+
+    return ModelsDir(args.models_dir) if args.models_dir else ModelsDir()
 
 
 def _dtype(name: str | None):

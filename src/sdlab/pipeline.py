@@ -181,6 +181,7 @@ class Pipeline:
         self.models = models if models is not None else ModelsDir()
         self.loras = LoraState()
         self.embeddings = EmbeddingLibrary(self.models.folder("embedding"))
+        self.vae_info: dict[str, str] = {}  # "VAE hash" / "VAE" of a separate VAE file, for the infotext
 
     def set_refiner(self, refiner: Bundle | None) -> None:
         """Use (or stop using) an SDXL refiner for the last part of the steps."""
@@ -244,7 +245,7 @@ class Pipeline:
         params: dict[str, object] = {
             "Steps": req.steps, "Sampler": sampler, "Schedule type": SCHEDULES[schedule].label,
             "CFG scale": req.cfg_scale, "Seed": seed, "Size": f"{req.width}x{req.height}",
-            "Model hash": self.bundle.short_hash, "Model": self.bundle.name,
+            "Model hash": self.bundle.short_hash, "Model": self.bundle.name, **self.vae_info,
         }
         if req.subseed_strength:
             params["Variation seed"] = subseed

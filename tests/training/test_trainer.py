@@ -228,6 +228,7 @@ batches = t._global_batches()
 losses = [t.train_step(batches) for _ in range(2)]
 if t.acc.is_main_process:
     json.dump({"losses": losses, "world": t.world}, open(sys.argv[1], "w"))
+t.close()
 """
 
 

@@ -445,6 +445,19 @@ class Trainer:
         log.info("VAE phase done: latent std %.3f, rescaled to %.3f", std, 1 / self.bundle.family.latent_scale)
         self._setup_phase("diffusion")
 
+    def close(self) -> None:
+        """Flush the logs and, under a launcher, leave the process group together: a process
+        that exits while gloo's threads still run aborts ("terminate called without an active
+        exception") and the launcher then kills the other ranks."""
+        if self._csv is not None:
+            self._csv.close()
+            if self._tb is not None:
+                self._tb.close()
+            self._csv = None
+        if self.world > 1:
+            self.acc.wait_for_everyone()
+        self.acc.end_training()
+
     # -- logging and validation -------------------------------------------
 
     def _log(self, step: int, loss: float) -> None:
@@ -653,4 +666,7 @@ class Trainer:
 def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     """Train as configured; returns the saved model (on the main process)."""
     trainer = Trainer(cfg)
-    return trainer.train(resume=resume)
+    try:
+        return trainer.train(resume=resume)
+    finally:
+        trainer.close()
