@@ -374,8 +374,8 @@ def report(results: dict[str, list[dict]], file_size: int, family_name: str = "s
     """One table: each loader's best round, and each sdlab variant as a ratio to diffusers."""
     ours = [name for name in results if name != "diffusers"]
     targets = TARGETS[family_name]
-    per_file = lambda get: lambda r: get(r) / file_size  # noqa: E731
-    fmt_per_file = lambda x: f"{x:.2f}x"  # noqa: E731
+    per_file = lambda get: lambda r: get(r) / file_size
+    fmt_per_file = lambda x: f"{x:.2f}x"
     measures = [
         ("import (torch + library)", lambda r: r["import_s"], fmt_seconds, None),
         ("load call", lambda r: r["load_s"], fmt_seconds, targets.get("time")),

@@ -138,6 +138,45 @@ def default_dtype(device: torch.device, flags: Iterable[str] | None = None) -> t
     return best_cpu_dtype(flags)
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes that a new allocation on `device` can take.
+
+    CUDA: free device memory plus what torch's caching allocator holds unused. CPU:
+    MemAvailable from /proc/meminfo, capped by the cgroup (container) limit when one is
+    set; elsewhere the free physical pages.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    available = _meminfo_available()
+    limit = _cgroup_free()
+    return min(available, limit) if limit is not None else available
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30  # unknown platform: assume a modest machine
+
+
+def _cgroup_free() -> int | None:
+    """Bytes left under a cgroup v2 memory limit, or None when there is none."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
@@ -159,8 +198,9 @@ def describe(device: torch.device | None = None) -> str:
     rows.append(("CPU features", " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"))
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
     rows.append(("CPU kernels", f"{capability}, oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}"))
-    rows.append(("threads", f"{torch.get_num_threads()} (physical cores: {physical_cores()}"
-                 f"{', set by ' + ', '.join(v for v in THREAD_ENV_VARS if os.environ.get(v)) if any(os.environ.get(v) for v in THREAD_ENV_VARS) else ''})"))
+    chosen_by = [v for v in THREAD_ENV_VARS if os.environ.get(v)]
+    rows.append(("threads", f"{torch.get_num_threads()} of {physical_cores()} physical cores"
+                 + (f" (set by {', '.join(chosen_by)})" if chosen_by else "")))
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(idx)

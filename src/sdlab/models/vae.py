@@ -306,7 +306,9 @@ class _GroupStats:
     """Per-group mean and variance of a feature map written band by band.
 
     Bands are merged with Chan et al.'s pairwise update in float64, so the result is the
-    whole map's statistics, as GroupNorm would compute them, however many bands there are.
+    whole map's statistics, as GroupNorm computes them, however many bands there are. A band
+    can also be taken out again (`add(x, remove=True)`): the update is an exact identity
+    for negative counts too.
     """
 
     def __init__(self, groups: int):
@@ -314,16 +316,17 @@ class _GroupStats:
         self.count = 0
         self.mean = self.m2 = torch.zeros(())
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, remove: bool = False) -> None:
         b, c, height, width = x.shape
-        n = height * width * (c // self.groups)
-        # GroupNorm's own kernel is the fastest one-pass mean / variance there is (it handles
-        # channels-last too); its normalised output is thrown away. Half-precision inputs are
-        # upcast so that the statistics come back in fp32.
-        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        n = height * width * (c // self.groups) * (-1 if remove else 1)
+        # GroupNorm's own kernel is the fastest one-pass mean / variance there is (channels-last
+        # included); its normalised output is thrown away. It wants a dense tensor, and half
+        # precision goes in as fp32 so that the statistics come back in fp32.
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        x = x.to(torch.float32 if x.dtype != torch.float64 else x.dtype).contiguous(memory_format=fmt)
         _, mean, rstd = torch.native_group_norm(x, None, None, b, c, height * width, self.groups, 0.0)
         mean = mean.double().view(b, self.groups)
-        m2 = rstd.double().view(b, self.groups).pow(-2) * n  # (B, G); rstd = 1/sqrt(var) with eps 0
+        m2 = rstd.double().view(b, self.groups).pow(-2) * n  # (B, G); rstd = 1 / sqrt(var) with eps 0
         if self.count == 0:
             self.mean, self.m2 = mean, m2
         else:
@@ -343,12 +346,19 @@ class _GroupStats:
         return torch.addcmul(shift.float()[:, :, None, None], x.float(), scale.float()[:, :, None, None])
 
 
-def _conv_rows(conv: nn.Conv2d, a: Tensor, top: bool, bottom: bool) -> Tensor:
-    """A 3x3 padding-1 conv of rows whose first and last rows are halo (real neighbours),
-    except at the image's top / bottom edge, which get the zero row the untiled conv pads."""
-    if top or bottom:  # copies the band; only the two edge bands of each layer come here
-        a = F.pad(a, (0, 0, int(top), int(bottom)))
-    return F.conv2d(a, conv.weight, conv.bias, padding=(0, 1))
+def _conv_rows(conv: nn.Conv2d, a: Tensor, r0: int, r1: int, i0: int, stats: _GroupStats | None) -> Tensor:
+    """Output rows r0..r1 of a 3x3 padding-1 conv, from input rows i0.. (the band with its
+    halo: one real row above and below, except at the image's top and bottom edges, where the
+    conv's own zero padding is the right one). The conv also computes the halo rows' outputs,
+    which are dropped: cheaper than copying the band into a padded buffer. With `stats`, the
+    band's output is added to them (all rows, then the halo rows taken out: no copy)."""
+    out = F.conv2d(a, conv.weight, conv.bias, padding=1)
+    if stats is not None:
+        stats.add(out)
+        for halo in (out[..., :r0 - i0, :], out[..., r1 - i0:, :]):
+            if halo.shape[-2]:
+                stats.add(halo, remove=True)
+    return out[..., r0 - i0:r1 - i0, :]
 
 
 def _bands(height: int, width: int, pixels: int) -> list[tuple[int, int]]:
@@ -375,7 +385,7 @@ class _Streamer:
         """`conv(pre(x)) + skip(rows)` for a 3x3, stride-1, padding-1 conv; `pre` must be pointwise.
 
         Each band reads one halo row above and below; only at the image's own top and bottom
-        are zero rows padded (the conv pads the columns itself), as the untiled conv would.
+        is the zero padding used, as in the untiled conv.
         """
         b, _, height, width = x.shape
         dtype = conv.weight.dtype
@@ -386,11 +396,12 @@ class _Streamer:
             i0, i1 = max(r0 - 1, 0), min(r1 + 1, height)
             a = x[..., i0:i1, :]
             a = pre(a) if pre is not None else a
-            part = _conv_rows(conv, a.to(dtype), r0 == 0, r1 == height)
-            if skip is not None:
-                part = part + skip(r0, r1)
-            if stats is not None:
-                stats.add(part)
+            if skip is None:
+                part = _conv_rows(conv, a.to(dtype), r0, r1, i0, stats)
+            else:
+                part = _conv_rows(conv, a.to(dtype), r0, r1, i0, None) + skip(r0, r1)
+                if stats is not None:
+                    stats.add(part)
             out[..., r0:r1, :] = part
         return out, stats
 
@@ -398,14 +409,14 @@ class _Streamer:
         """ResnetBlock.forward, in two banded passes. Consumes x: when the block keeps the
         width, its output overwrites x (a band's skip reads x only at its own rows)."""
         dtype = block.conv1.weight.dtype
-        h, h_stats = self.conv3x3(block.conv1, x, pre=lambda t: F.silu(stats.normalize(block.norm1, t)))
+        h, h_stats = self.conv3x3(block.conv1, x, pre=lambda t: F.silu(stats.normalize(block.norm1, t), inplace=True))
 
         def skip(r0: int, r1: int) -> Tensor:
             rows = x[..., r0:r1, :].to(dtype)
             return block.nin_shortcut(rows) if block.nin_shortcut is not None else rows
 
         out = x if block.nin_shortcut is None else None
-        return self.conv3x3(block.conv2, h, pre=lambda t: F.silu(h_stats.normalize(block.norm2, t)),
+        return self.conv3x3(block.conv2, h, pre=lambda t: F.silu(h_stats.normalize(block.norm2, t), inplace=True),
                             skip=skip, out=out)
 
     def upsample(self, up: Upsample, x: Tensor) -> tuple[Tensor, _GroupStats]:
@@ -418,8 +429,7 @@ class _Streamer:
             i0, i1 = max(r0 - 1, 0), min(r1 + 1, 2 * height)  # upsampled rows, with halo
             s0, s1 = i0 // 2, (i1 + 1) // 2  # the source rows they repeat
             u = F.interpolate(x[..., s0:s1, :].to(dtype), scale_factor=2.0, mode="nearest")
-            part = _conv_rows(up.conv, u[..., i0 - 2 * s0:i1 - 2 * s0, :], r0 == 0, r1 == 2 * height)
-            stats.add(part)
+            part = _conv_rows(up.conv, u[..., i0 - 2 * s0:i1 - 2 * s0, :], r0, r1, i0, stats)
             out[..., r0:r1, :] = part
         return out, stats
 
@@ -491,7 +501,7 @@ class AutoencoderKL(nn.Module):
                 h, stats = streamer.resnet(block, h, stats)
             if level.upsample is not None:
                 h, stats = streamer.upsample(level.upsample, h)
-        image, _ = streamer.conv3x3(dec.conv_out, h, pre=lambda t: F.silu(stats.normalize(dec.norm_out, t)),
+        image, _ = streamer.conv3x3(dec.conv_out, h, pre=lambda t: F.silu(stats.normalize(dec.norm_out, t), inplace=True),
                                     out_dtype=dec.conv_out.weight.dtype)
         return image
 

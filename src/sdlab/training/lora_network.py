@@ -109,8 +109,11 @@ class LoRANetwork(nn.Module):
     """All LoRA modules of one model, by kohya name. `apply()` attaches them, `remove()` detaches."""
 
     def __init__(self, unet: UNet | None, text_encoder: CLIPTextModel | None, rank: int, alpha: float,
-                 conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0):
+                 conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, only: str | None = None):
+        """`only`: a regex; when given, just the layers whose kohya name it matches (`re.search`),
+        e.g. `r"attn[12]_to_(q|k|v|out_0)$"` for the attention projections as diffusers' scripts."""
         super().__init__()
+        self._only = re.compile(only) if only else None
         self.rank, self.alpha, self.conv_rank, self.conv_alpha = rank, alpha, conv_rank, conv_alpha
         self.loras = nn.ModuleDict()
         self._targets: dict[str, nn.Module] = {}
@@ -128,6 +131,8 @@ class LoRANetwork(nn.Module):
             raise SdlabError("LoRA: the model has no layers to attach LoRA to (no transformer blocks?)")
 
     def _add(self, name: str, layer: nn.Module, rank: int, alpha: float, dropout: float) -> None:
+        if self._only is not None and not self._only.search(name):
+            return
         p = layer.weight
         self.loras[name] = LoRAModule(layer, rank, alpha, dropout).to(device=p.device, dtype=torch.float32)
         self._targets[name] = layer

@@ -1,0 +1,182 @@
+"""LoRA training step time and peak memory on an SD 1.5-shaped UNet: sdlab's trainer pieces
+against the diffusers `train_text_to_image_lora.py` loop.
+
+    python benchmarks/train_lora.py [--rank 16] [--size 512] [--warmup 1] [--steps 3] [--repeat 1] [--dtype fp32|bf16]
+
+The parent builds one random SD 1.5 model (`new_bundle`) and writes its UNet twice to a
+temporary folder: as a diffusers folder (`write_diffusers_folder`, for
+`UNet2DConditionModel.from_pretrained`) and as our native state dict. Then, each in a fresh
+child process, alternating across rounds:
+
+  sdlab      `UNet(PRESETS["sd15"])` + `sdlab.training.lora_network.LoRANetwork` (hooks) on the
+             attention projections only (to_q, to_k, to_v, to_out.0), AdamW on the LoRA params
+  diffusers  `UNet2DConditionModel` + PEFT `LoraConfig(r, lora_alpha, target_modules=[to_k, to_q,
+             to_v, to_out.0])` via `unet.add_adapter`, AdamW on the trainable params
+
+Both: the same rank and alpha, batch 1, the same dtype, gradient checkpointing off, the same
+precomputed random latents / text context / timesteps / target, so only UNet forward +
+backward + optimizer step is timed (median over `--steps` after `--warmup`). Peak RSS is the
+child's lifetime peak (weights, activations, optimizer state); "train peak" is the high-water
+mark from just before the first step. Run by hand, not by pytest; a few minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (emit, fmt_bytes, fmt_ratio, fmt_seconds, memory, print_table, reset_peak_rss,  # noqa: E402
+                     run_child, Stopwatch)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _inputs(size: int, dtype):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n = size // 8
+    return (torch.randn(1, 4, n, n, generator=g).to(dtype), torch.randint(0, 1000, (1,), generator=g),
+            torch.randn(1, 77, 768, generator=g).to(dtype), torch.randn(1, 4, n, n, generator=g).to(dtype))
+
+
+def _loop(step, warmup: int, steps: int) -> tuple[list[float], int]:
+    for _ in range(warmup):
+        step()
+    reset_peak_rss()
+    times = []
+    for _ in range(steps):
+        w = Stopwatch()
+        step()
+        times.append(w.lap())
+    return times, memory()["peak"]
+
+
+def child_sdlab(args) -> None:
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from sdlab.models.unet import PRESETS, UNet
+    from sdlab.training.lora_network import LoRANetwork
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    with torch.device("meta"):
+        unet = UNet(PRESETS["sd15"])
+    unet.load_state_dict(load_file(args.folder / "unet-native.safetensors"), assign=True)
+    unet.to(dtype).requires_grad_(False).train()
+    unet.gradient_checkpointing = False
+    torch.manual_seed(0)
+    lora = LoRANetwork(unet, None, args.rank, args.rank, only=r"attn[12]_to_(q|k|v|out_0)$").to(dtype)
+    lora.apply()
+    params = [p for p in lora.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x, t, ctx, target = _inputs(args.size, dtype)
+
+    def step():
+        pred = unet(x, t.float(), ctx)
+        F.mse_loss(pred.float(), target.float()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times, train_peak = _loop(step, args.warmup, args.steps)
+    emit({"times": times, "train_peak": train_peak, "peak": memory()["peak"], "lora_params": sum(map(torch.numel, params)),
+          "modules": len(lora.loras)})
+
+
+def child_diffusers(args) -> None:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    unet = UNet2DConditionModel.from_pretrained(args.folder / "unet", torch_dtype=dtype)
+    unet.requires_grad_(False).train()
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x, t, ctx, target = _inputs(args.size, dtype)
+
+    def step():
+        pred = unet(x, t, ctx, return_dict=False)[0]
+        F.mse_loss(pred.float(), target.float()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times, train_peak = _loop(step, args.warmup, args.steps)
+    n_modules = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
+    emit({"times": times, "train_peak": train_peak, "peak": memory()["peak"], "lora_params": sum(map(torch.numel, params)),
+          "modules": n_modules})
+
+
+def write_models(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    from sdlab.checkpoints.diffusers_folder import write_diffusers_folder
+    from sdlab.checkpoints.loader import new_bundle
+    from sdlab.families import FAMILIES, ModelConfig
+    from sdlab.models.clip import PRESETS as CLIP_PRESETS
+    from sdlab.models.unet import PRESETS
+    from sdlab.models.vae import PRESETS as VAE_PRESETS
+
+    cfg = ModelConfig(FAMILIES["sd1"], PRESETS["sd15"], VAE_PRESETS["sd"], (CLIP_PRESETS["clip-l"],))
+    bundle = new_bundle(cfg, seed=0, init_std=0.02)  # no zero-initialised layers: every weight matters
+    write_diffusers_folder(bundle.state_dict(), bundle.config, folder)
+    save_file({k: v.contiguous() for k, v in bundle.unet.state_dict().items()}, folder / "unet-native.safetensors")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    ap.add_argument("--child", choices=["sdlab", "diffusers"])
+    ap.add_argument("--folder", type=Path)
+    args = ap.parse_args()
+    if args.child:
+        (child_sdlab if args.child == "sdlab" else child_diffusers)(args)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-lora-") as tmp:
+        folder = Path(tmp) / "sd15"
+        write_models(folder)
+        common = [__file__, "--folder", str(folder), "--rank", str(args.rank), "--size", str(args.size),
+                  "--warmup", str(args.warmup), "--steps", str(args.steps), "--dtype", args.dtype]
+        results: dict[str, list[dict]] = {"sdlab": [], "diffusers": []}
+        for r in range(args.repeat):
+            order = ["sdlab", "diffusers"] if r % 2 == 0 else ["diffusers", "sdlab"]
+            for who in order:
+                res = run_child([*common, "--child", who])
+                print(f"round {r + 1} {who}: steps {[round(t, 2) for t in res['times']]} s, "
+                      f"peak {fmt_bytes(res['peak'])}", flush=True)
+                results[who].append(res)
+
+    def best(who: str, key: str):
+        if key == "time":
+            return min(statistics.median(r["times"]) for r in results[who])
+        return min(r[key] for r in results[who])
+
+    rows = []
+    for label, key, fmt in (("step time (median)", "time", fmt_seconds), ("peak RSS, whole child", "peak", fmt_bytes),
+                            ("peak RSS, training steps", "train_peak", fmt_bytes)):
+        ours, theirs = best("sdlab", key), best("diffusers", key)
+        rows.append([label, fmt(ours), fmt(theirs), fmt_ratio(ours, theirs)])
+    rows.append(["LoRA modules / params", f"{results['sdlab'][0]['modules']} / {results['sdlab'][0]['lora_params']:,}",
+                 f"{results['diffusers'][0]['modules']} / {results['diffusers'][0]['lora_params']:,}", ""])
+    print_table(["", "sdlab", "diffusers", "sdlab / diffusers"], rows,
+                title=f"LoRA training step, SD 1.5 UNet, {args.size} px, rank {args.rank}, batch 1, {args.dtype}, "
+                      f"best of {args.repeat} round(s), {args.steps} steps after {args.warmup} warm-up")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Speed and memory helpers the pipeline calls: getting a loaded bundle ready for inference
+(dtypes, channels-last, torch.compile), model CPU offload for small GPUs, and VAE calls that
+tile large images and survive fp16 overflow.
+
+Nothing here runs at import; every function acts only on what it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from . import device as devices
+from .models.vae import AutoencoderKL, DiagonalGaussian, should_tile
+
+if TYPE_CHECKING:
+    from .checkpoints.loader import Bundle
+
+log = logging.getLogger(__name__)
+
+# VAEs whose fp16 decode overflows (NaN/inf) on ordinary images, so they start in a wider dtype
+# on fp16 devices (diffusers' `force_upcast`). SD 1.x / 2.x VAEs mostly fit fp16 and are guarded
+# per call instead (`decode_latents`).
+UPCAST_VAE_FAMILIES = ("sdxl", "sdxl-inpaint", "sdxl-refiner")
+
+
+# ---------------------------------------------------------------- dtypes and preparation
+
+
+def vae_dtype(device: torch.device, dtype: torch.dtype, family: str | None = None) -> torch.dtype:
+    """The VAE's dtype when the UNet runs in `dtype` on `device`.
+
+    CPU: fp32. The VAE runs once per image, and a bf16 VAE shifts colours visibly for
+    little saving. GPU: the UNet's dtype, except fp16 for the SDXL VAEs, which overflow
+    there: bf16 where the GPU has it, else fp32.
+    """
+    if device.type == "cpu":
+        return torch.float32
+    if dtype == torch.float16 and family in UPCAST_VAE_FAMILIES:
+        return _wider_than_fp16(device)
+    return dtype
+
+
+def _wider_than_fp16(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                          channels_last: bool = True, compile: bool = False, offload: bool = False) -> Bundle:
+    """Make a loaded bundle fast to run; returns the same bundle, changed in place.
+
+    - UNet and text encoders in `dtype` (default: `device.default_dtype`), the VAE in
+      `vae_dtype(...)`, all on `device` (default: where the UNet is), eval mode, no grads.
+    - channels-last memory format for the convolutional networks (UNet, VAE): oneDNN and
+      cuDNN run their fastest convolutions on NHWC, and the UNet's attention blocks then
+      flatten pixels to tokens without a copy. Outputs are unchanged.
+    - `compile`: `torch.compile` the UNet's forward (it runs steps x batches times; the
+      first call compiles, minutes on a CPU). The state-dict keys stay the same.
+    - `offload`: keep the networks in CPU memory and move each to `device` only while it
+      runs (`ModelOffload`); load the bundle on the CPU first so the device never holds
+      them all.
+
+    Args:
+        bundle: from `load_bundle` or `new_bundle`.
+        device: where to run.
+        dtype: weight dtype of the UNet and text encoders.
+        channels_last: convert the UNet and VAE to channels-last.
+        compile: compile the UNet with torch.compile.
+        offload: model CPU offload (for a GPU `device`).
+    """
+    device = torch.device(device) if device is not None else execution_device(bundle)
+    dtype = dtype or devices.default_dtype(device)
+    home = torch.device("cpu") if offload else device
+    for net in (bundle.unet, *bundle.text_encoders):
+        net.to(device=home, dtype=dtype)
+    bundle.vae.to(device=home, dtype=vae_dtype(device, dtype, bundle.family.name))
+    for net in bundle.networks().values():
+        net.eval().requires_grad_(False)
+    if channels_last:
+        bundle.unet.to(memory_format=torch.channels_last)
+        bundle.vae.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        # Shapes repeat every step, so cuDNN's one-time search for the fastest conv pays off.
+        torch.backends.cudnn.benchmark = True
+    if compile:
+        bundle.unet.compile()
+    if offload:
+        ModelOffload(bundle, device)
+    return bundle
+
+
+# ---------------------------------------------------------------- model CPU offload
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
+        return type(value)(*(_to_device(v, device) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, Tensor):
+            return v.device
+    return None
+
+
+class ModelOffload:
+    """Keeps a bundle's networks in CPU memory and moves each to the device only while it
+    runs (diffusers' `enable_model_cpu_offload`): the device holds one network at a time,
+    so the text encoder is off the device while the UNet samples, and the UNet is off while
+    the VAE decodes.
+
+    Hooks move each network's tensor inputs to the device. The UNet's and text encoders'
+    outputs go back to where their inputs came from, so callers that keep tensors on the
+    CPU work unchanged; callers that put their tensors on `execution_device(...)` avoid
+    the round trips. The VAE is hooked on its parts (`encoder`, `decoder`, `quant_conv`,
+    `post_quant_conv`), whose outputs stay on the device: call it through `decode_latents`
+    / `encode_images`, which move the input and the result.
+    """
+
+    def __init__(self, bundle: Bundle, device: str | torch.device):
+        self.device = torch.device(device)
+        self.active: nn.Module | None = None
+        self._handles: list[Any] = []
+        self._networks = list(bundle.networks().values())
+        for net in self._networks:
+            net.to("cpu")
+            net.sdlab_offload = self  # read by execution_device()
+        for net in (bundle.unet, *bundle.text_encoders):
+            self._hook(net, net, outputs_back=True)
+        vae = bundle.vae
+        for part in (vae.encoder, vae.decoder, vae.quant_conv, vae.post_quant_conv):
+            self._hook(part, vae, outputs_back=False)
+
+    def _hook(self, module: nn.Module, owner: nn.Module, outputs_back: bool) -> None:
+        caller: list[torch.device | None] = [None]
+
+        def before(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            self.activate(owner)
+            caller[0] = _first_tensor_device(args, kwargs)
+            return _to_device(args, self.device), _to_device(kwargs, self.device)
+
+        def after(_module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
+            if caller[0] is not None and caller[0] != self.device:
+                return _to_device(output, caller[0])
+            return output
+
+        self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        if outputs_back:
+            self._handles.append(module.register_forward_hook(after, with_kwargs=True))
+
+    def activate(self, net: nn.Module) -> None:
+        """Put `net` on the device and the previously active network back on the CPU."""
+        if self.active is net:
+            return
+        if self.active is not None:
+            self.active.to("cpu")
+        net.to(self.device)
+        self.active = net
+        log.debug("offload: %s on %s", type(net).__name__, self.device)
+
+    def remove(self, device: str | torch.device | None = None) -> None:
+        """Remove the hooks; leave every network on `device` (default: the CPU)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for net in self._networks:
+            net.to(device or "cpu")
+            del net.sdlab_offload
+        self.active = None
+
+
+def disable_offload(bundle: Bundle, device: str | torch.device | None = None) -> None:
+    """Undo `prepare_for_inference(..., offload=True)`; the networks end on `device`."""
+    offload = getattr(bundle.unet, "sdlab_offload", None)
+    if offload is not None:
+        offload.remove(device)
+
+
+def execution_device(net: nn.Module | Bundle) -> torch.device:
+    """Where `net` (or a bundle's UNet) computes: its offload device, else its weights' device.
+    Put inputs there."""
+    net = getattr(net, "unet", net)
+    offload = getattr(net, "sdlab_offload", None)
+    return offload.device if offload is not None else next(net.parameters()).device
+
+
+# ---------------------------------------------------------------- the VAE
+
+
+def auto_tile(vae: AutoencoderKL, height: int, width: int, batch: int = 1) -> bool:
+    """Whether an image of height x width pixels should go through the tiled VAE paths,
+    given the memory free where the VAE runs."""
+    device = execution_device(vae)
+    element = torch.finfo(next(vae.parameters()).dtype).bits // 8
+    return should_tile(height, width, devices.available_memory(device), batch, element)
+
+
+def decode_latents(vae: AutoencoderKL, z: Tensor, tile: bool | None = None) -> Tensor:
+    """`vae.decode(z)`, tiled when the image is large for the free memory (`tile=None`), and
+    redone in a wider dtype when an fp16 VAE overflows.
+
+    Args:
+        vae: the VAE (offloaded or not).
+        z: unscaled latents (divide by the family's scale first); any device and dtype.
+        tile: force the tiled (True) or plain (False) decode; None decides by size and memory.
+
+    Returns:
+        Images (B, C, H, W) roughly in [-1, 1], on z's device, in the VAE's dtype.
+    """
+    f = vae.cfg.downsample_factor
+    if tile is None:
+        tile = auto_tile(vae, z.shape[-2] * f, z.shape[-1] * f, z.shape[0])
+    return _guarded(vae, z, lambda x: vae.decode_tiled(x) if tile else vae.decode(x))
+
+
+def encode_images(vae: AutoencoderKL, pixels: Tensor, tile: bool | None = None) -> DiagonalGaussian:
+    """`vae.encode(pixels)` with the same tiling choice and fp16 guard as `decode_latents`.
+    The posterior lives on the VAE's execution device."""
+    if tile is None:
+        tile = auto_tile(vae, pixels.shape[-2], pixels.shape[-1], pixels.shape[0])
+    moments: list[DiagonalGaussian] = []
+
+    def run(x: Tensor) -> Tensor:
+        dist = vae.encode_tiled(x) if tile else vae.encode(x)
+        moments.append(dist)
+        return torch.cat([dist.mean, dist.logvar], dim=1)
+
+    _guarded(vae, pixels, run, back=False)
+    return moments[-1]
+
+
+def _guarded(vae: AutoencoderKL, x: Tensor, fn: Callable[[Tensor], Tensor], back: bool = True) -> Tensor:
+    device = execution_device(vae)
+    dtype = next(vae.parameters()).dtype
+    with torch.no_grad():
+        out = fn(x.to(device=device, dtype=dtype))
+        if dtype == torch.float16 and not torch.isfinite(out).all():
+            wider = _wider_than_fp16(device)
+            log.warning("the VAE overflowed in fp16; it now runs in %s", devices.dtype_name(wider))
+            vae.to(dtype=wider)
+            out = fn(x.to(device=device, dtype=wider))
+    return out.to(x.device) if back else out

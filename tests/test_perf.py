@@ -1,0 +1,267 @@
+"""Speed and memory paths: dtype and thread choice, tiled VAE (seam test), channels-last,
+GroupNorm in half precision, the fp16 VAE guard, offload hooks, and the accuracy of the
+default CPU path (bf16) against fp32 through the whole pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdlab import device as devices
+from sdlab import perf
+from sdlab.checkpoints.loader import load_bundle
+from sdlab.models.layers import GroupNorm32
+from sdlab.models.vae import AutoencoderKL, VAEConfig, should_tile
+from sdlab.pipeline import GenerationRequest, Pipeline
+
+from .tiny import TINY_VAE, save_native, tiny_bundle
+
+CPUINFO = """processor\t: 0
+model name\t: Some CPU
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse avx2 avx512f {extra}
+
+processor\t: 1
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu sse avx2 avx512f {extra}
+
+processor\t: 2
+physical id\t: 0
+core id\t\t: 1
+flags\t\t: fpu sse avx2 avx512f {extra}
+
+processor\t: 3
+physical id\t: 0
+core id\t\t: 1
+flags\t\t: fpu sse avx2 avx512f {extra}
+"""
+
+
+# ---------------------------------------------------------------- device choice
+
+
+@pytest.mark.parametrize("extra, expected", [("", torch.float32), ("avx512_bf16", torch.bfloat16),
+                                             ("amx_tile amx_bf16", torch.bfloat16), ("avx512_fp16", torch.float32)])
+def test_best_cpu_dtype_from_flags(extra, expected):
+    flags = devices.cpu_flags(CPUINFO.format(extra=extra))
+    assert "avx512f" in flags
+    assert devices.best_cpu_dtype(flags) == expected
+    assert devices.default_dtype(torch.device("cpu"), flags) == expected
+
+
+def test_default_dtype_on_gpu_is_fp16_and_no_flags_means_fp32():
+    assert devices.default_dtype(torch.device("cuda")) == torch.float16
+    assert devices.best_cpu_dtype([]) == torch.float32
+    assert devices.cpu_flags("no flags line here") == frozenset()
+
+
+def test_physical_cores_counts_cores_not_hyperthreads():
+    # 4 logical CPUs, 2 cores; the affinity mask may hold fewer CPUs than the machine.
+    n = devices.physical_cores(CPUINFO.format(extra=""))
+    assert 1 <= n <= 2
+
+
+def test_configure_threads_respects_the_users_choice():
+    before = torch.get_num_threads()
+    try:
+        assert devices.configure_threads({"OMP_NUM_THREADS": "3"}) is None
+        assert torch.get_num_threads() == before
+        n = devices.configure_threads({}, CPUINFO.format(extra=""))
+        assert n == torch.get_num_threads() == devices.physical_cores(CPUINFO.format(extra=""))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_vae_dtype_policy():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert perf.vae_dtype(cpu, torch.bfloat16) == torch.float32
+    assert perf.vae_dtype(cuda, torch.float16, "sd1") == torch.float16  # guarded per call instead
+    assert perf.vae_dtype(cuda, torch.bfloat16, "sdxl") == torch.bfloat16
+    assert perf.vae_dtype(cuda, torch.float16, "sdxl") in (torch.bfloat16, torch.float32)
+
+
+def test_describe_names_device_and_dtypes():
+    text = devices.describe(torch.device("cpu"))
+    assert "UNet / text encoder dtype" in text and "VAE dtype" in text and "threads" in text
+
+
+def test_available_memory_and_should_tile():
+    free = devices.available_memory(torch.device("cpu"))
+    assert free > 0
+    assert not should_tile(512, 512, 8 << 30)
+    assert should_tile(4096, 4096, 8 << 30)
+    assert should_tile(2048, 2048, 8 << 30, batch=2)
+    assert not should_tile(1024, 1024, 8 << 30, element_size=2)
+
+
+# ---------------------------------------------------------------- tiled VAE
+
+
+def _tiny_vae(cfg: VAEConfig = TINY_VAE, seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(cfg).eval().requires_grad_(False)
+    with torch.no_grad():  # GroupNorm affine off the identity, so a wrong statistic would show
+        for m in vae.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+                m.bias.add_(0.1 * torch.randn_like(m.bias))
+    return vae
+
+
+def _latents(b: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    smooth = F.interpolate(torch.randn(b, 4, h // 4, w // 4, generator=g), size=(h, w), mode="bilinear")
+    return 2 * smooth + 0.3 * torch.randn(b, 4, h, w, generator=g)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output as the pipeline turns it into pixels: [-1, 1] -> [0, 1]."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tiled_decode_is_seamless(channels_last):
+    """Seam test: tiled and untiled decode of the same latents (non-square, many bands)."""
+    vae = _tiny_vae()
+    if channels_last:
+        vae.to(memory_format=torch.channels_last)
+    z = _latents(2, 20, 16)
+    with torch.no_grad():
+        full = vae.decode(z)
+        tiled = vae.decode_tiled(z, tile=24)  # bands of ~576 output pixels: 9 rows of 64
+    assert tiled.shape == full.shape and tiled.dtype == full.dtype
+    diff = (_unit(tiled) - _unit(full)).abs().max().item()
+    assert diff < 0.02  # the issue's bound; in fp32 the two are equal up to rounding:
+    assert diff < 1e-4, diff
+
+
+def test_tiled_decode_with_bf16_maps_stays_close():
+    vae = _tiny_vae()
+    z = _latents(1, 16, 16)
+    with torch.no_grad():
+        full = _unit(vae.decode(z))
+        tiled = _unit(vae.decode_tiled(z, tile=16, store_dtype=torch.bfloat16))
+    assert (tiled - full).abs().mean().item() < 2e-3
+    assert (tiled - full).abs().max().item() < 0.05
+
+
+def test_tiled_encode_matches_encode():
+    vae = _tiny_vae()
+    with torch.no_grad():
+        images = vae.decode(_latents(2, 16, 12)).clamp(-1, 1)  # 64 x 48 pixels
+        full = vae.encode(images)
+        tiled = vae.encode_tiled(images, tile=24)
+    assert tiled.mean.shape == full.mean.shape == (2, 4, 16, 12)
+    assert (tiled.mean - full.mean).abs().max().item() < 1e-4
+    assert (tiled.logvar - full.logvar).abs().max().item() < 1e-4
+
+
+def test_decode_latents_picks_tiling_and_keeps_the_device():
+    vae = _tiny_vae()
+    z = _latents(1, 16, 16)
+    with torch.no_grad():
+        plain = perf.decode_latents(vae, z, tile=False)
+        tiled = perf.decode_latents(vae, z, tile=True)
+        auto = perf.decode_latents(vae, z)
+        dist = perf.encode_images(vae, plain.clamp(-1, 1), tile=True)
+    assert torch.equal(plain, auto)  # 64x64 is small: no tiling
+    assert (plain - tiled).abs().max().item() < 1e-4
+    assert dist.mean.shape == (1, 4, 16, 16)
+
+
+def test_fp16_vae_overflow_is_redone_in_a_wider_dtype():
+    vae = _tiny_vae()
+    with torch.no_grad():  # activations past fp16's 65504 inside the decoder; fine in fp32
+        vae.decoder.conv_in.weight.mul_(3e4)
+        vae.decoder.conv_in.bias.mul_(3e4)
+    vae.half()
+    z = _latents(1, 8, 8).half()
+    with torch.no_grad():
+        assert not torch.isfinite(vae.decode(z)).all()
+        out = perf.decode_latents(vae, z, tile=False)
+    assert torch.isfinite(out).all()
+    assert next(vae.parameters()).dtype != torch.float16  # stays upcast for the next image
+
+
+# ---------------------------------------------------------------- layout and precision
+
+
+def test_channels_last_gives_the_same_outputs():
+    bundle = tiny_bundle("sd1")
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, 64, generator=g)
+    t = torch.tensor([10.0, 500.0])
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        ref_eps, ref_img = bundle.unet(x, t, ctx), bundle.vae.decode(z)
+        perf.prepare_for_inference(bundle, "cpu", torch.float32, channels_last=True)
+        assert bundle.unet.input_blocks[1][0].in_layers[2].weight.is_contiguous(memory_format=torch.channels_last)
+        eps, img = bundle.unet(x, t, ctx), bundle.vae.decode(z)
+    assert (eps - ref_eps).abs().max().item() < 1e-5
+    assert (img - ref_img).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_groupnorm32_native_half_equals_the_upcast(dtype):
+    norm = GroupNorm32(8, 64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 64, 12, 12) * 5 + 3).to(dtype)
+    upcast = F.group_norm(x.float(), 8, norm.weight, norm.bias, 1e-6).to(dtype)
+    native = norm.to(dtype)(x)
+    assert native.dtype == dtype
+    # Same fp32 statistics; at most one rounding step apart.
+    assert (native.float() - upcast.float()).abs().max().item() <= 2 * torch.finfo(dtype).eps * upcast.abs().max().item()
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_default_cpu_path_stays_close_to_fp32(tmp_path):
+    """The default CPU path (bf16 UNet and text encoder, fp32 VAE, channels-last) against
+    fp32, on a tiny random model's decoded images: PSNR >= 30 dB."""
+    path = save_native(tiny_bundle("sd1"), tmp_path / "tiny.safetensors")
+    req = dict(prompt="a red circle on a blue background", negative_prompt="blurry", steps=12, sampler="Euler",
+               cfg_scale=7.0, seed=3, width=64, height=64, batch_size=2)
+    ref = Pipeline(load_bundle(path, device="cpu", dtype=torch.float32)).generate(GenerationRequest(**req)).images
+    fast = load_bundle(path, device="cpu", dtype=torch.bfloat16)
+    perf.prepare_for_inference(fast, "cpu", torch.bfloat16)
+    assert fast.unet.time_embed[0].weight.dtype == torch.bfloat16
+    assert next(fast.vae.parameters()).dtype == torch.float32
+    out = Pipeline(fast).generate(GenerationRequest(**req)).images
+    for a, b in zip(ref, out):
+        psnr = _psnr(np.asarray(a), np.asarray(b))
+        assert psnr >= 30, psnr
+
+
+# ---------------------------------------------------------------- offload
+
+
+def test_offload_moves_one_network_at_a_time():
+    bundle = tiny_bundle("sd1")
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 64, generator=g), torch.tensor([3.0])
+    with torch.no_grad():
+        ref = bundle.unet(x, t, ctx)
+    perf.prepare_for_inference(bundle, "cpu", torch.float32, channels_last=False, offload=True)
+    offload = bundle.unet.sdlab_offload
+    assert perf.execution_device(bundle) == torch.device("cpu")
+    tokens = torch.tensor([[49406, 320, 49407]])
+    with torch.no_grad():
+        bundle.text_encoders[0](tokens)
+        assert offload.active is bundle.text_encoders[0]
+        out = bundle.unet(x, t, ctx)
+        assert offload.active is bundle.unet
+        perf.decode_latents(bundle.vae, torch.randn(1, 4, 8, 8))
+        assert offload.active is bundle.vae
+    assert torch.equal(out, ref)
+    perf.disable_offload(bundle)
+    assert not hasattr(bundle.unet, "sdlab_offload")
