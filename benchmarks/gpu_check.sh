@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# CUDA checks of the speed and memory paths, and the it/s table ours vs diffusers (fp16, SDPA),
+# with and without torch.compile. About 3-5 minutes on one H100; installs nothing heavy.
+#
+#   bash benchmarks/gpu_check.sh              # on a machine with a CUDA GPU
+#   SMOKE=1 bash benchmarks/gpu_check.sh      # tiny models on the CPU: checks the script itself
+#   SKIP_COMPILE=1 bash benchmarks/gpu_check.sh
+#
+# Prints one line per check (PASS / FAIL / SKIP) and one table; writes the same text to
+# $OUT/gpu_check.txt when $OUT is set. Exit status 1 when a check failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
+python -c 'import diffusers, transformers' 2>/dev/null || pip install --quiet diffusers transformers
+for mod in safetensors tokenizers PIL numpy; do
+  python -c "import $mod" 2>/dev/null || pip install --quiet "$([ $mod = PIL ] && echo pillow || echo $mod)"
+done
+
+python - <<'PY' 2>&1 | tee "${OUT:-/tmp}/gpu_check.txt"
+import dataclasses, os, statistics, sys, tempfile, time, traceback
+from pathlib import Path
+
+import torch
+
+SMOKE = os.environ.get("SMOKE") == "1"
+SKIP_COMPILE = os.environ.get("SKIP_COMPILE") == "1"
+DEV = torch.device("cpu" if SMOKE else "cuda")
+if not SMOKE and not torch.cuda.is_available():
+    sys.exit("no CUDA GPU visible; run with SMOKE=1 to check the script on a CPU")
+T0 = time.time()
+FAILED = []
+ROWS = []
+
+sys.path.insert(0, "benchmarks")
+from unet_step import random_bundle, sd15_config  # noqa: E402
+
+from sdlab import device as devices, perf  # noqa: E402
+from sdlab.checkpoints.diffusers_folder import write_diffusers_folder  # noqa: E402
+from sdlab.checkpoints.loader import load_bundle, save_checkpoint  # noqa: E402
+from sdlab.pipeline import GenerationRequest, Pipeline  # noqa: E402
+
+
+def check(name, fn):
+    t = time.time()
+    try:
+        detail = fn()
+        print(f"PASS  {name} ({time.time() - t:.1f}s){': ' + detail if detail else ''}", flush=True)
+    except Exception as e:  # report and go on: one broken path should not hide the others
+        FAILED.append(name)
+        print(f"FAIL  {name}: {type(e).__name__}: {e}", flush=True)
+        traceback.print_exc(limit=3)
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def its(fn, iters, rounds=3):
+    """Calls per second: warm-up, then the median of `rounds` timed runs of `iters` calls."""
+    for _ in range(3):
+        fn()
+    sync()
+    rates = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        rates.append(iters / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+print(devices.describe(DEV), flush=True)
+tmp = Path(tempfile.mkdtemp(prefix="sdlab-gpu-check-"))
+bundle = random_bundle(SMOKE)
+cfg = bundle.config
+folder, single = tmp / "diffusers", tmp / "model.safetensors"
+write_diffusers_folder(bundle.state_dict(), cfg, folder)
+save_checkpoint(bundle, single, dtype=torch.float16)
+del bundle
+print(f"model written ({time.time() - T0:.0f}s)", flush=True)
+
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+
+LAT = 8 if SMOKE else 64
+B = 2
+g = torch.Generator().manual_seed(0)
+X = torch.randn(B, 4, LAT, LAT, generator=g)
+CTX = torch.randn(B, 77, cfg.unet.context_dim, generator=g)
+TS = torch.full((B,), 500.0)
+ITERS = 3 if SMOKE else 20
+
+
+def ours_unet(dtype, compile=False):
+    b = load_bundle(single, device="cpu", dtype=dtype)
+    perf.prepare_for_inference(b, DEV, dtype, channels_last=True, compile=compile)
+    return b.unet
+
+
+def theirs_unet(dtype, compile=False):
+    net = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).to(DEV).eval().requires_grad_(False)
+    if compile:
+        net = torch.compile(net)
+    return net
+
+
+def unet_rates(dtype, compile=False):
+    ours, theirs = ours_unet(dtype, compile), theirs_unet(dtype, compile)
+    x, ctx, t = X.to(DEV, dtype), CTX.to(DEV, dtype), TS.to(DEV)
+    with torch.no_grad():
+        tc = time.time()
+        a = ours(x, t, ctx).float()
+        b = theirs(x, t, encoder_hidden_states=ctx).sample.float()
+        first = time.time() - tc
+        diff = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+        r_ours = its(lambda: ours(x, t, ctx), ITERS)
+        r_theirs = its(lambda: theirs(x, t, encoder_hidden_states=ctx).sample, ITERS)
+    name = f"{devices.dtype_name(dtype)}{' + compile' if compile else ''}"
+    ROWS.append((f"UNet step, batch {B}, {LAT * 8}px, {name}", f"{r_ours:.2f}", f"{r_theirs:.2f}",
+                 f"{r_ours / r_theirs:.2f}x", f"{diff:.1e}"))
+    del ours, theirs
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+    assert diff < 0.05, f"outputs differ by {diff:.3f} (relative)"
+    return f"ours {r_ours:.2f} it/s, diffusers {r_theirs:.2f} it/s, first call {first:.0f}s"
+
+
+# 1. fp16 / bf16 UNet, flash attention through SDPA, channels-last
+check("UNet fp16 it/s vs diffusers fp16 (SDPA)", lambda: unet_rates(torch.float16))
+if DEV.type == "cuda" and torch.cuda.is_bf16_supported():
+    check("UNet bf16 it/s vs diffusers bf16", lambda: unet_rates(torch.bfloat16))
+
+
+def flash_for_our_shapes():
+    if DEV.type != "cuda":
+        return "skipped on the CPU"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sdlab.models.layers import attention
+
+    q = torch.randn(B, 4096, 320, device=DEV, dtype=torch.float16)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if flash cannot take these shapes
+        out = attention(q, q, q, heads=8)
+    ref = attention(q.float(), q.float(), q.float(), heads=8)
+    return f"flash ran, max diff vs fp32 {(out.float() - ref).abs().max().item():.1e}"
+
+
+check("flash attention through SDPA for the UNet's self-attention", flash_for_our_shapes)
+
+
+def channels_last_same():
+    b = load_bundle(single, device=DEV, dtype=torch.float16)
+    x, ctx, t = X.to(DEV, torch.float16), CTX.to(DEV, torch.float16), TS.to(DEV)
+    with torch.no_grad():
+        ref = b.unet(x, t, ctx).float()
+        perf.prepare_for_inference(b, DEV, torch.float16, channels_last=True)
+        out = b.unet(x, t, ctx).float()
+    w = b.unet.input_blocks[1][0].in_layers[2].weight
+    assert w.is_contiguous(memory_format=torch.channels_last)
+    d = (out - ref).abs().max().item() / ref.abs().max().item()
+    assert d < 1e-2, d
+    return f"relative max diff {d:.1e}"
+
+
+check("channels-last gives the same UNet output (fp16)", channels_last_same)
+
+
+# 2. the fp16 VAE: overflow guard, and tiled decode on the GPU
+def vae_guard():
+    b = load_bundle(single, device=DEV, dtype=torch.float16)
+    perf.prepare_for_inference(b, DEV, torch.float16)
+    vae = b.vae.half() if SMOKE else b.vae  # the CPU keeps its VAE in fp32; force the fp16 case
+    assert next(vae.parameters()).dtype == torch.float16, "SD1 VAE should start in fp16 (guarded)"
+    z = torch.randn(1, 4, LAT, LAT, generator=g).to(DEV)
+    with torch.no_grad():
+        ok = perf.decode_latents(vae, z, tile=False)
+        assert torch.isfinite(ok).all()
+        vae.decoder.conv_in.weight.mul_(3e4)  # force an fp16 overflow inside the decoder
+        vae.decoder.conv_in.bias.mul_(3e4)
+        assert not torch.isfinite(vae.decode(z.half())).all(), "expected the forced overflow"
+        out = perf.decode_latents(vae, z, tile=False)
+    assert torch.isfinite(out).all()
+    wider = next(vae.parameters()).dtype
+    assert wider != torch.float16
+    return f"overflow redone in {devices.dtype_name(wider)}"
+
+
+check("fp16 VAE overflow is caught and redone wider", vae_guard)
+
+
+def tiled_decode():
+    b = load_bundle(single, device=DEV, dtype=torch.float32)
+    perf.prepare_for_inference(b, DEV, torch.float32)
+    vae = b.vae.float()
+    lat = 16 if SMOKE else 128  # 1024 x 1024 images
+    z = torch.randn(1, 4, lat, lat, generator=g).to(DEV)
+    with torch.no_grad():
+        full = vae.decode(z)
+        tiled = vae.decode_tiled(z, tile=64 if SMOKE else 256)
+    d = ((tiled.clamp(-1, 1) - full.clamp(-1, 1)).abs() / 2).max().item()
+    assert d < 0.02, d
+    detail = f"{lat * 8}px seam max diff {d:.1e}"
+    if DEV.type == "cuda":
+        vae.half()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        z = torch.randn(1, 4, 256, 256, generator=g).to(DEV, torch.float16)
+        with torch.no_grad():
+            t = time.time()
+            img = perf.decode_latents(vae, z, tile=True)
+            sync()
+        detail += (f"; 2048px fp16 tiled decode {time.time() - t:.1f}s, peak GPU "
+                   f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, finite {bool(torch.isfinite(img).all())}")
+    return detail
+
+
+check("tiled VAE decode (seam test at 1024px, 2048px on the GPU)", tiled_decode)
+
+
+# 3. end to end, and --offload
+def txt2img(offload=False, steps=20):
+    b = load_bundle(single, device="cpu" if offload else DEV, dtype=torch.float16)
+    perf.prepare_for_inference(b, DEV, torch.float16, offload=offload)
+    pipe = Pipeline(b)
+    req = GenerationRequest(prompt="an astronaut riding a horse", negative_prompt="blurry", steps=steps,
+                            sampler="Euler", seed=1, width=LAT * 8, height=LAT * 8)
+    pipe.generate(dataclasses.replace(req, steps=2))  # warm-up
+    sync()
+    if DEV.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.time()
+    image = pipe.generate(req).images[0]
+    sync()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else 0.0
+    return image, time.time() - t, peak
+
+
+def end_to_end():
+    import numpy as np
+
+    img, ours_s, ours_peak = txt2img()
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16, safety_checker=None,
+                                                   requires_safety_checker=False).to(DEV)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(negative_prompt="blurry", num_inference_steps=20, height=LAT * 8, width=LAT * 8)
+    pipe("an astronaut riding a horse", **{**kw, "num_inference_steps": 2})
+    sync()
+    t = time.time()
+    pipe("an astronaut riding a horse", generator=torch.Generator("cpu").manual_seed(1), **kw)
+    sync()
+    theirs_s = time.time() - t
+    ROWS.append((f"txt2img {LAT * 8}px 20 steps Euler fp16 (s/image)", f"{ours_s:.2f}", f"{theirs_s:.2f}",
+                 f"{theirs_s / ours_s:.2f}x faster" if ours_s < theirs_s else f"{ours_s / theirs_s:.2f}x slower", ""))
+    del pipe
+    off_img, off_s, off_peak = txt2img(offload=True)
+    d = np.abs(np.asarray(img, dtype=np.float32) - np.asarray(off_img, dtype=np.float32)).max()
+    assert d <= 2, f"offloaded image differs by {d} levels"
+    if DEV.type == "cuda":
+        assert off_peak < ours_peak, (off_peak, ours_peak)
+    return (f"ours {ours_s:.2f}s, diffusers {theirs_s:.2f}s; --offload {off_s:.2f}s, peak GPU "
+            f"{off_peak:.2f} GiB vs {ours_peak:.2f} GiB without, max pixel diff {d:.0f}")
+
+
+check("txt2img end to end, and --offload", end_to_end)
+
+# 4. torch.compile, last: it takes the longest
+if SKIP_COMPILE or (SMOKE and os.environ.get("SMOKE_COMPILE") != "1"):
+    print("SKIP  torch.compile (SKIP_COMPILE=1 or SMOKE)")
+else:
+    check("UNet fp16 + torch.compile it/s vs diffusers fp16 + torch.compile",
+          lambda: unet_rates(torch.float16, compile=True))
+
+print()
+print(f"it/s: ours vs diffusers on {devices.describe(DEV).splitlines()[0]}, "
+      f"{torch.cuda.get_device_name() if DEV.type == 'cuda' else 'CPU (smoke)'}")
+head = ("", "ours", "diffusers", "ours/diffusers", "max rel diff")
+widths = [max(len(str(r[i])) for r in [head, *ROWS]) for i in range(len(head))]
+for r in [head, ["-" * w for w in widths], *ROWS]:
+    print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+print(f"target: >= 1.2x ours/diffusers it/s; total {time.time() - T0:.0f}s; "
+      f"{'FAILED: ' + ', '.join(FAILED) if FAILED else 'all checks passed'}")
+sys.exit(1 if FAILED else 0)
+PY
