@@ -33,13 +33,15 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
         model: a .safetensors/.ckpt file, a diffusers folder or a hub repo id;
             None for the built-in demo model.
         device: "cpu", "cuda", ... (default: CUDA when available).
-        dtype: weight dtype for the UNet and text encoder (default fp16 on CUDA, fp32 on CPU).
+        dtype: weight dtype for the UNet and text encoder (default: fp16 on CUDA; on a CPU,
+            bf16 where it has AVX512-BF16 or AMX, else fp32).
         prediction: "eps" or "v" to override detection.
         use_ema: prefer the EMA weights when a file has both.
         models_dir: where LoRAs and embeddings named in prompts are found (web UI layout;
             default: $SDLAB_MODELS_DIR or ./models).
     """
     from .checkpoints.loader import load_bundle
+    from .device import choose_device, default_dtype
     from .errors import SdlabError
     from .pipeline import Pipeline
 
@@ -50,5 +52,9 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
     from .models_dir import ModelsDir
 
     models = ModelsDir(models_dir) if models_dir is not None else None
+    device = choose_device(device)
+    # The fastest dtype this machine runs well: fp16 on GPUs; bf16 on CPUs with AVX512-BF16
+    # or AMX, else fp32. The VAE stays in fp32 on the CPU (see Pipeline._vae_dtype).
+    dtype = dtype or default_dtype(device)
     return Pipeline(load_bundle(model, device=device, dtype=dtype, prediction=prediction, use_ema=use_ema),
                     models=models)

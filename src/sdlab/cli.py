@@ -30,6 +30,14 @@ def _human(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    if args.device is not None:
+        from .device import choose_device, describe
+
+        print(describe(choose_device(args.device)))
+        if args.model is None:
+            return
+    if args.model is None:
+        raise SdlabError("give a checkpoint to inspect, or --device")
     from .checkpoints.loader import EMA_PREFIX, config_of, file_sha256, open_model
     from .families import UNET_PREFIX, VAE_PREFIX
 
@@ -97,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what a checkpoint is: family, prediction, sizes, EMA",
                        description="Show a checkpoint's family, prediction type, parameter counts, dtype and EMA.")
-    p.add_argument("model", help="a .safetensors/.ckpt file, a diffusers folder or a hub repo id")
+    p.add_argument("model", nargs="?", help="a .safetensors/.ckpt file, a diffusers folder or a hub repo id")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
+    p.add_argument("--device", nargs="?", const="auto", default=None,
+                   help="show the device sdlab would use (or the named one) and the dtype it picks there")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="single file <-> diffusers folder",
@@ -134,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.command in ("generate", "img2img", "inpaint", "serve", "train"):
+        from .device import configure_threads
+
+        configure_threads()  # one thread per physical core unless OMP/MKL_NUM_THREADS say otherwise
     try:
         args.func(args)
     except SdlabError as e:

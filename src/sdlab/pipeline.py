@@ -25,6 +25,7 @@ from .infotext import create_infotext
 from .lora import LoraState, lora_specs
 from .models.unet import sdxl_size_embedding
 from .models_dir import ModelsDir
+from .perf import decode_latents, encode_images
 from .sampling.denoiser import CFGDenoiser, Conditioning, DiscreteDenoiser
 from .sampling.rng import ImageRNG, RngSource
 from .sampling.samplers import brownian_tree_noise_sampler, get_sampler_sigmas, resolve_sampler
@@ -441,7 +442,7 @@ class Pipeline:
 
     def _encode(self, pixels: Tensor, rng: ImageRNG) -> Tensor:
         """A sample of the image's latent distribution, drawn from the first image's generator."""
-        dist = self.bundle.vae.encode(pixels)
+        dist = encode_images(self.bundle.vae, pixels)  # tiled when large; fp16 overflow guarded
         eps = rng.draw(rng.generators[0], tuple(dist.mean.shape)).to(dist.mean.device, dist.mean.dtype)
         return (dist.mean + dist.std * eps).float()
 
@@ -449,7 +450,7 @@ class Pipeline:
                        crop) -> list[Image.Image]:
         vae = self.bundle.vae
         vae_dtype = self._vae_dtype()
-        decoded = vae.decode((x / self.bundle.family.latent_scale).to(vae_dtype))
+        decoded = decode_latents(vae, (x / self.bundle.family.latent_scale).to(vae_dtype))
         images = to_pil(decoded)
         if mask_image is None:
             return images
