@@ -228,7 +228,8 @@ class Pipeline:
             try:
                 out, interrupted = self._generate_batch(req, prompt, negative, embeddings, sampler, schedule_name,
                                                         batch_seeds, batch_subseeds, batch, callback)
-            except Interrupted:
+            except Interrupted:  # stopped before its first step finished: nothing to show for this batch
+                interrupted = True
                 break
             for i, img in enumerate(out):
                 info = self.infotext(req, sampler.name, schedule_name, batch_seeds[i], batch_subseeds[i], extras)
