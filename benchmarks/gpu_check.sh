@@ -180,8 +180,7 @@ def vae_guard():
     with torch.no_grad():
         ok = perf.decode_latents(vae, z, tile=False)
         assert torch.isfinite(ok).all()
-        vae.decoder.conv_in.weight.mul_(3e4)  # force an fp16 overflow inside the decoder
-        vae.decoder.conv_in.bias.mul_(3e4)
+        z = z * 3e4  # latents past fp16's range: the fp16 decode overflows, fp32 / bf16 do not
         assert not torch.isfinite(vae.decode(z.half())).all(), "expected the forced overflow"
         out = perf.decode_latents(vae, z, tile=False)
     assert torch.isfinite(out).all()
@@ -276,8 +275,8 @@ else:
           lambda: unet_rates(torch.float16, compile=True))
 
 print()
-print(f"it/s: ours vs diffusers on {devices.describe(DEV).splitlines()[0]}, "
-      f"{torch.cuda.get_device_name() if DEV.type == 'cuda' else 'CPU (smoke)'}")
+print(f"it/s: ours vs diffusers on {torch.cuda.get_device_name() if DEV.type == 'cuda' else 'the CPU (smoke)'}, "
+      f"torch {torch.__version__}")
 head = ("", "ours", "diffusers", "ours/diffusers", "max rel diff")
 widths = [max(len(str(r[i])) for r in [head, *ROWS]) for i in range(len(head))]
 for r in [head, ["-" * w for w in widths], *ROWS]:

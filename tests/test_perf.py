@@ -262,6 +262,9 @@ def test_offload_moves_one_network_at_a_time():
         assert offload.active is bundle.unet
         perf.decode_latents(bundle.vae, torch.randn(1, 4, 8, 8))
         assert offload.active is bundle.vae
+        bundle.unet(x, t, ctx)
+        perf.encode_images(bundle.vae, torch.rand(1, 3, 32, 32) * 2 - 1, tile=True)  # calls layers directly
+        assert offload.active is bundle.vae
     assert torch.equal(out, ref)
     perf.disable_offload(bundle)
     assert not hasattr(bundle.unet, "sdlab_offload")

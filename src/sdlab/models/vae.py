@@ -154,13 +154,53 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+# Nearest x2 upsampling followed by a 3x3 conv reads every source pixel several times: output
+# row 2i + a sees source rows i - 1 + a and i + a only, through kernel taps whose weights add up
+# (a = 0: tap 0 on row i - 1, taps 1 + 2 on row i; a = 1: taps 0 + 1 on row i, tap 2 on row i + 1;
+# columns alike). So the same output is four 2x2 convs of the small map, one per output phase
+# (a, c): 16 multiply-adds per output pixel and channel pair instead of 36, and no 4x-sized
+# upsampled copy. Equal to the plain form up to float rounding.
+_PHASE_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)),
+               ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))  # (phase, source row, kernel tap)
+
+
+def _phase_weights(weight: Tensor) -> Tensor:
+    """(O, I, 3, 3) -> (4 * O, I, 2, 2): the 2x2 kernel of each output phase, phases (a, c) major."""
+    taps = torch.tensor(_PHASE_TAPS, device=weight.device)
+    folded = torch.einsum("ayk,cxl,oikl->acoiyx", taps, taps, weight.float())  # (2, 2, O, I, 2, 2)
+    return folded.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
+
+
+def _upsample_conv(conv: nn.Conv2d, x: Tensor, pad_top: bool = True, pad_bottom: bool = True) -> Tensor:
+    """`conv(nearest_x2(x))` for a 3x3 padding-1 conv, as four phase convs (see above).
+
+    Without `pad_top` / `pad_bottom`, x's first / last row is a halo row (a real neighbour,
+    used by the tiled paths) and the output covers the rows between.
+    """
+    b, _, _, w = x.shape
+    h = x.shape[-2] + pad_top + pad_bottom - 2  # source rows whose outputs are computed
+    o = conv.out_channels
+    cl = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format  # the layout the model was put in
+    weight = _phase_weights(conv.weight).contiguous(memory_format=fmt)
+    y = F.conv2d(F.pad(x, (1, 1, int(pad_top), int(pad_bottom))), weight,
+                 conv.bias.repeat(4) if conv.bias is not None else None)  # (B, 4 * O, h + 1, w + 1)
+    y = y.unflatten(1, (2, 2, o))  # (B, a, c, O, h + 1, w + 1)
+    out = torch.empty(b, o, 2 * h, 2 * w, device=x.device, dtype=y.dtype, memory_format=fmt)
+    for a in (0, 1):
+        for c in (0, 1):
+            out[:, :, a::2, c::2] = y[:, a, c, :, a:a + h, c:c + w]
+    return out
+
+
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        # = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), 2.25x fewer FLOPs
+        return _upsample_conv(self.conv, x)
 
 
 class MidBlock(nn.Module):
@@ -282,7 +322,7 @@ class Decoder(nn.Module):
 # are stored in bf16 when the VAE computes in fp32: 2048x2048 then needs about 4 GB, not 8.
 FULL_PRECISION_MAP_PIXELS = 1536 * 1536
 # Peak activation memory of an untiled SD-VAE decode in bytes per output pixel at fp32
-# (measured with torch 2.x eager on the CPU: about 3.4 KB at 512x512, 3.6 KB at 1024x1024).
+# (measured with torch 2.13 eager on the CPU: about 3.3 KB at 512x512 and at 1024x1024; rounded up).
 DECODE_BYTES_PER_PIXEL = 3700
 
 
@@ -420,17 +460,16 @@ class _Streamer:
                             skip=skip, out=out)
 
     def upsample(self, up: Upsample, x: Tensor) -> tuple[Tensor, _GroupStats]:
-        """Upsample.forward: nearest x2, then the 3x3 conv, a band of output rows at a time."""
+        """Upsample.forward, a band of source rows (two output rows each) at a time."""
         b, c, height, width = x.shape
         out = self.empty(x, up.conv.out_channels, 2 * height, 2 * width)
         stats = _GroupStats(self.groups)
         dtype = up.conv.weight.dtype
-        for r0, r1 in _bands(2 * height, 2 * width, self.band_pixels):
-            i0, i1 = max(r0 - 1, 0), min(r1 + 1, 2 * height)  # upsampled rows, with halo
-            s0, s1 = i0 // 2, (i1 + 1) // 2  # the source rows they repeat
-            u = F.interpolate(x[..., s0:s1, :].to(dtype), scale_factor=2.0, mode="nearest")
-            part = _conv_rows(up.conv, u[..., i0 - 2 * s0:i1 - 2 * s0, :], r0, r1, i0, stats)
-            out[..., r0:r1, :] = part
+        for s0, s1 in _bands(height, 4 * width, self.band_pixels):  # 4 output pixels per source pixel
+            band = x[..., max(s0 - 1, 0):min(s1 + 1, height), :].to(dtype)
+            part = _upsample_conv(up.conv, band, pad_top=s0 == 0, pad_bottom=s1 == height)
+            stats.add(part)
+            out[..., 2 * s0:2 * s1, :] = part
         return out, stats
 
     def downsample(self, down: Downsample, x: Tensor) -> tuple[Tensor, _GroupStats]:
