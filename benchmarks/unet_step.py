@@ -163,7 +163,6 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     from sdlab import device as devices
-    from sdlab import perf
     from sdlab.models.unet import UNet
 
     devices.configure_threads()

@@ -268,3 +268,17 @@ def test_offload_moves_one_network_at_a_time():
     assert torch.equal(out, ref)
     perf.disable_offload(bundle)
     assert not hasattr(bundle.unet, "sdlab_offload")
+
+
+def test_load_prepares_for_inference_and_refuses_cpu_offload():
+    """`sdlab.load` (the CLI's and the server's path) hands back a prepared bundle: channels-last
+    UNet and VAE, no grads; --offload without a GPU is a clear error."""
+    import sdlab
+    from sdlab.errors import SdlabError
+
+    pipe = sdlab.load(device="cpu", dtype=torch.float32)
+    w = pipe.bundle.unet.input_blocks[1][0].in_layers[2].weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.requires_grad
+    assert pipe.bundle.device == torch.device("cpu")
+    with pytest.raises(SdlabError, match="--offload"):
+        sdlab.load(device="cpu", offload=True)

@@ -26,7 +26,8 @@ def demo_model_path() -> Path:
 
 
 def load(model: str | Path | None = None, device: str | None = None, dtype: "torch.dtype | None" = None,
-         prediction: str | None = None, use_ema: bool = True, models_dir: str | Path | None = None) -> "Pipeline":
+         prediction: str | None = None, use_ema: bool = True, models_dir: str | Path | None = None,
+         compile: bool = False, offload: bool = False) -> "Pipeline":
     """Load a model and return a Pipeline (`txt2img`, `img2img`, `inpaint`).
 
     Args:
@@ -39,10 +40,12 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
         use_ema: prefer the EMA weights when a file has both.
         models_dir: where LoRAs and embeddings named in prompts are found (web UI layout;
             default: $SDLAB_MODELS_DIR or ./models).
+        compile: `torch.compile` the UNet (the first image compiles it: minutes on a CPU).
+        offload: keep the networks in CPU memory and move each to the GPU only while it runs
+            (for GPUs with little memory).
     """
-    from .checkpoints.loader import load_bundle
-    from .device import choose_device, default_dtype
     from .errors import SdlabError
+    from .perf import load_for_inference
     from .pipeline import Pipeline
 
     if model is None:
@@ -52,9 +55,8 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
     from .models_dir import ModelsDir
 
     models = ModelsDir(models_dir) if models_dir is not None else None
-    device = choose_device(device)
-    # The fastest dtype this machine runs well: fp16 on GPUs; bf16 on CPUs with AVX512-BF16
-    # or AMX, else fp32. The VAE stays in fp32 on the CPU (see Pipeline._vae_dtype).
-    dtype = dtype or default_dtype(device)
-    return Pipeline(load_bundle(model, device=device, dtype=dtype, prediction=prediction, use_ema=use_ema),
-                    models=models)
+    # dtype None: the fastest this machine runs well (fp16 on GPUs; bf16 on CPUs with
+    # AVX512-BF16 or AMX, else fp32), the VAE in fp32 on the CPU (see perf.vae_dtype).
+    bundle = load_for_inference(model, device, dtype, prediction=prediction, use_ema=use_ema, compile=compile,
+                                offload=offload)
+    return Pipeline(bundle, models=models)

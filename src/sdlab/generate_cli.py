@@ -54,7 +54,13 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
                    help="turbo: 1 step, CFG 1, Euler a, SGM uniform (SD-Turbo models)")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the model's prediction type")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 for the UNet and text encoder")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 for the UNet and text encoder "
+                   "(default: fp16 on a GPU; on a CPU bf16 where it has AVX512-BF16/AMX, else fp32; "
+                   "see sdlab info --device)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: faster steps after a first image that compiles (minutes on a CPU)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep models in CPU memory and move each to the GPU only while it runs (small GPUs)")
     p.add_argument("--vae", default=None,
                    help="a separate VAE file (path, or a name in the models folder's VAE/) replacing the model's")
     p.add_argument("--refiner", default=None,
@@ -181,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fields.setdefault("denoising_strength", 1.0)
 
     pipe = load(_resolve_model(args, args.model), device=args.device, dtype=_dtype(args.dtype),
-                prediction=args.prediction, models_dir=args.models_dir)
+                prediction=args.prediction, models_dir=args.models_dir, compile=args.compile, offload=args.offload)
     if args.vae:
         from .models_dir import load_vae_into
 
@@ -190,9 +196,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         load_vae_into(pipe.bundle, vae_path)
         pipe.vae_info = {"VAE hash": models.short_hash(vae_path), "VAE": vae_path.stem}
     if args.refiner:
-        from .checkpoints.loader import load_bundle
+        from .perf import load_for_inference
 
-        refiner = load_bundle(_resolve_model(args, args.refiner), device=pipe.bundle.device, dtype=pipe.bundle.dtype)
+        refiner = load_for_inference(_resolve_model(args, args.refiner), pipe.bundle.device, pipe.bundle.dtype,
+                                     compile=args.compile, offload=args.offload)
         pipe.set_refiner(refiner)
         fields["refiner_checkpoint"] = refiner.name
     request = GenerationRequest(**fields)

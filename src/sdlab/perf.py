@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from . import device as devices
+from .errors import SdlabError
 from .models.vae import AutoencoderKL, DiagonalGaussian, should_tile
 
 if TYPE_CHECKING:
@@ -97,12 +99,33 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
     return bundle
 
 
+def load_for_inference(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                       *, prediction: str | None = None, use_ema: bool = True, compile: bool = False,
+                       offload: bool = False) -> Bundle:
+    """`load_bundle`, then `prepare_for_inference`: what `sdlab.load`, the CLI and the server run.
+
+    `device` None picks CUDA when available, else the CPU; `dtype` None the fastest dtype the
+    device runs well (`device.default_dtype`). With `offload` the weights are read into CPU
+    memory, never all onto the device at once.
+    """
+    from .checkpoints.loader import load_bundle
+
+    device = devices.choose_device(device)
+    dtype = dtype or devices.default_dtype(device)
+    if offload and device.type == "cpu":
+        raise SdlabError("--offload moves models between CPU memory and a GPU; it needs --device cuda (or another GPU)")
+    bundle = load_bundle(model, device="cpu" if offload else device, dtype=dtype, prediction=prediction,
+                         use_ema=use_ema)
+    return prepare_for_inference(bundle, device, dtype, compile=compile, offload=offload)
+
+
 # ---------------------------------------------------------------- model CPU offload
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, Tensor):
-        return value.to(device, non_blocking=True)
+        # Asynchronous only towards the GPU: a GPU-to-CPU copy must finish before the CPU reads it.
+        return value.to(device, non_blocking=device.type != "cpu")
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
         return type(value)(*(_to_device(v, device) for v in value))
     if isinstance(value, (tuple, list)):

@@ -16,7 +16,7 @@ from sdlab.checkpoints.diffusers_folder import write_diffusers_folder
 from sdlab.checkpoints.loader import EMA_PREFIX, load_bundle, save_checkpoint
 from sdlab.cli import main as cli_main
 from sdlab.errors import SdlabError
-from sdlab.families import UNET_PREFIX, detect_family, model_config
+from sdlab.families import UNET_PREFIX, VAE_PREFIX, detect_family, model_config
 
 from ..tiny import save_native, tiny_bundle
 
@@ -76,6 +76,18 @@ def test_fp16_file_casts_once(tmp_path):
     assert next(loaded.vae.parameters()).dtype == torch.float32
     bf = load_bundle(path, device="cpu", dtype=torch.bfloat16)
     assert bf.dtype == torch.bfloat16
+
+
+def test_cast_load_is_the_file_cast_once(tmp_path):
+    """fp32 file, bf16 model on the CPU: each weight is the file's cast once (read through a
+    mapping of its own, see io._read_safetensors), and the VAE loads in fp32, as it runs there,
+    instead of being rounded through bf16."""
+    ref = tiny_bundle("sd1")
+    path = save_native(ref, tmp_path / "m.safetensors")
+    got = load_bundle(path, device="cpu", dtype=torch.bfloat16).state_dict()
+    for k, v in ref.state_dict().items():
+        want = v if k.startswith(VAE_PREFIX) or not v.is_floating_point() else v.to(torch.bfloat16)
+        assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
 
 
 def test_ema_weights_preferred(tmp_path):

@@ -22,7 +22,8 @@ from sdlab.training.data import (
     make_buckets,
     scan_folder,
 )
-from sdlab.training.shapes import COLOURS, SHAPES, classify_colours, make_shapes_dataset
+from sdlab.training.shapes import (COLOURS, HELD_OUT, SHAPES, caption_for, classify_colours, classify_shape,
+                                  make_shapes_dataset)
 
 SMALL = dict(resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)
 
@@ -374,3 +375,26 @@ def test_classify_colours_reads_the_caption(tmp_path):
         hits += classify_colours(Image.open(p)) == (words[1], words[5])
     assert hits >= 0.95 * len(paths)
     assert {w for p in paths for w in p.with_suffix(".txt").read_text().split()} >= set(SHAPES) | set(COLOURS)
+
+
+def test_classify_shape_reads_the_caption(tmp_path):
+    paths = make_shapes_dataset(tmp_path, 200, size=64, seed=0)
+    hits = sum(classify_shape(Image.open(p)) == p.with_suffix(".txt").read_text().split()[2] for p in paths)
+    assert hits >= 0.95 * len(paths)
+
+
+def test_hold_out_leaves_the_held_out_captions_out(tmp_path):
+    plain = make_shapes_dataset(tmp_path / "plain", 300, size=32, seed=0)
+    held = make_shapes_dataset(tmp_path / "held", 300, size=32, seed=0, hold_out=True)
+    held_captions = {caption_for(*c) for c in HELD_OUT}
+    captions = [p.with_suffix(".txt").read_text().strip() for p in held]
+    assert not held_captions & set(captions)
+    # Only the images that drew a held-out combination change.
+    plain_captions = [p.with_suffix(".txt").read_text().strip() for p in plain]
+    changed = [a != b for a, b in zip(plain_captions, captions)]
+    assert any(changed)
+    assert all(c in held_captions for c, ch in zip(plain_captions, changed) if ch)
+    # Every shape and colour still appears on both sides.
+    words = [c.split() for c in captions]
+    assert {w[2] for w in words} == set(SHAPES)
+    assert {w[1] for w in words} == set(COLOURS) == {w[5] for w in words}

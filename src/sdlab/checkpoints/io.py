@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import pickle
 import tempfile
@@ -53,7 +54,7 @@ class StateDict(Mapping[str, Tensor]):
     """
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype],
-                 get: "callable[[str], Tensor]", metadata: dict[str, str] | None = None):
+                 get: "callable[[str, torch.dtype | None], Tensor]", metadata: dict[str, str] | None = None):
         self.path = path
         self.shapes = shapes
         self.dtypes = dtypes
@@ -61,9 +62,17 @@ class StateDict(Mapping[str, Tensor]):
         self._get = get
 
     def __getitem__(self, key: str) -> Tensor:
+        return self.read(key)
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
+        """The tensor, cast to `dtype` if it is floating point and a dtype is given.
+
+        Same result as `sd[key].to(dtype)`, but a file reader can cast without keeping
+        the stored copy resident (see `_read_safetensors`).
+        """
         if key not in self.shapes:
             raise KeyError(key)
-        return self._get(key)
+        return self._get(key, dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -76,7 +85,11 @@ class StateDict(Mapping[str, Tensor]):
                      metadata: dict[str, str] | None = None) -> StateDict:
         tensors = dict(tensors)
         return cls(Path(path), {k: tuple(v.shape) for k, v in tensors.items()},
-                   {k: v.dtype for k, v in tensors.items()}, tensors.__getitem__, metadata)
+                   {k: v.dtype for k, v in tensors.items()}, lambda k, dtype: _cast(tensors[k], dtype), metadata)
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
@@ -96,39 +109,68 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
 def _read_safetensors(path: Path) -> StateDict:
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
+        handle = safe_open(str(path), framework="pt", device="cpu")  # validates the header
         keys = list(handle.keys())
-        shapes, dtypes = {}, {}
+        shapes, dtypes, foreign = {}, {}, set()
         for k in keys:
             sl = handle.get_slice(k)
             shapes[k] = tuple(sl.get_shape())
             dtypes[k] = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
+            if sl.get_dtype() not in _SAFETENSORS_DTYPES:
+                foreign.add(k)
         metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise SdlabError(f"{path}: not a readable .safetensors file ({_first_line(e)}); "
                          "the download may be truncated or corrupt, fetch it again") from None
+    header, data_start = _safetensors_header(path)
 
-    def get(key: str) -> Tensor:
+    def get(key: str, dtype: torch.dtype | None) -> Tensor:
+        # Each tensor is a view of a mapping of its own, unmapped when the tensor is freed. Through
+        # safetensors' one mapping of the whole file, every page read stays resident (counted in
+        # RSS) while any tensor of the file lives: casting an fp32 SD 1.5 file to bf16 peaked at
+        # file + model (6.2 GiB) instead of model + one tensor (2.3 GiB), and a weight replaced
+        # later (channels-last) kept its old pages. Tensors not cast stay views of the file: no copy.
         try:
-            return handle.get_tensor(key)
+            if key in foreign:  # a dtype torch has no name for here: let safetensors read it
+                return _cast(handle.get_tensor(key), dtype)
+            begin, end = header[key]["data_offsets"]
+            return _cast(_map_bytes(path, data_start + begin, end - begin).view(dtypes[key]).reshape(shapes[key]),
+                         dtype)
         except (SafetensorError, OSError, ValueError) as e:
             raise SdlabError(f"{path}: tensor {key!r} cannot be read ({_first_line(e)}); "
                              "the file is truncated or corrupt, fetch it again") from None
 
-    _check_safetensors_size(path, handle, keys)
+    _check_safetensors_size(path, header, data_start)
     return StateDict(path, shapes, dtypes, get, metadata)
 
 
-def _check_safetensors_size(path: Path, handle, keys: list[str]) -> None:
-    """safetensors validates the header but lets a truncated data section through until a
-    tensor past the end is read; check the file is as long as its header says."""
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header (tensor name -> dtype, shape, data_offsets) and where the data starts."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    have = path.stat().st_size - 8 - header_len
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
+def _check_safetensors_size(path: Path, header: dict, data_start: int) -> None:
+    """safetensors validates the header but lets a truncated data section through until a
+    tensor past the end is read; check the file is as long as its header says."""
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    have = path.stat().st_size - data_start
     if have < end:
         raise SdlabError(f"{path}: truncated .safetensors file ({have} of {end} data bytes); fetch it again")
+
+
+def _map_bytes(path: Path, offset: int, nbytes: int) -> Tensor:
+    """`nbytes` bytes of the file from `offset`, as a uint8 tensor on a mapping of its own that
+    is unmapped when the tensor is freed. Copy-on-write, so torch may take it as writable."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), offset + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mapped, dtype=torch.uint8, offset=offset - start, count=nbytes)
 
 
 _SAFETENSORS_DTYPES = {
@@ -201,10 +243,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file private (0600); give it the mode any newly created file gets.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc says it (os.umask can only set)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

@@ -21,6 +21,7 @@ from ..families import UNET_PREFIX, VAE_PREFIX, ModelConfig, Prediction, model_c
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
+from ..perf import vae_dtype
 from ..text.tokenizer import CLIPTokenizer
 from .diffusers_folder import is_diffusers_folder, read_diffusers_folder
 from .io import StateDict, read_state_dict, save_safetensors
@@ -55,7 +56,10 @@ class Bundle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where the bundle computes: the GPU when offloaded (`perf.ModelOffload`, whose weights
+        wait in CPU memory), else where the UNet's weights are."""
+        offload = getattr(self.unet, "sdlab_offload", None)
+        return offload.device if offload is not None else next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -155,9 +159,11 @@ def load_bundle(model: str | Path, device: str | torch.device | None = None, dty
         unet_sd, used_ema = _with_ema(sd, unet_sd)
 
     unet = _build(UNet, cfg.unet, unet_sd, dtype, "UNet", path)
-    # The VAE loads in the same dtype (no copy of an fp16 file); the pipeline upcasts it on
-    # the CPU at first use, where low precision costs accuracy for little speed.
-    vae = _build(AutoencoderKL, cfg.vae, _take(sd, VAE_PREFIX), dtype, "VAE", path)
+    # The VAE loads straight in the dtype it runs in (fp32 on the CPU, see perf.vae_dtype): loaded
+    # in `dtype` and upcast later, an fp32 file's VAE would lose its bits to bf16 and briefly be
+    # held twice.
+    vae = _build(AutoencoderKL, cfg.vae, _take(sd, VAE_PREFIX), vae_dtype(device, dtype, cfg.family.name),
+                 "VAE", path)
     text_encoders = [_build(CLIPTextModel, te_cfg, _take(sd, slot.prefix), dtype, "text encoder", path)
                      for slot, te_cfg in zip(cfg.family.text_encoders, cfg.text_encoders)]
 
@@ -182,8 +188,8 @@ class _Lazy:
     def __init__(self, sd: StateDict, key: str):
         self.sd, self.key = sd, key
 
-    def __call__(self) -> Tensor:
-        return self.sd[self.key]
+    def __call__(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self.sd.read(self.key, dtype)
 
 
 def _take(sd: StateDict, prefix: str) -> dict[str, _Lazy]:
@@ -216,13 +222,13 @@ def _build(cls, cfg, entries: dict[str, _Lazy], dtype: torch.dtype, what: str, p
             if not any(rx.search(k) for rx in ignored):
                 unexpected.append(k)
             continue
-        t = lazy()
+        t = lazy(dtype)  # cast as it is read: the file's own copy is never held whole
         if tuple(t.shape) != tuple(expected[k].shape):
             # Some checkpoints keep 1x1 conv weights as 2-D matrices; let the module's hook decide.
             if t.numel() != expected[k].numel():
                 raise SdlabError(f"{path}: {what} weight {k} has shape {tuple(t.shape)}, expected "
                                  f"{tuple(expected[k].shape)}; the file does not match its detected model type")
-        tensors[k] = t.to(dtype) if t.is_floating_point() else t
+        tensors[k] = t
     missing = [k for k in expected if k not in tensors]
     if missing or unexpected:
         parts = []

@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sdlab.errors import SdlabError
-from sdlab.models.layers import GroupNorm32, attention, timestep_embedding
+from sdlab.models.layers import (
+    Conv2d,
+    GroupNorm32,
+    attention,
+    geglu,
+    group_norm_silu,
+    timestep_embedding,
+)
 
 
 @dataclass(frozen=True)
@@ -223,28 +230,29 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             GroupNorm32(groups, out_channels), nn.SiLU(),
             nn.Identity(),  # the original's Dropout: p = 0 in every SD config; keeps out_layers.3 aligned
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
         # Zero-initialised as in the original, so an untrained block starts as its skip path.
         nn.init.zeros_(self.out_layers[3].weight)
         nn.init.zeros_(self.out_layers[3].bias)
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x)
+        # norm + SiLU as one op (`group_norm_silu`) rather than the Sequentials, which stay for the keys.
+        h = self.in_layers[2](group_norm_silu(x, self.in_layers[0]))
         h = h + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        return self.skip_connection(x) + self.out_layers[3](group_norm_silu(h, self.out_layers[0]))
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -253,7 +261,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
         # Upsampling to the skip's size (not a plain x2) lets latents of any size through, e.g.
@@ -288,8 +296,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -319,6 +326,10 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class SpatialTransformer(nn.Module):
     """Runs transformer blocks over the pixels of a feature map, as a residual branch."""
 
@@ -329,10 +340,10 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         # eps 1e-6 as the original's Normalize(); computed in fp32 here, which only adds precision.
         self.norm = GroupNorm32(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, head_channels, context_dim) for _ in range(depth))
-        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if use_linear else Conv2d(inner, channels, 1)
         nn.init.zeros_(self.proj_out.weight)  # zero-initialised as in the original
         nn.init.zeros_(self.proj_out.bias)
 
@@ -342,14 +353,20 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        # (B, HW, C), made contiguous once here: a transposed view would be copied by each of the
+        # three LayerNorms per block (and again in their backward) and read strided by the residual adds.
+        x = x.flatten(2).transpose(1, 2).contiguous()
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, C, H, W)
+        # (B, C, H, W) in the layout the block was given: the bare view is channels-last, which an
+        # NCHW model would read strided in the residual add and hand on to the next convolutions
+        # and norms; a channels-last model (perf.prepare_for_inference) takes it as it is.
+        fmt = torch.channels_last if _is_channels_last(x_in) else torch.contiguous_format
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=fmt)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
@@ -397,7 +414,7 @@ class UNet(nn.Module):
                 nn.Sequential(nn.Linear(cfg.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb)))
 
         levels = list(zip(cfg.level_channels, cfg.num_res_blocks, cfg.transformer_depth))
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]  # width of every input block's output, consumed in reverse by the up path
         ch = mc
         for level, (width, n_res, depth) in enumerate(levels):
@@ -428,7 +445,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight)  # zero-initialised as in the original
         nn.init.zeros_(self.out[2].bias)
 
@@ -477,4 +494,4 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h).to(x.dtype)
+        return self.out[2](group_norm_silu(h, self.out[0])).to(x.dtype)

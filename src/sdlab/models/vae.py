@@ -361,8 +361,10 @@ class _GroupStats:
         n = height * width * (c // self.groups) * (-1 if remove else 1)
         # GroupNorm's own kernel is the fastest one-pass mean / variance there is (channels-last
         # included); its normalised output is thrown away. It wants a dense tensor, and half
-        # precision goes in as fp32 so that the statistics come back in fp32.
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        # precision goes in as fp32 so that the statistics come back in fp32. Only the CPU kernel
+        # takes channels-last; CUDA's wants the usual layout.
+        cl = x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if cl else torch.contiguous_format
         x = x.to(torch.float32 if x.dtype != torch.float64 else x.dtype).contiguous(memory_format=fmt)
         _, mean, rstd = torch.native_group_norm(x, None, None, b, c, height * width, self.groups, 0.0)
         mean = mean.double().view(b, self.groups)

@@ -27,7 +27,11 @@ def register(subparsers) -> None:
     p.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]",
                    help="require HTTP Basic auth with one of these credentials on every route")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
-    p.add_argument("--dtype", help="weight dtype: fp16, bf16, fp32 (default fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", help="weight dtype: fp16, bf16, fp32 (default: fp16 on CUDA; on a CPU bf16 where "
+                   "it has AVX512-BF16/AMX, else fp32; see sdlab info --device)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first image compiles it)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep models in CPU memory, each on the GPU only while it runs (small GPUs)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); 1 is often "
                    "fastest for small models on a busy machine")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels,
@@ -46,7 +50,8 @@ def settings_from_args(args: argparse.Namespace):
     limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
     return ServerSettings(models_dir=Path(args.models_dir), model=args.model, host=args.host, port=args.port,
-                          api_auth=parse_api_auth(args.api_auth), device=args.device, dtype=args.dtype, limits=limits)
+                          api_auth=parse_api_auth(args.api_auth), device=args.device, dtype=args.dtype,
+                          compile=args.compile, offload=args.offload, limits=limits)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

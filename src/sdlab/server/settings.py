@@ -29,7 +29,9 @@ class ServerSettings:
     port: int = 7860
     api_auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs; empty: no auth
     device: str | None = None  # None: CUDA when available, else CPU
-    dtype: str | None = None  # "fp16", "bf16", "fp32"; None: the loader's default for the device
+    dtype: str | None = None  # "fp16", "bf16", "fp32"; None: the fastest the device runs well
+    compile: bool = False  # torch.compile the UNet
+    offload: bool = False  # model CPU offload (GPU only)
     limits: Limits = field(default_factory=Limits)
 
     def check_credentials(self, user: str, password: str) -> bool:

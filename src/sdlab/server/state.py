@@ -57,11 +57,11 @@ class ServerState:
         return entry
 
     def _load_pipeline(self, entry: CheckpointEntry):
-        from ..checkpoints.loader import load_bundle
+        from ..perf import load_for_inference
         from ..pipeline import Pipeline
 
-        dtype = _torch_dtype(self.settings.dtype)
-        bundle = load_bundle(entry.path, device=self.settings.device, dtype=dtype)
+        s = self.settings
+        bundle = load_for_inference(entry.path, s.device, _torch_dtype(s.dtype), compile=s.compile, offload=s.offload)
         if entry.path.is_file():
             sha = self.catalog.sha256(entry)
             # The bundle would hash the file again for its infotext; hand it the hash we have.

@@ -39,7 +39,8 @@ def cmd_make_dataset(args: argparse.Namespace) -> None:
         raise SdlabError(f"--count must be at least 1, got {args.count}")
     if args.size < 8:
         raise SdlabError(f"--size must be at least 8, got {args.size}")
-    paths = make_shapes_dataset(Path(args.dir), args.count, size=args.size, seed=args.seed, layout=args.layout)
+    paths = make_shapes_dataset(Path(args.dir), args.count, size=args.size, seed=args.seed, layout=args.layout,
+                                hold_out=args.hold_out)
     print(f"wrote {len(paths)} images to {args.dir}")
 
 
@@ -65,4 +66,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="images are a pure function of (seed, index)")
     p.add_argument("--layout", choices=["kohya", "jsonl"], default="kohya",
                    help="kohya: NAME.png + NAME.txt; jsonl: images + metadata.jsonl (default kohya)")
+    p.add_argument("--hold-out", action="store_true",
+                   help="leave out the fixed combinations in sdlab.training.shapes.HELD_OUT, so an evaluation "
+                        "can ask for captions the model never saw (the demo recipe does this)")
     p.set_defaults(func=cmd_make_dataset)

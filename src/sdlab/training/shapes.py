@@ -45,6 +45,19 @@ PALETTE: Mapping[str, tuple[int, int, int]] = MappingProxyType(
 )
 COLOURS: tuple[str, ...] = tuple(PALETTE)
 
+# Captions left out of the data set when `hold_out=True` (the demo recipe does this), so an
+# evaluation can ask for combinations the model never saw. Every shape, and every colour as
+# both foreground and background, still appears in training in other combinations.
+HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("circle", "red", "green"), ("circle", "white", "purple"), ("circle", "orange", "black"),
+        ("square", "blue", "yellow"), ("square", "purple", "white"), ("square", "black", "orange"),
+        ("triangle", "green", "red"), ("triangle", "yellow", "blue"), ("triangle", "white", "black"),
+        ("star", "orange", "purple"), ("star", "red", "black"), ("star", "white", "green"),
+        ("diamond", "purple", "yellow"), ("diamond", "black", "blue"), ("diamond", "green", "white"),
+    }
+)
+
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: exact area anti-aliasing
 _PROGRESS_MIN = 200  # below this many images a progress bar is just noise
 
@@ -96,10 +109,13 @@ def render_shape(
     return img.resize((size, size), Image.Resampling.BOX)
 
 
-def _sample(seed: int, index: int, size: int) -> tuple[str, str, str, dict]:
+def _sample(seed: int, index: int, size: int, hold_out: bool = False) -> tuple[str, str, str, dict]:
     rng = np.random.default_rng((seed, index))
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    colour, background = rng.choice(len(COLOURS), size=2, replace=False)
+    while True:  # draw again (from the same stream) while the combination is held out
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        colour, background = rng.choice(len(COLOURS), size=2, replace=False)
+        if not (hold_out and (shape, COLOURS[colour], COLOURS[background]) in HELD_OUT):
+            break
     radius = size * rng.uniform(0.18, 0.38)
     margin = radius + 0.06 * size  # keep the shape off the border, which classify_colours reads as background
     cx, cy = rng.uniform(margin, size - margin, size=2)
@@ -109,7 +125,12 @@ def _sample(seed: int, index: int, size: int) -> tuple[str, str, str, dict]:
 
 
 def make_shapes_dataset(
-    out_dir: Path, count: int, size: int = 64, seed: int = 0, layout: Literal["kohya", "jsonl"] = "kohya"
+    out_dir: Path,
+    count: int,
+    size: int = 64,
+    seed: int = 0,
+    layout: Literal["kohya", "jsonl"] = "kohya",
+    hold_out: bool = False,
 ) -> list[Path]:
     """Write `count` captioned images of coloured shapes to `out_dir`.
 
@@ -120,6 +141,8 @@ def make_shapes_dataset(
         seed: images are a pure function of `(seed, index)`.
         layout: "kohya" writes `000000.png` + `000000.txt`; "jsonl" writes the images and one
             `metadata.jsonl` with `file_name` and `text` (Hugging Face imagefolder).
+        hold_out: leave the combinations in `HELD_OUT` out (images that would have drawn one
+            draw another combination instead; the others are unchanged).
 
     Returns:
         The image paths, in index order.
@@ -131,7 +154,7 @@ def make_shapes_dataset(
     paths: list[Path] = []
     records: list[dict[str, str]] = []
     for i in tqdm(range(count), desc="shapes", unit="img", disable=count < _PROGRESS_MIN):
-        shape, colour, background, geometry = _sample(seed, i, size)
+        shape, colour, background, geometry = _sample(seed, i, size, hold_out)
         caption = caption_for(shape, colour, background)
         path = out_dir / f"{i:06d}.png"
         with atomic_path(path) as tmp:
@@ -177,3 +200,55 @@ def classify_colours(image: Image.Image | np.ndarray) -> tuple[str, str]:
     fg_mask = dist > max(40.0, 0.5 * dist.max())
     fg_rgb = np.median(arr[fg_mask], axis=0) if fg_mask.any() else arr.reshape(-1, 3)[dist.argmax()]
     return _nearest(fg_rgb, exclude=background), background
+
+
+def classify_shape(image: Image.Image | np.ndarray) -> str:
+    """Name the shape in a shapes image from the geometry of its foreground pixels.
+
+    Three scale-free measures of the foreground mask (pixels far from the border's
+    median colour) separate the five shapes of `SHAPES`:
+
+    - elongation (smaller / larger eigenvalue of the second moments): the diamond is
+      0.65 as wide as tall (about 0.42); the regular shapes are isotropic (1.0);
+    - solidity (area / convex-hull area): the star's is about 0.56, the convex shapes' 1.0;
+    - roundness (area / the circle through the farthest pixel): circle 1.0, square 0.64,
+      triangle 0.41.
+    """
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
+    border = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])
+    dist = np.sqrt(((arr - np.median(border, axis=0)) ** 2).sum(axis=-1))
+    ys, xs = np.nonzero(dist > max(40.0, 0.5 * dist.max()))
+    if len(xs) < 6:
+        return "circle"  # nothing drawn: any answer is as wrong as another
+    pts = np.stack([xs, ys], axis=1).astype(np.float64) + 0.5
+    centred = pts - pts.mean(axis=0)
+    eig = np.linalg.eigvalsh(np.cov(centred.T))
+    if eig[0] / eig[1] < 0.65:
+        return "diamond"
+    # Each pixel is a unit square: the hull of the pixel corners, and the farthest corner.
+    corners = (pts[:, None, :] + np.array([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])).reshape(-1, 2)
+    area = float(len(pts))
+    if area / _hull_area(corners) < 0.8:
+        return "star"
+    r_max = np.sqrt(((corners - pts.mean(axis=0)) ** 2).sum(axis=1)).max()
+    roundness = area / (math.pi * r_max**2)
+    return "circle" if roundness > 0.8 else "square" if roundness > 0.52 else "triangle"
+
+
+def _hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of 2-D points (Andrew's monotone chain, then the shoelace formula)."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) < 3:
+        return 0.0
+
+    def half(seq):
+        out: list[tuple[float, float]] = []
+        for p in seq:
+            while len(out) >= 2 and (out[-1][0] - out[-2][0]) * (p[1] - out[-2][1]) - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0]) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+
+    hull = np.array(half(pts)[:-1] + half(pts[::-1])[:-1])
+    x, y = hull[:, 0], hull[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))

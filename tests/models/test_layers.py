@@ -1,0 +1,114 @@
+"""The frozen-base training layers of `models/layers.py`: the same numbers as the plain ops,
+bit for bit, with less kept for backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdlab.models.layers import Conv2d, GroupNorm32, geglu, group_norm_silu
+
+
+def _saved_bytes(fn, *params: torch.Tensor) -> int:
+    """Bytes of the activations autograd keeps for backward while `fn()` runs (parameters excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _grads(fn, x: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype))
+    return out.detach(), [x.grad] + [p.grad for p in params]
+
+
+def _same(a, b) -> None:
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    assert torch.equal(out_a, out_b)
+    for ga, gb in zip(grads_a, grads_b):
+        assert (ga is None and gb is None) or torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("args, shape", [
+    ({"in_channels": 8, "out_channels": 16, "kernel_size": 3, "padding": 1}, (2, 8, 9, 7)),
+    ({"in_channels": 8, "out_channels": 8, "kernel_size": 3, "stride": 2, "padding": 1}, (1, 8, 9, 9)),
+    ({"in_channels": 8, "out_channels": 16, "kernel_size": 1, "bias": False}, (2, 8, 5, 5)),
+    ({"in_channels": 8, "out_channels": 16, "kernel_size": 3, "padding": "same"}, (1, 8, 6, 6)),
+])
+def test_conv_equals_the_plain_layer(args, shape, frozen):
+    torch.manual_seed(0)
+    ours = Conv2d(**args).requires_grad_(not frozen)
+    plain = nn.Conv2d(**args).requires_grad_(not frozen)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(shape)
+    _same(_grads(ours, x, list(ours.parameters())), _grads(plain, x, list(plain.parameters())))
+
+
+def test_frozen_conv_keeps_no_input():
+    conv = Conv2d(16, 16, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 16, 8, 8, requires_grad=True)
+    assert _saved_bytes(lambda: conv(x), *conv.parameters()) == 0
+    # nn.Conv2d keeps the input for a weight gradient that is never computed (nn.Linear does not)
+    assert _saved_bytes(lambda: F.conv2d(x, conv.weight, conv.bias, padding=1), *conv.parameters()) == x.nbytes
+    lin = nn.Linear(16, 16).requires_grad_(False)
+    assert _saved_bytes(lambda: lin(x.flatten(2).transpose(1, 2)), *lin.parameters()) == 0
+
+
+def test_frozen_conv_under_autocast_matches_the_plain_layer():
+    torch.manual_seed(0)
+    ours = Conv2d(8, 16, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = _grads(ours, x, [])
+        b = _grads(lambda t: F.conv2d(t, ours.weight, ours.bias, padding=1), x, [])
+    assert a[0].dtype == torch.bfloat16 and a[1][0].dtype == torch.float32
+    _same(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("frozen", [True, False])
+def test_group_norm_silu_equals_norm_then_silu(frozen, dtype):
+    torch.manual_seed(0)
+    norm = GroupNorm32(4, 16).to(dtype).requires_grad_(not frozen)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        norm.bias.normal_(0, 0.3)
+    params = list(norm.parameters())
+    x = torch.randn(2, 16, 6, 5).to(dtype)
+    a = _grads(lambda t: group_norm_silu(t, norm), x, params)
+    for p in params:
+        p.grad = None
+    _same(a, _grads(lambda t: F.silu(norm(t)), x, params))
+
+
+def test_group_norm_silu_keeps_only_its_input():
+    norm = GroupNorm32(4, 16).requires_grad_(False)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    stats = 2 * 2 * 4 * 4  # mean and rstd, (N, groups) fp32 each
+    assert _saved_bytes(lambda: group_norm_silu(x, norm), *norm.parameters()) == x.nbytes + stats
+    assert _saved_bytes(lambda: F.silu(norm(x)), *norm.parameters()) == 2 * x.nbytes + stats
+
+
+def test_geglu_equals_the_plain_gate_and_keeps_only_its_input():
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 32)
+
+    def plain(t):
+        x, gate = t.chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+    _same(_grads(geglu, h, []), _grads(plain, h, []))
+    hr = h.clone().requires_grad_()
+    assert _saved_bytes(lambda: geglu(hr)) == h.nbytes
+    assert _saved_bytes(lambda: plain(hr)) == h.nbytes * 3 // 2
