@@ -237,9 +237,9 @@ def test_default_cpu_path_stays_close_to_fp32(tmp_path):
     assert fast.unet.time_embed[0].weight.dtype == torch.bfloat16
     assert next(fast.vae.parameters()).dtype == torch.float32
     out = Pipeline(fast).generate(GenerationRequest(**req)).images
-    for a, b in zip(ref, out):
-        psnr = _psnr(np.asarray(a), np.asarray(b))
-        assert psnr >= 30, psnr
+    psnrs = [_psnr(np.asarray(a), np.asarray(b)) for a, b in zip(ref, out)]
+    print("tiny random model, bf16 default path vs fp32: PSNR " + ", ".join(f"{p:.1f}" for p in psnrs) + " dB")
+    assert min(psnrs) >= 30, psnrs
 
 
 # ---------------------------------------------------------------- offload
