@@ -4,7 +4,6 @@ default CPU path (bf16) against fp32 through the whole pipeline."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from sdlab.models.layers import GroupNorm32
 from sdlab.models.vae import AutoencoderKL, VAEConfig, should_tile
 from sdlab.pipeline import GenerationRequest, Pipeline
 
-from .tiny import TINY_VAE, save_native, tiny_bundle
+from .tiny import TINY_VAE, psnr, save_native, tiny_bundle
 
 CPUINFO = """processor\t: 0
 model name\t: Some CPU
@@ -220,11 +219,6 @@ def test_groupnorm32_native_half_equals_the_upcast(dtype):
     assert (native.float() - upcast.float()).abs().max().item() <= 2 * torch.finfo(dtype).eps * upcast.abs().max().item()
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def test_default_cpu_path_stays_close_to_fp32(tmp_path):
     """The default CPU path (bf16 UNet and text encoder, fp32 VAE, channels-last) against
     fp32, on a tiny random model's decoded images: PSNR >= 30 dB."""
@@ -237,7 +231,7 @@ def test_default_cpu_path_stays_close_to_fp32(tmp_path):
     assert fast.unet.time_embed[0].weight.dtype == torch.bfloat16
     assert next(fast.vae.parameters()).dtype == torch.float32
     out = Pipeline(fast).generate(GenerationRequest(**req)).images
-    psnrs = [_psnr(np.asarray(a), np.asarray(b)) for a, b in zip(ref, out)]
+    psnrs = [psnr(a, b) for a, b in zip(ref, out)]
     print("tiny random model, bf16 default path vs fp32: PSNR " + ", ".join(f"{p:.1f}" for p in psnrs) + " dB")
     assert min(psnrs) >= 30, psnrs
 

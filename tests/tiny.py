@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdlab.checkpoints.io import save_safetensors
@@ -93,3 +94,9 @@ def diffusers_folder(tmp_path: Path, family: str, seed: int = 0) -> tuple[Bundle
     folder = tmp_path / family
     write_diffusers_folder(ref.state_dict(), ref.config, folder)
     return ref, folder
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images (PIL images or arrays), in dB."""
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

@@ -32,6 +32,22 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last when a 4-D tensor is laid out so (and not also plain contiguous), else
+    contiguous_format: the layout to keep when a result should match its input's."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def native_group_norm_layout(x: Tensor) -> Tensor:
+    """`x` in a dense layout `torch.native_group_norm` takes on its device (F.group_norm
+    ensures this itself): the CPU kernel takes channels-last too, CUDA's the usual layout alone."""
+    if x.is_contiguous() or (x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics are always accumulated in float32 (the LDM code's GroupNorm32).
 
@@ -72,8 +88,7 @@ class _FrozenConv2d(torch.autograd.Function):
                 padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> Tensor:
         ctx.save_for_backward(weight)
         ctx.x_shape, ctx.conv = x.shape, (stride, padding, dilation, groups)
-        ctx.x_format = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last) else torch.contiguous_format
+        ctx.x_format = memory_format_of(x)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -106,10 +121,7 @@ class _GroupNormSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
-        # The native kernel wants a dense layout, as F.group_norm ensures: channels-last on the CPU
-        # only (CUDA's kernel takes the usual layout alone).
-        if not (x.is_contiguous() or (x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last))):
-            x = x.contiguous()
+        x = native_group_norm_layout(x)
         n, c = x.shape[:2]
         hw = x.numel() // (n * c)
         y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, groups, eps)

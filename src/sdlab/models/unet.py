@@ -23,6 +23,7 @@ from sdlab.models.layers import (
     attention,
     geglu,
     group_norm_silu,
+    memory_format_of,
     timestep_embedding,
 )
 
@@ -326,10 +327,6 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-def _is_channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 class SpatialTransformer(nn.Module):
     """Runs transformer blocks over the pixels of a feature map, as a residual branch."""
 
@@ -365,8 +362,7 @@ class SpatialTransformer(nn.Module):
         # (B, C, H, W) in the layout the block was given: the bare view is channels-last, which an
         # NCHW model would read strided in the residual add and hand on to the next convolutions
         # and norms; a channels-last model (perf.prepare_for_inference) takes it as it is.
-        fmt = torch.channels_last if _is_channels_last(x_in) else torch.contiguous_format
-        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=fmt)
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=memory_format_of(x_in))
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

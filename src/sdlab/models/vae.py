@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdlab.models.layers import GroupNorm32, attention
+from sdlab.models.layers import GroupNorm32, attention, memory_format_of, native_group_norm_layout
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,7 @@ def _upsample_conv(conv: nn.Conv2d, x: Tensor, pad_top: bool = True, pad_bottom:
     b, _, _, w = x.shape
     h = x.shape[-2] + pad_top + pad_bottom - 2  # source rows whose outputs are computed
     o = conv.out_channels
-    cl = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
-    fmt = torch.channels_last if cl else torch.contiguous_format  # the layout the model was put in
+    fmt = memory_format_of(conv.weight)  # the layout the model was put in
     weight = _phase_weights(conv.weight).contiguous(memory_format=fmt)
     y = F.conv2d(F.pad(x, (1, 1, int(pad_top), int(pad_bottom))), weight,
                  conv.bias.repeat(4) if conv.bias is not None else None)  # (B, 4 * O, h + 1, w + 1)
@@ -360,12 +359,9 @@ class _GroupStats:
         b, c, height, width = x.shape
         n = height * width * (c // self.groups) * (-1 if remove else 1)
         # GroupNorm's own kernel is the fastest one-pass mean / variance there is (channels-last
-        # included); its normalised output is thrown away. It wants a dense tensor, and half
-        # precision goes in as fp32 so that the statistics come back in fp32. Only the CPU kernel
-        # takes channels-last; CUDA's wants the usual layout.
-        cl = x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        x = x.to(torch.float32 if x.dtype != torch.float64 else x.dtype).contiguous(memory_format=fmt)
+        # included); its normalised output is thrown away. Half precision goes in as fp32 so that
+        # the statistics come back in fp32.
+        x = native_group_norm_layout(x.to(torch.float32 if x.dtype != torch.float64 else x.dtype))
         _, mean, rstd = torch.native_group_norm(x, None, None, b, c, height * width, self.groups, 0.0)
         mean = mean.double().view(b, self.groups)
         m2 = rstd.double().view(b, self.groups).pow(-2) * n  # (B, G); rstd = 1 / sqrt(var) with eps 0
@@ -570,5 +566,5 @@ class AutoencoderKL(nn.Module):
         if store_dtype is None:
             large = pixels * x.shape[0] > FULL_PRECISION_MAP_PIXELS
             store_dtype = torch.bfloat16 if dtype == torch.float32 and large else dtype
-        channels_last = self.decoder.mid.block_1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        channels_last = memory_format_of(self.decoder.mid.block_1.conv1.weight) == torch.channels_last
         return _Streamer(self.cfg.norm_groups, tile * tile, store_dtype, channels_last)

@@ -189,17 +189,22 @@ def classify_colours(image: Image.Image | np.ndarray) -> tuple[str, str]:
     Args:
         image: a PIL image or an (H, W, 3) uint8 array.
     """
+    arr, bg_rgb, fg_mask, dist = _split(image)
+    background = _nearest(bg_rgb)
+    fg_rgb = np.median(arr[fg_mask], axis=0) if fg_mask.any() else arr.reshape(-1, 3)[dist.argmax()]
+    return _nearest(fg_rgb, exclude=background), background
+
+
+def _split(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(pixels as float (H, W, 3), background RGB = median border pixel, foreground mask = pixels
+    clearly far from it, each pixel's distance from it)."""
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape (H, W, 3), got {arr.shape}")
     border = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])
     bg_rgb = np.median(border, axis=0)
-    background = _nearest(bg_rgb)
-
     dist = np.sqrt(((arr - bg_rgb) ** 2).sum(axis=-1))
-    fg_mask = dist > max(40.0, 0.5 * dist.max())
-    fg_rgb = np.median(arr[fg_mask], axis=0) if fg_mask.any() else arr.reshape(-1, 3)[dist.argmax()]
-    return _nearest(fg_rgb, exclude=background), background
+    return arr, bg_rgb, dist > max(40.0, 0.5 * dist.max()), dist
 
 
 def classify_shape(image: Image.Image | np.ndarray) -> str:
@@ -214,10 +219,7 @@ def classify_shape(image: Image.Image | np.ndarray) -> str:
     - roundness (area / the circle through the farthest pixel): circle 1.0, square 0.64,
       triangle 0.41.
     """
-    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
-    border = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])
-    dist = np.sqrt(((arr - np.median(border, axis=0)) ** 2).sum(axis=-1))
-    ys, xs = np.nonzero(dist > max(40.0, 0.5 * dist.max()))
+    ys, xs = np.nonzero(_split(image)[2])
     if len(xs) < 6:
         return "circle"  # nothing drawn: any answer is as wrong as another
     pts = np.stack([xs, ys], axis=1).astype(np.float64) + 0.5
