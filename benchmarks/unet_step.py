@@ -15,8 +15,8 @@ that the load other processes put on the machine hits both alike; medians are sh
   default CPU   sdlab's default CPU path (`sdlab.device.default_dtype`: bf16 where the CPU
                 has AVX512-BF16 / AMX) against diffusers' default (fp32)
 
-sdlab runs as its pipeline prepares it (`perf.prepare_for_inference`: channels-last);
-diffusers runs as loaded. FLOPs per step come from torch's FlopCounterMode; the share of
+sdlab runs as its pipeline prepares it (`perf.prepare_for_inference`: channels-last, the
+convolution weights pre-packed for oneDNN); diffusers runs as loaded. FLOPs per step come from torch's FlopCounterMode; the share of
 peak assumes the physical cores at the nominal clock of /proc/cpuinfo, 64 fp32 FLOP/cycle
 per core (two AVX-512 FMA units: 2 x 16 lanes x 2) and 1024 bf16 FLOP/cycle per core with
 AMX (Intel's figure for the Sapphire Rapids tile unit), 128 with AVX512-BF16 alone.
@@ -163,6 +163,7 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     from sdlab import device as devices
+    from sdlab.models.layers import pack_conv_weights
     from sdlab.models.unet import UNet
 
     devices.configure_threads()
@@ -180,8 +181,11 @@ def main() -> None:
     def prepared(net: UNet, dtype: torch.dtype) -> UNet:
         copy = UNet(cfg.unet).eval().requires_grad_(False)
         copy.load_state_dict(net.state_dict())
-        # The same preparation the pipeline applies (channels-last), without the rest of a bundle.
-        return copy.to(dtype).to(memory_format=torch.channels_last)
+        # The same preparation the pipeline applies (channels-last, packed convolution weights),
+        # without the rest of a bundle.
+        copy.to(dtype).to(memory_format=torch.channels_last)
+        pack_conv_weights(copy)
+        return copy
 
     default = devices.default_dtype(torch.device("cpu"))
     ours = {torch.float32: prepared(ours32, torch.float32), torch.bfloat16: prepared(ours32, torch.bfloat16)}

@@ -482,6 +482,33 @@ def test_restore_is_bit_exact(tmp_path, dtype):
     _assert_unchanged(bundle, snapshot)
 
 
+def test_lora_on_packed_conv_weights(tmp_path):
+    """A bundle prepared for the CPU keeps its convolution weights packed (perf.prepare_for_inference):
+    LoRAs merge into them as into plain ones, and restore puts the packed originals back."""
+    from sdlab import perf
+    from sdlab.models.layers import cpu_packing_supported
+
+    if not cpu_packing_supported(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN convolutions")
+    plain, packed = tiny_bundle("sd1"), tiny_bundle("sd1")
+    perf.prepare_for_inference(plain, "cpu", torch.float32, pack_weights=False)
+    perf.prepare_for_inference(packed, "cpu", torch.float32)
+    assert packed.unet.get_submodule(CONV).weight.is_mkldnn
+    save_safetensors(_kohya(plain), tmp_path / "x.safetensors")
+    lora = load_lora(tmp_path / "x.safetensors")
+    snapshot = _snapshot(packed)
+    x, t, ctx, _ = _inputs(plain)
+    with torch.no_grad(), apply_loras(plain, [(lora, 1.0, 0.7)]), apply_loras(packed, [(lora, 1.0, 0.7)]):
+        assert packed.unet.get_submodule(CONV).weight.is_mkldnn
+        # (and a channels-last weight stays channels-last: a 3x3 LoCon once failed on one)
+        assert plain.unet.get_submodule(CONV).weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(packed.unet(x, t, ctx), plain.unet(x, t, ctx))
+        merged, ref = packed.state_dict(), plain.state_dict()
+        assert all(torch.equal(merged[k], ref[k]) for k in ref)
+    assert packed.unet.get_submodule(CONV).weight.is_mkldnn
+    _assert_unchanged(packed, snapshot)
+
+
 def test_shape_mismatch_changes_nothing(tmp_path, tiny):
     bundle = tiny("sd1")
     sd = _kohya(bundle)

@@ -12,7 +12,7 @@ from torch import nn
 from sdlab import device as devices
 from sdlab import perf
 from sdlab.checkpoints.loader import load_bundle
-from sdlab.models.layers import GroupNorm32
+from sdlab.models.layers import GroupNorm32, cpu_packing_supported
 from sdlab.models.vae import AutoencoderKL, VAEConfig, should_tile
 from sdlab.pipeline import GenerationRequest, Pipeline
 
@@ -198,11 +198,35 @@ def test_channels_last_gives_the_same_outputs():
     z = torch.randn(1, 4, 8, 8, generator=g)
     with torch.no_grad():
         ref_eps, ref_img = bundle.unet(x, t, ctx), bundle.vae.decode(z)
-        perf.prepare_for_inference(bundle, "cpu", torch.float32, channels_last=True)
+        perf.prepare_for_inference(bundle, "cpu", torch.float32, channels_last=True, pack_weights=False)
         assert bundle.unet.input_blocks[1][0].in_layers[2].weight.is_contiguous(memory_format=torch.channels_last)
         eps, img = bundle.unet(x, t, ctx), bundle.vae.decode(z)
     assert (eps - ref_eps).abs().max().item() < 1e-5
     assert (img - ref_img).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_unet_gives_the_same_outputs(dtype):
+    """prepare_for_inference packs the UNet's convolution weights on the CPU: the same outputs as
+    the plain channels-last UNet, bit for bit, and the same state dict."""
+    if not cpu_packing_supported(dtype):
+        pytest.skip(f"this PyTorch build or CPU has no oneDNN {dtype} convolutions")
+    plain, packed = tiny_bundle("sd1"), tiny_bundle("sd1")
+    perf.prepare_for_inference(plain, "cpu", dtype, pack_weights=False)
+    perf.prepare_for_inference(packed, "cpu", dtype)
+    convs = [m for m in packed.unet.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(m.weight.is_mkldnn for m in convs) >= len(convs) - 2  # all but conv_in / out (4 channels)
+    assert not any(p.is_mkldnn for p in packed.vae.parameters())
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g).to(dtype), torch.randn(2, 5, 64, generator=g).to(dtype)
+    t = torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        assert torch.equal(packed.unet(x, t, ctx), plain.unet(x, t, ctx))
+    ours, ref = packed.unet.state_dict(), plain.unet.state_dict()
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    # Preparing again (another dtype) starts from the plain weights.
+    perf.prepare_for_inference(packed, "cpu", torch.float32, pack_weights=False)
+    assert not any(p.is_mkldnn for p in packed.unet.parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -266,13 +290,16 @@ def test_offload_moves_one_network_at_a_time():
 
 def test_load_prepares_for_inference_and_refuses_cpu_offload():
     """`sdlab.load` (the CLI's and the server's path) hands back a prepared bundle: channels-last
-    UNet and VAE, no grads; --offload without a GPU is a clear error."""
+    VAE, UNet convolutions pre-packed for oneDNN (channels-last where this build cannot), no
+    grads; --offload without a GPU is a clear error."""
     import sdlab
     from sdlab.errors import SdlabError
 
     pipe = sdlab.load(device="cpu", dtype=torch.float32)
     w = pipe.bundle.unet.input_blocks[1][0].in_layers[2].weight
-    assert w.is_contiguous(memory_format=torch.channels_last) and not w.requires_grad
+    assert w.is_mkldnn if cpu_packing_supported(torch.float32) else w.is_contiguous(memory_format=torch.channels_last)
+    assert not w.requires_grad
+    assert pipe.bundle.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipe.bundle.device == torch.device("cpu")
     with pytest.raises(SdlabError, match="--offload"):
         sdlab.load(device="cpu", offload=True)

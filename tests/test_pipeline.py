@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlab.checkpoints.diffusers_folder import write_diffusers_folder
 from sdlab.checkpoints.loader import load_bundle
 from sdlab.errors import SdlabError
 from sdlab.infotext import create_infotext, parse_infotext
@@ -129,6 +128,7 @@ def test_generate_cli_is_reproducible_and_from_png(tmp_path, tiny_file):
     assert r1.returncode == 0, r1.stderr
     assert "step" in r1.stderr  # the progress bar
     r2 = _cli(*args, "-o", str(tmp_path / "b.png"))
+    assert r2.returncode == 0, r2.stderr
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     r3 = _cli("generate", "--from", str(tmp_path / "a.png"), "-m", str(tiny_file), "-o", str(tmp_path / "c.png"))
     assert r3.returncode == 0, r3.stderr

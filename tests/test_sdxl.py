@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlab.checkpoints.diffusers_folder import write_diffusers_folder
 from sdlab.checkpoints.loader import load_bundle
 from sdlab.pipeline import GenerationRequest, Pipeline
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .checkpoints.diffusers_keys import unet_to_diffusers
 from .checkpoints.io import read_state_dict
 from .errors import SdlabError
+from .models.layers import memory_format_of
 
 if TYPE_CHECKING:
     from .checkpoints.loader import Bundle
@@ -601,7 +602,7 @@ def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLora
     index = _bundle_index(bundle)
     label = bundle.family.label
 
-    plan: dict[int, tuple[nn.Parameter, list[_Item]]] = {}  # by id(param), in a stable order
+    plan: dict[int, tuple[nn.Parameter, nn.Module, list[_Item]]] = {}  # by id(param), in a stable order
     unmatched: dict[str, list[str]] = {}
     touched = set()
     for use in uses:
@@ -625,7 +626,8 @@ def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLora
             multiplier = use.unet_multiplier if m.net == "unet" else use.te_multiplier
             if multiplier == 0:
                 continue
-            plan.setdefault(id(param), (param, []))[1].append((slot.rows, m, multiplier * m.scale, use.dyn_dim))
+            owner = nets[m.net].get_submodule(slot.param.rpartition(".")[0])
+            plan.setdefault(id(param), (param, owner, []))[2].append((slot.rows, m, multiplier * m.scale, use.dyn_dim))
             touched.add("unet" if m.net == "unet" else "te")
         if matched == 0:
             raise SdlabError(
@@ -639,9 +641,12 @@ def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLora
     applied = AppliedLoras(uses, unmatched, "unet" in touched, "te" in touched)
     try:
         with torch.no_grad():
-            for param, items in plan.values():
+            for param, owner, items in plan.values():
                 original = param.data
-                merged = _merged(original, items)
+                if original.is_mkldnn:  # a convolution weight pre-packed for the CPU (perf.prepare_for_inference)
+                    merged = owner.packed_like_self(_merged(original.to_dense(), items))
+                else:
+                    merged = _merged(original, items)
                 backup = original if original.device.type == "cpu" else original.to("cpu", copy=True)
                 applied._backups.append((param, backup))
                 param.data = merged
@@ -653,7 +658,10 @@ def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLora
 
 def _merged(weight: Tensor, items: list[_Item]) -> Tensor:
     """A new tensor: `weight` plus every delta, summed in fp32 and rounded to the weight's
-    dtype once. `weight` itself is not modified."""
+    dtype once, in `weight`'s memory format (a channels-last conv stays channels-last). `weight`
+    itself is not modified."""
+    layout = memory_format_of(weight)
+    weight = weight.contiguous()  # the deltas are (out, in * kh * kw) matrices: rows of the plain layout
     rows, module, factor, dyn_dim = items[0]
     rest = items[1:]
     if weight.dtype == torch.float32 and rows is None and module.is_low_rank:
@@ -664,7 +672,7 @@ def _merged(weight: Tensor, items: list[_Item]) -> Tensor:
     for rows, module, factor, dyn_dim in rest:
         region = work if rows is None else work[rows[0]:rows[1]]
         module.add_to(region.view(region.shape[0], -1), factor, dyn_dim)
-    return work if work.dtype == weight.dtype else work.to(weight.dtype)
+    return (work if work.dtype == weight.dtype else work.to(weight.dtype)).contiguous(memory_format=layout)
 
 
 # --------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlab.models.layers import Conv2d, GroupNorm32, geglu, group_norm_silu
+from sdlab.models.layers import Conv2d, GroupNorm32, cpu_packing_supported, geglu, group_norm_silu, pack_conv_weights
 
 
 def _saved_bytes(fn, *params: torch.Tensor) -> int:
@@ -112,3 +112,46 @@ def test_geglu_equals_the_plain_gate_and_keeps_only_its_input():
     hr = h.clone().requires_grad_()
     assert _saved_bytes(lambda: geglu(hr)) == h.nbytes
     assert _saved_bytes(lambda: plain(hr)) == h.nbytes * 3 // 2
+
+
+# ---------------------------------------------------------------- pre-packed conv weights (CPU inference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (3, 2), (1, 1)])
+def test_packed_conv_equals_the_plain_conv(dtype, kernel, stride):
+    if not cpu_packing_supported(dtype):
+        pytest.skip(f"this PyTorch build or CPU has no oneDNN {dtype} convolutions")
+    torch.manual_seed(0)
+    conv = Conv2d(32, 48, kernel, stride=stride, padding=kernel // 2).to(dtype).requires_grad_(False)
+    weight = conv.weight.detach().clone()
+    x = torch.randn(2, 32, 12, 10, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = conv(x)
+        assert conv.pack_for_cpu() and conv.packed and conv.weight.shape == weight.shape
+        assert not conv.pack_for_cpu()  # once is enough
+        # oneDNN computes with the layout it would have reordered the weight into: the same bits.
+        assert torch.equal(conv(x), plain)
+        assert torch.equal(conv(x.contiguous()), plain)  # NCHW input: made channels-last first
+    # A gradient for the input takes the plain convolution (packed weights have no autograd).
+    xg = x.detach().requires_grad_()
+    conv(xg).float().square().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    # The state dict holds the plain weight; loading one, or a cast, unpacks.
+    state = conv.state_dict()
+    assert not state["weight"].is_mkldnn and torch.equal(state["weight"], weight)
+    conv.load_state_dict(state)
+    assert not conv.packed and torch.equal(conv.weight, weight)
+    conv.pack_for_cpu()
+    conv.float()
+    assert not conv.packed and torch.equal(conv.weight, weight.float())
+
+
+def test_convs_that_are_not_packed():
+    trainable = Conv2d(32, 32, 3, padding=1)  # requires grad: training, not inference
+    grouped = Conv2d(32, 32, 3, padding=1, groups=2).requires_grad_(False)
+    narrow = Conv2d(4, 32, 3, padding=1).requires_grad_(False)  # fewer than 16 channels
+    same = Conv2d(32, 32, 3, padding="same").requires_grad_(False)
+    half = Conv2d(32, 32, 3, padding=1).half().requires_grad_(False)
+    assert not any(c.pack_for_cpu() for c in (trainable, grouped, narrow, same, half))
+    assert pack_conv_weights(nn.Sequential(Conv2d(32, 32, 1), Conv2d(32, 32, 1).requires_grad_(False))) == 1
