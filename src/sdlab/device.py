@@ -200,6 +200,7 @@ def describe(device: torch.device | None = None) -> str:
     """Several lines for `sdlab info --device`: the device, what the CPU offers and the
     dtypes sdlab would choose."""
     # Imported here: perf imports this module.
+    from .models.layers import cpu_packing_supported
     from .perf import vae_dtype
 
     device = choose_device(device)
@@ -226,6 +227,11 @@ def describe(device: torch.device | None = None) -> str:
         why = " (CPU has AVX512-BF16/AMX)" if dtype == torch.bfloat16 else " (no bf16 in hardware)"
     rows.append(("UNet / text encoder dtype", dtype_name(dtype) + why))
     rows.append(("VAE dtype", dtype_name(vae_dtype(device, dtype))))
+    if device.type == "cpu":
+        packed = cpu_packing_supported(dtype)
+        rows.append(("UNet conv weights", "pre-packed for oneDNN" if packed else "plain (no oneDNN packing here)"))
+    else:
+        rows.append(("UNet conv weights", "channels-last"))
     rows.append(("attention", "torch scaled_dot_product_attention"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -146,7 +146,11 @@ class Conv2d(nn.Conv2d):
                 or not self._explicit_zero_padding() or min(self.in_channels, self.out_channels) < 16
                 or not cpu_packing_supported(w.dtype)):
             return False
-        self.weight = nn.Parameter(self._packed_weight(w.detach()), requires_grad=False)
+        try:
+            packed = self._packed_weight(w.detach())
+        except (RuntimeError, TypeError):  # an older PyTorch without this signature: stay plain
+            return False
+        self.weight = nn.Parameter(packed, requires_grad=False)
         return True
 
     def packed_like_self(self, weight: Tensor) -> Tensor:
