@@ -9,7 +9,9 @@ temporary folder: as a diffusers folder (`write_diffusers_folder`, for
 child process, alternating across rounds:
 
   sdlab      `UNet(PRESETS["sd15"])` + `sdlab.training.lora_network.LoRANetwork` (hooks) on the
-             attention projections only (to_q, to_k, to_v, to_out.0), AdamW on the LoRA params
+             attention projections only (to_q, to_k, to_v, to_out.0), AdamW on the LoRA params;
+             glibc told to reuse large freed blocks (`device.reuse_freed_memory`), as the
+             Trainer does on the CPU (`--plain-malloc` leaves that out)
   diffusers  `UNet2DConditionModel` + PEFT `LoraConfig(r, lora_alpha, target_modules=[to_k, to_q,
              to_v, to_out.0])` via `unet.add_adapter`, AdamW on the trainable params
 
@@ -61,9 +63,12 @@ def child_sdlab(args) -> None:
     import torch.nn.functional as F
     from safetensors.torch import load_file
 
+    from sdlab import device as devices
     from sdlab.models.unet import PRESETS, UNet
     from sdlab.training.lora_network import LoRANetwork
 
+    if not args.plain_malloc:
+        devices.reuse_freed_memory()  # as the Trainer does on the CPU
     dtype = getattr(torch, DTYPES[args.dtype])
     with torch.device("meta"):
         unet = UNet(PRESETS["sd15"])
@@ -140,6 +145,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    ap.add_argument("--plain-malloc", action="store_true",
+                    help="run sdlab without devices.reuse_freed_memory (to see what it buys)")
     ap.add_argument("--child", choices=["sdlab", "diffusers"])
     ap.add_argument("--folder", type=Path)
     args = ap.parse_args()
@@ -151,7 +158,8 @@ def main() -> None:
         folder = Path(tmp) / "sd15"
         write_models(folder)
         common = [__file__, "--folder", str(folder), "--rank", str(args.rank), "--size", str(args.size),
-                  "--warmup", str(args.warmup), "--steps", str(args.steps), "--dtype", args.dtype]
+                  "--warmup", str(args.warmup), "--steps", str(args.steps), "--dtype", args.dtype,
+                  *(["--plain-malloc"] if args.plain_malloc else [])]
         results: dict[str, list[dict]] = {"sdlab": [], "diffusers": []}
         for r in range(args.repeat):
             order = ["sdlab", "diffusers"] if r % 2 == 0 else ["diffusers", "sdlab"]

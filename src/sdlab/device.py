@@ -177,6 +177,30 @@ def _cgroup_free() -> int | None:
         return None
 
 
+def reuse_freed_memory(trim_threshold: int = 512 * 2**20) -> bool:
+    """Let glibc keep large freed blocks for reuse instead of unmapping them; returns whether
+    it could (glibc only). Process-wide: the trainer calls it, a library caller may too.
+
+    glibc serves every allocation of 32 MB or more with a fresh mmap and unmaps it on free. A
+    CPU training step makes such allocations by the dozen (oneDNN's reordered copy of each large
+    convolution weight, in forward and backward), and the kernel then zeroes their pages one
+    fault at a time on first touch: about 2 GB of page faults per SD 1.5 LoRA step at 512 px,
+    6% of its time (2-core CPU, steps alternated in one process). From the heap instead, a step
+    reuses what the previous one freed: no faults after the first steps and about the same
+    high-water mark (5.57 vs 5.49 GiB over 12 steps). Not for inference: there the larger,
+    fewer buffers fragment the heap (txt2img peak 4.5 vs 3.8 GB) and the gain is small.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+        # mallopt returns 1 on success.
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def return_freed_memory() -> None:
     """Hand heap memory that Python and PyTorch have freed back to the OS (glibc's malloc_trim).
 

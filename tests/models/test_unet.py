@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
 from sdlab.errors import SdlabError
-from sdlab.models.unet import PRESETS, UNet, UNetConfig, config_from_state_dict, sdxl_size_embedding
+from sdlab.models.unet import PRESETS, FeedForward, UNet, UNetConfig, config_from_state_dict, sdxl_size_embedding
 
 PREFIX = "model.diffusion_model."
 POOLED = 32  # pooled text width in the tiny SDXL-style configs
@@ -129,6 +129,14 @@ def test_matches_diffusers(name):
 
 def test_matches_diffusers_on_odd_latent_sizes():
     # Upsample goes to the skip's size: 15 -> 8 -> 4 -> 8 -> 15 (a plain x2 would give 16).
+    compare(TINY["refiner-style"], size=(15, 13))
+
+
+def test_feed_forward_in_slices_matches_diffusers(monkeypatch):
+    """Without gradients the feed-forward runs the tokens in slices (FeedForward.CHUNK_BYTES);
+    at these tiny sizes it would not slice, so make the slices small: 64 rows of 512 tokens."""
+    monkeypatch.setattr(FeedForward, "CHUNK_BYTES", 1024)
+    compare(TINY[next(iter(TINY))])
     compare(TINY["refiner-style"], size=(15, 13))
 
 

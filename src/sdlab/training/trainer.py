@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import device as devices
 from ..checkpoints.io import atomic_write, save_safetensors
 from ..checkpoints.loader import Bundle, load_bundle, new_bundle, save_checkpoint
 from ..errors import SdlabError
@@ -195,6 +196,8 @@ class Trainer:
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=_multi_process_cpu())
         self.progress_bar = progress_bar
         self.device = self.acc.device
+        if self.device.type == "cpu":
+            devices.reuse_freed_memory()  # no page faults on the large buffers every step makes
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.started_at = datetime.now(timezone.utc)
         torch.manual_seed(cfg.seed)  # module initialisation (LoRA down weights) is seeded too
