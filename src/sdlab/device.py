@@ -190,15 +190,12 @@ def reuse_freed_memory(trim_threshold: int = 512 * 2**20) -> bool:
     high-water mark (5.57 vs 5.49 GiB over 12 steps). Not for inference: there the larger,
     fewer buffers fragment the heap (txt2img peak 4.5 vs 3.8 GB) and the gain is small.
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-        # mallopt returns 1 on success.
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    # mallopt returns 1 on success.
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
 
 
 def return_freed_memory() -> None:
@@ -208,12 +205,20 @@ def return_freed_memory() -> None:
     blocks in its heap for reuse, so without this the process holds (and is charged for) a
     few hundred MB it no longer uses. A no-op where the C library is not glibc.
     """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

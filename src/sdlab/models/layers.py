@@ -174,8 +174,7 @@ class Conv2d(nn.Conv2d):
         if x.device.type != "cpu" or x.dtype != self.weight.dtype or (torch.is_grad_enabled() and x.requires_grad):
             # Not what packing is for (another device or dtype, or a gradient wanted): the plain
             # convolution, correct if slower.
-            weight = self.weight.to_dense()
-            return F.conv2d(x.to(weight.device), weight, self.bias, self.stride, self.padding, self.dilation,
+            return F.conv2d(x, self.weight.to_dense(), self.bias, self.stride, self.padding, self.dilation,
                             self.groups)
         if memory_format_of(x) != torch.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's packed path is NHWC
