@@ -108,32 +108,35 @@ ITERS = 3 if SMOKE else 20
 
 
 def ours_unet(dtype, compile=False, channels_last=True):
+    """The bundle as the CLI prepares it (with --compile: torch.compile with CUDA graphs)."""
     b = load_bundle(single, device="cpu", dtype=dtype)
     perf.prepare_for_inference(b, DEV, dtype, channels_last=channels_last, compile=compile)
-    return b.unet
+    return b
 
 
-def theirs_unet(dtype, compile=False):
+def theirs_unet(dtype, compile_mode=None):
+    """diffusers' UNet; compiled as its docs show (`mode="reduce-overhead", fullgraph=True`) or plain."""
     net = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).to(DEV).eval().requires_grad_(False)
-    if compile:
+    if compile_mode == "default":
         net = torch.compile(net)
+    elif compile_mode:
+        net = torch.compile(net, mode=compile_mode, fullgraph=True)
     return net
 
 
-def unet_rates(dtype, compile=False):
+def relative_diff(a, b):
+    return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-6)
+
+
+def unet_rates(dtype):
     """Ours channels-last (the default) and NCHW against diffusers (NCHW), interleaved."""
-    ours, ours_nchw, theirs = ours_unet(dtype, compile), ours_unet(dtype, compile, False), theirs_unet(dtype, compile)
+    ours, ours_nchw, theirs = ours_unet(dtype).unet, ours_unet(dtype, channels_last=False).unet, theirs_unet(dtype)
     x, ctx, t = X.to(DEV, dtype), CTX.to(DEV, dtype), TS.to(DEV)
     with torch.no_grad():
-        tc = time.time()
-        a = ours(x, t, ctx).float()
-        ours_nchw(x, t, ctx)
-        b = theirs(x, t, encoder_hidden_states=ctx).sample.float()
-        first = time.time() - tc
-        diff = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+        diff = relative_diff(ours(x, t, ctx), theirs(x, t, encoder_hidden_states=ctx).sample)
         r_ours, r_nchw, r_theirs = rates([lambda: ours(x, t, ctx), lambda: ours_nchw(x, t, ctx),
                                           lambda: theirs(x, t, encoder_hidden_states=ctx).sample], ITERS)
-    name = f"{devices.dtype_name(dtype)}{' + compile' if compile else ''}"
+    name = devices.dtype_name(dtype)
     for label, r in (("channels-last", r_ours), ("NCHW", r_nchw)):
         ROWS.append((f"UNet step, batch {B}, {LAT * 8}px, {name}, ours {label}", f"{r:.2f}", f"{r_theirs:.2f}",
                      f"{r / r_theirs:.2f}x", f"{diff:.1e}"))
@@ -141,13 +144,78 @@ def unet_rates(dtype, compile=False):
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
     assert diff < 0.05, f"outputs differ by {diff:.3f} (relative)"
-    return (f"ours {r_ours:.2f} it/s (NCHW {r_nchw:.2f}), diffusers {r_theirs:.2f} it/s, "
-            f"first calls {first:.0f}s")
+    return f"ours {r_ours:.2f} it/s (NCHW {r_nchw:.2f}), diffusers {r_theirs:.2f} it/s"
+
+
+COMPILED = {}
+
+
+def compiled_rates():
+    """fp16 + torch.compile: ours as --compile does it (CUDA graphs) and with torch.compile's default
+    mode, against diffusers compiled both ways, interleaved."""
+    dtype = torch.float16
+    tc = time.time()
+    COMPILED["bundle"] = b = ours_unet(dtype, compile=True)
+    ours = b.unet
+    ours_plain = ours_unet(dtype).unet
+    ours_plain.compile()
+    theirs, theirs_ro = theirs_unet(dtype, "default"), theirs_unet(dtype, "reduce-overhead")
+    x, ctx, t = X.to(DEV, dtype), CTX.to(DEV, dtype), TS.to(DEV)
+    with torch.no_grad():
+        ref = theirs(x, t, encoder_hidden_states=ctx).sample.float()
+        diff = max(relative_diff(ours(x, t, ctx), ref), relative_diff(ours_plain(x, t, ctx), ref),
+                   relative_diff(theirs_ro(x, t, encoder_hidden_states=ctx).sample, ref))
+        first = time.time() - tc
+        r = rates([lambda: ours(x, t, ctx), lambda: ours_plain(x, t, ctx),
+                   lambda: theirs(x, t, encoder_hidden_states=ctx).sample,
+                   lambda: theirs_ro(x, t, encoder_hidden_states=ctx).sample], ITERS)
+    labels = ("ours --compile (CUDA graphs)", "ours torch.compile default mode")
+    for label, mine in zip(labels, r[:2]):
+        for their_label, theirs_r in (("diffusers torch.compile default", r[2]),
+                                      ("diffusers reduce-overhead fullgraph", r[3])):
+            ROWS.append((f"UNet fp16 {LAT * 8}px: {label} vs {their_label}", f"{mine:.2f}", f"{theirs_r:.2f}",
+                         f"{mine / theirs_r:.2f}x", f"{diff:.1e}"))
+    del ours_plain, theirs, theirs_ro
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+    assert diff < 0.05, f"outputs differ by {diff:.3f} (relative)"
+    return (f"ours {r[0]:.2f} / {r[1]:.2f} it/s, diffusers {r[2]:.2f} / {r[3]:.2f} it/s; "
+            f"compiles and first calls {first:.0f}s")
+
+
+def compiled_pipeline():
+    """The compiled (CUDA-graph) UNet in the real pipeline gives the eager image, and a weight
+    replaced the way LoRAs are merged (`param.data = ...`) is seen by the next call."""
+    import numpy as np
+
+    b = COMPILED["bundle"]
+    pipe = Pipeline(b)
+    req = GenerationRequest(prompt="an astronaut riding a horse", negative_prompt="blurry", steps=20,
+                            sampler="DPM++ 2M", seed=1, width=LAT * 8, height=LAT * 8)
+    pipe.generate(dataclasses.replace(req, steps=2))
+    sync()
+    t = time.time()
+    img = pipe.generate(req).images[0]
+    sync()
+    compiled_s = time.time() - t
+    eager = ours_unet(torch.float16)
+    ref = Pipeline(eager).generate(req).images[0]
+    d = np.abs(np.asarray(img, dtype=np.float32) - np.asarray(ref, dtype=np.float32)).max()
+    assert d <= 3, f"compiled image differs from eager by {d} levels"
+    x, ctx, t16 = X.to(DEV, torch.float16), CTX.to(DEV, torch.float16), TS.to(DEV)
+    for net in (b.unet, eager.unet):
+        p = net.out[2].weight
+        p.data = p.data * 1.5
+    with torch.no_grad():
+        got, want = b.unet(x, t16, ctx).clone(), eager.unet(x, t16, ctx)
+    w = relative_diff(got, want)
+    assert w < 0.02, f"compiled UNet ignored a replaced weight (relative diff {w:.3f})"
+    return f"20 steps DPM++ 2M in {compiled_s:.2f}s, max pixel diff vs eager {d:.0f}; after a weight swap {w:.1e}"
 
 
 # 1. fp16 / bf16 UNet, flash attention through SDPA, channels-last
 check("UNet fp16 it/s vs diffusers fp16 (SDPA)", lambda: unet_rates(torch.float16))
-if DEV.type == "cuda" and torch.cuda.is_bf16_supported():
+if DEV.type == "cuda" and torch.cuda.is_bf16_supported() and os.environ.get("BF16") == "1":
     check("UNet bf16 it/s vs diffusers bf16", lambda: unet_rates(torch.bfloat16))
 
 
@@ -314,8 +382,9 @@ else:
 if SKIP_COMPILE or (SMOKE and os.environ.get("SMOKE_COMPILE") != "1"):
     print("SKIP  torch.compile (SKIP_COMPILE=1 or SMOKE)")
 else:
-    check("UNet fp16 + torch.compile it/s vs diffusers fp16 + torch.compile",
-          lambda: unet_rates(torch.float16, compile=True))
+    check("UNet fp16 + torch.compile it/s vs diffusers fp16 + torch.compile", compiled_rates)
+    if "bundle" in COMPILED:
+        check("compiled UNet in the pipeline (CUDA graphs): same image, sees replaced weights", compiled_pipeline)
 
 print()
 print(f"it/s: ours vs diffusers on {torch.cuda.get_device_name() if DEV.type == 'cuda' else 'the CPU (smoke)'}, "

@@ -4,6 +4,7 @@ default CPU path (bf16) against fp32 through the whole pipeline."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from sdlab.models.layers import GroupNorm32, cpu_packing_supported
 from sdlab.models.vae import AutoencoderKL, VAEConfig, should_tile
 from sdlab.pipeline import GenerationRequest, Pipeline
 
-from .tiny import TINY_VAE, psnr, save_native, tiny_bundle
+from .tiny import TINY_VAE, as_float_array, psnr, save_native, tiny_bundle
 
 CPUINFO = """processor\t: 0
 model name\t: Some CPU
@@ -258,6 +259,20 @@ def test_default_cpu_path_stays_close_to_fp32(tmp_path):
     psnrs = [psnr(a, b) for a, b in zip(ref, out)]
     print("tiny random model, bf16 default path vs fp32: PSNR " + ", ".join(f"{p:.1f}" for p in psnrs) + " dB")
     assert min(psnrs) >= 30, psnrs
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_eager_images_at_two_sizes(tmp_path):
+    """`--compile` (torch.compile, static shapes) in the real pipeline: the eager images, and a
+    second image size compiles anew instead of failing (symbolic sizes did, torch 2.13)."""
+    path = save_native(tiny_bundle("sd1"), tmp_path / "tiny.safetensors")
+    eager, compiled = (load_bundle(path, device="cpu", dtype=torch.float32) for _ in range(2))
+    perf.prepare_for_inference(eager, "cpu", torch.float32)
+    perf.prepare_for_inference(compiled, "cpu", torch.float32, compile=True)
+    for size in (64, 96):
+        req = GenerationRequest(prompt="a red circle", steps=4, sampler="DPM++ 2M", seed=3, width=size, height=size)
+        want, got = (as_float_array(Pipeline(b).generate(req).images) for b in (eager, compiled))
+        assert got.shape == want.shape and np.abs(got - want).max() * 255 <= 1, size
 
 
 # ---------------------------------------------------------------- offload

@@ -302,7 +302,9 @@ class Pipeline:
                                                    embeddings)
         device, dtype, n = bundle.device, bundle.dtype, req.batch_size
         unet = bundle.unet
-        model = DiscreteDenoiser(lambda x_in, t, context, y=None: unet(x_in, t, context, y), self.schedule,
+        # The copy: a UNet compiled with CUDA graphs (--compile on a GPU) hands out buffers that its
+        # next call overwrites, and samplers keep results across calls.
+        model = DiscreteDenoiser(lambda x_in, t, context, y=None: unet(x_in, t, context, y).clone(), self.schedule,
                                  bundle.prediction)
 
         def conditioning(encoded, negative: bool) -> Conditioning:

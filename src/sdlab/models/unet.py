@@ -301,11 +301,12 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    # Without gradients the tokens go through in slices whose GEGLU intermediate stays under this
-    # size. Whole, at 512 px and batch 2 it is 84 MB in fp32 (and two 42 MB halves): past glibc's
-    # 32 MB mmap ceiling, so every call maps fresh pages and the kernel zeroes them as the GEMM,
-    # gelu and mul first touch them: 0.7 s of a 5.6 s fp32 SD 1.5 step on a 2-core CPU. Slices are
-    # served from memory freed by the previous ones, and the peak is smaller too.
+    # On the CPU without gradients the tokens go through in slices whose GEGLU intermediate stays
+    # under this size. Whole, at 512 px and batch 2 it is 84 MB in fp32 (and two 42 MB halves):
+    # past glibc's 32 MB mmap ceiling, so every call maps fresh pages and the kernel zeroes them as
+    # the GEMM, gelu and mul first touch them: 0.7 s of a 5.6 s fp32 SD 1.5 step on a 2-core CPU.
+    # Slices are served from memory freed by the previous ones, and the peak is smaller too. GPUs
+    # reuse blocks through their caching allocator, and there one large GEMM beats several.
     CHUNK_BYTES = 16 * 2**20
 
     def __init__(self, dim: int, mult: int = 4):
@@ -316,7 +317,7 @@ class FeedForward(nn.Module):
         proj = self.net[0].proj
         rows = x.numel() // x.shape[-1]
         chunk = max(64, self.CHUNK_BYTES // (proj.out_features * x.element_size()))
-        if torch.is_grad_enabled() or rows <= chunk:
+        if torch.is_grad_enabled() or x.device.type != "cpu" or rows <= chunk:
             return self.net(x)
         flat = x.reshape(rows, x.shape[-1])
         outs = []
