@@ -106,10 +106,13 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
     if compile:
         # On a GPU, CUDA graphs as well ("reduce-overhead"): a step of SD 1.5 is hundreds of short
         # kernels, and replaying them as one graph takes their launches off the CPU. A graph's
-        # outputs live in buffers its next replay overwrites, so the pipeline copies them out.
-        # Static shapes: a new image size compiles anew rather than once with symbolic sizes, whose
-        # kernels are slower and which inductor failed to lower for our UNet (torch 2.13).
-        bundle.unet.compile(mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+        # outputs live in buffers its next replay overwrites, so the pipeline copies them out. Not
+        # with offload: each move gives the weights new addresses, and the graphs would be recorded
+        # again every step. Static shapes: a new image size compiles anew rather than once with
+        # symbolic sizes, whose kernels are slower and which inductor failed to lower for our UNet
+        # (torch 2.13).
+        graphs = device.type == "cuda" and not offload
+        bundle.unet.compile(mode="reduce-overhead" if graphs else None, dynamic=False)
     if offload:
         ModelOffload(bundle, device)
     return bundle
