@@ -104,6 +104,23 @@ def test_eps_and_v_losses():
 # ----------------------------------------------------------------------------- training
 
 
+def test_deterministic_switch_is_set_while_training_and_restored(tmp_path, shapes):
+    """`deterministic = true` turns on PyTorch's deterministic kernels for the run (exact resume
+    on a GPU) and `close()` restores what the process had; on the CPU the result is the same."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    kw = dict(steps=2, vae_steps=0, warmup_steps=0)
+    plain = trainer(config(tmp_path / "a", shapes, **kw))
+    plain.train()
+    plain.close()
+    det = trainer(config(tmp_path / "b", shapes, deterministic="true", **kw))
+    assert torch.are_deterministic_algorithms_enabled()
+    det.train()
+    det.close()
+    assert not torch.are_deterministic_algorithms_enabled()
+    a, b = plain.bundle.state_dict(), det.bundle.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_scratch_training_loss_falls(tmp_path, shapes):
     t = trainer(config(tmp_path, shapes, steps=24, vae_steps=2, ema_decay=0.9, lr=2e-3, warmup_steps=0))
     before = {k: v.clone() for k, v in t.bundle.state_dict().items()}

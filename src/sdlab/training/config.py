@@ -81,6 +81,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    deterministic: bool = False  # GPU: deterministic kernels, so --resume is exact there too (a little slower)
     min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
     noise_offset: float = 0.0
     ema_decay: float = 0.0  # 0: no EMA; the saved model holds the EMA weights when on

@@ -21,6 +21,7 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -178,8 +179,6 @@ def _multi_process_cpu() -> bool:
     """Whether a launcher (torchrun, `accelerate launch`, mpirun) started several processes on a
     machine without a GPU. accelerate only sets up multi-CPU DDP (gloo) when told `cpu=True`:
     without it each torchrun child would silently train alone on the whole batch."""
-    import os
-
     launched = any(int(os.environ.get(k, "1") or 1) > 1
                    for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
     gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
@@ -196,6 +195,13 @@ class Trainer:
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=_multi_process_cpu())
         self.progress_bar = progress_bar
         self.device = self.acc.device
+        self._determinism_before = (torch.are_deterministic_algorithms_enabled(),
+                                    torch.is_deterministic_algorithms_warn_only_enabled())
+        if cfg.deterministic:
+            # On a GPU cuDNN's convolutions and the attention backward pass may sum in another order
+            # each run; cuBLAS is reproducible only with this workspace setting, read when it starts.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)  # ops without such a kernel warn
         if self.device.type == "cpu":
             devices.reuse_freed_memory()  # no page faults on the large buffers every step makes
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
@@ -460,6 +466,8 @@ class Trainer:
         if self.world > 1:
             self.acc.wait_for_everyone()
         self.acc.end_training()
+        enabled, warn_only = self._determinism_before
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
     # -- logging and validation -------------------------------------------
 
