@@ -11,7 +11,11 @@ child process, alternating across rounds:
   sdlab      `UNet(PRESETS["sd15"])` + `sdlab.training.lora_network.LoRANetwork` (hooks) on the
              attention projections only (to_q, to_k, to_v, to_out.0), AdamW on the LoRA params;
              glibc told to reuse large freed blocks (`device.reuse_freed_memory`), as the
-             Trainer does on the CPU (`--plain-malloc` leaves that out)
+             Trainer does on the CPU (`--plain-malloc` leaves that out). What makes the
+             difference is in the model and LoRA code, not here: frozen layers keep less for
+             backward (models/layers.py), wide convolutions over small maps run as matrix
+             products, the 320-channel feed-forwards recompute their projection,
+             and each LoRA update is accumulated in place (lora_network._AddLowRank)
   diffusers  `UNet2DConditionModel` + PEFT `LoraConfig(r, lora_alpha, target_modules=[to_k, to_q,
              to_v, to_out.0])` via `unet.add_adapter`, AdamW on the trainable params
 

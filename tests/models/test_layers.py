@@ -1,5 +1,5 @@
 """The frozen-base training layers of `models/layers.py`: the same numbers as the plain ops,
-bit for bit, with less kept for backward."""
+bit for bit (the matmul convolution: to fp32 rounding), with less kept for backward."""
 
 import pytest
 import torch
@@ -74,6 +74,41 @@ def test_frozen_conv_under_autocast_matches_the_plain_layer():
         b = _grads(lambda t: F.conv2d(t, ours.weight, ours.bias, padding=1), x, [])
     assert a[0].dtype == torch.bfloat16 and a[1][0].dtype == torch.float32
     _same(a, b)
+
+
+@pytest.mark.parametrize("batch, stride, channels_last", [(1, 1, False), (2, 1, False), (2, 2, True)])
+def test_frozen_wide_conv_over_few_positions_runs_as_a_matmul(batch, stride, channels_last):
+    """A large kernel over a small feature map (SD 1.5's 1280-channel convs at 8x8) runs as
+    im2col + one GEMM while training: the same numbers as oneDNN's convolution up to fp32
+    summation order, the same layout out, and still nothing kept for backward."""
+    from sdlab.models import layers
+
+    torch.manual_seed(0)
+    conv = Conv2d(1024, 32, 3, stride=stride, padding=1).requires_grad_(False)
+    x = torch.randn(batch, 1024, 6, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert layers._conv_as_matmul_is_faster(x, conv.weight, conv.stride, conv.padding, conv.dilation, 1)
+    (out, (dx,)), (ref, (ref_dx,)) = _grads(conv, x, []), _grads(
+        lambda t: F.conv2d(t, conv.weight, conv.bias, stride, 1), x, [])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    assert layers.memory_format_of(out) == layers.memory_format_of(x) == layers.memory_format_of(dx)
+    xr = x.detach().requires_grad_()
+    assert _saved_bytes(lambda: conv(xr), *conv.parameters()) == 0
+
+
+def test_conv_as_matmul_only_where_it_is_faster():
+    from sdlab.models.layers import _conv_as_matmul_is_faster as faster
+
+    w = torch.zeros(8, 1280, 3, 3)
+    pad = ((1, 1), (1, 1), (1, 1))
+    assert faster(torch.zeros(1, 1280, 16, 16), w, *pad, 1)
+    assert not faster(torch.zeros(1, 1280, 32, 32), w, *pad, 1)  # many positions: oneDNN is faster
+    assert not faster(torch.zeros(1, 640, 8, 8), torch.zeros(8, 640, 3, 3), *pad, 1)  # a small kernel
+    assert not faster(torch.zeros(1, 1280, 8, 8, dtype=torch.bfloat16), w.bfloat16(), *pad, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not faster(torch.zeros(1, 1280, 8, 8), w, *pad, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -155,3 +190,44 @@ def test_convs_that_are_not_packed():
     half = Conv2d(32, 32, 3, padding=1).half().requires_grad_(False)
     assert not any(c.pack_for_cpu() for c in (trainable, grouped, narrow, same, half))
     assert pack_conv_weights(nn.Sequential(Conv2d(32, 32, 1), Conv2d(32, 32, 1).requires_grad_(False))) == 1
+
+
+# ---------------------------------------------------------------- the feed-forward that keeps only its input
+
+
+def _feed_forward(dim: int = 16):
+    from sdlab.models.unet import FeedForward
+
+    torch.manual_seed(0)
+    return FeedForward(dim).requires_grad_(False)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 16 * 2**20])  # 64-row slices (the least) / whole
+def test_frozen_feed_forward_keeps_only_its_input(monkeypatch, chunk_bytes):
+    from sdlab.models.unet import FeedForward
+
+    ff = _feed_forward()
+    monkeypatch.setattr(FeedForward, "RECOMPUTE_MAX_DIM", 16)
+    monkeypatch.setattr(FeedForward, "CHUNK_BYTES", chunk_bytes)
+    x = torch.randn(2, 75, 16)  # 150 rows: three slices of 64, 64 and 22
+    ours, plain = _grads(ff, x, []), _grads(ff.net, x, [])
+    for a, b in zip([ours[0], *ours[1]], [plain[0], *plain[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    xr = x.clone().requires_grad_()
+    assert _saved_bytes(lambda: ff(xr), *ff.parameters()) == x.nbytes
+    assert _saved_bytes(lambda: ff.net(xr), *ff.parameters()) == 8 * x.nbytes  # proj(x): 2 x 4 x dim
+
+
+def test_feed_forward_keeps_the_plain_path_where_recomputing_does_not_apply(monkeypatch):
+    from sdlab.models.unet import FeedForward
+
+    monkeypatch.setattr(FeedForward, "RECOMPUTE_MAX_DIM", 16)
+    x = torch.randn(1, 10, 16, requires_grad=True)
+    wide = _feed_forward(32)  # wider than RECOMPUTE_MAX_DIM (SD's 640 and 1280 blocks)
+    xw = torch.randn(1, 10, 32, requires_grad=True)
+    assert _saved_bytes(lambda: wide(xw), *wide.parameters()) == 8 * xw.nbytes
+    hooked = _feed_forward()  # a LoRA hook on a layer: the modules must run
+    hooked.net[2].register_forward_hook(lambda m, i, o: o)
+    trainable = _feed_forward().requires_grad_(True)  # fine-tuning
+    for ff in (hooked, trainable):
+        assert _saved_bytes(lambda: ff(x), *ff.parameters()) > x.nbytes

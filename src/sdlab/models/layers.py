@@ -89,12 +89,21 @@ class _FrozenConv2d(torch.autograd.Function):
         ctx.save_for_backward(weight)
         ctx.x_shape, ctx.conv = x.shape, (stride, padding, dilation, groups)
         ctx.x_format = memory_format_of(x)
+        ctx.as_matmul = _conv_as_matmul_is_faster(x, weight, stride, padding, dilation, groups)
+        if ctx.as_matmul:
+            return _conv2d_as_matmul(x, weight, bias, stride, padding, dilation)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         (weight,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
+        if ctx.as_matmul:
+            # The input gradient of a convolution is the weight's transpose times the output
+            # gradient, summed back over the kernel windows (col2im, F.fold).
+            cols = _batched_matmul(weight.flatten(1).t(), grad.flatten(2))
+            dx = F.fold(cols, ctx.x_shape[2:], weight.shape[2:], dilation, padding, stride)
+            return dx.contiguous(memory_format=ctx.x_format), None, None, None, None, None, None
         # The input gradient reads only the input's shape and layout, so an uninitialised stand-in
         # will do (never touched, so it costs no memory traffic). Not torch.nn.grad.conv2d_input's
         # expanded one-element tensor: convolution_backward would first copy that to full size.
@@ -103,6 +112,48 @@ class _FrozenConv2d(torch.autograd.Function):
         dx = torch.ops.aten.convolution_backward(grad, shape_only, weight.to(grad.dtype), None, stride, padding,
                                                  dilation, False, [0], groups, (True, False, False))[0]
         return dx, None, None, None, None, None, None
+
+
+# A convolution as a matrix product (im2col): on the CPU, oneDNN first reorders a plain weight into
+# its blocked layout, forward and backward, on every call. For a large kernel over few output
+# positions that copy costs more than the arithmetic: SD 1.5's 1280-channel 3x3 convolutions at 8x8
+# and 16x16 take 1.5-4x less time forward and up to 2.7x less backward as one GEMM on the weight as
+# it is (2-core Sapphire Rapids CPU, fp32). At 32x32 and above the convolution is faster again.
+# Inference packs its weights once instead (`Conv2d.pack_for_cpu`); this is for a frozen weight
+# while training, where the weight must stay plain for the backward. Not bit-identical to oneDNN
+# (another summation order): fp32 rounding differences, 1e-5 relative.
+_MATMUL_MAX_POSITIONS = 256  # output positions (H * W) per image
+_MATMUL_MIN_REDUCTION = 9 * 1024  # in_channels * kernel area
+
+
+def _conv_as_matmul_is_faster(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or groups != 1:
+        return False
+    if torch.is_autocast_enabled("cpu") or weight[0].numel() < _MATMUL_MIN_REDUCTION:
+        return False
+    positions = math.prod((size + 2 * p - d * (k - 1) - 1) // s + 1
+                          for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+    return positions <= _MATMUL_MAX_POSITIONS
+
+
+def _batched_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """`a @ b` for one matrix `a` and a batch `b` (N, K, M) as one matrix product: `a @ b` would
+    go through bmm and first copy `a` out to every batch entry (the whole weight, per image)."""
+    n, k, m = b.shape
+    if n == 1:
+        return (a @ b[0]).unsqueeze(0)
+    return (a @ b.transpose(0, 1).reshape(k, n * m)).view(-1, n, m).transpose(0, 1)
+
+
+def _conv2d_as_matmul(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
+    n, h = x.shape[0], x.shape[2]
+    cols = F.unfold(x, weight.shape[2:], dilation, padding, stride)  # (N, C*kh*kw, positions)
+    out = _batched_matmul(weight.flatten(1), cols)
+    if bias is not None:
+        out += bias[:, None]
+    kh, kw = weight.shape[2:]
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    return out.view(n, weight.shape[0], h_out, -1).contiguous(memory_format=memory_format_of(x))
 
 
 class Conv2d(nn.Conv2d):
@@ -259,6 +310,10 @@ class _GEGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (h,) = ctx.saved_tensors
+        return _GEGLU.backward_from(grad, h)
+
+    @staticmethod
+    def backward_from(grad: Tensor, h: Tensor) -> Tensor:
         x, gate = h.chunk(2, dim=-1)
         dh = torch.empty_like(h)
         dx, dgate = dh.chunk(2, dim=-1)
@@ -273,3 +328,52 @@ def geglu(h: Tensor) -> Tensor:
         return _GEGLU.apply(h)
     x, gate = h.chunk(2, dim=-1)
     return x * F.gelu(gate)
+
+
+class _FrozenGEGLUFeedForward(torch.autograd.Function):
+    """`out(geglu(proj(x)))` with both Linears frozen, keeping only `x` for backward.
+
+    Autograd would keep proj(x), eight times the size of x; the backward here computes it again
+    (two thirds of the feed-forward's forward FLOPs). Tokens go through in slices, so the
+    intermediates never exist at full size. Same kernels per slice as the plain modules."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, rows: int) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_empty(flat.shape[0], w2.shape[0])
+        for start in range(0, flat.shape[0], rows):
+            part = slice(start, start + rows)
+            gated = geglu(F.linear(flat[part], w1, b1))
+            if b2 is None:
+                torch.mm(gated, w2.t(), out=out[part])
+            else:
+                torch.addmm(b2, gated, w2.t(), out=out[part])
+        ctx.save_for_backward(x, w1, b1, w2)
+        ctx.rows = rows
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, w1, b1, w2 = ctx.saved_tensors
+        flat, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        dx = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], ctx.rows):
+            part = slice(start, start + ctx.rows)
+            h = F.linear(flat[part], w1, b1)
+            dh = _GEGLU.backward_from(flat_grad[part] @ w2, h)
+            del h
+            torch.mm(dh, w1, out=dx[part])
+        return dx.view(x.shape), None, None, None, None, None
+
+
+def frozen_geglu_feed_forward(x: Tensor, proj: nn.Linear, out: nn.Linear, rows: int) -> Tensor | None:
+    """`out(geglu(proj(x)))` keeping only x for backward (see `_FrozenGEGLUFeedForward`), or None
+    where that does not apply: no gradient wanted, trainable or hooked layers (LoRA), autocast."""
+    if not (torch.is_grad_enabled() and x.requires_grad) or torch.is_autocast_enabled(x.device.type):
+        return None
+    layers = (proj, out)
+    if any(p.requires_grad or p.dtype != x.dtype for m in layers for p in m.parameters()):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in layers):
+        return None
+    return _FrozenGEGLUFeedForward.apply(x, proj.weight, proj.bias, out.weight, out.bias, rows)

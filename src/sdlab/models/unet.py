@@ -21,6 +21,7 @@ from sdlab.models.layers import (
     Conv2d,
     GroupNorm32,
     attention,
+    frozen_geglu_feed_forward,
     geglu,
     group_norm_silu,
     memory_format_of,
@@ -308,6 +309,13 @@ class FeedForward(nn.Module):
     # Slices are served from memory freed by the previous ones, and the peak is smaller too. GPUs
     # reuse blocks through their caching allocator, and there one large GEMM beats several.
     CHUNK_BYTES = 16 * 2**20
+    # Training on the CPU with both layers frozen (a LoRA on the attention only, as diffusers'
+    # scripts train), blocks this narrow keep only their input for backward and compute the GEGLU
+    # projection again there (`frozen_geglu_feed_forward`): the projection is 8x the input's size
+    # and, per byte saved, cheapest to recompute where the blocks are narrow. At SD 1.x's 64x64
+    # level (320 channels, 512 px) that is 0.18 GiB less peak memory for 1% more step time; all
+    # levels would save 0.35 GiB for 5% more.
+    RECOMPUTE_MAX_DIM = 320
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
@@ -317,6 +325,10 @@ class FeedForward(nn.Module):
         proj = self.net[0].proj
         rows = x.numel() // x.shape[-1]
         chunk = max(64, self.CHUNK_BYTES // (proj.out_features * x.element_size()))
+        if torch.is_grad_enabled() and x.device.type == "cpu" and x.shape[-1] <= self.RECOMPUTE_MAX_DIM:
+            lean = frozen_geglu_feed_forward(x, proj, self.net[2], chunk)
+            if lean is not None:
+                return lean
         if torch.is_grad_enabled() or x.device.type != "cpu" or rows <= chunk:
             return self.net(x)
         flat = x.reshape(rows, x.shape[-1])

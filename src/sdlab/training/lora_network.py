@@ -56,7 +56,15 @@ class LoRAModule(nn.Module):
         return self.lora_up(h) * (self.scale * self.multiplier)
 
     def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        if isinstance(self.lora_up, nn.Linear):
+            h = self.dropout(self.lora_down(inputs[0].to(self.lora_down.weight.dtype)))
+            if h.dtype == output.dtype and output.is_contiguous():
+                return self._add_up(output, h)
+            return output + (self.lora_up(h) * (self.scale * self.multiplier)).to(output.dtype)
         return output + self.delta(inputs[0]).to(output.dtype)
+
+    def _add_up(self, output: Tensor, h: Tensor) -> Tensor:
+        return _AddLowRank.apply(output, h, self.lora_up.weight, self.scale * self.multiplier)
 
     @torch.no_grad()
     def merged_weight_delta(self) -> Tensor:
@@ -68,6 +76,40 @@ class LoRAModule(nn.Module):
             return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1) * self.scale
         # 3x3 down, 1x1 up: the product is a 3x3 kernel (kohya's merge)
         return torch.einsum("or,rikl->oikl", up.flatten(1), down) * self.scale
+
+
+class _AddLowRank(torch.autograd.Function):
+    """`out + (h @ up.T) * scale`, accumulated into `out` in place (a Linear LoRA's update).
+
+    Out of place, the update makes three full-size temporaries per layer (up's output, the scaled
+    copy, the sum); on the CPU the heap grows around such freed blocks while a training forward
+    keeps its activations (SD 1.5 LoRA at 512 px: 0.5 GiB less peak memory without them). In
+    place is safe: `out` is the base layer's fresh output, and a Linear keeps nothing of its
+    output for backward. A Function rather than `addmm_` on a reshaped view, which autograd
+    would follow with full-size gradient copies; this backward keeps to views and two matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, h: Tensor, up: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(h, up)
+        ctx.scale = scale
+        flat_out, flat_h, up_t = out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up.t().to(out.dtype)
+        if out._is_view():  # a Linear with a bias returns a view of its matmul: in place there costs a copy
+            return torch.addmm(flat_out, flat_h, up_t, alpha=scale).view(out.shape)
+        ctx.mark_dirty(out)
+        flat_out.addmm_(flat_h, up_t, alpha=scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        h, up = ctx.saved_tensors
+        flat_grad, flat_h = grad.reshape(-1, grad.shape[-1]), h.reshape(-1, h.shape[-1])
+        grad_h = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_h = (flat_grad @ up.to(grad.dtype)).mul_(ctx.scale).view(h.shape)
+        if ctx.needs_input_grad[2]:
+            grad_up = (flat_grad.t() @ flat_h).mul_(ctx.scale).to(up.dtype)
+        return grad, grad_h, grad_up, None
 
 
 def _unet_targets(unet: UNet, conv: bool) -> Iterator[tuple[str, nn.Module, bool]]:
