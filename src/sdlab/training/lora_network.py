@@ -59,12 +59,9 @@ class LoRAModule(nn.Module):
         if isinstance(self.lora_up, nn.Linear):
             h = self.dropout(self.lora_down(inputs[0].to(self.lora_down.weight.dtype)))
             if h.dtype == output.dtype and output.is_contiguous():
-                return self._add_up(output, h)
+                return _AddLowRank.apply(output, h, self.lora_up.weight, self.scale * self.multiplier)
             return output + (self.lora_up(h) * (self.scale * self.multiplier)).to(output.dtype)
         return output + self.delta(inputs[0]).to(output.dtype)
-
-    def _add_up(self, output: Tensor, h: Tensor) -> Tensor:
-        return _AddLowRank.apply(output, h, self.lora_up.weight, self.scale * self.multiplier)
 
     @torch.no_grad()
     def merged_weight_delta(self) -> Tensor:
