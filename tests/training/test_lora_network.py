@@ -59,3 +59,27 @@ def test_lora_hook_under_autocast_matches_the_unfused_update():
     assert ours[0].dtype == torch.bfloat16 and ours[2].dtype == ours[3].dtype == torch.float32
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_lora_gradients_are_the_same_with_gradient_checkpointing():
+    """The in-place update must survive the UNet's checkpointed blocks being run again in backward."""
+    from sdlab.training.lora_network import LoRANetwork
+    from tests.models.test_unet import TINY, inputs, random_unet
+
+    cfg = TINY["sd2-style"]
+    model = random_unet(cfg).train().requires_grad_(False)
+    torch.manual_seed(0)
+    lora = LoRANetwork(model, None, rank=4, alpha=4, conv_rank=2, conv_alpha=2)
+    for m in lora.loras.values():
+        nn.init.normal_(m.lora_up.weight, std=0.1)
+    lora.apply()
+    x, t, context = inputs(cfg)
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        lora.zero_grad()
+        model(x, t, context).square().mean().backward()
+        grads.append([p.grad.clone() for p in lora.parameters() if p.requires_grad])
+    assert len(grads[0]) == 2 * len(lora.loras) and all(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
