@@ -131,9 +131,12 @@ def _conv_as_matmul_is_faster(x: Tensor, weight: Tensor, stride, padding, dilati
         return False
     if torch.is_autocast_enabled("cpu") or weight[0].numel() < _MATMUL_MIN_REDUCTION:
         return False
-    positions = math.prod((size + 2 * p - d * (k - 1) - 1) // s + 1
-                          for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
-    return positions <= _MATMUL_MAX_POSITIONS
+    return math.prod(_conv_output_size(x, weight, stride, padding, dilation)) <= _MATMUL_MAX_POSITIONS
+
+
+def _conv_output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
 
 
 def _batched_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -146,14 +149,12 @@ def _batched_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _conv2d_as_matmul(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
-    n, h = x.shape[0], x.shape[2]
     cols = F.unfold(x, weight.shape[2:], dilation, padding, stride)  # (N, C*kh*kw, positions)
     out = _batched_matmul(weight.flatten(1), cols)
     if bias is not None:
         out += bias[:, None]
-    kh, kw = weight.shape[2:]
-    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    return out.view(n, weight.shape[0], h_out, -1).contiguous(memory_format=memory_format_of(x))
+    out = out.view(x.shape[0], weight.shape[0], *_conv_output_size(x, weight, stride, padding, dilation))
+    return out.contiguous(memory_format=memory_format_of(x))
 
 
 class Conv2d(nn.Conv2d):
@@ -369,11 +370,10 @@ class _FrozenGEGLUFeedForward(torch.autograd.Function):
 def frozen_geglu_feed_forward(x: Tensor, proj: nn.Linear, out: nn.Linear, rows: int) -> Tensor | None:
     """`out(geglu(proj(x)))` keeping only x for backward (see `_FrozenGEGLUFeedForward`), or None
     where that does not apply: no gradient wanted, trainable or hooked layers (LoRA), autocast."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or torch.is_autocast_enabled(x.device.type):
-        return None
     layers = (proj, out)
-    if any(p.requires_grad or p.dtype != x.dtype for m in layers for p in m.parameters()):
+    params = [p for m in layers for p in m.parameters()]
+    if not _needs_input_grad_only(x, *params) or torch.is_autocast_enabled(x.device.type):
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in layers):
+    if any(p.dtype != x.dtype for p in params) or any(m._forward_hooks or m._forward_pre_hooks for m in layers):
         return None
     return _FrozenGEGLUFeedForward.apply(x, proj.weight, proj.bias, out.weight, out.bias, rows)

@@ -325,7 +325,7 @@ class FeedForward(nn.Module):
         proj = self.net[0].proj
         rows = x.numel() // x.shape[-1]
         chunk = max(64, self.CHUNK_BYTES // (proj.out_features * x.element_size()))
-        if torch.is_grad_enabled() and x.device.type == "cpu" and x.shape[-1] <= self.RECOMPUTE_MAX_DIM:
+        if x.device.type == "cpu" and x.shape[-1] <= self.RECOMPUTE_MAX_DIM:
             lean = frozen_geglu_feed_forward(x, proj, self.net[2], chunk)
             if lean is not None:
                 return lean

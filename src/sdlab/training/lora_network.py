@@ -51,17 +51,19 @@ class LoRAModule(nn.Module):
         self.multiplier = 1.0
 
     def delta(self, x: Tensor) -> Tensor:
-        down = self.lora_down.weight
-        h = self.dropout(self.lora_down(x.to(down.dtype)))
+        return self._up(self._down(x))
+
+    def _down(self, x: Tensor) -> Tensor:
+        return self.dropout(self.lora_down(x.to(self.lora_down.weight.dtype)))
+
+    def _up(self, h: Tensor) -> Tensor:
         return self.lora_up(h) * (self.scale * self.multiplier)
 
     def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        if isinstance(self.lora_up, nn.Linear):
-            h = self.dropout(self.lora_down(inputs[0].to(self.lora_down.weight.dtype)))
-            if h.dtype == output.dtype and output.is_contiguous():
-                return _AddLowRank.apply(output, h, self.lora_up.weight, self.scale * self.multiplier)
-            return output + (self.lora_up(h) * (self.scale * self.multiplier)).to(output.dtype)
-        return output + self.delta(inputs[0]).to(output.dtype)
+        h = self._down(inputs[0])
+        if isinstance(self.lora_up, nn.Linear) and h.dtype == output.dtype and output.is_contiguous():
+            return _AddLowRank.apply(output, h, self.lora_up.weight, self.scale * self.multiplier)
+        return output + self._up(h).to(output.dtype)
 
     @torch.no_grad()
     def merged_weight_delta(self) -> Tensor:
