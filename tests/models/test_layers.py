@@ -1,5 +1,8 @@
 """The frozen-base training layers of `models/layers.py`: the same numbers as the plain ops,
-bit for bit (the matmul convolution: to fp32 rounding), with less kept for backward."""
+bit for bit (the matmul convolution and the flipped-conv input gradient: to fp32 rounding), with less kept for backward."""
+
+import contextlib
+import math
 
 import pytest
 import torch
@@ -76,26 +79,86 @@ def test_frozen_conv_under_autocast_matches_the_plain_layer():
     _same(a, b)
 
 
-@pytest.mark.parametrize("batch, stride, channels_last", [(1, 1, False), (2, 1, False), (2, 2, True)])
-def test_frozen_wide_conv_over_few_positions_runs_as_a_matmul(batch, stride, channels_last):
+@pytest.mark.parametrize("batch, size, stride, dilation, channels_last", [
+    (1, (6, 5), 1, 1, False),  # few positions: the product runs with the positions as rows
+    (2, (6, 5), 1, 1, False),
+    (2, (6, 5), 2, 1, True),
+    (1, (10, 9), 1, 1, False),  # more positions: the weight's rows as rows
+    (2, (11, 10), 2, 2, True),
+])
+def test_frozen_wide_conv_over_few_positions_runs_as_a_matmul(batch, size, stride, dilation, channels_last):
     """A large kernel over a small feature map (SD 1.5's 1280-channel convs at 8x8) runs as
     im2col + one GEMM while training: the same numbers as oneDNN's convolution up to fp32
     summation order, the same layout out, and still nothing kept for backward."""
     from sdlab.models import layers
 
     torch.manual_seed(0)
-    conv = Conv2d(1024, 32, 3, stride=stride, padding=1).requires_grad_(False)
-    x = torch.randn(batch, 1024, 6, 5)
+    conv = Conv2d(1024, 32, 3, stride=stride, padding=1, dilation=dilation).requires_grad_(False)
+    x = torch.randn(batch, 1024, *size)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     assert layers._conv_as_matmul_is_faster(x, conv.weight, conv.stride, conv.padding, conv.dilation, 1)
     (out, (dx,)), (ref, (ref_dx,)) = _grads(conv, x, []), _grads(
-        lambda t: F.conv2d(t, conv.weight, conv.bias, stride, 1), x, [])
+        lambda t: F.conv2d(t, conv.weight, conv.bias, stride, 1, dilation), x, [])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
     assert layers.memory_format_of(out) == layers.memory_format_of(x) == layers.memory_format_of(dx)
     xr = x.detach().requires_grad_()
     assert _saved_bytes(lambda: conv(xr), *conv.parameters()) == 0
+
+
+@pytest.mark.parametrize("padding, dilation, channels_last", [(1, 1, False), (2, 2, True), (0, 1, False)])
+def test_frozen_conv_input_grad_over_many_positions_as_a_flipped_conv(padding, dilation, channels_last):
+    """Over a large map (SD 1.5's 3x3 convs at 64x64) the input gradient is computed as a forward
+    convolution with the flipped, transposed weight: equal to the convolution's own gradient up
+    to fp32 summation order, in the input's layout."""
+    from sdlab.models import layers
+
+    torch.manual_seed(0)
+    conv = Conv2d(8, 16, 3, padding=padding, dilation=dilation).requires_grad_(False)
+    x = torch.randn(2, 8, 36, 34)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out_positions = math.prod(F.conv2d(x, conv.weight, padding=padding, dilation=dilation).shape[2:])
+    assert out_positions >= layers._FLIP_MIN_POSITIONS
+    (out, (dx,)), (ref, (ref_dx,)) = _grads(conv, x, []), _grads(
+        lambda t: F.conv2d(t, conv.weight, conv.bias, 1, padding, dilation), x, [])
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    assert layers.memory_format_of(dx) == layers.memory_format_of(x)
+
+
+def test_flipped_conv_only_where_it_is_faster():
+    from sdlab.models.layers import _flipped_conv_is_faster as faster
+
+    grad, w = torch.zeros(1, 320, 64, 64), torch.zeros(320, 320, 3, 3)
+    assert faster(grad, w, (1, 1), (1, 1), (1, 1), 1)
+    assert not faster(grad, w, (2, 2), (1, 1), (1, 1), 1)  # strided
+    assert not faster(grad, torch.zeros(320, 320, 1, 1), (1, 1), (0, 0), (1, 1), 1)  # 1x1: no gain
+    assert not faster(torch.zeros(1, 1280, 32, 32), torch.zeros(1280, 1280, 3, 3), (1, 1), (1, 1), (1, 1), 1)  # big weight
+    assert not faster(torch.zeros(1, 320, 16, 16), w, (1, 1), (1, 1), (1, 1), 1)  # a small map
+    assert not faster(grad.bfloat16(), w.bfloat16(), (1, 1), (1, 1), (1, 1), 1)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)), ((1, 1), (1, 1), (0, 0), (1, 1)),
+    ((3, 2), (2, 1), (0, 1), (2, 1)), ((4, 4), (2, 2), (1, 1), (1, 1)),
+])
+def test_im2col_and_col2im_equal_unfold_and_fold(kernel, stride, padding, dilation):
+    """The per-tap copies and sums give F.unfold's and F.fold's numbers exactly, with the columns
+    in either layout (channels or positions fastest)."""
+    from sdlab.models.layers import _col2im, _conv_output_size, _im2col
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 9, 8)
+    out_size = _conv_output_size(x, torch.empty(1, 5, *kernel), stride, padding, dilation)
+    cols = _im2col(x, kernel, out_size, stride, padding, dilation)
+    assert torch.equal(cols, F.unfold(x, kernel, dilation, padding, stride))
+    folded = F.fold(cols, x.shape[2:], kernel, dilation, padding, stride)
+    as_6d = cols.view(2, 5, *kernel, *out_size)
+    assert torch.equal(_col2im(as_6d, x.shape[2:], stride, padding, dilation), folded)
+    positions_fastest = as_6d.permute(0, 4, 5, 1, 2, 3).contiguous().permute(0, 3, 4, 5, 1, 2)
+    assert torch.equal(_col2im(positions_fastest, x.shape[2:], stride, padding, dilation), folded)
 
 
 def test_conv_as_matmul_only_where_it_is_faster():
@@ -231,3 +294,113 @@ def test_feed_forward_keeps_the_plain_path_where_recomputing_does_not_apply(monk
     trainable = _feed_forward().requires_grad_(True)  # fine-tuning
     for ff in (hooked, trainable):
         assert _saved_bytes(lambda: ff(x), *ff.parameters()) > x.nbytes
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_frozen_projections_between_pixels_and_tokens(bias):
+    """A transformer's frozen 1x1 proj_in / proj_out run as one product per image that writes the
+    other layout directly: the convolution's numbers up to fp32 summation order, nothing kept."""
+    from sdlab.models.layers import pixels_to_tokens, tokens_to_pixels
+
+    torch.manual_seed(0)
+    conv = Conv2d(16, 24, 1, bias=bias).requires_grad_(False)
+    x = torch.randn(2, 16, 5, 7)
+    (tokens, (dx,)), (ref, (ref_dx,)) = _grads(lambda t: pixels_to_tokens(t, conv), x, []), _grads(
+        lambda t: F.conv2d(t, conv.weight, conv.bias).flatten(2).transpose(1, 2), x, [])
+    torch.testing.assert_close(tokens, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    assert tokens.is_contiguous() and dx.is_contiguous()
+
+    back = Conv2d(24, 16, 1, bias=bias).requires_grad_(False)
+    t = torch.randn(2, 35, 24)
+    (pixels, (dt,)), (ref, (ref_dt,)) = _grads(
+        lambda t: tokens_to_pixels(t, back, (5, 7), torch.contiguous_format), t, []), _grads(
+        lambda t: F.conv2d(t.transpose(1, 2).reshape(2, 24, 5, 7), back.weight, back.bias), t, [])
+    torch.testing.assert_close(pixels, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dt, ref_dt, rtol=1e-5, atol=1e-5)
+    assert pixels.is_contiguous() and dt.is_contiguous()
+
+    xr, tr = x.requires_grad_(), t.requires_grad_()
+    assert _saved_bytes(lambda: pixels_to_tokens(xr, conv), *conv.parameters()) == 0
+    assert _saved_bytes(lambda: tokens_to_pixels(tr, back, (5, 7), torch.contiguous_format), *back.parameters()) == 0
+
+
+def test_projections_fall_back_to_the_module_where_the_product_does_not_apply():
+    """Hooked (a LoRA on proj_in), trainable, channels-last or gradient-free projections call the
+    module itself."""
+    from sdlab.models import layers
+
+    conv = Conv2d(16, 24, 1).requires_grad_(False)
+    x = torch.randn(1, 16, 4, 4, requires_grad=True)
+    assert layers._frozen_projection_as_matmul(x, conv)
+    assert not layers._frozen_projection_as_matmul(x.detach(), conv)
+    assert not layers._frozen_projection_as_matmul(x.contiguous(memory_format=torch.channels_last), conv)
+    calls = []
+    handle = conv.register_forward_hook(lambda *_: calls.append(1))
+    assert not layers._frozen_projection_as_matmul(x, conv)
+    layers.pixels_to_tokens(x, conv)
+    assert calls == [1]
+    handle.remove()
+    conv.requires_grad_(True)
+    assert not layers._frozen_projection_as_matmul(x, conv)
+    assert not layers._frozen_projection_as_matmul(x, Conv2d(16, 24, 3, padding=1).requires_grad_(False))
+
+
+def test_recomputed_for_backward_keeps_the_recipe_not_the_tensor():
+    """A LayerNorm's output read by three trainable Linears (a LoRA on q, k, v): with the norm
+    computed again in backward the output is not kept, the norm runs once more (not once per
+    reader), and every gradient is bit for bit the same."""
+    import weakref
+
+    from sdlab.models.layers import recomputed_for_backward
+
+    torch.manual_seed(0)
+    norm, readers = nn.LayerNorm(16), [nn.Linear(16, 4) for _ in range(3)]
+    x = torch.randn(2, 5, 16)
+    calls = []
+
+    def again():
+        calls.append(1)
+        return norm(xr)
+
+    def run(recompute: bool):
+        h = norm(xr)
+        with recomputed_for_backward(h, again) if recompute else contextlib.nullcontext():
+            # a view of h is what F.linear keeps for a 3-D input
+            out = sum(r(h).square().sum() for r in readers)
+        return out, weakref.ref(h)
+
+    grads = []
+    for recompute in (False, True):
+        xr = x.clone().requires_grad_()
+        for p in [*norm.parameters(), *(p for r in readers for p in r.parameters())]:
+            p.grad = None
+        out, h_ref = run(recompute)
+        assert (h_ref() is None) == recompute  # kept only without the recomputation
+        out.backward()
+        grads.append([xr.grad, *(p.grad for r in readers for p in r.parameters()), norm.weight.grad])
+    assert len(calls) == 1
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_recomputed_for_backward_stands_aside_inside_gradient_checkpointing():
+    """Saved-tensor hooks do not nest: inside a checkpointed block, ours would take the tensors
+    from the checkpoint's and keep them all. There it does nothing; the checkpoint recomputes."""
+    from torch.utils.checkpoint import checkpoint
+
+    from sdlab.models import layers
+
+    norm, reader = nn.LayerNorm(8), nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    calls = []
+
+    def block(x):
+        assert layers._saved_tensors_hooks_active()
+        h = norm(x)
+        with layers.recomputed_for_backward(h, lambda: calls.append(1) or norm(x)):
+            return reader(h).sum()
+
+    assert not layers._saved_tensors_hooks_active()
+    checkpoint(block, x, use_reentrant=False).backward()
+    assert calls == [] and x.grad is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sdlab.training.lora_network import LoRAModule
@@ -83,3 +84,52 @@ def test_lora_gradients_are_the_same_with_gradient_checkpointing():
     assert len(grads[0]) == 2 * len(lora.loras) and all(g.abs().sum() > 0 for g in grads[0])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("conv_path", ["as configured", "every conv as a matmul", "every input gradient as a flipped conv"])
+def test_lora_training_gradients_match_diffusers_and_peft(monkeypatch, conv_path):
+    """One LoRA training step's loss and LoRA gradients on an SD 1.x-style UNet equal diffusers'
+    UNet2DConditionModel with the same LoRA through PEFT (as its train_text_to_image_lora.py),
+    through every frozen-base shortcut the training forward takes: the convolutions that keep
+    nothing, the transformer's projections as one product, the norms computed again for the
+    LoRA, the lean feed-forward. The tiny sizes would not reach the thresholds of the matmul and
+    flipped-weight convolutions, so two runs lower them to cover those paths too."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    from sdlab.models import layers
+    from sdlab.training.lora_network import LoRANetwork
+    from tests.models.test_unet import TINY, diffusers_twin, inputs, random_unet
+
+    if conv_path == "every conv as a matmul":
+        monkeypatch.setattr(layers, "_MATMUL_MIN_REDUCTION", 1)
+        monkeypatch.setattr(layers, "_MATMUL_MAX_POSITIONS", 10**9)
+    elif conv_path == "every input gradient as a flipped conv":
+        monkeypatch.setattr(layers, "_FLIP_MIN_POSITIONS", 1)
+    model = random_unet(TINY["sd1-style"]).train().requires_grad_(False)
+    reference = diffusers_twin(model).train().requires_grad_(False)
+    torch.manual_seed(0)
+    lora = LoRANetwork(model, None, rank=4, alpha=4, only=r"attn[12]_to_(q|k|v|out_0)$")
+    reference.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    pairs = []
+    for name, module in reference.named_modules():
+        if hasattr(module, "lora_A"):
+            ours = lora.loras["lora_unet_" + name.replace(".", "_")]
+            nn.init.normal_(ours.lora_up.weight, std=0.1)
+            module.lora_A["default"].weight.data.copy_(ours.lora_down.weight)
+            module.lora_B["default"].weight.data.copy_(ours.lora_up.weight)
+            pairs.append((ours, module))
+    assert len(pairs) == len(lora.loras) > 0
+    lora.apply()
+    x, t, context = inputs(model.cfg)
+    x = x.requires_grad_(False)
+    target = torch.randn_like(x)
+    loss = F.mse_loss(model(x, t, context), target)
+    loss.backward()
+    reference_loss = F.mse_loss(reference(x, t, context).sample, target)
+    reference_loss.backward()
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    for ours, theirs in pairs:
+        assert ours.lora_down.weight.grad.abs().sum() > 0
+        torch.testing.assert_close(ours.lora_down.weight.grad, theirs.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours.lora_up.weight.grad, theirs.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
