@@ -116,7 +116,7 @@ def test_frozen_conv_input_grad_over_many_positions_as_a_flipped_conv(padding, d
 
     torch.manual_seed(0)
     conv = Conv2d(8, 16, 3, padding=padding, dilation=dilation).requires_grad_(False)
-    x = torch.randn(2, 8, 36, 34)
+    x = torch.randn(2, 8, 68, 66)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     out_positions = math.prod(F.conv2d(x, conv.weight, padding=padding, dilation=dilation).shape[2:])
@@ -135,8 +135,8 @@ def test_flipped_conv_only_where_it_is_faster():
     assert faster(grad, w, (1, 1), (1, 1), (1, 1), 1)
     assert not faster(grad, w, (2, 2), (1, 1), (1, 1), 1)  # strided
     assert not faster(grad, torch.zeros(320, 320, 1, 1), (1, 1), (0, 0), (1, 1), 1)  # 1x1: no gain
-    assert not faster(torch.zeros(1, 1280, 32, 32), torch.zeros(1280, 1280, 3, 3), (1, 1), (1, 1), (1, 1), 1)  # big weight
-    assert not faster(torch.zeros(1, 320, 16, 16), w, (1, 1), (1, 1), (1, 1), 1)  # a small map
+    assert not faster(torch.zeros(1, 1280, 64, 64), torch.zeros(1280, 1280, 3, 3), (1, 1), (1, 1), (1, 1), 1)  # big weight
+    assert not faster(torch.zeros(1, 320, 32, 32), w, (1, 1), (1, 1), (1, 1), 1)  # a smaller map
     assert not faster(grad.bfloat16(), w.bfloat16(), (1, 1), (1, 1), (1, 1), 1)
 
 
