@@ -14,8 +14,11 @@ child process, alternating across rounds:
              Trainer does on the CPU (`--plain-malloc` leaves that out). What makes the
              difference is in the model and LoRA code, not here: frozen layers keep less for
              backward (models/layers.py), wide convolutions over small maps run as matrix
-             products, the 320-channel feed-forwards recompute their projection,
-             and each LoRA update is accumulated in place (lora_network._AddLowRank)
+             products, 64x64 input gradients as forward convolutions with the flipped weight,
+             the transformers' 1x1 projections go straight between pixels and tokens, the
+             LayerNorm outputs the LoRAs read are computed again in backward rather than kept,
+             the 320-channel feed-forwards recompute their projection, and each LoRA update is
+             accumulated in place (lora_network._AddLowRank)
   diffusers  `UNet2DConditionModel` + PEFT `LoraConfig(r, lora_alpha, target_modules=[to_k, to_q,
              to_v, to_out.0])` via `unet.add_adapter`, AdamW on the trainable params
 

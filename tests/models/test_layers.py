@@ -161,6 +161,26 @@ def test_im2col_and_col2im_equal_unfold_and_fold(kernel, stride, padding, dilati
     assert torch.equal(_col2im(positions_fastest, x.shape[2:], stride, padding, dilation), folded)
 
 
+@pytest.mark.parametrize("batch, size, channels_last", [(1, (8, 8), False), (2, (12, 9), False), (2, (12, 9), True)])
+def test_frozen_pointwise_conv_runs_as_a_matmul(batch, size, channels_last):
+    """A frozen 1x1 convolution (a ResBlock's skip projection) is a matrix product at any size:
+    the convolution's numbers up to fp32 summation order, the input's layout, nothing kept."""
+    from sdlab.models import layers
+
+    torch.manual_seed(0)
+    conv = Conv2d(16, 24, 1).requires_grad_(False)
+    x = torch.randn(batch, 16, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert layers._conv_as_matmul_is_faster(x, conv.weight, conv.stride, conv.padding, conv.dilation, 1)
+    (out, (dx,)), (ref, (ref_dx,)) = _grads(conv, x, []), _grads(lambda t: F.conv2d(t, conv.weight, conv.bias), x, [])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    assert layers.memory_format_of(out) == layers.memory_format_of(x) == layers.memory_format_of(dx)
+    xr = x.detach().requires_grad_()
+    assert _saved_bytes(lambda: conv(xr), *conv.parameters()) == 0
+
+
 def test_conv_as_matmul_only_where_it_is_faster():
     from sdlab.models.layers import _conv_as_matmul_is_faster as faster
 
@@ -168,6 +188,8 @@ def test_conv_as_matmul_only_where_it_is_faster():
     pad = ((1, 1), (1, 1), (1, 1))
     assert faster(torch.zeros(1, 1280, 16, 16), w, *pad, 1)
     assert not faster(torch.zeros(1, 1280, 32, 32), w, *pad, 1)  # many positions: oneDNN is faster
+    assert faster(torch.zeros(1, 320, 64, 64), torch.zeros(8, 320, 1, 1), (1, 1), (0, 0), (1, 1), 1)  # 1x1: always
+    assert not faster(torch.zeros(1, 320, 64, 64), torch.zeros(8, 320, 1, 1), (2, 2), (0, 0), (1, 1), 1)
     assert not faster(torch.zeros(1, 640, 8, 8), torch.zeros(8, 640, 3, 3), *pad, 1)  # a small kernel
     assert not faster(torch.zeros(1, 1280, 8, 8, dtype=torch.bfloat16), w.bfloat16(), *pad, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
