@@ -9,18 +9,20 @@ temporary folder: as a diffusers folder (`write_diffusers_folder`, for
 child process, alternating across rounds:
 
   sdlab      `UNet(PRESETS["sd15"])` + `sdlab.training.lora_network.LoRANetwork` (hooks) on the
-             attention projections only (to_q, to_k, to_v, to_out.0), AdamW on the LoRA params;
+             attention projections only (to_q, to_k, to_v, to_out.0), the trainer's AdamW
+             (`trainer.adamw`, PyTorch's fused kernel) on the LoRA params;
              glibc told to reuse large freed blocks (`device.reuse_freed_memory`), as the
              Trainer does on the CPU (`--plain-malloc` leaves that out). What makes the
              difference is in the model and LoRA code, not here: frozen layers keep less for
-             backward (models/layers.py), wide convolutions over small maps run as matrix
-             products, 64x64 input gradients as forward convolutions with the flipped weight,
+             backward (models/layers.py), wide convolutions over small maps and all 1x1
+             convolutions run as matrix products, 64x64 input gradients as forward convolutions with the flipped weight,
              the transformers' 1x1 projections go straight between pixels and tokens, the
              LayerNorm outputs the LoRAs read are computed again in backward rather than kept,
              the 320-channel feed-forwards recompute their projection, and each LoRA update is
              accumulated in place (lora_network._AddLowRank)
   diffusers  `UNet2DConditionModel` + PEFT `LoraConfig(r, lora_alpha, target_modules=[to_k, to_q,
-             to_v, to_out.0])` via `unet.add_adapter`, AdamW on the trainable params
+             to_v, to_out.0])` via `unet.add_adapter`, torch.optim.AdamW on the trainable params
+             (as its script)
 
 Both: the same rank and alpha, batch 1, the same dtype, gradient checkpointing off, the same
 precomputed random latents / text context / timesteps / target, so only UNet forward +
@@ -73,6 +75,7 @@ def child_sdlab(args) -> None:
     from sdlab import device as devices
     from sdlab.models.unet import PRESETS, UNet
     from sdlab.training.lora_network import LoRANetwork
+    from sdlab.training.trainer import adamw
 
     if not args.plain_malloc:
         devices.reuse_freed_memory()  # as the Trainer does on the CPU
@@ -86,7 +89,7 @@ def child_sdlab(args) -> None:
     lora = LoRANetwork(unet, None, args.rank, args.rank, only=r"attn[12]_to_(q|k|v|out_0)$").to(dtype)
     lora.apply()
     params = [p for p in lora.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = adamw(params, lr=1e-4)  # the trainer's: PyTorch's fused kernel
     x, t, ctx, target = _inputs(args.size, dtype)
 
     def step():
