@@ -426,3 +426,17 @@ def test_recomputed_for_backward_stands_aside_inside_gradient_checkpointing():
     assert not layers._saved_tensors_hooks_active()
     checkpoint(block, x, use_reentrant=False).backward()
     assert calls == [] and x.grad is not None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_nearest_2x_equals_interpolate(channels_last):
+    from sdlab.models.layers import memory_format_of, upsample_nearest_2x
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    (out, (dx,)), (ref, (ref_dx,)) = _grads(upsample_nearest_2x, x, []), _grads(
+        lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest"), x, [])
+    assert torch.equal(out, ref) and memory_format_of(out) == memory_format_of(x)
+    assert torch.equal(dx, ref_dx)

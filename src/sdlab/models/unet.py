@@ -29,6 +29,7 @@ from sdlab.models.layers import (
     recomputed_for_backward,
     timestep_embedding,
     tokens_to_pixels,
+    upsample_nearest_2x,
 )
 
 
@@ -271,7 +272,9 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
         # Upsampling to the skip's size (not a plain x2) lets latents of any size through, e.g.
         # 9 -> 5 -> 9 where x2 would give 10; for even sizes the two are the same.
-        if size is None:
+        if x.device.type == "cpu" and (size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3])):
+            x = upsample_nearest_2x(x)
+        elif size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=tuple(size), mode="nearest")
