@@ -90,16 +90,23 @@ def test_frozen_wide_conv_over_few_positions_runs_as_a_matmul(batch, size, strid
     """A large kernel over a small feature map (SD 1.5's 1280-channel convs at 8x8) runs as
     im2col + one GEMM while training: the same numbers as oneDNN's convolution up to fp32
     summation order, the same layout out, and still nothing kept for backward."""
+    torch.manual_seed(0)
+    _check_conv_as_matmul(Conv2d(1024, 32, 3, stride=stride, padding=1, dilation=dilation), (batch, 1024, *size),
+                          channels_last)
+
+
+def _check_conv_as_matmul(conv: Conv2d, shape, channels_last: bool) -> None:
+    """The frozen `conv` takes the matmul path and gives F.conv2d's output and input gradient (to fp32
+    rounding), in the input's layout, keeping nothing for backward."""
     from sdlab.models import layers
 
-    torch.manual_seed(0)
-    conv = Conv2d(1024, 32, 3, stride=stride, padding=1, dilation=dilation).requires_grad_(False)
-    x = torch.randn(batch, 1024, *size)
+    conv.requires_grad_(False)
+    x = torch.randn(shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     assert layers._conv_as_matmul_is_faster(x, conv.weight, conv.stride, conv.padding, conv.dilation, 1)
     (out, (dx,)), (ref, (ref_dx,)) = _grads(conv, x, []), _grads(
-        lambda t: F.conv2d(t, conv.weight, conv.bias, stride, 1, dilation), x, [])
+        lambda t: F.conv2d(t, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation), x, [])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
     assert layers.memory_format_of(out) == layers.memory_format_of(x) == layers.memory_format_of(dx)
@@ -165,20 +172,8 @@ def test_im2col_and_col2im_equal_unfold_and_fold(kernel, stride, padding, dilati
 def test_frozen_pointwise_conv_runs_as_a_matmul(batch, size, channels_last):
     """A frozen 1x1 convolution (a ResBlock's skip projection) is a matrix product at any size:
     the convolution's numbers up to fp32 summation order, the input's layout, nothing kept."""
-    from sdlab.models import layers
-
     torch.manual_seed(0)
-    conv = Conv2d(16, 24, 1).requires_grad_(False)
-    x = torch.randn(batch, 16, *size)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    assert layers._conv_as_matmul_is_faster(x, conv.weight, conv.stride, conv.padding, conv.dilation, 1)
-    (out, (dx,)), (ref, (ref_dx,)) = _grads(conv, x, []), _grads(lambda t: F.conv2d(t, conv.weight, conv.bias), x, [])
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
-    assert layers.memory_format_of(out) == layers.memory_format_of(x) == layers.memory_format_of(dx)
-    xr = x.detach().requires_grad_()
-    assert _saved_bytes(lambda: conv(xr), *conv.parameters()) == 0
+    _check_conv_as_matmul(Conv2d(16, 24, 1), (batch, 16, *size), channels_last)
 
 
 def test_conv_as_matmul_only_where_it_is_faster():

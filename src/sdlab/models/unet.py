@@ -335,10 +335,10 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         proj = self.net[0].proj
         rows = x.numel() // x.shape[-1]
-        chunk = max(64, self.CHUNK_BYTES // (proj.out_features * x.element_size()))
+        row_bytes = proj.out_features * x.element_size()  # of the GEGLU intermediate
+        chunk = max(64, self.CHUNK_BYTES // row_bytes)
         if x.device.type == "cpu" and x.shape[-1] <= self.RECOMPUTE_MAX_DIM:
-            lean_chunk = max(64, self.RECOMPUTE_CHUNK_BYTES // (proj.out_features * x.element_size()))
-            lean = frozen_geglu_feed_forward(x, proj, self.net[2], lean_chunk)
+            lean = frozen_geglu_feed_forward(x, proj, self.net[2], max(64, self.RECOMPUTE_CHUNK_BYTES // row_bytes))
             if lean is not None:
                 return lean
         if torch.is_grad_enabled() or x.device.type != "cpu" or rows <= chunk:
