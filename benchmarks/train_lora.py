@@ -26,7 +26,9 @@ child process, alternating across rounds:
 
 Both: the same rank and alpha, batch 1, the same dtype, gradient checkpointing off, the same
 precomputed random latents / text context / timesteps / target, so only UNet forward +
-backward + optimizer step is timed (median over `--steps` after `--warmup`). Peak RSS is the
+backward + optimizer step is timed (median over `--steps` after `--warmup`). The table gives
+each side's best round and, below it, the median over rounds of the two sides' ratio within
+a round (a shared slow spell cancels there). Peak RSS is the
 child's lifetime peak (weights, activations, optimizer state); "train peak" is the high-water
 mark from just before the first step. Run by hand, not by pytest; a few minutes on a CPU.
 """
@@ -184,11 +186,18 @@ def main() -> None:
             return min(statistics.median(r["times"]) for r in results[who])
         return min(r[key] for r in results[who])
 
+    # The rounds ran back to back, so a round's two medians saw the same machine: their ratio is
+    # steadier than the ratio of the best rounds, which favours the side whose times vary more.
+    paired = [statistics.median(ours["times"]) / statistics.median(theirs["times"])
+              for ours, theirs in zip(results["sdlab"], results["diffusers"])]
+    print("step time ratio per round (sdlab / diffusers): " + " / ".join(f"{r:.2f}" for r in paired))
     rows = []
     for label, key, fmt in (("step time (median)", "time", fmt_seconds), ("peak RSS, whole child", "peak", fmt_bytes),
                             ("peak RSS, training steps", "train_peak", fmt_bytes)):
         ours, theirs = best("sdlab", key), best("diffusers", key)
         rows.append([label, fmt(ours), fmt(theirs), fmt_ratio(ours, theirs)])
+        if key == "time":
+            rows.append(["step time, median of round ratios", "", "", f"{statistics.median(paired):.2f}x"])
     rows.append(["LoRA modules / params", f"{results['sdlab'][0]['modules']} / {results['sdlab'][0]['lora_params']:,}",
                  f"{results['diffusers'][0]['modules']} / {results['diffusers'][0]['lora_params']:,}", ""])
     print_table(["", "sdlab", "diffusers", "sdlab / diffusers"], rows,
