@@ -253,6 +253,42 @@ def test_lora_loads_in_diffusers_like_merging(tmp_path, shapes, base_model):
     assert (theirs - ours).abs().max() < 1e-4  # ...and the same thing in both
 
 
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one mixed-precision setting per process: start and leave this test's own."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_lora_mixed_precision_keeps_the_frozen_base_in_that_dtype(tmp_path, shapes, base_model, fresh_accelerate):
+    """As diffusers' and kohya's LoRA scripts: the frozen UNet and text encoder in bf16, the LoRA in fp32,
+    the VAE as loaded. The step's loss is autocast's with the fp32 base to bf16 rounding (autocast casts
+    the matrix products' weights to the same values; the norms and embeddings see rounded weights)."""
+    cfg = config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", steps=2, mixed_precision="'bf16'",
+                 **{"lora.rank": 4, "lora.alpha": 4, "lora.train_text_encoder": "true",
+                    "validation.prompts": "['a red circle']", "validation.steps": 2})
+    t = trainer(cfg)
+    b = t.bundle
+    assert {p.dtype for net in (b.unet, *b.text_encoders) for p in net.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in b.vae.parameters()} == {torch.float32}
+    assert {p.dtype for p in t.lora.parameters()} == {torch.float32}
+    loss = t.train_step(t._global_batches())
+
+    reference = trainer(cfg)  # the same run with the base left in fp32: autocast casts per op
+    for net in (reference.bundle.unet, *reference.bundle.text_encoders):
+        net.float()
+    reference_loss = reference.train_step(reference._global_batches())
+    assert loss == pytest.approx(reference_loss, rel=2e-3)  # a bf16 rounding step is 2 ** -9 = 2e-3
+    ups = [p for n, p in t.lora.named_parameters() if n.endswith("lora_up.weight")]
+    assert all(p.dtype == torch.float32 for p in ups) and any(p.abs().sum() > 0 for p in ups)  # trained off zero
+    with safe_open(t.train(), "pt") as f:  # the rest of the run, and the saved LoRA
+        assert len(f.keys()) == 3 * len(t.lora.loras)
+    assert len(t.validate()) == 1  # sampling with the bf16 base and the fp32 LoRA (a failure gives none)
+
+
 def test_trained_lora_tag_matches_diffusers_images(tmp_path, shapes):
     """A LoRA (UNet with LoCon + text encoder) from our trainer, used as `<lora:trained:1>` in our pipeline,
     gives diffusers' images (`load_lora_weights` + `fuse_lora`) to 1/255."""

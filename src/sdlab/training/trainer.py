@@ -272,6 +272,7 @@ class Trainer:
             if cfg.mode == "lora":
                 from .lora_network import LoRANetwork
 
+                self._frozen_base_in_mixed_precision()
                 lc = cfg.lora
                 if self.lora is None:
                     self.lora = LoRANetwork(b.unet if lc.train_unet else None, te if lc.train_text_encoder else None,
@@ -300,6 +301,18 @@ class Trainer:
         self.module, self.optimizer = self.acc.prepare(module, self.optimizer)
         if phase == "diffusion" and cfg.ema_decay:
             self.ema = {str(i): p.detach().float().clone() for i, p in enumerate(self.trained)}
+
+    def _frozen_base_in_mixed_precision(self) -> None:
+        """Under mixed precision, keep a LoRA's frozen UNet and text encoders in that dtype, as
+        diffusers' and kohya's LoRA scripts do. In fp32, autocast casts every weight again in every
+        forward and keeps the copies for backward: the same numbers for the matrix products, but
+        SD 1.5 at 512 px peaks at 5.2 instead of 3.0 GiB and steps 12% slower (bf16, 2-core CPU).
+        The norms and embeddings then compute from rounded weights too (bf16 rounding). The LoRA
+        itself stays fp32 and the VAE as loaded (it only encodes, and SD's VAE overflows in fp16)."""
+        dtype = SAVE_DTYPES.get(self.cfg.mixed_precision)
+        if dtype is not None:
+            for net in (self.bundle.unet, *self.bundle.text_encoders):
+                net.to(dtype)
 
     def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         cfg = self.cfg
