@@ -27,10 +27,10 @@ child process, alternating across rounds:
 Both: the same rank and alpha, batch 1, the same dtype, gradient checkpointing off, the same
 precomputed random latents / text context / timesteps / target, so only UNet forward +
 backward + optimizer step is timed (median over `--steps` after `--warmup`). The table gives
-each side's best round and, below it, the median over rounds of the two sides' ratio within
-a round (a shared slow spell cancels there). Peak RSS is the
-child's lifetime peak (weights, activations, optimizer state); "train peak" is the high-water
-mark from just before the first step. Run by hand, not by pytest; a few minutes on a CPU.
+each side's best round and, below it, the median over rounds of the two sides' ratio within a
+round (a shared slow spell cancels there). Peak RSS is the child's lifetime peak (weights,
+activations, optimizer state); "train peak" is the high-water mark from just before the first
+step. Run by hand, not by pytest; a few minutes on a CPU.
 """
 
 from __future__ import annotations
