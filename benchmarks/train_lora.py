@@ -1,7 +1,8 @@
 """LoRA training step time and peak memory on an SD 1.5-shaped UNet: sdlab's trainer pieces
 against the diffusers `train_text_to_image_lora.py` loop.
 
-    python benchmarks/train_lora.py [--rank 16] [--size 512] [--warmup 1] [--steps 3] [--repeat 1] [--dtype fp32|bf16]
+    python benchmarks/train_lora.py [--rank 16] [--size 512] [--warmup 1] [--steps 3] [--repeat 1]
+                                    [--dtype fp32|bf16|mixed-bf16]
 
 The parent builds one random SD 1.5 model (`new_bundle`) and writes its UNet twice to a
 temporary folder: as a diffusers folder (`write_diffusers_folder`, for
@@ -24,6 +25,9 @@ child process, alternating across rounds:
              to_v, to_out.0])` via `unet.add_adapter`, torch.optim.AdamW on the trainable params
              (as its script)
 
+`--dtype mixed-bf16` is the scripts' `--mixed_precision bf16`: the frozen UNet in bf16, the LoRA
+in fp32 (diffusers' `cast_training_params`), forward under bf16 autocast; as the Trainer does.
+
 Both: the same rank and alpha, batch 1, the same dtype, gradient checkpointing off, the same
 precomputed random latents / text context / timesteps / target, so only UNet forward +
 backward + optimizer step is timed (median over `--steps` after `--warmup`). The table gives
@@ -45,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (emit, fmt_bytes, fmt_ratio, fmt_seconds, memory, print_table, reset_peak_rss,  # noqa: E402
                      run_child, Stopwatch)
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "mixed-bf16": "bfloat16"}
 
 
 def _inputs(size: int, dtype):
@@ -81,21 +85,23 @@ def child_sdlab(args) -> None:
 
     if not args.plain_malloc:
         devices.reuse_freed_memory()  # as the Trainer does on the CPU
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype, mixed = getattr(torch, DTYPES[args.dtype]), args.dtype.startswith("mixed")
     with torch.device("meta"):
         unet = UNet(PRESETS["sd15"])
     unet.load_state_dict(load_file(args.folder / "unet-native.safetensors"), assign=True)
     unet.to(dtype).requires_grad_(False).train()
     unet.gradient_checkpointing = False
     torch.manual_seed(0)
-    lora = LoRANetwork(unet, None, args.rank, args.rank, only=r"attn[12]_to_(q|k|v|out_0)$").to(dtype)
+    lora = LoRANetwork(unet, None, args.rank, args.rank, only=r"attn[12]_to_(q|k|v|out_0)$")
+    lora.to(torch.float32 if mixed else dtype)
     lora.apply()
     params = [p for p in lora.parameters() if p.requires_grad]
     opt = adamw(params, lr=1e-4)  # the trainer's: PyTorch's fused kernel
     x, t, ctx, target = _inputs(args.size, dtype)
 
     def step():
-        pred = unet(x, t.float(), ctx)
+        with torch.autocast("cpu", dtype, enabled=mixed):
+            pred = unet(x, t.float(), ctx)
         F.mse_loss(pred.float(), target.float()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -111,18 +117,22 @@ def child_diffusers(args) -> None:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype, mixed = getattr(torch, DTYPES[args.dtype]), args.dtype.startswith("mixed")
     unet = UNet2DConditionModel.from_pretrained(args.folder / "unet", torch_dtype=dtype)
     unet.requires_grad_(False).train()
     torch.manual_seed(0)
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
+    if mixed:  # the script's cast_training_params: the LoRA trains in fp32
+        for p in params:
+            p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
     x, t, ctx, target = _inputs(args.size, dtype)
 
     def step():
-        pred = unet(x, t, ctx, return_dict=False)[0]
+        with torch.autocast("cpu", dtype, enabled=mixed):
+            pred = unet(x, t, ctx, return_dict=False)[0]
         F.mse_loss(pred.float(), target.float()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
