@@ -124,7 +124,7 @@ def child_diffusers(args) -> None:
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
-    if mixed:  # the script's cast_training_params: the LoRA trains in fp32
+    if mixed:  # the LoRA trains in fp32, as ours (diffusers' `cast_training_params`)
         for p in params:
             p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
