@@ -52,6 +52,13 @@ from _common import (emit, fmt_bytes, fmt_ratio, fmt_seconds, memory, print_tabl
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "mixed-bf16": "bfloat16"}
 
 
+def _precision(args):
+    """(dtype of the base and the inputs, whether the forward runs under autocast)."""
+    import torch
+
+    return getattr(torch, DTYPES[args.dtype]), args.dtype.startswith("mixed")
+
+
 def _inputs(size: int, dtype):
     import torch
 
@@ -85,7 +92,7 @@ def child_sdlab(args) -> None:
 
     if not args.plain_malloc:
         devices.reuse_freed_memory()  # as the Trainer does on the CPU
-    dtype, mixed = getattr(torch, DTYPES[args.dtype]), args.dtype.startswith("mixed")
+    dtype, mixed = _precision(args)
     with torch.device("meta"):
         unet = UNet(PRESETS["sd15"])
     unet.load_state_dict(load_file(args.folder / "unet-native.safetensors"), assign=True)
@@ -117,7 +124,7 @@ def child_diffusers(args) -> None:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    dtype, mixed = getattr(torch, DTYPES[args.dtype]), args.dtype.startswith("mixed")
+    dtype, mixed = _precision(args)
     unet = UNet2DConditionModel.from_pretrained(args.folder / "unet", torch_dtype=dtype)
     unet.requires_grad_(False).train()
     torch.manual_seed(0)

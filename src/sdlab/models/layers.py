@@ -244,7 +244,7 @@ def _conv_as_matmul_is_faster(x: Tensor, weight: Tensor, stride, padding, dilati
 
 def _is_pointwise(weight: Tensor, stride, padding) -> bool:
     """A 1x1 convolution without stride or padding: a matrix product at every position."""
-    return weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+    return weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and (padding == "valid" or tuple(padding) == (0, 0))
 
 
 def _conv_output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
@@ -628,8 +628,8 @@ class _TokensToPixels(torch.autograd.Function):
 def _frozen_projection_as_matmul(x: Tensor, conv: Conv2d) -> bool:
     return (x.device.type == "cpu" and x.is_contiguous() and not torch.is_autocast_enabled("cpu")
             and _needs_input_grad_only(x, conv.weight, conv.bias) and not conv.packed and x.dtype == conv.weight.dtype
-            and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
-            and conv.groups == 1 and not (conv._forward_hooks or conv._forward_pre_hooks))
+            and _is_pointwise(conv.weight, conv.stride, conv.padding) and conv.groups == 1
+            and not (conv._forward_hooks or conv._forward_pre_hooks))
 
 
 def pixels_to_tokens(x: Tensor, conv: Conv2d) -> Tensor:
