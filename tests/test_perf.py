@@ -13,6 +13,7 @@ from torch import nn
 from sdlab import device as devices
 from sdlab import perf
 from sdlab.checkpoints.loader import load_bundle
+from sdlab.errors import SdlabError
 from sdlab.models.layers import GroupNorm32, cpu_packing_supported
 from sdlab.models.vae import AutoencoderKL, VAEConfig, should_tile
 from sdlab.pipeline import GenerationRequest, Pipeline
@@ -52,6 +53,13 @@ def test_best_cpu_dtype_from_flags(extra, expected):
     assert "avx512f" in flags
     assert devices.best_cpu_dtype(flags) == expected
     assert devices.default_dtype(torch.device("cpu"), flags) == expected
+
+
+def test_dtype_names_as_users_write_them():
+    assert [devices.parse_dtype(n) for n in ("fp32", "Float16", "BF16", "bfloat16", None)] == [
+        torch.float32, torch.float16, torch.bfloat16, torch.bfloat16, None]
+    with pytest.raises(SdlabError, match="unknown dtype 'half'; choose one of fp32, fp16, bf16"):
+        devices.parse_dtype("half")
 
 
 def test_default_dtype_on_gpu_is_fp16_and_no_flags_means_fp32():

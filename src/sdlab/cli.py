@@ -10,21 +10,6 @@ from pathlib import Path
 
 from .errors import SdlabError
 
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}
-
-
-def _dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    try:
-        return getattr(torch, DTYPES[name.lower()])
-    except KeyError:
-        raise SdlabError(f"unknown dtype {name!r}; choose one of fp32, fp16, bf16") from None
-
-
 def _human(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
@@ -80,10 +65,11 @@ def _numel(shape) -> int:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoints.diffusers_folder import is_diffusers_folder, write_diffusers_folder
     from .checkpoints.loader import load_bundle, save_checkpoint
+    from .device import parse_dtype
 
     dst = Path(args.dst)
     to = args.to or ("single" if dst.suffix == ".safetensors" else "diffusers")
-    bundle = load_bundle(args.src, device="cpu", dtype=_dtype(args.dtype) or _dtype("fp32"),
+    bundle = load_bundle(args.src, device="cpu", dtype=parse_dtype(args.dtype or "fp32"),
                          prediction=args.prediction, use_ema=not args.no_ema)
     if to == "single":
         if dst.suffix != ".safetensors":

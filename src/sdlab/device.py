@@ -221,6 +221,25 @@ def _glibc():
         return None
 
 
+# What `--dtype` (CLI, server) accepts: the short names and torch's own.
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """The dtype a user named ("fp16", "bfloat16", ...), or None for none named.
+
+    Raises:
+        SdlabError: a name that is not one of them.
+    """
+    if name is None:
+        return None
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise SdlabError(f"unknown dtype {name!r}; choose one of fp32, fp16, bf16") from None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 

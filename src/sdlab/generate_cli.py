@@ -156,6 +156,7 @@ def request_fields_from_infotext(text: str) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from . import load
+    from .device import parse_dtype
     from .images import open_image
     from .pipeline import GenerationRequest
 
@@ -186,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fields["mask"] = open_image(args.mask, "mask")
         fields.setdefault("denoising_strength", 1.0)
 
-    pipe = load(_resolve_model(args, args.model), device=args.device, dtype=_dtype(args.dtype),
+    pipe = load(_resolve_model(args, args.model), device=args.device, dtype=parse_dtype(args.dtype),
                 prediction=args.prediction, models_dir=args.models_dir, compile=args.compile, offload=args.offload)
     if args.vae:
         from .models_dir import load_vae_into
@@ -228,12 +229,6 @@ def _models_dir(args: argparse.Namespace):
     from .models_dir import ModelsDir
 
     return ModelsDir(args.models_dir) if args.models_dir else ModelsDir()
-
-
-def _dtype(name: str | None):
-    from .cli import _dtype as parse
-
-    return parse(name)
 
 
 def _run_with_progress(pipe, request):

@@ -516,3 +516,6 @@ def test_serve_command_defaults_to_loopback_and_parses_auth_and_limits():
     for bad in ["nopass", "user:", ":pw", "a:b,,c:d"]:
         with pytest.raises(SdlabError, match="user:pass"):
             parse_api_auth(bad)
+    assert settings_from_args(build_parser().parse_args(["serve", "--dtype", "BF16"])).dtype == "BF16"
+    with pytest.raises(SdlabError, match="unknown dtype 'fp8'; choose one of fp32, fp16, bf16"):
+        settings_from_args(build_parser().parse_args(["serve", "--dtype", "fp8"]))  # at start, not at a request

@@ -45,8 +45,10 @@ def register(subparsers) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
+    from ..device import parse_dtype
     from .settings import Limits, ServerSettings, parse_api_auth
 
+    parse_dtype(args.dtype)  # a wrong name fails here, not at the first request
     limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
     return ServerSettings(models_dir=Path(args.models_dir), model=args.model, host=args.host, port=args.port,

@@ -57,11 +57,12 @@ class ServerState:
         return entry
 
     def _load_pipeline(self, entry: CheckpointEntry):
+        from ..device import parse_dtype
         from ..perf import load_for_inference
         from ..pipeline import Pipeline
 
         s = self.settings
-        bundle = load_for_inference(entry.path, s.device, _torch_dtype(s.dtype), compile=s.compile, offload=s.offload)
+        bundle = load_for_inference(entry.path, s.device, parse_dtype(s.dtype), compile=s.compile, offload=s.offload)
         if entry.path.is_file():
             sha = self.catalog.sha256(entry)
             # The bundle would hash the file again for its infotext; hand it the hash we have.
@@ -117,19 +118,6 @@ def randn_source_value(value: Any) -> str:
     if text not in RANDN_SOURCES:
         raise SdlabError(f"randn_source must be one of GPU, CPU, NV, got {value!r}")
     return text
-
-
-def _torch_dtype(name: str | None):
-    if name is None:
-        return None
-    import torch
-
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    try:
-        return table[name.lower()]
-    except KeyError:
-        raise SdlabError(f"unknown dtype {name!r}; choose one of fp32, fp16, bf16") from None
 
 
 def get_state(request: Request) -> ServerState:

@@ -47,7 +47,6 @@ from .data import BucketBatchSampler, CaptionedImageDataset, collate
 log = logging.getLogger(__name__)
 
 STATE_PATTERN = "state-*.pt"
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- model presets
@@ -309,7 +308,7 @@ class Trainer:
         an SD 1.5 LoRA step at 512 px peaks at 5.0 instead of 2.8 GiB and takes 15-20% longer (bf16,
         2-core CPU). Cast, the norms and embeddings also compute from rounded weights (bf16 rounding).
         The LoRA itself stays fp32 and the VAE as loaded (it only encodes; SD's VAE overflows in fp16)."""
-        dtype = SAVE_DTYPES.get(self.cfg.mixed_precision)
+        dtype = devices.DTYPES.get(self.cfg.mixed_precision)  # None for "no"
         if dtype is not None:
             for net in (self.bundle.unet, *self.bundle.text_encoders):
                 net.to(dtype)
@@ -638,7 +637,7 @@ class Trainer:
             return None
         cfg = self.cfg
         path = cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors"
-        dtype = SAVE_DTYPES[cfg.save_dtype]
+        dtype = devices.DTYPES[cfg.save_dtype]
         with self._ema_swapped():
             if self.lora is not None:
                 save_safetensors(self.lora.kohya_state_dict(dtype), path, self.lora_metadata())
