@@ -1,7 +1,7 @@
 """LoRA training step time and peak memory on an SD 1.5-shaped UNet: sdlab's trainer pieces
 against the diffusers `train_text_to_image_lora.py` loop.
 
-    python benchmarks/train_lora.py [--rank 16] [--size 512] [--warmup 1] [--steps 3] [--repeat 1]
+    python benchmarks/train_lora.py [--rank 16] [--size 512] [--batch 1] [--warmup 1] [--steps 3] [--repeat 1]
                                     [--dtype fp32|bf16|mixed-bf16]
 
 The parent builds one random SD 1.5 model (`new_bundle`) and writes its UNet twice to a
@@ -28,7 +28,7 @@ child process, alternating across rounds:
 `--dtype mixed-bf16` is the scripts' `--mixed_precision bf16`: the frozen UNet in bf16, the LoRA
 in fp32 (diffusers' `cast_training_params`), forward under bf16 autocast; as the Trainer does.
 
-Both: the same rank and alpha, batch 1, the same dtype, gradient checkpointing off, the same
+Both: the same rank and alpha, batch (1 unless `--batch`), the same dtype, gradient checkpointing off, the same
 precomputed random latents / text context / timesteps / target, so only UNet forward +
 backward + optimizer step is timed (median over `--steps` after `--warmup`). The table gives
 each side's best round and, below it, the median over rounds of the two sides' ratio within a
@@ -59,13 +59,13 @@ def _precision(args):
     return getattr(torch, DTYPES[args.dtype]), args.dtype.startswith("mixed")
 
 
-def _inputs(size: int, dtype):
+def _inputs(size: int, dtype, batch: int = 1):
     import torch
 
     g = torch.Generator().manual_seed(0)
     n = size // 8
-    return (torch.randn(1, 4, n, n, generator=g).to(dtype), torch.randint(0, 1000, (1,), generator=g),
-            torch.randn(1, 77, 768, generator=g).to(dtype), torch.randn(1, 4, n, n, generator=g).to(dtype))
+    return (torch.randn(batch, 4, n, n, generator=g).to(dtype), torch.randint(0, 1000, (batch,), generator=g),
+            torch.randn(batch, 77, 768, generator=g).to(dtype), torch.randn(batch, 4, n, n, generator=g).to(dtype))
 
 
 def _loop(step, warmup: int, steps: int) -> tuple[list[float], int]:
@@ -104,7 +104,7 @@ def child_sdlab(args) -> None:
     lora.apply()
     params = [p for p in lora.parameters() if p.requires_grad]
     opt = adamw(params, lr=1e-4)  # the trainer's: PyTorch's fused kernel
-    x, t, ctx, target = _inputs(args.size, dtype)
+    x, t, ctx, target = _inputs(args.size, dtype, args.batch)
 
     def step():
         with torch.autocast("cpu", dtype, enabled=mixed):
@@ -135,7 +135,7 @@ def child_diffusers(args) -> None:
         for p in params:
             p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    x, t, ctx, target = _inputs(args.size, dtype)
+    x, t, ctx, target = _inputs(args.size, dtype, args.batch)
 
     def step():
         with torch.autocast("cpu", dtype, enabled=mixed):
@@ -170,6 +170,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1)
@@ -186,7 +187,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-lora-") as tmp:
         folder = Path(tmp) / "sd15"
         write_models(folder)
-        common = [__file__, "--folder", str(folder), "--rank", str(args.rank), "--size", str(args.size),
+        common = [__file__, "--folder", str(folder), "--rank", str(args.rank), "--size", str(args.size), "--batch", str(args.batch),
                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--dtype", args.dtype,
                   *(["--plain-malloc"] if args.plain_malloc else [])]
         results: dict[str, list[dict]] = {"sdlab": [], "diffusers": []}
@@ -218,7 +219,7 @@ def main() -> None:
     rows.append(["LoRA modules / params", f"{results['sdlab'][0]['modules']} / {results['sdlab'][0]['lora_params']:,}",
                  f"{results['diffusers'][0]['modules']} / {results['diffusers'][0]['lora_params']:,}", ""])
     print_table(["", "sdlab", "diffusers", "sdlab / diffusers"], rows,
-                title=f"LoRA training step, SD 1.5 UNet, {args.size} px, rank {args.rank}, batch 1, {args.dtype}, "
+                title=f"LoRA training step, SD 1.5 UNet, {args.size} px, rank {args.rank}, batch {args.batch}, {args.dtype}, "
                       f"best of {args.repeat} round(s), {args.steps} steps after {args.warmup} warm-up")
 
 
