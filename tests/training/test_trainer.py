@@ -205,6 +205,42 @@ def base_model(tmp_path_factory) -> Path:
     return save_native(tiny_bundle("sd1", seed=0), tmp_path_factory.mktemp("base") / "tiny.safetensors")
 
 
+@pytest.mark.parametrize("family, clip_skip", [("sd1", 1), ("sd1", 2), ("sd2", 1), ("sd2-v", 2)])
+def test_training_loss_is_diffusers_on_the_layer_sampling_reads(tmp_path, shapes, family, clip_skip):
+    """One micro-batch's loss as diffusers' training scripts compute it, on a single-file model:
+    SD 2.x conditions on the penultimate text encoder layer + final norm (diffusers' folders hold
+    the layers up to it), CLIP skip goes one layer further back as kohya's `--clip_skip`, the noise
+    comes from DDPMScheduler.add_noise, the v target from get_velocity."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from tests.tiny import diffusers_folder
+
+    bundle, folder = diffusers_folder(tmp_path, family, seed=3)
+    single = save_native(bundle, tmp_path / f"{family}.safetensors")
+    # A random model's outputs say nothing of its prediction type (loader.looks_like_v_prediction): name it.
+    t = trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(single)!r}", clip_skip=clip_skip,
+                       prediction=repr(bundle.prediction), **{"lora.rank": 4}))
+    module = t.acc.unwrap_model(t.module)
+    tokens = t._tokens(["a red circle on a blue background", "a green square"])
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    timesteps = torch.tensor([17, 901])
+    with torch.no_grad():
+        loss = module(latents, tokens, noise, timesteps, t.alphas_cumprod)
+
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+        hidden = text_encoder(tokens, output_hidden_states=True).hidden_states[-clip_skip]
+        context = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)  # transformers 4 and 5
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = scheduler.get_velocity(latents, noise, timesteps) if family == "sd2-v" else noise
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+        expected = torch.nn.functional.mse_loss(unet(noisy, timesteps, context).sample, target)
+    assert torch.allclose(module.context(tokens), context, atol=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_lora_file_format_and_base_unchanged(tmp_path, shapes, base_model):
     cfg = config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", steps=2, **{
         "lora.rank": 4, "lora.alpha": 2, "lora.conv_rank": 2, "lora.train_text_encoder": "true", "save_dtype": "'fp32'"})

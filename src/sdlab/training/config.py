@@ -86,6 +86,9 @@ class TrainConfig:
     noise_offset: float = 0.0
     ema_decay: float = 0.0  # 0: no EMA; the saved model holds the EMA weights when on
     train_text_encoder: bool = False  # finetune / scratch
+    # The web UIs' and kohya's CLIP skip: 2 conditions on the text encoder layer before the one the
+    # family uses (anime models based on NovelAI's are trained, and sampled, with 2).
+    clip_skip: int = 1
     text_encoder_lr: float | None = None
     # scratch: the VAE first learns to reconstruct for vae_steps, then is frozen
     vae_steps: int = 0
@@ -119,7 +122,7 @@ class TrainConfig:
             raise bad(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
             raise bad(f"save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}")
-        for name in ("steps", "batch_size", "grad_accum", "keep_states", "log_every_n_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "keep_states", "log_every_n_steps", "clip_skip"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "vae_steps", "save_every_n_steps", "num_workers"):

@@ -107,15 +107,22 @@ class Denoising(nn.Module):
     DDP sees every trained parameter (UNet, text encoder, LoRA) in one place."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, lora: nn.Module | None, prediction: str,
-                 min_snr_gamma: float, train_text_encoder: bool):
+                 min_snr_gamma: float, train_text_encoder: bool, text_skip: int = 1, text_final_norm: bool = True):
+        """`text_skip`, `text_final_norm`: the text encoder layer the UNet is conditioned on, as in
+        `CLIPTextModel.forward` (SD 2.x: 2, the penultimate, then the final norm), so that training
+        sees the conditioning that sampling gives."""
         super().__init__()
         self.unet, self.text_encoder, self.lora = unet, text_encoder, lora
         self.prediction, self.min_snr_gamma, self.train_text_encoder = prediction, min_snr_gamma, train_text_encoder
+        self.text_skip, self.text_final_norm = text_skip, text_final_norm
+
+    def context(self, tokens: Tensor) -> Tensor:
+        with nullcontext() if self.train_text_encoder else torch.no_grad():
+            return self.text_encoder(tokens, skip=self.text_skip, final_norm=self.text_final_norm).hidden
 
     def forward(self, latents: Tensor, tokens: Tensor, noise: Tensor, timesteps: Tensor,
                 alphas_cumprod: Tensor) -> Tensor:
-        with nullcontext() if self.train_text_encoder else torch.no_grad():
-            context = self.text_encoder(tokens).hidden
+        context = self.context(tokens)
         a = alphas_cumprod[timesteps].to(latents.dtype)
         noisy = a.view(-1, 1, 1, 1).sqrt() * latents + (1 - a).view(-1, 1, 1, 1).sqrt() * noise
         pred = self.unet(noisy, timesteps.float(), context)
@@ -291,7 +298,10 @@ class Trainer:
                     te.requires_grad_(True).train()
                     groups.append({"params": list(te.parameters()), "lr": cfg.text_encoder_lr or cfg.lr})
             groups = [g for g in groups if g["params"]]
-            module = Denoising(b.unet, te, self.lora, self.prediction, cfg.min_snr_gamma, train_te)
+            # The layer sampling reads (pipeline.text_runners): the family's, moved back by CLIP skip.
+            skip = min(b.family.clip_skip + cfg.clip_skip - 1, te.cfg.layers)
+            module = Denoising(b.unet, te, self.lora, self.prediction, cfg.min_snr_gamma, train_te, skip,
+                               b.family.text_final_norm)
             total = cfg.steps
         self.trained = [p for g in groups for p in g["params"]]
         self.optimizer = self._make_optimizer(groups)
@@ -538,7 +548,7 @@ class Trainer:
             for i, prompt in enumerate(v.prompts):
                 for seed in v.seeds:
                     img = pipe.txt2img(prompt, seed=seed, steps=v.steps, cfg_scale=v.cfg_scale, sampler=v.sampler,
-                                       width=v.width or size, height=v.height or size)[0]
+                                       width=v.width or size, height=v.height or size, clip_skip=self.cfg.clip_skip)[0]
                     path = out / f"step{self.progress.step:06d}-p{i}-s{seed}.png"
                     img.save(path)
                     paths.append(path)
@@ -680,6 +690,7 @@ class Trainer:
             "ss_caption_dropout_rate": str(cfg.data.caption_dropout_rate),
             "ss_shuffle_caption": str(cfg.data.shuffle_caption),
             "ss_keep_tokens": str(cfg.data.keep_tokens),
+            "ss_clip_skip": str(cfg.clip_skip if cfg.clip_skip > 1 else None),
             "ss_num_train_images": str(len(self.dataset)),
             "ss_training_started_at": str(self.started_at.timestamp()),
             "ss_training_finished_at": str(time.time()),
