@@ -205,14 +205,16 @@ def base_model(tmp_path_factory) -> Path:
     return save_native(tiny_bundle("sd1", seed=0), tmp_path_factory.mktemp("base") / "tiny.safetensors")
 
 
-@pytest.mark.parametrize("family, clip_skip", [("sd1", 1), ("sd1", 2), ("sd2", 1), ("sd2-v", 2)])
+@pytest.mark.parametrize("family, clip_skip", [("sd1", 1), ("sd1", 2), ("sd2", 1), ("sd2-v", 2), ("sdxl", 1)])
 def test_training_loss_is_diffusers_on_the_layer_sampling_reads(tmp_path, shapes, family, clip_skip):
     """One micro-batch's loss as diffusers' training scripts compute it, on a single-file model:
     SD 2.x conditions on the penultimate text encoder layer + final norm (diffusers' folders hold
     the layers up to it), CLIP skip goes one layer further back as kohya's `--clip_skip`, the noise
-    comes from DDPMScheduler.add_noise, the v target from get_velocity."""
+    comes from DDPMScheduler.add_noise, the v target from get_velocity. SDXL as
+    `train_text_to_image_lora_sdxl.py`: both encoders' penultimate states side by side, the pooled
+    projection of the second and the size numbers as `added_cond_kwargs`."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from tests.tiny import diffusers_folder
 
@@ -226,18 +228,28 @@ def test_training_loss_is_diffusers_on_the_layer_sampling_reads(tmp_path, shapes
     g = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
     timesteps = torch.tensor([17, 901])
+    sdxl = family == "sdxl"
+    size_ids = torch.tensor([[48, 40, 8, 0, 32, 32], [32, 64, 0, 16, 32, 32]]) if sdxl else None
     with torch.no_grad():
-        loss = module(latents, tokens, noise, timesteps, t.alphas_cumprod)
+        loss = module(latents, tokens, noise, timesteps, t.alphas_cumprod, size_ids)
 
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-        hidden = text_encoder(tokens, output_hidden_states=True).hidden_states[-clip_skip]
-        context = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)  # transformers 4 and 5
+        if sdxl:
+            encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                        CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")]
+            outs = [te.eval()(ids, output_hidden_states=True) for te, ids in zip(encoders, tokens)]
+            context = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+            added = {"text_embeds": outs[1].text_embeds, "time_ids": size_ids}
+        else:
+            text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+            hidden = text_encoder(tokens[0], output_hidden_states=True).hidden_states[-clip_skip]
+            context = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)  # transformers 4 and 5
+            added = None
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = scheduler.get_velocity(latents, noise, timesteps) if family == "sd2-v" else noise
+        target = scheduler.get_velocity(latents, noise, timesteps) if bundle.prediction == "v" else noise
         unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
-        expected = torch.nn.functional.mse_loss(unet(noisy, timesteps, context).sample, target)
-    assert torch.allclose(module.context(tokens), context, atol=1e-5)
+        expected = torch.nn.functional.mse_loss(unet(noisy, timesteps, context, added_cond_kwargs=added).sample, target)
+    assert torch.allclose(module.conditioning(tokens)[0], context, atol=1e-5)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -287,6 +299,66 @@ def test_lora_loads_in_diffusers_like_merging(tmp_path, shapes, base_model):
         ours = t.bundle.unet(x, ts, ctx)
     assert (theirs - plain).abs().max() > 1e-3  # the LoRA does something...
     assert (theirs - ours).abs().max() < 1e-4  # ...and the same thing in both
+
+
+def test_sdxl_lora_in_kohyas_sdxl_names_loads_in_diffusers_and_sdlab(tmp_path, shapes):
+    """An SDXL LoRA with LoCon, UNet only (kohya's --network_train_unet_only), trained on a single file:
+    kohya's SDXL names (the original UNet's module paths), SDXL metadata, and the same UNet
+    outputs merged here, through diffusers' `load_lora_weights` and through sdlab's LoRA loader."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlab.checkpoints.loader import load_bundle
+    from sdlab.lora import apply_loras, load_lora
+    from tests.tiny import diffusers_folder
+
+    bundle, folder = diffusers_folder(tmp_path, "sdxl")
+    single = save_native(bundle, tmp_path / "sdxl.safetensors")
+    cfg = config(tmp_path, shapes, mode="'lora'", base_model=f"{str(single)!r}", steps=2, lr=5e-2, save_dtype="'fp32'",
+                 **{"lora.rank": 4, "lora.alpha": 2, "lora.conv_rank": 2, "lora.conv_alpha": 2})
+    t = trainer(cfg)
+    path = t.train()
+    with safe_open(path, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_output_blocks_0_0_in_layers_2.lora_up.weight" in keys  # LoCon on a ResBlock conv
+    assert {k.split("_")[2] for k in keys} == {"input", "middle", "output"}  # the UNet only
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    x, ctx, y = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, 128, generator=g), torch.randn(1, 64 + 6 * 256, generator=g)
+    ts = torch.tensor([500.0])
+    # diffusers embeds the six size numbers itself: hand both UNets the same y.
+    pipe.unet.add_embedding.linear_1.register_forward_pre_hook(lambda m, args: (y,))
+    added = {"text_embeds": y[:, :64], "time_ids": torch.zeros(1, 6)}
+    ours_loaded = load_bundle(single, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        plain = pipe.unet(x, ts, ctx, added_cond_kwargs=added).sample
+        pipe.load_lora_weights(str(path))
+        theirs = pipe.unet(x, ts, ctx, added_cond_kwargs=added).sample
+        t.lora.merge()
+        merged = t.bundle.unet(x, ts, ctx, y)
+        with apply_loras(ours_loaded, [(load_lora(path), 1.0, 1.0)]) as applied:
+            assert not applied.unmatched
+            loaded = ours_loaded.unet(x, ts, ctx, y)
+    assert (theirs - plain).abs().max() > 1e-3  # the LoRA does something...
+    assert (theirs - merged).abs().max() < 1e-4  # ...and the same thing in all three
+    assert (loaded - merged).abs().max() < 1e-5
+
+
+def test_unsupported_models_and_options_are_refused_at_the_start(tmp_path, shapes):
+    sdxl = save_native(tiny_bundle("sdxl"), tmp_path / "sdxl.safetensors")
+    inpaint = save_native(tiny_bundle("sd1-inpaint"), tmp_path / "inpaint.safetensors")
+    for over, message in [
+        (dict(base_model=repr(str(sdxl)), **{"lora.train_text_encoder": "true"}),
+         "training its text encoders is not supported yet; set lora.train_text_encoder = false"),
+        (dict(base_model=repr(str(inpaint))), "training inpainting models is not supported"),
+    ]:
+        with pytest.raises(SdlabError, match=message):
+            trainer(config(tmp_path, shapes, mode="'lora'", **over))
+    with pytest.raises(SdlabError, match="model.family must be one of sd1, sd2, sd2-v in scratch mode, got 'sdxl'"):
+        trainer(config(tmp_path, shapes, **{"model.family": "'sdxl'"}))
 
 
 @pytest.fixture

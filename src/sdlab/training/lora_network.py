@@ -8,8 +8,8 @@ Targets follow kohya's `networks/lora.py`: in the UNet every Linear and 1x1 conv
 the transformer blocks (diffusers' `Transformer2DModel`), plus with `conv_rank` the
 ResBlocks and resamplers (LoCon / C3Lier: 3x3 convs at `conv_rank`, their Linear and
 1x1 layers at `rank`); in the text encoder the attention and MLP Linears. Names are
-kohya's: `lora_unet_` + the diffusers module path, `lora_te_` + the transformers one,
-dots replaced by underscores.
+kohya's: `lora_unet_` + the diffusers module path (SDXL: the original one), `lora_te_` + the
+transformers one, dots replaced by underscores.
 """
 
 from __future__ import annotations
@@ -131,8 +131,12 @@ def _unet_targets(unet: UNet, conv: bool) -> Iterator[tuple[str, nn.Module, bool
                 yield f"{parent_name}.{child_name}", child, True
 
 
-def unet_kohya_names(unet: UNet, native_paths: list[str]) -> dict[str, str]:
-    """native module path -> kohya name (`lora_unet_` + diffusers path with `_`)."""
+def unet_kohya_names(unet: UNet, native_paths: list[str], spelling: str = "diffusers") -> dict[str, str]:
+    """native module path -> kohya name: `lora_unet_` + the diffusers path with `_` (kohya's SD 1.x /
+    2.x scripts), or with `spelling="original"` + the native path itself (its SDXL scripts:
+    `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`)."""
+    if spelling == "original":
+        return {p: UNET_PREFIX + "_" + p.replace(".", "_") for p in native_paths}
     renamed = unet_to_diffusers({p + ".weight": torch.empty(0) for p in native_paths}, unet.cfg)
     out = {}
     for native, diffusers_key in zip(native_paths, renamed):
@@ -155,9 +159,11 @@ class LoRANetwork(nn.Module):
     """All LoRA modules of one model, by kohya name. `apply()` attaches them, `remove()` detaches."""
 
     def __init__(self, unet: UNet | None, text_encoder: CLIPTextModel | None, rank: int, alpha: float,
-                 conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, only: str | None = None):
+                 conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, only: str | None = None,
+                 unet_names: str = "diffusers"):
         """`only`: a regex; when given, just the layers whose kohya name it matches (`re.search`),
-        e.g. `r"attn[12]_to_(q|k|v|out_0)$"` for the attention projections as diffusers' scripts."""
+        e.g. `r"attn[12]_to_(q|k|v|out_0)$"` for the attention projections as diffusers' scripts.
+        `unet_names`: "diffusers" or "original", how the UNet's modules are spelled (`unet_kohya_names`)."""
         super().__init__()
         self._only = re.compile(only) if only else None
         self.rank, self.alpha, self.conv_rank, self.conv_alpha = rank, alpha, conv_rank, conv_alpha
@@ -166,7 +172,7 @@ class LoRANetwork(nn.Module):
         self._handles: list = []
         if unet is not None:
             targets = list(_unet_targets(unet, conv_rank > 0))
-            names = unet_kohya_names(unet, [p for p, _, _ in targets])
+            names = unet_kohya_names(unet, [p for p, _, _ in targets], unet_names)
             for path, layer, is_conv3 in targets:
                 r, a = (conv_rank, conv_alpha) if is_conv3 else (rank, alpha)
                 self._add(names[path], layer, r, a, dropout)

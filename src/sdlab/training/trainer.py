@@ -38,7 +38,7 @@ from ..checkpoints.loader import Bundle, load_bundle, new_bundle, save_checkpoin
 from ..errors import SdlabError
 from ..families import FAMILIES, ModelConfig, with_prediction
 from ..models.clip import CLIPTextConfig
-from ..models.unet import UNetConfig
+from ..models.unet import UNetConfig, sdxl_size_embedding
 from ..models.vae import VAEConfig
 from ..sampling.schedules import discrete_schedule
 from .config import ModelSpec, TrainConfig
@@ -67,8 +67,10 @@ def model_preset(spec: ModelSpec) -> ModelConfig:
     }
     if spec.preset not in presets:
         raise SdlabError(f"model.preset must be one of {', '.join(presets)}, got {spec.preset!r}")
-    if spec.family not in FAMILIES:
-        raise SdlabError(f"model.family must be one of {', '.join(FAMILIES)}, got {spec.family!r}")
+    # One text encoder and a plain UNet: SD 1.x / 2.x-style models (not inpainting, not SDXL).
+    families = [n for n, f in FAMILIES.items() if not f.inpaint and not f.added_conditioning and len(f.text_encoders) == 1]
+    if spec.family not in families:
+        raise SdlabError(f"model.family must be one of {', '.join(families)} in scratch mode, got {spec.family!r}")
     unet, vae, te = presets[spec.preset]
     try:
         unet = replace(unet, **{k: tuple(v) if isinstance(v, list) else v for k, v in spec.unet.items()})
@@ -106,26 +108,33 @@ class Denoising(nn.Module):
     """What one process runs per micro-batch: text encoding, UNet, loss. One module so that
     DDP sees every trained parameter (UNet, text encoder, LoRA) in one place."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, lora: nn.Module | None, prediction: str,
+    def __init__(self, unet: nn.Module, text_encoders: list[nn.Module], lora: nn.Module | None, prediction: str,
                  min_snr_gamma: float, train_text_encoder: bool, text_skip: int = 1, text_final_norm: bool = True):
         """`text_skip`, `text_final_norm`: the text encoder layer the UNet is conditioned on, as in
-        `CLIPTextModel.forward` (SD 2.x: 2, the penultimate, then the final norm), so that training
-        sees the conditioning that sampling gives."""
+        `CLIPTextModel.forward` (SD 2.x: 2, the penultimate, then the final norm; SDXL: 2 without
+        it), so that training sees the conditioning that sampling gives."""
         super().__init__()
-        self.unet, self.text_encoder, self.lora = unet, text_encoder, lora
+        self.unet, self.text_encoders, self.lora = unet, nn.ModuleList(text_encoders), lora
         self.prediction, self.min_snr_gamma, self.train_text_encoder = prediction, min_snr_gamma, train_text_encoder
         self.text_skip, self.text_final_norm = text_skip, text_final_norm
 
-    def context(self, tokens: Tensor) -> Tensor:
+    def conditioning(self, tokens: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(context, pooled) for one token tensor per text encoder, as sampling encodes a prompt
+        (`text.conditioning.encode_all`): the encoders' states side by side on the feature axis
+        (SDXL: CLIP-L 768 + bigG 1280), the last encoder's pooled output."""
         with nullcontext() if self.train_text_encoder else torch.no_grad():
-            return self.text_encoder(tokens, skip=self.text_skip, final_norm=self.text_final_norm).hidden
+            outs = [te(ids, skip=self.text_skip, final_norm=self.text_final_norm)
+                    for te, ids in zip(self.text_encoders, tokens, strict=True)]
+        return torch.cat([o.hidden for o in outs], dim=-1), outs[-1].pooled
 
-    def forward(self, latents: Tensor, tokens: Tensor, noise: Tensor, timesteps: Tensor,
-                alphas_cumprod: Tensor) -> Tensor:
-        context = self.context(tokens)
+    def forward(self, latents: Tensor, tokens: list[Tensor], noise: Tensor, timesteps: Tensor,
+                alphas_cumprod: Tensor, size_ids: Tensor | None = None) -> Tensor:
+        """`size_ids`: SDXL's (B, 6) original size, crop top-left and target size, all (h, w)."""
+        context, pooled = self.conditioning(tokens)
+        y = None if size_ids is None else torch.cat([pooled, sdxl_size_embedding(size_ids.float())], dim=-1)
         a = alphas_cumprod[timesteps].to(latents.dtype)
         noisy = a.view(-1, 1, 1, 1).sqrt() * latents + (1 - a).view(-1, 1, 1, 1).sqrt() * noise
-        pred = self.unet(noisy, timesteps.float(), context)
+        pred = self.unet(noisy, timesteps.float(), context, None if y is None else y.to(context.dtype))
         return diffusion_loss(pred, latents, noise, a, self.prediction, self.min_snr_gamma).mean()
 
 
@@ -253,9 +262,21 @@ class Trainer:
             bundle = new_bundle(mcfg, seed=cfg.seed, name=cfg.output_name)
         else:
             bundle = load_bundle(cfg.base_model, device="cpu", dtype=torch.float32, prediction=cfg.prediction)
+            self._check_trainable(bundle)
         for net in bundle.networks().values():
             net.to(self.device)
         return bundle
+
+    def _check_trainable(self, bundle: Bundle) -> None:
+        fam = bundle.family
+        if fam.inpaint:
+            raise SdlabError(f"{fam.label}: training inpainting models is not supported; train its base model")
+        if fam.added_conditioning == "sdxl-refiner":
+            raise SdlabError(f"{fam.label}: training the SDXL refiner is not supported; train the SDXL base model")
+        if len(bundle.text_encoders) > 1 and self._trained_text_encoder():
+            key = "lora.train_text_encoder" if self.cfg.mode == "lora" else "train_text_encoder"
+            raise SdlabError(f"{fam.label}: training its text encoders is not supported yet; set {key} = false "
+                             "(the UNet alone trains, as kohya's --network_train_unet_only)")
 
     def _trained_text_encoder(self) -> bool:
         cfg = self.cfg
@@ -281,8 +302,11 @@ class Trainer:
                 self._frozen_base_in_mixed_precision()
                 lc = cfg.lora
                 if self.lora is None:
+                    # kohya's SDXL scripts name the UNet's modules as the original UNet does.
+                    names = "original" if b.family.added_conditioning else "diffusers"
                     self.lora = LoRANetwork(b.unet if lc.train_unet else None, te if lc.train_text_encoder else None,
-                                            lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.dropout).to(self.device)
+                                            lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.dropout,
+                                            unet_names=names).to(self.device)
                 self.lora.apply()
                 self.lora.train()
                 b.unet.train()
@@ -300,7 +324,7 @@ class Trainer:
             groups = [g for g in groups if g["params"]]
             # The layer sampling reads (pipeline.text_runners): the family's, moved back by CLIP skip.
             skip = min(b.family.clip_skip + cfg.clip_skip - 1, te.cfg.layers)
-            module = Denoising(b.unet, te, self.lora, self.prediction, cfg.min_snr_gamma, train_te, skip,
+            module = Denoising(b.unet, b.text_encoders, self.lora, self.prediction, cfg.min_snr_gamma, train_te, skip,
                                b.family.text_final_norm)
             total = cfg.steps
         self.trained = [p for g in groups for p in g["params"]]
@@ -354,8 +378,15 @@ class Trainer:
         hi = max(lo + 1, min(n, (self.rank + 1) * per))
         return collate([self.dataset[i] for i in indices[lo:hi]]), slice(lo, hi)
 
-    def _tokens(self, captions: list[str]) -> Tensor:
-        return self.bundle.tokenizers[0](captions).to(self.device)
+    def _tokens(self, captions: list[str]) -> list[Tensor]:
+        """Token ids for each text encoder (SDXL's two pad differently)."""
+        return [tok(captions).to(self.device) for tok in self.bundle.tokenizers]
+
+    def _size_ids(self, batch: dict) -> Tensor | None:
+        """SDXL's size conditioning numbers for the batch (None for other families)."""
+        if self.bundle.family.added_conditioning is None:
+            return None
+        return torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1).to(self.device)
 
     @torch.no_grad()
     def _latents(self, batch: dict, gen: torch.Generator, n: int, part: slice) -> Tensor:
@@ -399,7 +430,7 @@ class Trainer:
                         noise = noise + cfg.noise_offset * torch.randn(shape[:2] + (1, 1), generator=gen)
                     t = torch.randint(0, self.alphas_cumprod.numel(), (len(indices),), generator=gen)
                     loss = self.module(latents, self._tokens(batch["caption"]), noise[part].to(self.device),
-                                       t[part].to(self.device), self.alphas_cumprod)
+                                       t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch))
                 self.acc.backward(loss / cfg.grad_accum)
             losses.append(loss.detach())
         if cfg.max_grad_norm:
@@ -697,14 +728,22 @@ class Trainer:
             "ss_output_name": cfg.output_name,
             "ss_network_train_unet_only": str(not lc.train_text_encoder),
             "ss_network_train_text_encoder_only": str(not lc.train_unet),
-            "modelspec.architecture": "stable-diffusion-v1/lora" if self.bundle.family.name.startswith("sd1")
-            else "stable-diffusion-v2/lora",
+            "modelspec.architecture": _modelspec_architecture(self.bundle.family, self.prediction) + "/lora",
             "modelspec.implementation": "sdlab",
             "modelspec.title": cfg.output_name,
             "modelspec.resolution": f"{res}x{res}",
             "modelspec.prediction_type": "v" if self.prediction == "v" else "epsilon",
         }
         return meta
+
+
+def _modelspec_architecture(family, prediction: str) -> str:
+    """The SAI ModelSpec architecture name, as kohya's scripts write it (`library/sai_model_spec.py`)."""
+    if family.added_conditioning:
+        return "stable-diffusion-xl-v1-base"
+    if family.name.startswith("sd2"):
+        return "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
+    return "stable-diffusion-v1"
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
