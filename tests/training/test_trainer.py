@@ -236,12 +236,12 @@ def test_training_loss_is_diffusers_on_the_layer_sampling_reads(tmp_path, shapes
         if sdxl:
             encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder"),
                         CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")]
-            outs = [te.eval()(ids, output_hidden_states=True) for te, ids in zip(encoders, tokens)]
+            outs = [te.eval()(ids[:, 0], output_hidden_states=True) for te, ids in zip(encoders, tokens)]
             context = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
             added = {"text_embeds": outs[1].text_embeds, "time_ids": size_ids}
         else:
             text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-            hidden = text_encoder(tokens[0], output_hidden_states=True).hidden_states[-clip_skip]
+            hidden = text_encoder(tokens[0][:, 0], output_hidden_states=True).hidden_states[-clip_skip]
             context = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)  # transformers 4 and 5
             added = None
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
@@ -251,6 +251,35 @@ def test_training_loss_is_diffusers_on_the_layer_sampling_reads(tmp_path, shapes
         expected = torch.nn.functional.mse_loss(unet(noisy, timesteps, context, added_cond_kwargs=added).sample, target)
     assert torch.allclose(module.conditioning(tokens)[0], context, atol=1e-5)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_long_captions_are_read_in_chunks_as_prompts_are_at_sampling(tmp_path, shapes, family, caplog):
+    """max_token_length = 150: a 100-token caption is two 77-token chunks, encoded as the pipeline
+    encodes that text as a prompt (context and pooled output), batched with a short one; at 75
+    it is cut, with a warning."""
+    from sdlab.pipeline import text_runners
+    from sdlab.text.conditioning import encode_all
+
+    single = save_native(tiny_bundle(family), tmp_path / f"{family}.safetensors")
+    long = ", ".join(f"tag{i} word{i}" for i in range(20))  # commas near the chunk end, as tag captions have
+    captions = [long, "a red circle"]
+    t = trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(single)!r}", max_token_length=150))
+    tokens = t._tokens(captions)
+    assert [tuple(ids.shape) for ids in tokens] == [(2, 2, 77)] * len(t.bundle.text_encoders)
+    context, pooled = t.acc.unwrap_model(t.module).conditioning(tokens)
+    runners = text_runners(t.bundle)
+    for i, text in enumerate(captions):
+        expected = encode_all(runners, runners[0].chunks(text), clip_skip=1)
+        n = expected.context.shape[1]
+        assert n == (154 if text == long else 77)  # the short caption's second chunk is an empty one, as padded prompts
+        assert torch.allclose(context[i, :n], expected.context[0], atol=1e-5)
+        assert torch.allclose(pooled[i], expected.pooled[0], atol=1e-5)
+
+    short = trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(single)!r}"))
+    with caplog.at_level("WARNING"):
+        assert short._tokens(captions)[0].shape == (2, 1, 77)
+    assert "captions longer than max_token_length = 75 tokens are cut (1 in this batch)" in caplog.text
 
 
 def test_lora_file_format_and_base_unchanged(tmp_path, shapes, base_model):

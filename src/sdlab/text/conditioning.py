@@ -78,14 +78,8 @@ class TextEncoderRunner:
 
     @torch.no_grad()
     def _encode_chunk(self, chunk: PromptChunk, skip: int, embeddings: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        tok = self.tokenizer
-        ids = [tok.bos_id] + list(chunk.tokens) + [tok.eos_id]
-        if tok.pad_id != tok.eos_id:
-            # OpenCLIP pads with 0 after the end-of-text token (as the web UI and diffusers do).
-            first_eos = ids.index(tok.eos_id)
-            ids = ids[:first_eos + 1] + [tok.pad_id] * (len(ids) - first_eos - 1)
         device = next(self.encoder.parameters()).device
-        tokens = torch.tensor([ids], device=device)
+        tokens = torch.tensor([chunk_ids(chunk, self.tokenizer)], device=device)
         inputs = None
         if chunk.embeddings:
             # Embedding positions hold a negative placeholder id; look up something valid, then overwrite.
@@ -102,6 +96,28 @@ class TextEncoderRunner:
             z = z * weights[None, :, None]
             z = z * (original_mean / z.mean())
         return z, out.pooled.float()
+
+
+def chunk_ids(chunk: PromptChunk, tokenizer: CLIPTokenizer) -> list[int]:
+    """The 77 ids the text encoder reads for one chunk: BOS, the chunk's tokens, EOS."""
+    ids = [tokenizer.bos_id] + list(chunk.tokens) + [tokenizer.eos_id]
+    if tokenizer.pad_id != tokenizer.eos_id:
+        # OpenCLIP pads with 0 after the end-of-text token (as the web UI and diffusers do).
+        first_eos = ids.index(tokenizer.eos_id)
+        ids = ids[:first_eos + 1] + [tokenizer.pad_id] * (len(ids) - first_eos - 1)
+    return ids
+
+
+def caption_ids(captions: Sequence[str], tokenizer: CLIPTokenizer, max_chunks: int) -> tuple[Tensor, int]:
+    """Training captions as (B, chunks, 77) ids, chunked as prompts are at sampling (75 tokens
+    each, split after a comma near the end), the text taken as written (no emphasis syntax), at
+    most `max_chunks` each and padded with empty chunks to the batch's longest; and how many
+    captions lost chunks."""
+    chunked = [tokenize_weighted([(c, 1.0)], tokenizer.encode, tokenizer.comma_id, pad_id=tokenizer.eos_id)
+               for c in captions]
+    cut = sum(len(chunks) > max_chunks for chunks in chunked)
+    padded = pad_chunks(*(chunks[:max_chunks] for chunks in chunked), pad_id=tokenizer.eos_id)
+    return torch.tensor([[chunk_ids(chunk, tokenizer) for chunk in chunks] for chunks in padded]), cut
 
 
 def encode_all(runners: Sequence[TextEncoderRunner], chunks: Sequence[PromptChunk], clip_skip: int,

@@ -89,6 +89,9 @@ class TrainConfig:
     # The web UIs' and kohya's CLIP skip: 2 conditions on the text encoder layer before the one the
     # family uses (anime models based on NovelAI's are trained, and sampled, with 2).
     clip_skip: int = 1
+    # kohya's --max_token_length: captions are read in 75-token chunks, as prompts at sampling;
+    # 150 or 225 keeps two or three (a longer caption is cut, with a warning).
+    max_token_length: int = 75
     text_encoder_lr: float | None = None
     # scratch: the VAE first learns to reconstruct for vae_steps, then is frozen
     vae_steps: int = 0
@@ -120,6 +123,8 @@ class TrainConfig:
             raise bad(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.prediction not in (None, "eps", "v"):
             raise bad(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+        if self.max_token_length not in (75, 150, 225):
+            raise bad(f"max_token_length must be 75, 150 or 225, got {self.max_token_length!r}")
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
             raise bad(f"save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}")
         for name in ("steps", "batch_size", "grad_accum", "keep_states", "log_every_n_steps", "clip_skip"):

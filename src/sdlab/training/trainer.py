@@ -41,6 +41,7 @@ from ..models.clip import CLIPTextConfig
 from ..models.unet import UNetConfig, sdxl_size_embedding
 from ..models.vae import VAEConfig
 from ..sampling.schedules import discrete_schedule
+from ..text.conditioning import caption_ids
 from .config import ModelSpec, TrainConfig
 from .data import BucketBatchSampler, CaptionedImageDataset, collate
 
@@ -119,13 +120,18 @@ class Denoising(nn.Module):
         self.text_skip, self.text_final_norm = text_skip, text_final_norm
 
     def conditioning(self, tokens: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """(context, pooled) for one token tensor per text encoder, as sampling encodes a prompt
-        (`text.conditioning.encode_all`): the encoders' states side by side on the feature axis
-        (SDXL: CLIP-L 768 + bigG 1280), the last encoder's pooled output."""
-        with nullcontext() if self.train_text_encoder else torch.no_grad():
-            outs = [te(ids, skip=self.text_skip, final_norm=self.text_final_norm)
-                    for te, ids in zip(self.text_encoders, tokens, strict=True)]
-        return torch.cat([o.hidden for o in outs], dim=-1), outs[-1].pooled
+        """(context, pooled) for one (B, chunks, 77) id tensor per text encoder, as sampling encodes a
+        prompt (`text.conditioning.encode_all`): each 77-token chunk encoded alone and the chunks'
+        states concatenated; the encoders' states side by side on the feature axis (SDXL: CLIP-L
+        768 + bigG 1280); the last encoder's pooled output of the first chunk."""
+        contexts = []
+        for te, ids in zip(self.text_encoders, tokens, strict=True):
+            b, chunks, length = ids.shape
+            with nullcontext() if self.train_text_encoder else torch.no_grad():
+                out = te(ids.reshape(b * chunks, length), skip=self.text_skip, final_norm=self.text_final_norm)
+            contexts.append(out.hidden.reshape(b, chunks * length, -1))
+            pooled = out.pooled.reshape(b, chunks, -1)[:, 0]
+        return torch.cat(contexts, dim=-1), pooled
 
     def forward(self, latents: Tensor, tokens: list[Tensor], noise: Tensor, timesteps: Tensor,
                 alphas_cumprod: Tensor, size_ids: Tensor | None = None) -> Tensor:
@@ -245,6 +251,7 @@ class Trainer:
         self.lora = None
         self.ema: dict[str, Tensor] | None = None
         self.progress = _Progress()
+        self._warned_cut_captions = False
         self.phase = ""
         self._setup_phase("vae" if cfg.mode == "scratch" and cfg.vae_steps else "diffusion")
         self._csv = None
@@ -379,8 +386,14 @@ class Trainer:
         return collate([self.dataset[i] for i in indices[lo:hi]]), slice(lo, hi)
 
     def _tokens(self, captions: list[str]) -> list[Tensor]:
-        """Token ids for each text encoder (SDXL's two pad differently)."""
-        return [tok(captions).to(self.device) for tok in self.bundle.tokenizers]
+        """(B, chunks, 77) token ids for each text encoder (SDXL's two pad differently)."""
+        max_chunks = self.cfg.max_token_length // 75
+        ids = [caption_ids(captions, tok, max_chunks) for tok in self.bundle.tokenizers]
+        if ids[0][1] and not self._warned_cut_captions:
+            self._warned_cut_captions = True
+            log.warning("captions longer than max_token_length = %d tokens are cut (%d in this batch); "
+                        "set max_token_length = 150 or 225 to keep them", self.cfg.max_token_length, ids[0][1])
+        return [t.to(self.device) for t, _ in ids]
 
     def _size_ids(self, batch: dict) -> Tensor | None:
         """SDXL's size conditioning numbers for the batch (None for other families)."""
@@ -722,6 +735,7 @@ class Trainer:
             "ss_shuffle_caption": str(cfg.data.shuffle_caption),
             "ss_keep_tokens": str(cfg.data.keep_tokens),
             "ss_clip_skip": str(cfg.clip_skip if cfg.clip_skip > 1 else None),
+            "ss_max_token_length": str(cfg.max_token_length if cfg.max_token_length > 75 else None),
             "ss_num_train_images": str(len(self.dataset)),
             "ss_training_started_at": str(self.started_at.timestamp()),
             "ss_training_finished_at": str(time.time()),
