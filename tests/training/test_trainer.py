@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from torch import Tensor
 
 from sdlab.errors import SdlabError
 from sdlab.training.config import load_config
@@ -376,16 +377,73 @@ def test_sdxl_lora_in_kohyas_sdxl_names_loads_in_diffusers_and_sdlab(tmp_path, s
     assert (loaded - merged).abs().max() < 1e-5
 
 
-def test_unsupported_models_and_options_are_refused_at_the_start(tmp_path, shapes):
-    sdxl = save_native(tiny_bundle("sdxl"), tmp_path / "sdxl.safetensors")
-    inpaint = save_native(tiny_bundle("sd1-inpaint"), tmp_path / "inpaint.safetensors")
-    for over, message in [
-        (dict(base_model=repr(str(sdxl)), **{"lora.train_text_encoder": "true"}),
-         "training its text encoders is not supported yet; set lora.train_text_encoder = false"),
-        (dict(base_model=repr(str(inpaint))), "training inpainting models is not supported"),
-    ]:
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_text_encoder_lora_on_openclip_loads_in_diffusers_and_sdlab(tmp_path, shapes, family):
+    """A LoRA on the UNet and the text encoders of SD 2.x (OpenCLIP-H) and SDXL (CLIP-L and bigG), with
+    OpenCLIP's fused q, k, v trained as kohya's separate q_proj / k_proj / v_proj: each encoder's
+    conditioning (the states the UNet reads, and SDXL's pooled projection) merged here equals
+    diffusers' after `load_lora_weights` and sdlab's LoRA loader's. Only the layers the
+    conditioning depends on get LoRA: SD 2.x reads the penultimate layer (its diffusers folder
+    stops there), SDXL's CLIP-L too, while bigG's pooled output needs its last."""
+    import diffusers
+
+    from sdlab.checkpoints.loader import load_bundle
+    from sdlab.lora import apply_loras, load_lora
+    from tests.tiny import diffusers_folder
+
+    bundle, folder = diffusers_folder(tmp_path, family)
+    single = save_native(bundle, tmp_path / f"{family}.safetensors")
+    cfg = config(tmp_path, shapes, mode="'lora'", base_model=f"{str(single)!r}", steps=3, lr=5e-2, save_dtype="'fp32'",
+                 **{"lora.rank": 4, "lora.alpha": 4, "lora.train_text_encoder": "true"})
+    t = trainer(cfg)
+    path = t.train()
+    with safe_open(path, "pt") as f:
+        keys = {k.removesuffix(".lora_up.weight") for k in f.keys() if k.endswith(".lora_up.weight")}
+    prefixes = ["lora_te_"] if family == "sd2" else ["lora_te1_", "lora_te2_"]
+    layers = {p: {int(k.split("_layers_")[1].split("_")[0]) for k in keys if k.startswith(p)} for p in prefixes}
+    assert layers == ({"lora_te_": {0, 1}} if family == "sd2" else {"lora_te1_": {0}, "lora_te2_": {0, 1, 2}})
+    for x in "qkv":
+        name = f"{prefixes[-1]}text_model_encoder_layers_0_self_attn_{x}_proj"
+        assert name in keys and t.lora.loras[name].lora_up.weight.abs().sum() > 0  # trained through the fused rows
+
+    pipeline = diffusers.StableDiffusionPipeline if family == "sd2" else diffusers.StableDiffusionXLPipeline
+    pipe = pipeline.from_pretrained(folder, **({"safety_checker": None} if family == "sd2" else {}))
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    ids = [tok(["a red circle on a blue background"]) for tok in t.bundle.tokenizers]
+    skip = 2  # the family's layer: penultimate (+ final norm for SD 2.x, whose folder holds the layers up to it)
+
+    def theirs() -> list[Tensor]:
+        outs = [te(i, output_hidden_states=True) for te, i in zip(encoders, ids)]
+        if family == "sd2":
+            return [outs[0].last_hidden_state]
+        return [outs[0].hidden_states[-2], outs[1].hidden_states[-2], outs[1].text_embeds]
+
+    def ours(text_encoders) -> list[Tensor]:
+        outs = [te(i, skip=skip, final_norm=family == "sd2") for te, i in zip(text_encoders, ids)]
+        return [o.hidden for o in outs] + ([outs[-1].pooled] if family == "sdxl" else [])
+
+    loaded = load_bundle(single, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        before = theirs()
+        pipe.load_lora_weights(str(path))
+        after = theirs()
+        t.lora.merge()
+        merged = ours(t.bundle.text_encoders)
+        with apply_loras(loaded, [(load_lora(path), 1.0, 1.0)]) as applied:
+            assert not applied.unmatched
+            via_loader = ours(loaded.text_encoders)
+    for b, a, m, v in zip(before, after, merged, via_loader):
+        assert (a - b).abs().max() > 1e-3  # the LoRA changes every output...
+        assert (a - m).abs().max() < 1e-4  # ...the same way in all three
+        assert (v - m).abs().max() < 1e-5
+
+
+def test_unsupported_models_are_refused_at_the_start(tmp_path, shapes):
+    for family, message in [("sd1-inpaint", "training inpainting models is not supported; train its base model"),
+                            ("sdxl-refiner", "training the SDXL refiner is not supported")]:
+        single = save_native(tiny_bundle(family), tmp_path / f"{family}.safetensors")
         with pytest.raises(SdlabError, match=message):
-            trainer(config(tmp_path, shapes, mode="'lora'", **over))
+            trainer(config(tmp_path, shapes, mode="'lora'", base_model=repr(str(single))))
     with pytest.raises(SdlabError, match="model.family must be one of sd1, sd2, sd2-v in scratch mode, got 'sdxl'"):
         trainer(config(tmp_path, shapes, **{"model.family": "'sdxl'"}))
 

@@ -138,6 +138,19 @@ class OpenAITextTransformer(nn.Module):
 
 # ---- OpenCLIP layout ----
 
+class FusedProjection(nn.Module):
+    """`F.linear` with weights its parent holds. A module of its own, without parameters (the
+    state dict keeps nn.MultiheadAttention's keys), so that a training LoRA can hook its output
+    as it hooks a Linear's (`training.lora_network`)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+
 class OpenCLIPAttention(nn.Module):
     """nn.MultiheadAttention's parameter layout: q, k, v fused as rows of `in_proj_weight`."""
 
@@ -146,11 +159,12 @@ class OpenCLIPAttention(nn.Module):
         self.heads = cfg.heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * cfg.width))
+        self.in_proj = FusedProjection(cfg.width, 3 * cfg.width)
         self.out_proj = nn.Linear(cfg.width, cfg.width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, width)
+        q, k, v = self.in_proj(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, width)
         return self.out_proj(attention(q, k, v, self.heads, mask))
 
 

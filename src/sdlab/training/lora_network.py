@@ -7,37 +7,43 @@ state dict keeps its keys and weights, and removing the hooks restores it exactl
 Targets follow kohya's `networks/lora.py`: in the UNet every Linear and 1x1 conv of
 the transformer blocks (diffusers' `Transformer2DModel`), plus with `conv_rank` the
 ResBlocks and resamplers (LoCon / C3Lier: 3x3 convs at `conv_rank`, their Linear and
-1x1 layers at `rank`); in the text encoder the attention and MLP Linears. Names are
-kohya's: `lora_unet_` + the diffusers module path (SDXL: the original one), `lora_te_` + the
-transformers one, dots replaced by underscores.
+1x1 layers at `rank`); in the text encoders the attention and MLP Linears (OpenCLIP's
+fused q, k, v projection as three LoRAs on its rows, as in the transformers layout). Names
+are kohya's: `lora_unet_` + the diffusers module path (SDXL: the original one), `lora_te_`
+(SDXL: `lora_te1_`, `lora_te2_`) + the transformers one, dots replaced by underscores.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoints.diffusers_keys import unet_to_diffusers
 from ..errors import SdlabError
-from ..models.clip import CLIPTextModel
+from ..lora import kohya_name
+from ..models.clip import CLIPTextModel, FusedProjection, OpenCLIPAttention
 from ..models.unet import UNet
 
 UNET_PREFIX = "lora_unet"
-TE_PREFIX = "lora_te"
 
 
 class LoRAModule(nn.Module):
     """The low-rank update of one layer: `down` has the layer's kernel, `up` is 1x1 (kohya)."""
 
-    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | FusedProjection | nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0,
+                 rows: tuple[int, int] | None = None):
+        """`rows`: update only these output rows of `base` (q, k or v of a fused projection)."""
         super().__init__()
-        if isinstance(base, nn.Linear):
+        self.rows = rows
+        if isinstance(base, (nn.Linear, FusedProjection)):
+            out_features = base.out_features if rows is None else rows[1] - rows[0]
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
-            self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+            self.lora_up = nn.Linear(rank, out_features, bias=False)
         else:
             self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
@@ -66,6 +72,9 @@ class LoRAModule(nn.Module):
 
     def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         h = self._down(inputs[0])
+        if self.rows is not None:  # a text encoder's q, k or v: small, so the plain sum will do
+            lo, hi = self.rows
+            return output + F.pad(self._up(h).to(output.dtype), (lo, output.shape[-1] - hi))
         if isinstance(self.lora_up, nn.Linear) and h.dtype == output.dtype and output.is_contiguous():
             return _AddLowRank.apply(output, h, self.lora_up.weight, self.scale * self.multiplier)
         return output + self._up(h).to(output.dtype)
@@ -144,24 +153,37 @@ def unet_kohya_names(unet: UNet, native_paths: list[str], spelling: str = "diffu
     return out
 
 
-_TE_TARGET = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+_TE_LAYER = re.compile(r"^(?:text_model\.encoder\.layers|transformer\.resblocks)\.(\d+)\.")
+_TE_TARGET = re.compile(r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)$")
 
 
-def _te_targets(te: CLIPTextModel) -> Iterator[tuple[str, nn.Module]]:
-    if te.cfg.layout != "openai":
-        raise SdlabError("LoRA on an OpenCLIP text encoder (SD 2.x) is not supported yet: set lora.train_text_encoder = false")
+def _te_targets(te: CLIPTextModel, layers: int) -> Iterator[tuple[str, nn.Module, Tensor, tuple[int, int] | None]]:
+    """(module path, layer to hook, its weight, rows) of the attention and MLP Linears kohya puts
+    LoRA on, in the first `layers` layers. OpenCLIP's q, k and v are rows of one fused projection,
+    named as the transformers layout's `q_proj`, `k_proj`, `v_proj` (`lora.kohya_name`)."""
     for name, mod in te.named_modules():
+        layer = _TE_LAYER.match(name)
+        if layer is None or int(layer.group(1)) >= layers:
+            continue
         if isinstance(mod, nn.Linear) and _TE_TARGET.search(name):
-            yield name, mod
+            yield name, mod, mod.weight, None
+        elif isinstance(mod, OpenCLIPAttention):
+            width = mod.out_proj.in_features
+            for i, x in enumerate("qkv"):
+                yield f"{name}.{x}_proj", mod.in_proj, mod.in_proj_weight, (i * width, (i + 1) * width)
 
 
 class LoRANetwork(nn.Module):
     """All LoRA modules of one model, by kohya name. `apply()` attaches them, `remove()` detaches."""
 
-    def __init__(self, unet: UNet | None, text_encoder: CLIPTextModel | None, rank: int, alpha: float,
+    def __init__(self, unet: UNet | None, text_encoders: Sequence[CLIPTextModel] | None, rank: int, alpha: float,
                  conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, only: str | None = None,
-                 unet_names: str = "diffusers"):
-        """`only`: a regex; when given, just the layers whose kohya name it matches (`re.search`),
+                 unet_names: str = "diffusers", text_layers: Sequence[int] | None = None):
+        """`text_encoders`: the model's text encoders to train too (named `lora_te_`, or SDXL's two
+        `lora_te1_` and `lora_te2_`), none, or None. `text_layers`: for each, how many of its first
+        layers get LoRA (the layers after the one the UNet reads change nothing; SD 2.x's diffusers
+        folders and kohya's do not even have its last one); None: all.
+        `only`: a regex; when given, just the layers whose kohya name it matches (`re.search`),
         e.g. `r"attn[12]_to_(q|k|v|out_0)$"` for the attention projections as diffusers' scripts.
         `unet_names`: "diffusers" or "original", how the UNet's modules are spelled (`unet_kohya_names`)."""
         super().__init__()
@@ -169,6 +191,7 @@ class LoRANetwork(nn.Module):
         self.rank, self.alpha, self.conv_rank, self.conv_alpha = rank, alpha, conv_rank, conv_alpha
         self.loras = nn.ModuleDict()
         self._targets: dict[str, nn.Module] = {}
+        self._weights: dict[str, tuple[Tensor, tuple[int, int] | None]] = {}
         self._handles: list = []
         if unet is not None:
             targets = list(_unet_targets(unet, conv_rank > 0))
@@ -176,18 +199,25 @@ class LoRANetwork(nn.Module):
             for path, layer, is_conv3 in targets:
                 r, a = (conv_rank, conv_alpha) if is_conv3 else (rank, alpha)
                 self._add(names[path], layer, r, a, dropout)
-        if text_encoder is not None:
-            for path, layer in _te_targets(text_encoder):
-                self._add(TE_PREFIX + "_" + path.replace(".", "_"), layer, rank, alpha, dropout)
+        text_encoders = list(text_encoders or [])
+        parts = ["te"] if len(text_encoders) == 1 else [f"te{i + 1}" for i in range(len(text_encoders))]
+        for i, (te, part) in enumerate(zip(text_encoders, parts)):
+            layers = te.cfg.layers if text_layers is None else text_layers[i]
+            for path, layer, weight, rows in _te_targets(te, layers):
+                self._add(kohya_name(path, part), layer, rank, alpha, dropout, weight, rows)
         if not self.loras:
             raise SdlabError("LoRA: the model has no layers to attach LoRA to (no transformer blocks?)")
 
-    def _add(self, name: str, layer: nn.Module, rank: int, alpha: float, dropout: float) -> None:
+    def _add(self, name: str, layer: nn.Module, rank: int, alpha: float, dropout: float,
+             weight: Tensor | None = None, rows: tuple[int, int] | None = None) -> None:
+        """`weight`: the one `layer` computes with (default `layer.weight`); `rows`: the part of it
+        this LoRA changes (q, k or v of a fused projection)."""
         if self._only is not None and not self._only.search(name):
             return
-        p = layer.weight
-        self.loras[name] = LoRAModule(layer, rank, alpha, dropout).to(device=p.device, dtype=torch.float32)
+        weight = layer.weight if weight is None else weight
+        self.loras[name] = LoRAModule(layer, rank, alpha, dropout, rows).to(device=weight.device, dtype=torch.float32)
         self._targets[name] = layer
+        self._weights[name] = (weight, rows)
 
     def apply(self) -> None:
         self.remove()
@@ -212,5 +242,6 @@ class LoRANetwork(nn.Module):
         """Add every LoRA into its base weight (for tests and exports); detach the hooks first."""
         self.remove()
         for name, m in self.loras.items():
-            w = self._targets[name].weight
+            weight, rows = self._weights[name]
+            w = weight if rows is None else weight[rows[0]:rows[1]]
             w += m.merged_weight_delta().reshape(w.shape).to(w.dtype)

@@ -274,16 +274,22 @@ class Trainer:
             net.to(self.device)
         return bundle
 
-    def _check_trainable(self, bundle: Bundle) -> None:
+    @staticmethod
+    def _check_trainable(bundle: Bundle) -> None:
         fam = bundle.family
         if fam.inpaint:
             raise SdlabError(f"{fam.label}: training inpainting models is not supported; train its base model")
         if fam.added_conditioning == "sdxl-refiner":
             raise SdlabError(f"{fam.label}: training the SDXL refiner is not supported; train the SDXL base model")
-        if len(bundle.text_encoders) > 1 and self._trained_text_encoder():
-            key = "lora.train_text_encoder" if self.cfg.mode == "lora" else "train_text_encoder"
-            raise SdlabError(f"{fam.label}: training its text encoders is not supported yet; set {key} = false "
-                             "(the UNet alone trains, as kohya's --network_train_unet_only)")
+
+    def _text_layers_read(self, skip: int) -> list[int]:
+        """For each text encoder, how many of its first layers the UNet's conditioning depends on:
+        up to the one whose states it reads, and all of SDXL's second (its pooled output)."""
+        b = self.bundle
+        counts = [te.cfg.layers - skip + 1 for te in b.text_encoders]
+        if b.family.added_conditioning:
+            counts[-1] = b.text_encoders[-1].cfg.layers
+        return counts
 
     def _trained_text_encoder(self) -> bool:
         cfg = self.cfg
@@ -300,8 +306,9 @@ class Trainer:
             groups = [{"params": list(b.vae.parameters()), "lr": cfg.vae_lr}]
             total = cfg.vae_steps
         else:
-            te = b.text_encoders[0]
             train_te = self._trained_text_encoder()
+            # The layer sampling reads (pipeline.text_runners): the family's, moved back by CLIP skip.
+            skip = min(b.family.clip_skip + cfg.clip_skip - 1, *(te.cfg.layers for te in b.text_encoders))
             b.unet.gradient_checkpointing = cfg.gradient_checkpointing
             if cfg.mode == "lora":
                 from .lora_network import LoRANetwork
@@ -311,9 +318,10 @@ class Trainer:
                 if self.lora is None:
                     # kohya's SDXL scripts name the UNet's modules as the original UNet does.
                     names = "original" if b.family.added_conditioning else "diffusers"
-                    self.lora = LoRANetwork(b.unet if lc.train_unet else None, te if lc.train_text_encoder else None,
+                    self.lora = LoRANetwork(b.unet if lc.train_unet else None,
+                                            b.text_encoders if lc.train_text_encoder else None,
                                             lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.dropout,
-                                            unet_names=names).to(self.device)
+                                            unet_names=names, text_layers=self._text_layers_read(skip)).to(self.device)
                 self.lora.apply()
                 self.lora.train()
                 b.unet.train()
@@ -326,11 +334,11 @@ class Trainer:
                 b.unet.requires_grad_(True).train()
                 groups = [{"params": list(b.unet.parameters()), "lr": cfg.lr}]
                 if train_te:
-                    te.requires_grad_(True).train()
-                    groups.append({"params": list(te.parameters()), "lr": cfg.text_encoder_lr or cfg.lr})
+                    for te in b.text_encoders:
+                        te.requires_grad_(True).train()
+                    groups.append({"params": [p for te in b.text_encoders for p in te.parameters()],
+                                   "lr": cfg.text_encoder_lr or cfg.lr})
             groups = [g for g in groups if g["params"]]
-            # The layer sampling reads (pipeline.text_runners): the family's, moved back by CLIP skip.
-            skip = min(b.family.clip_skip + cfg.clip_skip - 1, te.cfg.layers)
             module = Denoising(b.unet, b.text_encoders, self.lora, self.prediction, cfg.min_snr_gamma, train_te, skip,
                                b.family.text_final_norm)
             total = cfg.steps
