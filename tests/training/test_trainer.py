@@ -102,6 +102,33 @@ def test_adamw_is_fused_where_available_and_makes_the_same_update():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_optimizer_by_class_path_with_its_arguments(tmp_path, shapes, base_model):
+    """kohya's --optimizer_type / --optimizer_args: any optimizer class by import path, given the
+    learning rate of each group and the arguments; named so in ss_optimizer."""
+    cfg = config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", steps=1, lr=0.5,
+                 optimizer="'torch.optim.SGD'", optimizer_args="{ momentum = 0.9, nesterov = true }",
+                 **{"lora.rank": 4, "lora.train_text_encoder": "true", "lora.text_encoder_lr": 0.25})
+    t = trainer(cfg)
+    opt = t.optimizer.optimizer if hasattr(t.optimizer, "optimizer") else t.optimizer  # accelerate's wrapper
+    assert type(opt) is torch.optim.SGD
+    assert [(g["lr"], g["momentum"], g["nesterov"]) for g in opt.param_groups] == [(0.5, 0.9, True), (0.25, 0.9, True)]
+    ups = [p for n, p in t.lora.named_parameters() if n.endswith("lora_up.weight")]
+    t.train_step(t._global_batches())
+    assert any(p.abs().sum() > 0 for p in ups)
+    assert t.lora_metadata()["ss_optimizer"] == "torch.optim.SGD(momentum=0.9,nesterov=True)"
+
+
+@pytest.mark.parametrize("optimizer, message", [
+    ("sgd", "optimizer must be one of adamw, adamw8bit or a class path"),
+    ("nosuchpackage.Opt", "cannot import 'nosuchpackage'; install the package that provides it"),
+    ("torch.optim.NoSuch", "'torch.optim' has no 'NoSuch'"),
+    ("torch.nn.Linear", "is not a torch.optim.Optimizer class"),
+])
+def test_optimizer_errors(tmp_path, shapes, base_model, optimizer, message):
+    with pytest.raises(SdlabError, match=message):
+        trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", optimizer=repr(optimizer)))
+
+
 def test_min_snr_weight_by_hand():
     snr = torch.tensor([0.5, 5.0, 20.0])
     assert torch.allclose(min_snr_weight(snr, 5.0, "eps"), torch.tensor([1.0, 1.0, 0.25]))

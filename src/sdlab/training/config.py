@@ -75,7 +75,11 @@ class TrainConfig:
     lr: float = 1e-4
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    # "adamw", "adamw8bit" (bitsandbytes), or any optimizer class by its import path, as kohya's
+    # --optimizer_type takes it ("prodigyopt.Prodigy", "torch.optim.Adafactor", "lion_pytorch.Lion"):
+    # it gets the learning rate and `optimizer_args` only (kohya's --optimizer_args).
+    optimizer: str = "adamw"
+    optimizer_args: dict = field(default_factory=dict)
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0  # 0: no clipping
@@ -119,8 +123,12 @@ class TrainConfig:
             raise bad(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.mixed_precision not in PRECISIONS:
             raise bad(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise bad(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS and "." not in self.optimizer:
+            raise bad(f"optimizer must be one of {', '.join(OPTIMIZERS)} or a class path such as "
+                      f"\"prodigyopt.Prodigy\", got {self.optimizer!r}")
+        if not isinstance(self.optimizer_args, dict):
+            raise bad(f"optimizer_args must be a table, e.g. optimizer_args = {{ momentum = 0.9 }}, "
+                      f"got {self.optimizer_args!r}")
         if self.prediction not in (None, "eps", "v"):
             raise bad(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
         if self.max_token_length not in (75, 150, 225):

@@ -216,6 +216,23 @@ def adamw(params: list, **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **kw)
 
 
+def _optimizer_class(path: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class named by its import path, e.g. "prodigyopt.Prodigy"."""
+    import importlib
+
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except ImportError:
+        raise SdlabError(f"optimizer {path!r}: cannot import {module_name!r}; install the package that provides "
+                         f"it (e.g. pip install {module_name.split('.')[0]})") from None
+    except AttributeError:
+        raise SdlabError(f"optimizer {path!r}: {module_name!r} has no {name!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise SdlabError(f"optimizer {path!r} is not a torch.optim.Optimizer class")
+    return cls
+
+
 class Trainer:
     """Build with a TrainConfig, call `train()`. Tests drive it step by step."""
 
@@ -364,7 +381,7 @@ class Trainer:
 
     def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         cfg = self.cfg
-        kw = dict(betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        kw = {"betas": tuple(cfg.adam_betas), "weight_decay": cfg.weight_decay, **cfg.optimizer_args}
         if cfg.optimizer == "adamw8bit":
             try:
                 import bitsandbytes as bnb
@@ -372,7 +389,9 @@ class Trainer:
                 raise SdlabError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes "
                                  "(or use optimizer = \"adamw\")") from None
             return bnb.optim.AdamW8bit(groups, **kw)
-        return adamw(groups, **kw)
+        if cfg.optimizer == "adamw":
+            return adamw(groups, **kw)
+        return _optimizer_class(cfg.optimizer)(groups, **cfg.optimizer_args)
 
     # -- data -------------------------------------------------------------
 
@@ -732,7 +751,7 @@ class Trainer:
             "ss_text_encoder_lr": str(lc.text_encoder_lr or cfg.lr),
             "ss_lr_scheduler": cfg.lr_scheduler,
             "ss_lr_warmup_steps": str(cfg.warmup_steps),
-            "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.optimizer == "adamw8bit" else "torch.optim.AdamW",
+            "ss_optimizer": _optimizer_metadata(cfg.optimizer, cfg.optimizer_args),
             "ss_batch_size_per_device": str(cfg.batch_size),
             "ss_gradient_accumulation_steps": str(cfg.grad_accum),
             "ss_mixed_precision": cfg.mixed_precision,
@@ -757,6 +776,12 @@ class Trainer:
             "modelspec.prediction_type": "v" if self.prediction == "v" else "epsilon",
         }
         return meta
+
+
+def _optimizer_metadata(optimizer: str, args: dict) -> str:
+    """kohya's `ss_optimizer`: the class path, then the arguments, e.g. `prodigyopt.Prodigy(d_coef=2)`."""
+    name = {"adamw8bit": "bitsandbytes.optim.AdamW8bit", "adamw": "torch.optim.AdamW"}.get(optimizer, optimizer)
+    return name + (f"({','.join(f'{k}={v}' for k, v in args.items())})" if args else "")
 
 
 def _modelspec_architecture(family, prediction: str) -> str:
