@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from torch import Tensor
 from sdlab.errors import SdlabError
 from sdlab.training.config import load_config
 from sdlab.training.shapes import make_shapes_dataset
-from sdlab.training.trainer import Trainer, diffusion_loss, min_snr_weight
+from sdlab.training.trainer import (LossOptions, Trainer, diffusion_loss, huber_threshold, min_snr_weight,
+                                    pyramid_noise)
 from tests.tiny import save_native, tiny_bundle
 
 
@@ -138,15 +140,70 @@ def test_min_snr_weight_by_hand():
 def test_eps_and_v_losses():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    a = torch.tensor([0.9, 0.2])
+    a, t = torch.tensor([0.9, 0.2]), torch.tensor([0, 1])
     v = a.sqrt().view(-1, 1, 1, 1) * eps - (1 - a).sqrt().view(-1, 1, 1, 1) * x0
-    assert diffusion_loss(eps, x0, eps, a, "eps").abs().max() == 0
-    assert diffusion_loss(v, x0, eps, a, "v").abs().max() < 1e-12
+    eps_loss, v_loss = LossOptions("eps"), LossOptions("v")
+    assert diffusion_loss(eps, x0, eps, t, a, eps_loss).abs().max() == 0
+    assert diffusion_loss(v, x0, eps, t, a, v_loss).abs().max() < 1e-12
     # a zero prediction costs the mean square of the target, per sample
-    assert torch.allclose(diffusion_loss(torch.zeros_like(v), x0, eps, a, "v"), v.pow(2).mean(dim=(1, 2, 3)))
-    weighted = diffusion_loss(torch.zeros_like(eps), x0, eps, a, "eps", min_snr_gamma=5.0)
+    assert torch.allclose(diffusion_loss(torch.zeros_like(v), x0, eps, t, a, v_loss), v.pow(2).mean(dim=(1, 2, 3)))
+    weighted = diffusion_loss(torch.zeros_like(eps), x0, eps, t, a, LossOptions("eps", min_snr_gamma=5.0))
     snr = a / (1 - a)
     assert torch.allclose(weighted, eps.pow(2).mean(dim=(1, 2, 3)) * snr.clamp(max=5) / snr)
+
+
+def test_kohyas_loss_options_by_hand():
+    """kohya's formulas (train_util.conditional_loss / get_huber_threshold_if_needed,
+    custom_train_functions): for an error d and threshold c, huber 2c(sqrt(d^2 + c^2) - c)
+    and smooth_l1 2(sqrt(d^2 + c^2) - c); the thresholds' schedules; the SNR scalings."""
+    alphas = torch.tensor([0.99, 0.5, 0.01, 0.2])
+    t = torch.tensor([0, 1, 2, 3])
+    x0, d = torch.zeros(4, 1, 1, 1), torch.tensor([0.0, 0.5, 3.0, -2.0]).view(4, 1, 1, 1)
+    pred, eps = d, torch.zeros(4, 1, 1, 1)  # pred - target = d
+    sigma = ((1 - alphas) / alphas).sqrt()
+    for schedule, c in [("constant", torch.full((4,), 0.1 * 2.0)),
+                        ("exponential", torch.exp(math.log(0.1) * t / 1000) * 2.0),  # t out of 1000 steps
+                        ("snr", (1 - 0.1) / (1 + sigma) ** 2 + 0.1)]:
+        opts = LossOptions("eps", "huber", huber_c=0.1, huber_schedule=schedule, huber_scale=2.0)
+        assert torch.allclose(huber_threshold(opts, t, alphas), c)
+        root = torch.sqrt(d.flatten() ** 2 + c ** 2) - c
+        assert torch.allclose(diffusion_loss(pred, x0, eps, t, alphas, opts), 2 * c * root)
+        smooth = LossOptions("eps", "smooth_l1", huber_c=0.1, huber_schedule=schedule, huber_scale=2.0)
+        assert torch.allclose(diffusion_loss(pred, x0, eps, t, alphas, smooth), 2 * root)
+    assert torch.allclose(diffusion_loss(pred, x0, eps, t, alphas, LossOptions("eps", "l1")), d.flatten().abs())
+    # pseudo-Huber: quadratic for small errors, linear (slope 2c) for large ones
+    tiny, big = torch.tensor([[[[1e-3]]]]), torch.tensor([[[[1e3]]]])
+    for err, expected in [(tiny, 1e-6), (big, 2 * 0.1 * (1e3 - 0.1))]:
+        got = diffusion_loss(err, torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.tensor([0]), torch.tensor([0.5]),
+                             LossOptions("eps", "huber", huber_schedule="constant"))
+        assert got.item() == pytest.approx(expected, rel=1e-3)
+
+    plain = diffusion_loss(pred, x0, eps, t, alphas, LossOptions("eps"))
+    snr = (alphas / (1 - alphas)).clamp(max=1000)
+    scaled = diffusion_loss(pred, x0, eps, t, alphas, LossOptions("eps", scale_v_pred_loss_like_noise_pred=True))
+    assert torch.allclose(scaled, plain * snr / (snr + 1))
+    debiased = diffusion_loss(pred, x0, eps, t, alphas, LossOptions("eps", debiased_estimation_loss=True))
+    assert torch.allclose(debiased, plain / snr.sqrt())
+    v_plain = diffusion_loss(pred, x0, eps, t, alphas, LossOptions("v"))
+    v_debiased = diffusion_loss(pred, x0, eps, t, alphas, LossOptions("v", debiased_estimation_loss=True))
+    assert torch.allclose(v_debiased, v_plain / (snr + 1))
+
+
+def test_pyramid_noise_is_seeded_unit_spread_and_has_coarse_layers():
+    """kohya's multires noise: white noise plus upscaled coarser layers, rescaled to unit spread;
+    drawn from the run's generator (the same draws on every rank and after --resume)."""
+    base = torch.randn(8, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    a = pyramid_noise(base, 8, 0.8, torch.Generator().manual_seed(2))
+    b = pyramid_noise(base, 8, 0.8, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, base)
+    assert a.std().item() == pytest.approx(1.0, abs=1e-5)
+    # Each 64x64 map's mean: about 1/64 spread for white noise; the coarse layers make it far larger.
+    assert base.mean(dim=(2, 3)).std() < 0.03 and a.mean(dim=(2, 3)).std() > 0.15
+    one = pyramid_noise(base, 1, 0.3, torch.Generator().manual_seed(2))  # the full-size layer only
+    g = torch.Generator().manual_seed(2)
+    torch.rand((), generator=g)
+    expected = base + torch.randn(base.shape, generator=g)
+    assert torch.allclose(one, expected / expected.std())
 
 
 # ----------------------------------------------------------------------------- training
@@ -183,10 +240,14 @@ def test_scratch_training_loss_falls(tmp_path, shapes):
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_resume_is_exact(tmp_path, shapes, prediction):
+@pytest.mark.parametrize("prediction, options", [
+    ("eps", {}), ("v", {}),
+    # kohya's noise and loss options draw from the run's generators too
+    ("eps", dict(multires_noise_iterations=6, ip_noise_gamma=0.1, loss_type="'huber'", debiased_estimation_loss="true")),
+])
+def test_resume_is_exact(tmp_path, shapes, prediction, options):
     kw = dict(steps=3, vae_steps=1, ema_decay=0.9, noise_offset=0.05, min_snr_gamma=5.0, lr_scheduler="'cosine'",
-              warmup_steps=1, grad_accum=2, prediction=f"'{prediction}'")
+              warmup_steps=1, grad_accum=2, prediction=f"'{prediction}'", **options)
     straight = trainer(config(tmp_path / "a", shapes, **kw))
     straight.train()
     first = trainer(config(tmp_path / "b", shapes, **kw))

@@ -21,6 +21,8 @@ MODES = ("lora", "finetune", "scratch")
 SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,16 @@ class TrainConfig:
     deterministic: bool = False  # GPU: deterministic kernels, so --resume is exact there too (a little slower)
     min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
     noise_offset: float = 0.0
+    # kohya's loss and noise options, with its names, defaults and formulas (trainer.LossOptions).
+    loss_type: str = "l2"  # l2 | l1 | huber | smooth_l1
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"  # snr | exponential | constant
+    huber_scale: float = 1.0
+    scale_v_pred_loss_like_noise_pred: bool = False
+    debiased_estimation_loss: bool = False
+    multires_noise_iterations: int = 0  # 0: off; kohya's docs suggest 6-10
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0  # input perturbation of the noise; 0.1 in the paper
     ema_decay: float = 0.0  # 0: no EMA; the saved model holds the EMA weights when on
     train_text_encoder: bool = False  # finetune / scratch
     # The web UIs' and kohya's CLIP skip: 2 conditions on the text encoder layer before the one the
@@ -145,8 +157,17 @@ class TrainConfig:
             raise bad(f"lr must be positive, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise bad(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.min_snr_gamma < 0 or self.noise_offset < 0:
-            raise bad("min_snr_gamma and noise_offset must be 0 or more")
+        for name in ("min_snr_gamma", "noise_offset", "multires_noise_iterations", "ip_noise_gamma"):
+            if getattr(self, name) < 0:
+                raise bad(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.loss_type not in LOSS_TYPES:
+            raise bad(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            raise bad(f"huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}, got {self.huber_schedule!r}")
+        if not 0 < self.huber_c <= 1:
+            raise bad(f"huber_c must be in (0, 1], got {self.huber_c}")
+        if not 0 < self.multires_noise_discount <= 1:
+            raise bad(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
         if self.vae_steps and self.mode != "scratch":
             raise bad("vae_steps (the VAE reconstruction phase) only applies to mode 'scratch'")
         if self.mode == "lora":

@@ -94,29 +94,91 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
     return clipped / (snr + 1) if prediction == "v" else clipped / snr
 
 
-def diffusion_loss(pred: Tensor, latents: Tensor, noise: Tensor, alphas_cumprod_t: Tensor, prediction: str,
-                   min_snr_gamma: float = 0.0) -> Tensor:
-    """Per-sample loss (B,) of a UNet prediction for `noisy = sqrt(a) x0 + sqrt(1 - a) eps`."""
-    a = alphas_cumprod_t.view(-1, 1, 1, 1)
-    target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        loss = loss * min_snr_weight(alphas_cumprod_t / (1 - alphas_cumprod_t), min_snr_gamma, prediction)
+@dataclass(frozen=True)
+class LossOptions:
+    """How a prediction's error becomes the loss, with kohya's option names and formulas
+    (`library/train_util.py` conditional_loss, `library/custom_train_functions.py`)."""
+
+    prediction: str = "eps"  # "eps" or "v"
+    loss_type: str = "l2"  # "l2", "l1", "huber" or "smooth_l1" (the pseudo-Huber loss, scaled two ways)
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"  # the threshold over timesteps: "snr", "exponential" or "constant"
+    huber_scale: float = 1.0
+    min_snr_gamma: float = 0.0
+    scale_v_pred_loss_like_noise_pred: bool = False
+    debiased_estimation_loss: bool = False
+
+
+def huber_threshold(options: LossOptions, timesteps: Tensor, alphas_cumprod_t: Tensor) -> Tensor:
+    """(B,) pseudo-Huber thresholds: `huber_c` (times `huber_scale`) throughout, or falling from
+    `huber_scale` at t = 0 to `huber_c * huber_scale` at t = 1000 ("exponential"), or from 1 to
+    `huber_c` as the noise level sigma grows ("snr": (1 - c) / (1 + sigma)^2 + c)."""
+    c = options.huber_c
+    if options.huber_schedule == "exponential":
+        return torch.exp(math.log(c) * timesteps.float() / 1000) * options.huber_scale
+    if options.huber_schedule == "snr":
+        sigma = ((1 - alphas_cumprod_t) / alphas_cumprod_t).sqrt()
+        return (1 - c) / (1 + sigma) ** 2 + c
+    return torch.full(timesteps.shape, c * options.huber_scale, device=timesteps.device)
+
+
+def diffusion_loss(pred: Tensor, latents: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor,
+                   options: LossOptions = LossOptions()) -> Tensor:
+    """Per-sample loss (B,) of a UNet prediction for `noisy = sqrt(a) x0 + sqrt(1 - a) eps`,
+    `a = alphas_cumprod[timesteps]`."""
+    a_t = alphas_cumprod[timesteps].float()
+    a = a_t.view(-1, 1, 1, 1)
+    target = noise if options.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    pred, target = pred.float(), target.float()
+    if options.loss_type == "l2":
+        loss = F.mse_loss(pred, target, reduction="none")
+    elif options.loss_type == "l1":
+        loss = F.l1_loss(pred, target, reduction="none")
+    else:
+        c = huber_threshold(options, timesteps, a_t).view(-1, 1, 1, 1)
+        loss = 2 * (torch.sqrt((pred - target) ** 2 + c ** 2) - c)
+        if options.loss_type == "huber":
+            loss = loss * c
+    loss = loss.mean(dim=(1, 2, 3))
+    snr = a_t / (1 - a_t)
+    if options.min_snr_gamma:
+        loss = loss * min_snr_weight(snr, options.min_snr_gamma, options.prediction)
+    snr = snr.clamp(max=1000)  # as kohya: the SNR of t = 0 is near 1e5
+    if options.scale_v_pred_loss_like_noise_pred:
+        loss = loss * snr / (snr + 1)
+    if options.debiased_estimation_loss:
+        loss = loss / (snr + 1) if options.prediction == "v" else loss / snr.sqrt()
     return loss
+
+
+def pyramid_noise(noise: Tensor, iterations: int, discount: float, generator: torch.Generator) -> Tensor:
+    """kohya's multires noise (`pyramid_noise_like`): noise plus `iterations` layers of coarser
+    noise, each upscaled from a size 2-4x smaller than the last (drawn) and weighted by
+    `discount ** i`, rescaled to unit spread. The first layer is full-size white noise."""
+    b, c, h, w = noise.shape
+    noise = noise.clone()
+    for i in range(iterations):
+        r = 2 + 2 * torch.rand((), generator=generator).item()
+        hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        layer = torch.randn(b, c, hn, wn, generator=generator)
+        noise += F.interpolate(layer, size=(h, w), mode="bilinear") * discount ** i
+        if hn == 1 or wn == 1:
+            break
+    return noise / noise.std()
 
 
 class Denoising(nn.Module):
     """What one process runs per micro-batch: text encoding, UNet, loss. One module so that
     DDP sees every trained parameter (UNet, text encoder, LoRA) in one place."""
 
-    def __init__(self, unet: nn.Module, text_encoders: list[nn.Module], lora: nn.Module | None, prediction: str,
-                 min_snr_gamma: float, train_text_encoder: bool, text_skip: int = 1, text_final_norm: bool = True):
+    def __init__(self, unet: nn.Module, text_encoders: list[nn.Module], lora: nn.Module | None, loss: LossOptions,
+                 train_text_encoder: bool, text_skip: int = 1, text_final_norm: bool = True):
         """`text_skip`, `text_final_norm`: the text encoder layer the UNet is conditioned on, as in
         `CLIPTextModel.forward` (SD 2.x: 2, the penultimate, then the final norm; SDXL: 2 without
         it), so that training sees the conditioning that sampling gives."""
         super().__init__()
         self.unet, self.text_encoders, self.lora = unet, nn.ModuleList(text_encoders), lora
-        self.prediction, self.min_snr_gamma, self.train_text_encoder = prediction, min_snr_gamma, train_text_encoder
+        self.loss, self.train_text_encoder = loss, train_text_encoder
         self.text_skip, self.text_final_norm = text_skip, text_final_norm
 
     def conditioning(self, tokens: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -134,14 +196,17 @@ class Denoising(nn.Module):
         return torch.cat(contexts, dim=-1), pooled
 
     def forward(self, latents: Tensor, tokens: list[Tensor], noise: Tensor, timesteps: Tensor,
-                alphas_cumprod: Tensor, size_ids: Tensor | None = None) -> Tensor:
-        """`size_ids`: SDXL's (B, 6) original size, crop top-left and target size, all (h, w)."""
+                alphas_cumprod: Tensor, size_ids: Tensor | None = None, input_noise: Tensor | None = None) -> Tensor:
+        """`size_ids`: SDXL's (B, 6) original size, crop top-left and target size, all (h, w).
+        `input_noise`: the noise mixed into the UNet's input when it is not the target's
+        (kohya's input perturbation, `ip_noise_gamma`)."""
         context, pooled = self.conditioning(tokens)
         y = None if size_ids is None else torch.cat([pooled, sdxl_size_embedding(size_ids.float())], dim=-1)
         a = alphas_cumprod[timesteps].to(latents.dtype)
-        noisy = a.view(-1, 1, 1, 1).sqrt() * latents + (1 - a).view(-1, 1, 1, 1).sqrt() * noise
+        mixed = noise if input_noise is None else input_noise
+        noisy = a.view(-1, 1, 1, 1).sqrt() * latents + (1 - a).view(-1, 1, 1, 1).sqrt() * mixed
         pred = self.unet(noisy, timesteps.float(), context, None if y is None else y.to(context.dtype))
-        return diffusion_loss(pred, latents, noise, a, self.prediction, self.min_snr_gamma).mean()
+        return diffusion_loss(pred, latents, noise, timesteps, alphas_cumprod, self.loss).mean()
 
 
 class Reconstruction(nn.Module):
@@ -356,8 +421,9 @@ class Trainer:
                     groups.append({"params": [p for te in b.text_encoders for p in te.parameters()],
                                    "lr": cfg.text_encoder_lr or cfg.lr})
             groups = [g for g in groups if g["params"]]
-            module = Denoising(b.unet, b.text_encoders, self.lora, self.prediction, cfg.min_snr_gamma, train_te, skip,
-                               b.family.text_final_norm)
+            loss = LossOptions(self.prediction, cfg.loss_type, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale,
+                               cfg.min_snr_gamma, cfg.scale_v_pred_loss_like_noise_pred, cfg.debiased_estimation_loss)
+            module = Denoising(b.unet, b.text_encoders, self.lora, loss, train_te, skip, b.family.text_final_norm)
             total = cfg.steps
         self.trained = [p for g in groups for p in g["params"]]
         self.optimizer = self._make_optimizer(groups)
@@ -468,9 +534,14 @@ class Trainer:
                     noise = torch.randn(shape, generator=gen)
                     if cfg.noise_offset:
                         noise = noise + cfg.noise_offset * torch.randn(shape[:2] + (1, 1), generator=gen)
+                    if cfg.multires_noise_iterations:
+                        noise = pyramid_noise(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, gen)
                     t = torch.randint(0, self.alphas_cumprod.numel(), (len(indices),), generator=gen)
+                    mixed = None
+                    if cfg.ip_noise_gamma:
+                        mixed = (noise + cfg.ip_noise_gamma * torch.randn(shape, generator=gen))[part].to(self.device)
                     loss = self.module(latents, self._tokens(batch["caption"]), noise[part].to(self.device),
-                                       t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch))
+                                       t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch), mixed)
                 self.acc.backward(loss / cfg.grad_accum)
             losses.append(loss.detach())
         if cfg.max_grad_norm:
@@ -758,6 +829,14 @@ class Trainer:
             "ss_seed": str(cfg.seed),
             "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),
             "ss_noise_offset": str(cfg.noise_offset or None),
+            "ss_multires_noise_iterations": str(cfg.multires_noise_iterations or None),
+            "ss_multires_noise_discount": str(cfg.multires_noise_discount),
+            "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
+            "ss_debiased_estimation": str(cfg.debiased_estimation_loss),
+            "ss_loss_type": cfg.loss_type,
+            "ss_huber_schedule": cfg.huber_schedule,
+            "ss_huber_c": str(cfg.huber_c),
+            "ss_huber_scale": str(cfg.huber_scale),
             "ss_caption_dropout_rate": str(cfg.data.caption_dropout_rate),
             "ss_shuffle_caption": str(cfg.data.shuffle_caption),
             "ss_keep_tokens": str(cfg.data.keep_tokens),
