@@ -395,6 +395,32 @@ def test_lora_file_format_and_base_unchanged(tmp_path, shapes, base_model):
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
 
 
+def test_lora_starts_from_network_weights(tmp_path, shapes, base_model, caplog):
+    """kohya's --network_weights: a second run starts from the first run's saved LoRA (weights and
+    alphas); a file of another rank or for another model is refused with what to change."""
+    lora = {"lora.rank": 4, "lora.alpha": 2, "lora.train_text_encoder": "true"}
+    first = trainer(config(tmp_path / "a", shapes, mode="'lora'", base_model=f"{str(base_model)!r}", steps=2, lr=5e-2,
+                           save_dtype="'fp32'", **lora))
+    saved = first.train()
+    with caplog.at_level("WARNING"):  # the file has no LoCon modules: those start from zero
+        second = trainer(config(tmp_path / "b", shapes, mode="'lora'", base_model=f"{str(base_model)!r}",
+                                **{**lora, "lora.alpha": 8, "lora.conv_rank": 2, "lora.network_weights": repr(str(saved))}))
+    assert "of this run's modules are not in it and start from zero" in caplog.text
+    for name, m in first.lora.loras.items():
+        ours = second.lora.loras[name]
+        assert torch.equal(ours.lora_down.weight, m.lora_down.weight) and torch.equal(ours.lora_up.weight, m.lora_up.weight)
+        assert ours.alpha.item() == 2 and ours.scale == 0.5  # the file's alpha, not this run's 8
+    assert any(m.lora_up.weight.abs().sum() > 0 for m in second.lora.loras.values())
+
+    with pytest.raises(SdlabError, match="the file's LoRA has rank 4, this run's 8; set lora.rank = 4"):
+        trainer(config(tmp_path / "c", shapes, mode="'lora'", base_model=f"{str(base_model)!r}",
+                       **{**lora, "lora.rank": 8, "lora.network_weights": repr(str(saved))}))
+    sdxl = save_native(tiny_bundle("sdxl"), tmp_path / "sdxl.safetensors")
+    with pytest.raises(SdlabError, match="none of its modules is one of this run's LoRA modules"):
+        trainer(config(tmp_path / "d", shapes, mode="'lora'", base_model=f"{str(sdxl)!r}",
+                       **{**lora, "lora.train_text_encoder": "false", "lora.network_weights": repr(str(saved))}))
+
+
 def test_lora_loads_in_diffusers_like_merging(tmp_path, shapes, base_model):
     diffusers = pytest.importorskip("diffusers")
     from sdlab.checkpoints.diffusers_folder import write_diffusers_folder

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,10 @@ class LoRAModule(nn.Module):
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.multiplier = 1.0
+
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha.fill_(alpha)
+        self.scale = alpha / self.rank
 
     def delta(self, x: Tensor) -> Tensor:
         return self._up(self._down(x))
@@ -236,6 +240,29 @@ class LoRANetwork(nn.Module):
                 sd[f"{name}.{part}.weight"] = w.to(dtype) if dtype is not None else w
             sd[f"{name}.alpha"] = m.alpha.detach().to(dtype or torch.float32)
         return sd
+
+    @torch.no_grad()
+    def load_kohya_weights(self, tensors: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+        """Start from a kohya LoRA's weights (kohya's --network_weights): each module here that the
+        file names takes its down, up and alpha. Returns the file's modules that name none here and
+        the modules here that the file lacks (they keep their fresh start).
+
+        Raises:
+            SdlabError: a module whose shape differs (another rank).
+        """
+        in_file = {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")}
+        for name in sorted(in_file & set(self.loras)):
+            m = self.loras[name]
+            down, up = tensors[f"{name}.lora_down.weight"], tensors.get(f"{name}.lora_up.weight")
+            if up is None or down.shape != m.lora_down.weight.shape or up.shape != m.lora_up.weight.shape:
+                raise SdlabError(f"{name}: the file's LoRA has rank {down.shape[0]}, this run's {m.rank}; set "
+                                 f"lora.{'conv_rank' if down.ndim == 4 and down.shape[-1] > 1 else 'rank'} = "
+                                 f"{down.shape[0]}")
+            m.lora_down.weight.copy_(down)
+            m.lora_up.weight.copy_(up)
+            if f"{name}.alpha" in tensors:
+                m.set_alpha(float(tensors[f"{name}.alpha"]))
+        return sorted(in_file - set(self.loras)), sorted(set(self.loras) - in_file)
 
     @torch.no_grad()
     def merge(self) -> None:

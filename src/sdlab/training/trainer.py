@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import device as devices
-from ..checkpoints.io import atomic_write, save_safetensors
+from ..checkpoints.io import atomic_write, read_state_dict, save_safetensors
 from ..checkpoints.loader import Bundle, load_bundle, new_bundle, save_checkpoint
 from ..errors import SdlabError
 from ..families import FAMILIES, ModelConfig, with_prediction
@@ -364,6 +364,19 @@ class Trainer:
         if fam.added_conditioning == "sdxl-refiner":
             raise SdlabError(f"{fam.label}: training the SDXL refiner is not supported; train the SDXL base model")
 
+    def _start_from(self, path: str) -> None:
+        """Load `lora.network_weights` into the fresh LoRA."""
+        unmatched, missing = self.lora.load_kohya_weights(read_state_dict(path))
+        if len(missing) == len(self.lora.loras):
+            raise SdlabError(f"lora.network_weights {path}: none of its modules is one of this run's LoRA modules "
+                             f"({', '.join(unmatched[:2])}, ...): a LoRA for another model, or trained on other layers?")
+        if unmatched:
+            log.warning("lora.network_weights %s: %d of its modules are not trained here (e.g. %s)",
+                        path, len(unmatched), unmatched[0])
+        if missing:
+            log.warning("lora.network_weights %s: %d of this run's modules are not in it and start from zero (e.g. %s)",
+                        path, len(missing), missing[0])
+
     def _text_layers_read(self, skip: int) -> list[int]:
         """For each text encoder, how many of its first layers the UNet's conditioning depends on:
         up to the one whose states it reads, and all of SDXL's second (its pooled output)."""
@@ -404,6 +417,8 @@ class Trainer:
                                             b.text_encoders if lc.train_text_encoder else None,
                                             lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.dropout,
                                             unet_names=names, text_layers=self._text_layers_read(skip)).to(self.device)
+                    if lc.network_weights:
+                        self._start_from(lc.network_weights)
                 self.lora.apply()
                 self.lora.train()
                 b.unet.train()
