@@ -80,6 +80,25 @@ def test_repeat_folders(tmp_path):
     assert sorted(ds[i]["caption"] for i in range(len(ds))).count("sks dog") == 3
 
 
+@pytest.mark.parametrize("reg_images, repeats", [(2, [2, 1]), (5, [1, 1, 1]), (1, [3])])
+def test_regularization_images_balanced_as_kohya(tmp_path, reg_images, repeats):
+    """kohya's DreamBooth balance: as many regularization items per epoch as training items (3):
+    in order with their repeats, the rest left out, or one more repeat each in turn. Uncaptioned
+    class images take the folder's class ("1_dog" -> "dog"); their loss weight is prior_loss_weight."""
+    for i in range(3):
+        save_image(tmp_path / "train" / f"{i}.png", seed=i, caption=f"sks dog {i}")
+    for i in range(reg_images):
+        save_image(tmp_path / "reg" / "1_dog" / f"{i}.png", seed=10 + i)
+    ds = CaptionedImageDataset(DataConfig(tmp_path / "train", resolution=32, enable_bucket=False,
+                                          reg_folder=tmp_path / "reg", prior_loss_weight=0.25))
+    reg = [r for r in ds.records if r.regularization]
+    assert [r.repeats for r in reg] == repeats and {r.caption for r in reg} == {"dog"}
+    assert len(ds) == 6 and ds.regularization_items == 3
+    weights = sorted(ds[i]["loss_weight"] for i in range(len(ds)))
+    assert weights == [0.25] * 3 + [1.0] * 3
+    assert collate([ds[0], ds[5]])["loss_weight"].tolist() == [1.0, 0.25]
+
+
 def test_corrupt_images_skipped_with_warning(tmp_path, caplog):
     save_image(tmp_path / "good.png", caption="good")
     (tmp_path / "noise.png").write_bytes(random.Random(0).randbytes(300))

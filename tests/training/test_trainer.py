@@ -421,6 +421,25 @@ def test_lora_starts_from_network_weights(tmp_path, shapes, base_model, caplog):
                        **{**lora, "lora.train_text_encoder": "false", "lora.network_weights": repr(str(saved))}))
 
 
+def test_regularization_images_weight_the_loss(tmp_path, shapes, base_model):
+    """DreamBooth's prior preservation: class images in the batches, each sample's loss weighted
+    (prior_loss_weight for them), and kohya's counts in the metadata."""
+    make_shapes_dataset(tmp_path / "reg" / "2_shape", 3, size=32, seed=7)
+    t = trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", steps=2,
+                       **{"lora.rank": 4, "data.reg_folder": repr(str(tmp_path / "reg")), "data.prior_loss_weight": 0.5}))
+    meta = t.lora_metadata()
+    assert (meta["ss_num_train_images"], meta["ss_num_reg_images"], meta["ss_prior_loss_weight"]) == ("8", "8", "0.5")
+    module = t.acc.unwrap_model(t.module)
+    tokens = t._tokens(["a red circle", "a blue square"])
+    g = torch.Generator().manual_seed(0)
+    latents, noise, steps = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g), torch.tensor([5, 600])
+    with torch.no_grad():
+        weighted = module(latents, tokens, noise, steps, t.alphas_cumprod, loss_weights=torch.tensor([0.5, 0.0]))
+        first = module(latents[:1], [ids[:1] for ids in tokens], noise[:1], steps[:1], t.alphas_cumprod)
+    assert weighted.item() == pytest.approx(first.item() * 0.5 / 2, rel=1e-5)  # the mean over the batch of 2
+    assert math.isfinite(t.train_step(t._global_batches()))
+
+
 def test_lora_loads_in_diffusers_like_merging(tmp_path, shapes, base_model):
     diffusers = pytest.importorskip("diffusers")
     from sdlab.checkpoints.diffusers_folder import write_diffusers_folder

@@ -28,7 +28,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,11 @@ class DataConfig:
     keep_tokens_separator: str = ""  # if set and present, tags before it stay fixed (kohya's "|||")
     caption_separator: str = ","
     num_repeats: int = 1  # for images not in an `N_name/` repeat folder
+    # DreamBooth's prior preservation (kohya's reg_data_dir / prior_loss_weight): images of the
+    # class (repeat folders such as `1_dog/` caption uncaptioned images "dog"), repeated or cut to
+    # as many per epoch as the training images, their loss weighted by prior_loss_weight.
+    reg_folder: Path | None = None
+    prior_loss_weight: float = 1.0
     cache_latents_to_disk: bool = False
     latent_cache_dir: Path | None = None  # default: `<folder>/.latent_cache`
     seed: int = 0
@@ -87,6 +92,8 @@ class DataConfig:
         object.__setattr__(self, "folder", Path(self.folder))
         if self.latent_cache_dir is not None:
             object.__setattr__(self, "latent_cache_dir", Path(self.latent_cache_dir))
+        if self.reg_folder is not None:
+            object.__setattr__(self, "reg_folder", Path(self.reg_folder))
         ext = self.caption_extension
         object.__setattr__(self, "caption_extension", ext if ext.startswith(".") else f".{ext}")
 
@@ -100,6 +107,8 @@ class DataConfig:
             raise SdlabError(f"keep_tokens must be 0 or more, got {self.keep_tokens}")
         if self.num_repeats < 1:
             raise SdlabError(f"num_repeats must be 1 or more, got {self.num_repeats}")
+        if self.prior_loss_weight < 0:
+            raise SdlabError(f"prior_loss_weight must be 0 or more, got {self.prior_loss_weight}")
         if self.seed < 0:
             raise SdlabError(f"seed must be 0 or more, got {self.seed}")
         if self.cache_latents_to_disk and self.random_crop:
@@ -117,6 +126,7 @@ class ImageRecord:
     caption: str
     repeats: int
     size: Size  # (height, width) after EXIF orientation
+    regularization: bool = False  # a class image for prior preservation
 
 
 def _check_image(path: Path) -> Size:
@@ -227,6 +237,23 @@ def scan_folder(folder: Path, caption_extension: str = ".txt", num_repeats: int 
             f"{caption_extension} captions beside them or a {METADATA_FILE}, there or in repeat folders like 10_name/"
         )
     return records
+
+
+def balance_regularization(reg: list[ImageRecord], train_items: int) -> list[ImageRecord]:
+    """Regularization images for an epoch of `train_items` training items, as kohya's DreamBooth
+    dataset takes them: in order with their own repeats until there are as many, the rest left
+    out; if all of them are fewer, one more repeat each in turn until they are as many."""
+    out, n = [], 0
+    for record in reg:
+        if n >= train_items:
+            break
+        out.append(replace(record, regularization=True))
+        n += record.repeats
+    i = 0
+    while n < train_items:
+        out[i] = replace(out[i], repeats=out[i].repeats + 1)
+        n, i = n + 1, (i + 1) % len(out)
+    return out
 
 
 # ----------------------------------------------------------------------------- buckets
@@ -371,7 +398,8 @@ class CaptionedImageDataset(Dataset):
     """Captioned images as training items, each resized and cropped to its aspect-ratio bucket.
 
     An item is a dict with `pixels` ((3, H, W) float in [-1, 1]) or, when a latent cache entry
-    exists, `latents`; `caption` (str); and for SDXL's size conditioning `original_size`,
+    exists, `latents`; `caption` (str); `loss_weight` (`prior_loss_weight` for a regularization
+    image, else 1); and for SDXL's size conditioning `original_size`,
     `crop_top_left` and `target_size`, all (height, width) / (top, left) int pairs. Index `i`
     covers the images with their repeats; its augmentation is a pure function of
     (config.seed, epoch, i).
@@ -379,9 +407,11 @@ class CaptionedImageDataset(Dataset):
 
     def __init__(self, config: DataConfig):
         self.config = config
-        self.records: tuple[ImageRecord, ...] = tuple(
-            scan_folder(config.folder, config.caption_extension, config.num_repeats)
-        )
+        records = scan_folder(config.folder, config.caption_extension, config.num_repeats)
+        if config.reg_folder is not None:
+            reg = scan_folder(config.reg_folder, config.caption_extension, config.num_repeats)
+            records += balance_regularization(reg, sum(r.repeats for r in records))
+        self.records: tuple[ImageRecord, ...] = tuple(records)
         if config.enable_bucket:
             self.buckets = make_buckets(
                 config.resolution,
@@ -401,9 +431,13 @@ class CaptionedImageDataset(Dataset):
         self.epoch = 0
         self._content_hashes: dict[int, str] = {}
         logger.info(
-            "%d images (%d with repeats) in %s, %d buckets in use",
-            len(self.records), len(self), config.folder, len(set(f.bucket for f in self.fits)),
+            "%d images (%d with repeats, %d of them regularization) in %s, %d buckets in use",
+            len(self.records), len(self), self.regularization_items, config.folder, len(set(f.bucket for f in self.fits)),
         )  # fmt: skip
+
+    @property
+    def regularization_items(self) -> int:
+        return sum(r.repeats for r in self.records if r.regularization)
 
     def __len__(self) -> int:
         return len(self._record_of_index)
@@ -447,6 +481,7 @@ class CaptionedImageDataset(Dataset):
             # from the other side (as diffusers' SDXL training script computes it).
             "crop_top_left": (top, rw - left - bw if flip else left),
             "target_size": fit.bucket,
+            "loss_weight": cfg.prior_loss_weight if record.regularization else 1.0,
         }
         latents = self._cached_latents(r, flip) if self.latent_cache_dir is not None else None
         if latents is not None:
@@ -636,7 +671,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 def collate(items: list[dict]) -> dict:
     """Stack items of one bucket: `pixels` or `latents` (B, C, H, W), `caption` list[str], and
-    `original_size`, `crop_top_left`, `target_size` as (B, 2) int64 tensors."""
+    `original_size`, `crop_top_left`, `target_size` as (B, 2) int64 tensors, `loss_weight` (B,)."""
     kinds = {"latents" if "latents" in it else "pixels" for it in items}
     if len(kinds) != 1:
         raise ValueError("a batch mixes cached latents and pixels: cache all images or none (cache_latents)")
@@ -647,4 +682,5 @@ def collate(items: list[dict]) -> dict:
     batch: dict = {kind: torch.stack([it[kind] for it in items]), "caption": [it["caption"] for it in items]}
     for key in ("original_size", "crop_top_left", "target_size"):
         batch[key] = torch.tensor([it[key] for it in items], dtype=torch.int64)
+    batch["loss_weight"] = torch.tensor([it.get("loss_weight", 1.0) for it in items], dtype=torch.float32)
     return batch

@@ -196,17 +196,20 @@ class Denoising(nn.Module):
         return torch.cat(contexts, dim=-1), pooled
 
     def forward(self, latents: Tensor, tokens: list[Tensor], noise: Tensor, timesteps: Tensor,
-                alphas_cumprod: Tensor, size_ids: Tensor | None = None, input_noise: Tensor | None = None) -> Tensor:
+                alphas_cumprod: Tensor, size_ids: Tensor | None = None, input_noise: Tensor | None = None,
+                loss_weights: Tensor | None = None) -> Tensor:
         """`size_ids`: SDXL's (B, 6) original size, crop top-left and target size, all (h, w).
         `input_noise`: the noise mixed into the UNet's input when it is not the target's
-        (kohya's input perturbation, `ip_noise_gamma`)."""
+        (kohya's input perturbation, `ip_noise_gamma`). `loss_weights`: (B,) per-sample weights
+        (regularization images: `prior_loss_weight`)."""
         context, pooled = self.conditioning(tokens)
         y = None if size_ids is None else torch.cat([pooled, sdxl_size_embedding(size_ids.float())], dim=-1)
         a = alphas_cumprod[timesteps].to(latents.dtype)
         mixed = noise if input_noise is None else input_noise
         noisy = a.view(-1, 1, 1, 1).sqrt() * latents + (1 - a).view(-1, 1, 1, 1).sqrt() * mixed
         pred = self.unet(noisy, timesteps.float(), context, None if y is None else y.to(context.dtype))
-        return diffusion_loss(pred, latents, noise, timesteps, alphas_cumprod, self.loss).mean()
+        loss = diffusion_loss(pred, latents, noise, timesteps, alphas_cumprod, self.loss)
+        return (loss if loss_weights is None else loss * loss_weights.to(loss)).mean()
 
 
 class Reconstruction(nn.Module):
@@ -556,7 +559,8 @@ class Trainer:
                     if cfg.ip_noise_gamma:
                         mixed = (noise + cfg.ip_noise_gamma * torch.randn(shape, generator=gen))[part].to(self.device)
                     loss = self.module(latents, self._tokens(batch["caption"]), noise[part].to(self.device),
-                                       t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch), mixed)
+                                       t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch), mixed,
+                                       batch["loss_weight"].to(self.device))
                 self.acc.backward(loss / cfg.grad_accum)
             losses.append(loss.detach())
         if cfg.max_grad_norm:
@@ -857,7 +861,9 @@ class Trainer:
             "ss_keep_tokens": str(cfg.data.keep_tokens),
             "ss_clip_skip": str(cfg.clip_skip if cfg.clip_skip > 1 else None),
             "ss_max_token_length": str(cfg.max_token_length if cfg.max_token_length > 75 else None),
-            "ss_num_train_images": str(len(self.dataset)),
+            "ss_num_train_images": str(len(self.dataset) - self.dataset.regularization_items),
+            "ss_num_reg_images": str(self.dataset.regularization_items),
+            "ss_prior_loss_weight": str(cfg.data.prior_loss_weight),
             "ss_training_started_at": str(self.started_at.timestamp()),
             "ss_training_finished_at": str(time.time()),
             "ss_output_name": cfg.output_name,
