@@ -75,6 +75,7 @@ class TrainConfig:
     prediction: Literal["eps", "v"] | None = None  # default: the base model's (scratch: the family's)
     seed: int = 0
     steps: int = 1000  # optimizer steps of the diffusion phase (epochs follow from it)
+    epochs: int = 0  # > 0: instead of `steps`, this many passes over the data (kohya's max_train_epochs)
     batch_size: int = 1  # per process
     grad_accum: int = 1
     lr: float = 1e-4
@@ -119,6 +120,7 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     save_every_n_steps: int = 0  # 0: only at the end
+    save_every_n_epochs: int = 0  # kohya's: `<name>-000002.safetensors` after the 2nd pass over the data, ...
     keep_states: int = 2  # training states kept for --resume
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     log_every_n_steps: int = 10
@@ -153,7 +155,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "keep_states", "log_every_n_steps", "clip_skip"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "vae_steps", "save_every_n_steps", "num_workers"):
+        for name in ("warmup_steps", "vae_steps", "save_every_n_steps", "num_workers", "epochs", "save_every_n_epochs"):
             if getattr(self, name) < 0:
                 raise bad(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not self.lr > 0:

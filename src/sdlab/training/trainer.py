@@ -442,7 +442,7 @@ class Trainer:
             loss = LossOptions(self.prediction, cfg.loss_type, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale,
                                cfg.min_snr_gamma, cfg.scale_v_pred_loss_like_noise_pred, cfg.debiased_estimation_loss)
             module = Denoising(b.unet, b.text_encoders, self.lora, loss, train_te, skip, b.family.text_final_norm)
-            total = cfg.steps
+            total = self.diffusion_steps
         self.trained = [p for g in groups for p in g["params"]]
         self.optimizer = self._make_optimizer(groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -586,8 +586,14 @@ class Trainer:
     # -- the loop ---------------------------------------------------------
 
     @property
+    def diffusion_steps(self) -> int:
+        """`steps`, or with `epochs` the optimizer steps that take that many passes over the data."""
+        cfg = self.cfg
+        return math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum) if cfg.epochs else cfg.steps
+
+    @property
     def total_steps(self) -> int:
-        return (self.cfg.vae_steps if self.cfg.mode == "scratch" else 0) + self.cfg.steps
+        return (self.cfg.vae_steps if self.cfg.mode == "scratch" else 0) + self.diffusion_steps
 
     def train(self, resume: bool = False, max_steps: int | None = None) -> Path | None:
         """Run to the end (or `max_steps` total steps, for tests); returns the saved model path."""
@@ -608,8 +614,10 @@ class Trainer:
                 log.warning("time limit of %g minutes reached at step %d: saving", cfg.time_limit_minutes, self.progress.step)
                 stop = self.progress.step
                 break
+            epoch_before = self.progress.batches // self.batches_per_epoch
             loss = self.train_step(batches)
             step = self.progress.step
+            epoch = self.progress.batches // self.batches_per_epoch
             if not math.isfinite(loss):
                 raise SdlabError(f"step {step}: the loss is {loss}; lower lr or use mixed_precision = \"no\"")
             rate = (step - steps0) / max(1e-9, time.perf_counter() - t0)
@@ -621,6 +629,10 @@ class Trainer:
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < self.total_steps:
                 self.save_state()
                 self.save_model(suffix=f"-step{step:06d}")
+            if (cfg.save_every_n_epochs and epoch > epoch_before and epoch % cfg.save_every_n_epochs == 0
+                    and step < self.total_steps):
+                self.save_state()
+                self.save_model(suffix=f"-{epoch:06d}")
             if (self.phase == "diffusion" and cfg.validation.prompts and cfg.validation.every_n_steps
                     and step % cfg.validation.every_n_steps == 0):
                 self.validate()
@@ -834,7 +846,7 @@ class Trainer:
             "ss_sd_model_name": Path(cfg.base_model or "").name,
             "ss_resolution": f"({res}, {res})",
             "ss_steps": str(self.progress.step),
-            "ss_max_train_steps": str(cfg.steps),
+            "ss_max_train_steps": str(self.diffusion_steps),
             "ss_epoch": str(self.progress.batches // max(1, self.batches_per_epoch)),
             "ss_learning_rate": str(cfg.lr),
             "ss_unet_lr": str(cfg.lr),
