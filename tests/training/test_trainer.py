@@ -18,8 +18,8 @@ from torch import Tensor
 from sdlab.errors import SdlabError
 from sdlab.training.config import load_config
 from sdlab.training.shapes import make_shapes_dataset
-from sdlab.training.trainer import (LossOptions, Trainer, diffusion_loss, huber_threshold, min_snr_weight,
-                                    pyramid_noise)
+from sdlab.training.losses import LossOptions, diffusion_loss, huber_threshold, min_snr_weight, pyramid_noise
+from sdlab.training.trainer import Trainer
 from tests.tiny import save_native, tiny_bundle
 
 

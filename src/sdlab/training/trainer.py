@@ -44,6 +44,7 @@ from ..sampling.schedules import discrete_schedule
 from ..text.conditioning import caption_ids
 from .config import ModelSpec, TrainConfig
 from .data import BucketBatchSampler, CaptionedImageDataset, collate
+from .losses import LossOptions, diffusion_loss, pyramid_noise
 
 log = logging.getLogger(__name__)
 
@@ -82,89 +83,6 @@ def model_preset(spec: ModelSpec) -> ModelConfig:
     if unet.context_dim != te.width:
         raise SdlabError(f"model: unet.context_dim ({unet.context_dim}) must equal text_encoder.width ({te.width})")
     return ModelConfig(FAMILIES[spec.family], unet, vae, (te,))
-
-
-# ----------------------------------------------------------------------------- losses
-
-def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for eps
-    prediction, min(SNR, gamma) / (SNR + 1) for v prediction (whose loss is already
-    weighted by SNR + 1 relative to eps)."""
-    clipped = snr.clamp(max=gamma)
-    return clipped / (snr + 1) if prediction == "v" else clipped / snr
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """How a prediction's error becomes the loss, with kohya's option names and formulas
-    (`library/train_util.py` conditional_loss, `library/custom_train_functions.py`)."""
-
-    prediction: str = "eps"  # "eps" or "v"
-    loss_type: str = "l2"  # "l2", "l1", "huber" or "smooth_l1" (the pseudo-Huber loss, scaled two ways)
-    huber_c: float = 0.1
-    huber_schedule: str = "snr"  # the threshold over timesteps: "snr", "exponential" or "constant"
-    huber_scale: float = 1.0
-    min_snr_gamma: float = 0.0
-    scale_v_pred_loss_like_noise_pred: bool = False
-    debiased_estimation_loss: bool = False
-
-
-def huber_threshold(options: LossOptions, timesteps: Tensor, alphas_cumprod_t: Tensor) -> Tensor:
-    """(B,) pseudo-Huber thresholds: `huber_c` (times `huber_scale`) throughout, or falling from
-    `huber_scale` at t = 0 to `huber_c * huber_scale` at t = 1000 ("exponential"), or from 1 to
-    `huber_c` as the noise level sigma grows ("snr": (1 - c) / (1 + sigma)^2 + c)."""
-    c = options.huber_c
-    if options.huber_schedule == "exponential":
-        return torch.exp(math.log(c) * timesteps.float() / 1000) * options.huber_scale
-    if options.huber_schedule == "snr":
-        sigma = ((1 - alphas_cumprod_t) / alphas_cumprod_t).sqrt()
-        return (1 - c) / (1 + sigma) ** 2 + c
-    return torch.full(timesteps.shape, c * options.huber_scale, device=timesteps.device)
-
-
-def diffusion_loss(pred: Tensor, latents: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor,
-                   options: LossOptions = LossOptions()) -> Tensor:
-    """Per-sample loss (B,) of a UNet prediction for `noisy = sqrt(a) x0 + sqrt(1 - a) eps`,
-    `a = alphas_cumprod[timesteps]`."""
-    a_t = alphas_cumprod[timesteps].float()
-    a = a_t.view(-1, 1, 1, 1)
-    target = noise if options.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
-    pred, target = pred.float(), target.float()
-    if options.loss_type == "l2":
-        loss = F.mse_loss(pred, target, reduction="none")
-    elif options.loss_type == "l1":
-        loss = F.l1_loss(pred, target, reduction="none")
-    else:
-        c = huber_threshold(options, timesteps, a_t).view(-1, 1, 1, 1)
-        loss = 2 * (torch.sqrt((pred - target) ** 2 + c ** 2) - c)
-        if options.loss_type == "huber":
-            loss = loss * c
-    loss = loss.mean(dim=(1, 2, 3))
-    snr = a_t / (1 - a_t)
-    if options.min_snr_gamma:
-        loss = loss * min_snr_weight(snr, options.min_snr_gamma, options.prediction)
-    snr = snr.clamp(max=1000)  # as kohya: the SNR of t = 0 is near 1e5
-    if options.scale_v_pred_loss_like_noise_pred:
-        loss = loss * snr / (snr + 1)
-    if options.debiased_estimation_loss:
-        loss = loss / (snr + 1) if options.prediction == "v" else loss / snr.sqrt()
-    return loss
-
-
-def pyramid_noise(noise: Tensor, iterations: int, discount: float, generator: torch.Generator) -> Tensor:
-    """kohya's multires noise (`pyramid_noise_like`): noise plus `iterations` layers of coarser
-    noise, each upscaled from a size 2-4x smaller than the last (drawn) and weighted by
-    `discount ** i`, rescaled to unit spread. The first layer is full-size white noise."""
-    b, c, h, w = noise.shape
-    noise = noise.clone()
-    for i in range(iterations):
-        r = 2 + 2 * torch.rand((), generator=generator).item()
-        hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
-        layer = torch.randn(b, c, hn, wn, generator=generator)
-        noise += F.interpolate(layer, size=(h, w), mode="bilinear") * discount ** i
-        if hn == 1 or wn == 1:
-            break
-    return noise / noise.std()
 
 
 class Denoising(nn.Module):
@@ -439,8 +357,11 @@ class Trainer:
                     groups.append({"params": [p for te in b.text_encoders for p in te.parameters()],
                                    "lr": cfg.text_encoder_lr or cfg.lr})
             groups = [g for g in groups if g["params"]]
-            loss = LossOptions(self.prediction, cfg.loss_type, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale,
-                               cfg.min_snr_gamma, cfg.scale_v_pred_loss_like_noise_pred, cfg.debiased_estimation_loss)
+            loss = LossOptions(prediction=self.prediction, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
+                               huber_schedule=cfg.huber_schedule, huber_scale=cfg.huber_scale,
+                               min_snr_gamma=cfg.min_snr_gamma,
+                               scale_v_pred_loss_like_noise_pred=cfg.scale_v_pred_loss_like_noise_pred,
+                               debiased_estimation_loss=cfg.debiased_estimation_loss)
             module = Denoising(b.unet, b.text_encoders, self.lora, loss, train_te, skip, b.family.text_final_norm)
             total = self.diffusion_steps
         self.trained = [p for g in groups for p in g["params"]]
