@@ -693,14 +693,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path, shapes):
-    """2 gloo processes with batch 1 each == 1 process with batch 2 (same global batches and noise)."""
+@pytest.mark.parametrize("model", ["scratch", "sdxl-finetune-text-encoders"])
+def test_two_processes_match_one(tmp_path, shapes, model):
+    """2 gloo processes with batch 1 each == 1 process with batch 2 (same global batches and noise).
+    Fine-tuned SDXL text encoders have parameters no gradient reaches (CLIP-L's last layer and final
+    norm): DDP must be told, or its second step fails."""
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
     common = {"lr": "1e-3", "steps": 2}
-    sets = [f"{k}={v}" for k, v in common.items()] + [
-        f"data.folder={str(shapes)!r}", "data.resolution=32", "data.enable_bucket=false", "mode='scratch'",
-        "model.preset='tiny'", "batch_size=1", f"output_dir={str(tmp_path / 'two')!r}"]
+    if model != "scratch":
+        single = save_native(tiny_bundle("sdxl"), tmp_path / "sdxl.safetensors")
+        common.update(mode="'finetune'", base_model=repr(str(single)), train_text_encoder="true")
+    sets = [f"data.folder={str(shapes)!r}", "data.resolution=32", "data.enable_bucket=false", "mode='scratch'",
+            "model.preset='tiny'", "batch_size=1", f"output_dir={str(tmp_path / 'two')!r}"]
+    sets += [f"{k}={v}" for k, v in common.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]

@@ -224,9 +224,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, accelerator=None, progress_bar: bool = True):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=_multi_process_cpu())
+        # Fine-tuned text encoders hold parameters the loss never reaches (the layers after the one the
+        # UNet reads; SDXL's CLIP-L final norm): DDP must look for them, or its second step fails.
+        # (LoRA leaves those layers out, and scratch models read their last layer.)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.mode == "finetune" and cfg.train_text_encoder)
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=_multi_process_cpu(),
+                                              kwargs_handlers=[ddp])
         self.progress_bar = progress_bar
         self.device = self.acc.device
         self._determinism_before = (torch.are_deterministic_algorithms_enabled(),
