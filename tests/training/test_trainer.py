@@ -693,7 +693,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("model", ["scratch", "sdxl-finetune-text-encoders"])
+@pytest.mark.parametrize("model", ["scratch", "sdxl-finetune-text-encoders", "sdxl-lora-text-encoders"])
 def test_two_processes_match_one(tmp_path, shapes, model):
     """2 gloo processes with batch 1 each == 1 process with batch 2 (same global batches and noise).
     Fine-tuned SDXL text encoders have parameters no gradient reaches (CLIP-L's last layer and final
@@ -703,7 +703,11 @@ def test_two_processes_match_one(tmp_path, shapes, model):
     common = {"lr": "1e-3", "steps": 2}
     if model != "scratch":
         single = save_native(tiny_bundle("sdxl"), tmp_path / "sdxl.safetensors")
-        common.update(mode="'finetune'", base_model=repr(str(single)), train_text_encoder="true")
+        common.update(base_model=repr(str(single)))
+        if model == "sdxl-finetune-text-encoders":
+            common.update(mode="'finetune'", train_text_encoder="true")
+        else:
+            common.update(mode="'lora'", **{"lora.rank": 4, "lora.train_text_encoder": "true"})
     sets = [f"data.folder={str(shapes)!r}", "data.resolution=32", "data.enable_bucket=false", "mode='scratch'",
             "model.preset='tiny'", "batch_size=1", f"output_dir={str(tmp_path / 'two')!r}"]
     sets += [f"{k}={v}" for k, v in common.items()]
