@@ -698,7 +698,8 @@ class Trainer:
                 raise SdlabError(f"--resume: no saved training state in {self.cfg.state_dir}")
             path = states[-1]
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            # Tensors, numbers and strings only: a state file someone swapped in cannot run code either.
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise SdlabError(f"{path}: cannot read the training state ({e})") from None
         if state["phase"] != self.phase:
