@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from sdlab.errors import SdlabError
-from sdlab.training.config import load_config
+from sdlab.training.config import SamplePrompt, load_config, parse_sample_prompt
 from sdlab.training.shapes import make_shapes_dataset
 from sdlab.training.losses import LossOptions, diffusion_loss, huber_threshold, min_snr_weight, pyramid_noise
 from sdlab.training.trainer import Trainer
@@ -129,6 +129,26 @@ def test_optimizer_by_class_path_with_its_arguments(tmp_path, shapes, base_model
 def test_optimizer_errors(tmp_path, shapes, base_model, optimizer, message):
     with pytest.raises(SdlabError, match=message):
         trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", optimizer=repr(optimizer)))
+
+
+def test_validation_prompts_take_kohyas_options(tmp_path, shapes, base_model):
+    """kohya's sample prompt lines: `--n --w --h --d --s --l --ss` per prompt (a --d seed replaces
+    the seeds list), its sampler names; malformed lines fail when the config is read."""
+    p = parse_sample_prompt("a red circle --n blurry, ugly --w 48 --h 32 --d 5 --s 2 --l 3.5 --ss dpmsolver++ --cn x.png")
+    assert p == SamplePrompt("a red circle", "blurry, ugly", 48, 32, 5, 2, 3.5, "DPM++ 2M")
+    assert parse_sample_prompt("plain") == SamplePrompt("plain")
+    for line, message in [("x --w wide", "--w needs a int, got 'wide'"), ("x --q 1", "unknown option --q"),
+                          ("x --ss nosuch", "unknown sampler 'nosuch'")]:
+        with pytest.raises(SdlabError, match=message):
+            config(tmp_path, shapes, **{"validation.prompts": repr([line])})
+
+    t = trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", **{
+        "lora.rank": 4, "validation.seeds": "[1, 2]",
+        "validation.prompts": repr(["a red circle --w 48 --h 32 --d 5 --s 2 --ss euler_a", "a blue square --s 2"])}))
+    images = sorted(t.validate())
+    assert [im.name for im in images] == ["step000000-p0-s5.png", "step000000-p1-s1.png", "step000000-p1-s2.png"]
+    from PIL import Image
+    assert Image.open(images[0]).size == (48, 32) and Image.open(images[1]).size == (32, 32)
 
 
 def test_min_snr_weight_by_hand():
@@ -672,7 +692,7 @@ def test_trained_lora_tag_matches_diffusers_images(tmp_path, shapes):
 
 _DDP_SCRIPT = """
 import json, sys
-from sdlab.training.config import load_config
+from sdlab.training.config import SamplePrompt, load_config, parse_sample_prompt
 from sdlab.training.trainer import Trainer
 cfg = load_config(None, sys.argv[2:])
 t = Trainer(cfg, progress_bar=False)

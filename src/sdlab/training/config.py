@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import SdlabError
+from ..sampling.samplers import resolve_sampler
 from .data import DataConfig
 
 Mode = Literal["lora", "finetune", "scratch"]
@@ -53,7 +54,54 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class SamplePrompt:
+    """One validation prompt with kohya's per-prompt options (`--n`, `--w`, `--h`, `--d`, `--s`,
+    `--l`, `--ss`); None where the line gives none."""
+
+    prompt: str
+    negative: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    sampler: str | None = None
+
+
+# kohya's sampler names that sdlab's samplers do not already take as aliases (euler_a, k_lms, ddim, ...).
+_KOHYA_SAMPLERS = {"dpmsolver++": "DPM++ 2M", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a"}
+_SAMPLE_OPTIONS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
+                   "s": ("steps", int), "l": ("cfg_scale", float), "ss": ("sampler", str)}
+
+
+def parse_sample_prompt(line: str) -> SamplePrompt:
+    """A prompt line as kohya's `--sample_prompts` files write it:
+    `a dog --n blurry --w 768 --h 512 --d 42 --s 28 --l 6.5 --ss euler_a`. Options kohya knows but
+    sdlab does not use (`--cn`, `--g`, ...) are skipped; anything else is an error."""
+    prompt, *options = line.split(" --")
+    fields: dict = {"prompt": prompt.strip()}
+    for option in options:
+        key, _, value = option.strip().partition(" ")
+        if key not in _SAMPLE_OPTIONS:
+            if key in ("cn", "i", "g", "ctr", "rcfg", "fs", "am"):
+                continue
+            raise SdlabError(f"validation prompt {line!r}: unknown option --{key}; "
+                             f"use --{', --'.join(_SAMPLE_OPTIONS)}")
+        name, kind = _SAMPLE_OPTIONS[key]
+        try:
+            fields[name] = kind(value.strip())
+        except ValueError:
+            raise SdlabError(f"validation prompt {line!r}: --{key} needs a {kind.__name__}, got {value.strip()!r}") from None
+    if "sampler" in fields:
+        fields["sampler"] = _KOHYA_SAMPLERS.get(fields["sampler"].lower(), fields["sampler"])
+        resolve_sampler(fields["sampler"])  # an unknown name fails with the list of known ones
+    return SamplePrompt(**fields)
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
+    # Each may carry kohya's options: "a dog --n blurry --w 768 --h 512 --d 42 --s 28 --l 6.5 --ss euler_a"
+    # (a --d seed replaces `seeds` for that prompt).
     prompts: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)  # one image per (prompt, seed)
     every_n_steps: int = 0  # 0: only at the end (when prompts are given)
@@ -183,6 +231,10 @@ class TrainConfig:
                 raise bad("lora: nothing to train; set lora.train_unet or lora.train_text_encoder")
         if self.validation.prompts and not self.validation.seeds:
             raise bad("validation.seeds must not be empty")
+        for line in self.validation.prompts:
+            parse_sample_prompt(line)  # a malformed line fails now, not at the first validation
+        if self.validation.prompts:
+            resolve_sampler(self.validation.sampler)
 
     @property
     def state_dir(self) -> Path:

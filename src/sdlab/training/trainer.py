@@ -42,7 +42,7 @@ from ..models.unet import UNetConfig, sdxl_size_embedding
 from ..models.vae import VAEConfig
 from ..sampling.schedules import discrete_schedule
 from ..text.conditioning import caption_ids
-from .config import ModelSpec, TrainConfig
+from .config import ModelSpec, TrainConfig, parse_sample_prompt
 from .data import BucketBatchSampler, CaptionedImageDataset, collate
 from .losses import LossOptions, diffusion_loss, pyramid_noise
 
@@ -645,10 +645,13 @@ class Trainer:
         try:
             pipe = Pipeline(self.bundle)
             size = self.cfg.data.resolution
-            for i, prompt in enumerate(v.prompts):
-                for seed in v.seeds:
-                    img = pipe.txt2img(prompt, seed=seed, steps=v.steps, cfg_scale=v.cfg_scale, sampler=v.sampler,
-                                       width=v.width or size, height=v.height or size, clip_skip=self.cfg.clip_skip)[0]
+            for i, line in enumerate(v.prompts):
+                p = parse_sample_prompt(line)
+                for seed in v.seeds if p.seed is None else (p.seed,):
+                    img = pipe.txt2img(p.prompt, negative_prompt=p.negative, seed=seed, steps=p.steps or v.steps,
+                                       cfg_scale=p.cfg_scale or v.cfg_scale, sampler=p.sampler or v.sampler,
+                                       width=p.width or v.width or size, height=p.height or v.height or size,
+                                       clip_skip=self.cfg.clip_skip)[0]
                     path = out / f"step{self.progress.step:06d}-p{i}-s{seed}.png"
                     img.save(path)
                     paths.append(path)
