@@ -473,6 +473,21 @@ def test_epochs_set_the_steps_and_save_every_n_epochs(tmp_path, shapes, base_mod
     assert t.lora_metadata()["ss_max_train_steps"] == "6" and t.lora_metadata()["ss_epoch"] == "3"
 
 
+def test_train_command_flags_and_sets(tmp_path, shapes, base_model, capsys):
+    """`sdlab train` with no config file: flags and --set make the whole config."""
+    from sdlab.cli import build_parser
+
+    args = build_parser().parse_args([
+        "train", "--mode", "lora", "--base-model", str(base_model), "--data", str(shapes), "--epochs", "1",
+        "--batch-size", "4", "--output-dir", str(tmp_path / "o"), "--output-name", "x",
+        "--set", "lora.rank=4", "--set", "data.resolution=32", "--set", "data.enable_bucket=false"])
+    args.func(args)
+    assert f"wrote {tmp_path / 'o' / 'x.safetensors'}" in capsys.readouterr().out
+    with safe_open(tmp_path / "o" / "x.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_max_train_steps"], meta["ss_network_dim"], meta["ss_batch_size_per_device"]) == ("2", "4", "4")
+
+
 def test_lora_loads_in_diffusers_like_merging(tmp_path, shapes, base_model):
     diffusers = pytest.importorskip("diffusers")
     from sdlab.checkpoints.diffusers_folder import write_diffusers_folder

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-# Flags for the options people change most; anything else goes through --set KEY=VALUE.
+# Flags for the options people change most (type, help); anything else goes through --set KEY=VALUE.
 _FLAGS = {
-    "mode": str, "base_model": str, "output_dir": str, "output_name": str, "steps": int, "batch_size": int,
-    "grad_accum": int, "lr": float, "lr_scheduler": str, "mixed_precision": str, "seed": int,
-    "save_every_n_steps": int,
+    "mode": (str, "lora, finetune or scratch"),
+    "base_model": (str, "the model to train on: a .safetensors/.ckpt file or a diffusers folder "
+                        "(SD 1.x, SD 2.x or SDXL)"),
+    "output_dir": (str, "where the result, states and samples go (default output)"),
+    "output_name": (str, "file name of the result, without .safetensors (default model)"),
+    "steps": (int, "optimizer steps (default 1000)"),
+    "epochs": (int, "passes over the data instead of --steps (kohya's max_train_epochs)"),
+    "batch_size": (int, "images per step and process (default 1)"),
+    "grad_accum": (int, "batches accumulated into one optimizer step (default 1)"),
+    "lr": (float, "learning rate (default 1e-4)"),
+    "lr_scheduler": (str, "constant, linear or cosine (default constant)"),
+    "mixed_precision": (str, "no, bf16 or fp16 (default no)"),
+    "seed": (int, "seeds the data order, augmentation, noise and new weights (default 0)"),
+    "save_every_n_steps": (int, "also save the result and a --resume state every N steps"),
 }
 
 
@@ -47,14 +58,20 @@ def cmd_make_dataset(args: argparse.Namespace) -> None:
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA, fine-tune, or train a model from scratch",
                        description="Train as a TOML config says (see docs/training.md). Runs on one process, "
-                                   "or on several under 'accelerate launch' / 'torchrun'.")
+                                   "or on several under 'accelerate launch' / 'torchrun'.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example, a LoRA on a folder of images with .txt captions beside them:\n"
+                              "  sdlab train --mode lora --base-model v1-5-pruned-emaonly.safetensors --data imgs/ \\\n"
+                              "      --epochs 10 --set lora.rank=16 --set lora.alpha=8 --output-name my-lora\n"
+                              "Every config key (kohya's names) can be set with --set KEY=VALUE; "
+                              "see sdlab.training.config.TrainConfig.")
     p.add_argument("config", nargs="?", help="the training config (.toml); all of it can also come from --set")
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUTPUT_DIR/state")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lr=1e-4 --set lora.rank=8 (repeatable)")
     p.add_argument("--data", help="the image folder (data.folder)")
-    for name, typ in _FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    for name, (typ, text) in _FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("make-dataset", help="write a synthetic captioned data set",
