@@ -20,6 +20,7 @@ from sdlab.training.data import (
     cache_latents,
     collate,
     make_buckets,
+    process_caption,
     scan_folder,
 )
 from sdlab.training.shapes import (COLOURS, HELD_OUT, SHAPES, caption_for, classify_colours, classify_shape,
@@ -248,6 +249,20 @@ def test_exif_orientation_is_applied(tmp_path):
     assert ds.records[0].size == (64, 32)
     bh, bw = ds.fits[0].bucket
     assert bh > bw and ds[0]["pixels"].shape == (3, bh, bw)
+
+
+def test_caption_tag_dropout_keeps_the_kept_tags(tmp_path):
+    """kohya's caption_tag_dropout_rate: each tag after the `keep_tokens` ones is left out with
+    that chance, with or without shuffling; the draws follow the seed."""
+    caption = "sks, dog, red collar, grass, sunny, photo"
+    every = DataConfig(tmp_path, keep_tokens=2, caption_tag_dropout_rate=1.0)
+    assert process_caption(caption, every, np.random.default_rng(0)) == "sks, dog"
+    half = DataConfig(tmp_path, keep_tokens=1, caption_tag_dropout_rate=0.5, shuffle_caption=True)
+    kept = [process_caption(caption, half, np.random.default_rng(i)).split(", ") for i in range(200)]
+    assert all(tags[0] == "sks" and set(tags) <= set(caption.split(", ")) for tags in kept)
+    assert 2.0 < np.mean([len(tags) - 1 for tags in kept]) < 3.0  # about half of the other 5
+    assert kept[7] == process_caption(caption, half, np.random.default_rng(7)).split(", ")
+    assert process_caption(caption, DataConfig(tmp_path), np.random.default_rng(0)) == caption  # off: untouched
 
 
 def test_caption_prefix_and_suffix(tmp_path):

@@ -209,6 +209,31 @@ def test_kohyas_loss_options_by_hand():
     assert torch.allclose(v_debiased, v_plain / (snr + 1))
 
 
+def test_noise_and_timestep_draws_follow_kohyas_options(tmp_path, shapes):
+    """The per-step draws, for the whole global batch from the shared generator: timesteps in
+    [min_timestep, max_timestep); with *_random_strength, one uniform strength per batch drawn
+    before the offset / perturbation noise; options that are off draw nothing."""
+    t = trainer(config(tmp_path, shapes, min_timestep=900, max_timestep=1000, noise_offset=0.1,
+                       noise_offset_random_strength="true", ip_noise_gamma=0.2, ip_noise_gamma_random_strength="true"))
+    shape = (64, 4, 8, 8)
+    noise, steps, mixed = t._noise_and_timesteps(shape, torch.Generator().manual_seed(3))
+    assert 900 <= steps.min() and steps.max() < 1000 and len(set(steps.tolist())) > 20
+    g = torch.Generator().manual_seed(3)
+    expected = torch.randn(shape, generator=g)
+    expected = expected + 0.1 * torch.rand((), generator=g).item() * torch.randn(64, 4, 1, 1, generator=g)
+    assert torch.equal(noise, expected)
+    assert torch.equal(steps, torch.randint(900, 1000, (64,), generator=g))
+    assert torch.equal(mixed, expected + 0.2 * torch.rand((), generator=g).item() * torch.randn(shape, generator=g))
+
+    plain = trainer(config(tmp_path, shapes))
+    noise, steps, mixed = plain._noise_and_timesteps(shape, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(noise, torch.randn(shape, generator=g)) and mixed is None
+    assert torch.equal(steps, torch.randint(0, 1000, (64,), generator=g))
+    with pytest.raises(SdlabError, match="need 0 <= min_timestep < max_timestep <= 1000"):
+        config(tmp_path, shapes, min_timestep=500, max_timestep=500)
+
+
 def test_pyramid_noise_is_seeded_unit_spread_and_has_coarse_layers():
     """kohya's multires noise: white noise plus upscaled coarser layers, rescaled to unit spread;
     drawn from the run's generator (the same draws on every rank and after --resume)."""

@@ -149,9 +149,13 @@ class TrainConfig:
     huber_scale: float = 1.0
     scale_v_pred_loss_like_noise_pred: bool = False
     debiased_estimation_loss: bool = False
+    noise_offset_random_strength: bool = False  # each batch's offset uniform in [0, noise_offset)
     multires_noise_iterations: int = 0  # 0: off; kohya's docs suggest 6-10
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float = 0.0  # input perturbation of the noise; 0.1 in the paper
+    ip_noise_gamma_random_strength: bool = False
+    min_timestep: int = 0  # timesteps are drawn from [min_timestep, max_timestep)
+    max_timestep: int = 1000
     ema_decay: float = 0.0  # 0: no EMA; the saved model holds the EMA weights when on
     train_text_encoder: bool = False  # finetune / scratch
     # The web UIs' and kohya's CLIP skip: 2 conditions on the text encoder layer before the one the
@@ -219,6 +223,9 @@ class TrainConfig:
             raise bad(f"huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}, got {self.huber_schedule!r}")
         if not 0 < self.huber_c <= 1:
             raise bad(f"huber_c must be in (0, 1], got {self.huber_c}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise bad(f"timesteps: need 0 <= min_timestep < max_timestep <= 1000, got {self.min_timestep} "
+                      f"and {self.max_timestep}")
         if not 0 < self.multires_noise_discount <= 1:
             raise bad(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
         if self.vae_steps and self.mode != "scratch":

@@ -73,6 +73,7 @@ class DataConfig:
     caption_prefix: str = ""
     caption_suffix: str = ""
     caption_dropout_rate: float = 0.0  # chance of an empty caption, which teaches the unconditional branch of CFG
+    caption_tag_dropout_rate: float = 0.0  # chance of leaving out each tag after the kept ones
     shuffle_caption: bool = False  # shuffle the `caption_separator`-separated tags
     keep_tokens: int = 0  # the first N tags stay in front when shuffling
     keep_tokens_separator: str = ""  # if set and present, tags before it stay fixed (kohya's "|||")
@@ -101,8 +102,9 @@ class DataConfig:
             raise SdlabError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if self.bucket_reso_steps <= 0 or self.bucket_reso_steps % 8:
             raise SdlabError(f"bucket_reso_steps must be a positive multiple of 8, got {self.bucket_reso_steps}")
-        if not 0.0 <= self.caption_dropout_rate <= 1.0:
-            raise SdlabError(f"caption_dropout_rate must be between 0 and 1, got {self.caption_dropout_rate}")
+        for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SdlabError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         if self.keep_tokens < 0:
             raise SdlabError(f"keep_tokens must be 0 or more, got {self.keep_tokens}")
         if self.num_repeats < 1:
@@ -360,14 +362,15 @@ def make_buckets(
 
 
 def process_caption(caption: str, config: DataConfig, rng: np.random.Generator) -> str:
-    """Prefix/suffix, caption dropout, then tag shuffling with kept leading tags, as kohya does."""
+    """Prefix/suffix, caption dropout, then tag shuffling and tag dropout after the kept leading
+    tags, as kohya does."""
     if config.caption_prefix:
         caption = f"{config.caption_prefix} {caption}"
     if config.caption_suffix:
         caption = f"{caption} {config.caption_suffix}"
     if config.caption_dropout_rate > 0 and rng.random() < config.caption_dropout_rate:
         return ""
-    if not config.shuffle_caption:
+    if not (config.shuffle_caption or config.caption_tag_dropout_rate > 0):
         return caption
     sep = config.caption_separator
     if config.keep_tokens_separator and config.keep_tokens_separator in caption:
@@ -377,7 +380,10 @@ def process_caption(caption: str, config: DataConfig, rng: np.random.Generator) 
     else:
         tokens = [t.strip() for t in caption.split(sep) if t.strip()]
         fixed, flex = tokens[: config.keep_tokens], tokens[config.keep_tokens :]
-    flex = [flex[i] for i in rng.permutation(len(flex))]
+    if config.shuffle_caption:
+        flex = [flex[i] for i in rng.permutation(len(flex))]
+    if config.caption_tag_dropout_rate > 0:
+        flex = [tag for tag in flex if rng.random() >= config.caption_tag_dropout_rate]
     return f"{sep} ".join(fixed + flex)
 
 

@@ -452,6 +452,28 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------
 
+    def _noise_and_timesteps(self, shape: tuple[int, ...], gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
+        """For the whole global batch, from the generator every rank shares: the noise (with kohya's
+        noise offset and multires options), the timesteps, and the noise mixed into the UNet's input
+        when it differs (kohya's input perturbation), else None. Options that are off draw nothing."""
+        cfg = self.cfg
+
+        def strength(value: float, random: bool) -> float:  # kohya's *_random_strength: uniform in [0, value)
+            return value * torch.rand((), generator=gen).item() if random else value
+
+        noise = torch.randn(shape, generator=gen)
+        if cfg.noise_offset:
+            offset = strength(cfg.noise_offset, cfg.noise_offset_random_strength)
+            noise = noise + offset * torch.randn(shape[:2] + (1, 1), generator=gen)
+        if cfg.multires_noise_iterations:
+            noise = pyramid_noise(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, gen)
+        t = torch.randint(cfg.min_timestep, cfg.max_timestep, (shape[0],), generator=gen)
+        mixed = None
+        if cfg.ip_noise_gamma:
+            gamma = strength(cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength)
+            mixed = noise + gamma * torch.randn(shape, generator=gen)
+        return noise, t, mixed
+
     def train_step(self, batches) -> float:
         """One optimizer step over `grad_accum` global batches; returns the mean loss over all ranks."""
         cfg = self.cfg
@@ -475,18 +497,10 @@ class Trainer:
                     loss = self.module(pixels, eps)
                 else:
                     latents = self._latents(batch, gen, len(indices), part)
-                    shape = (len(indices), *latents.shape[1:])
-                    noise = torch.randn(shape, generator=gen)
-                    if cfg.noise_offset:
-                        noise = noise + cfg.noise_offset * torch.randn(shape[:2] + (1, 1), generator=gen)
-                    if cfg.multires_noise_iterations:
-                        noise = pyramid_noise(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, gen)
-                    t = torch.randint(0, self.alphas_cumprod.numel(), (len(indices),), generator=gen)
-                    mixed = None
-                    if cfg.ip_noise_gamma:
-                        mixed = (noise + cfg.ip_noise_gamma * torch.randn(shape, generator=gen))[part].to(self.device)
+                    noise, t, mixed = self._noise_and_timesteps((len(indices), *latents.shape[1:]), gen)
                     loss = self.module(latents, self._tokens(batch["caption"]), noise[part].to(self.device),
-                                       t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch), mixed,
+                                       t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch),
+                                       None if mixed is None else mixed[part].to(self.device),
                                        batch["loss_weight"].to(self.device))
                 self.acc.backward(loss / cfg.grad_accum)
             losses.append(loss.detach())
