@@ -142,10 +142,10 @@ class TrainConfig:
     deterministic: bool = False  # GPU: deterministic kernels, so --resume is exact there too (a little slower)
     min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
     noise_offset: float = 0.0
-    # kohya's loss and noise options, with its names, defaults and formulas (trainer.LossOptions).
-    loss_type: str = "l2"  # l2 | l1 | huber | smooth_l1
+    # kohya's loss and noise options, with its names, defaults and formulas (losses.LossOptions).
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
     huber_c: float = 0.1
-    huber_schedule: str = "snr"  # snr | exponential | constant
+    huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
     huber_scale: float = 1.0
     scale_v_pred_loss_like_noise_pred: bool = False
     debiased_estimation_loss: bool = False
