@@ -671,3 +671,36 @@ def test_speed_rank128_on_sd15_unet(tmp_path, dtype):
           f"{torch.get_num_threads()} threads: apply {apply_s:.2f} s, restore {restore_s:.3f} s "
           f"(all runs: {', '.join(f'{a + r:.2f}' for a, r in runs)} s)")
     assert apply_s + restore_s < 2.0
+
+
+def test_merge_lora_command_writes_the_merged_checkpoint(tmp_path, tiny, capsys):
+    """`sdlab merge-lora MODEL LORA:RATIO ... -o OUT`: the saved weights are the model's with the
+    LoRAs applied at those ratios (the merge itself is proved against diffusers above)."""
+    from safetensors import safe_open
+
+    from sdlab.checkpoints.loader import load_bundle
+    from sdlab.cli import _lora_and_ratio, main
+
+    from .tiny import save_native
+
+    base = save_native(tiny("sd1"), tmp_path / "base.safetensors")
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_safetensors(_kohya(tiny("sd1"), seed=1), first)
+    save_safetensors(_kohya(tiny("sd1"), seed=2, te=False), second)
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge-lora", str(base), f"{first}:0.5", str(second), "-o", str(out)]) == 0
+    assert "2 LoRAs merged" in capsys.readouterr().out
+
+    expected = load_bundle(base, device="cpu", dtype=torch.float32)
+    apply_loras(expected, [(load_lora(first), 0.5, 0.5), (load_lora(second), 1.0, 1.0)])
+    merged = load_bundle(out, device="cpu", dtype=torch.float32)
+    want, got = expected.state_dict(), merged.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert any(not torch.equal(want[k], v) for k, v in load_bundle(base, device="cpu").state_dict().items())
+    with safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["sdlab.merged_loras"]) == [["a.safetensors", 0.5], ["b.safetensors", 1.0]]
+
+    assert _lora_and_ratio(r"C:\loras\x.safetensors") == (r"C:\loras\x.safetensors", 1.0)
+    assert _lora_and_ratio("x.safetensors:-0.25") == ("x.safetensors", -0.25)
+    assert main(["merge-lora", str(base), str(first), "-o", str(tmp_path / "merged.ckpt")]) == 1
+    assert "must end in .safetensors" in capsys.readouterr().err

@@ -82,6 +82,41 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({bundle.family.name}, {to})")
 
 
+def _lora_and_ratio(spec: str) -> tuple[str, float]:
+    """`PATH` or `PATH:RATIO` (a drive letter's colon is not a ratio)."""
+    path, sep, ratio = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(ratio)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from .checkpoints.loader import load_bundle, save_checkpoint
+    from .device import parse_dtype
+    from .lora import apply_loras, load_lora
+
+    dst = Path(args.dst)
+    if dst.suffix != ".safetensors":
+        raise SdlabError(f"{dst}: the merged checkpoint must end in .safetensors")
+    dtype = parse_dtype(args.dtype or "fp32")
+    specs = [_lora_and_ratio(spec) for spec in args.loras]
+    loras = [(load_lora(path), ratio, ratio) for path, ratio in specs]  # every file is checked before the model loads
+    bundle = load_bundle(args.model, device="cpu", dtype=torch.float32)
+    applied = apply_loras(bundle, loras)  # in fp32, whatever the output dtype
+    for lora, keys in applied.unmatched.items():
+        print(f"warning: {lora}: {len(keys)} modules match no layer of this model and were left out", file=sys.stderr)
+    merged = [[Path(path).name, ratio] for path, ratio in specs]
+    save_checkpoint(bundle, dst, dtype=dtype, metadata={"sdlab.merged_loras": json.dumps(merged)})
+    print(f"wrote {dst} ({bundle.family.name}, {len(specs)} LoRA{'s' if len(specs) > 1 else ''} merged)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdlab", description="Stable Diffusion in Python: generate, fine-tune and serve SD models.",
@@ -107,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     p.add_argument("--no-ema", action="store_true", help="keep the raw weights when the file also has EMA ones")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("merge-lora", help="merge LoRAs into a checkpoint",
+                       description="Add LoRAs (kohya/A1111, LyCORIS or diffusers/PEFT files) into a checkpoint's "
+                                   "weights and save it as one .safetensors file, as kohya's merge_lora.py does.",
+                       epilog="example: sdlab merge-lora model.safetensors style.safetensors:0.8 face.safetensors:0.5 "
+                              "-o merged.safetensors --dtype fp16")
+    p.add_argument("model", help="a .safetensors/.ckpt file, a diffusers folder or a hub repo id")
+    p.add_argument("loras", nargs="+", metavar="LORA[:RATIO]", help="LoRA files, each with its weight (default 1)")
+    p.add_argument("-o", "--output", dest="dst", required=True, help="the merged checkpoint (.safetensors)")
+    p.add_argument("--dtype", help="weight dtype of the output: fp32 (default), fp16, bf16")
+    p.set_defaults(func=cmd_merge_lora)
 
     # Commands that live beside the code they drive; each module has `register(subparsers)`
     # and imports nothing heavy at module level.
