@@ -180,6 +180,31 @@ def kohya_name(module_path: str, part: Literal["unet", "te", "te1", "te2"] = "un
     return _KOHYA_PART_PREFIX[part] + path.replace(".", "_")
 
 
+def as_kohya_tensors(lora: LoraFile, bundle: Bundle, original_unet_names: bool = False
+                     ) -> tuple[dict[str, Tensor], list[str]]:
+    """A LoRA file's plain LoRA modules (kohya in any spelling, or diffusers/PEFT) as kohya tensors
+    under this model's canonical names (`kohya_name`: the UNet in diffusers' spelling, or with
+    `original_unet_names` the original one; `lora_te_`, or SDXL's `lora_te1_` / `lora_te2_`), each
+    with the alpha that gives its scale. Also returns the keys of modules left out: other kinds
+    (LoHa, LoKr, full diffs) and names that match no layer.
+    """
+    index = _bundle_index(bundle)
+    parts = {"unet": "unet", "te0": "te", "te1": "te2"} if len(bundle.text_encoders) == 1 else \
+        {"unet": "unet", "te0": "te1", "te1": "te2"}
+    out, left_out = {}, list(lora.unsupported)
+    for m in lora.modules:
+        slot = index.get((m.net, m.name))
+        if m.kind != "lora" or slot is None or m.net not in parts:
+            left_out.append(m.key)
+            continue
+        unet_config = None if original_unet_names else bundle.unet.cfg
+        name = kohya_name(slot.module, parts[m.net], unet_config)  # type: ignore[arg-type]
+        out[f"{name}.lora_down.weight"] = m.tensors["lora_down.weight"]
+        out[f"{name}.lora_up.weight"] = m.tensors["lora_up.weight"]
+        out[f"{name}.alpha"] = torch.tensor(m.scale * m.rank)  # kohya's scale is alpha / rank
+    return out, left_out
+
+
 def native_module_path(name: str, config: ModelConfig) -> tuple[str, str]:
     """The reverse of `kohya_name`: `(part, native module path)` of a kohya module name
     (without the `.lora_down.weight` suffix) for a model of the given config.

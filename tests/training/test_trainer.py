@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sdlab.errors import SdlabError
@@ -461,9 +462,45 @@ def test_lora_starts_from_network_weights(tmp_path, shapes, base_model, caplog):
         trainer(config(tmp_path / "c", shapes, mode="'lora'", base_model=f"{str(base_model)!r}",
                        **{**lora, "lora.rank": 8, "lora.network_weights": repr(str(saved))}))
     sdxl = save_native(tiny_bundle("sdxl"), tmp_path / "sdxl.safetensors")
-    with pytest.raises(SdlabError, match="none of its modules is one of this run's LoRA modules"):
+    with pytest.raises(SdlabError, match="this model's layer needs .*: a LoRA for another model"):
         trainer(config(tmp_path / "d", shapes, mode="'lora'", base_model=f"{str(sdxl)!r}",
                        **{**lora, "lora.train_text_encoder": "false", "lora.network_weights": repr(str(saved))}))
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file({k: v for k, v in load_file(saved).items() if k.startswith("lora_unet_")}, unet_only)
+    with pytest.raises(SdlabError, match="none of its modules is one of this run's LoRA modules"):
+        trainer(config(tmp_path / "e", shapes, mode="'lora'", base_model=f"{str(base_model)!r}",
+                       **{**lora, "lora.train_unet": "false", "lora.network_weights": repr(str(unet_only))}))
+
+
+def test_network_weights_from_a_diffusers_peft_file(tmp_path, shapes):
+    """A LoRA that diffusers saved (PEFT keys `unet.*.lora_A.weight`, alphas in its adapter metadata)
+    starts a run with the same updates as the kohya file it came from."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from tests.tiny import diffusers_folder
+
+    _, folder = diffusers_folder(tmp_path, "sd1")
+    lora = {"lora.rank": 4, "lora.alpha": 2, "lora.train_text_encoder": "true"}
+    first = trainer(config(tmp_path / "a", shapes, mode="'lora'", base_model=f"{str(folder)!r}", steps=2, lr=5e-2,
+                           save_dtype="'fp32'", **lora))
+    kohya = first.train()
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.load_lora_weights(str(kohya), adapter_name="trained")
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "peft", unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="trained"),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="trained"),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["trained"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["trained"].to_dict())
+    peft_file = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
+    with safe_open(peft_file, "pt") as f:
+        assert any(k.startswith("unet.") and k.endswith(".lora_A.weight") for k in f.keys())
+    second = trainer(config(tmp_path / "b", shapes, mode="'lora'", base_model=f"{str(folder)!r}",
+                            **{**lora, "lora.network_weights": repr(str(peft_file))}))
+    assert second.lora.loras.keys() == first.lora.loras.keys()
+    for name, m in first.lora.loras.items():
+        torch.testing.assert_close(second.lora.loras[name].merged_weight_delta(), m.merged_weight_delta(),
+                                   atol=1e-6, rtol=0)
 
 
 def test_regularization_images_weight_the_loss(tmp_path, shapes, base_model):

@@ -48,8 +48,9 @@ class LoRAConfig:
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # default: the main lr
     dropout: float = 0.0  # dropout on the rank-r activations (kohya's network_dropout)
-    # A kohya LoRA file to start from instead of zero (kohya's network_weights), e.g. to train on;
-    # same ranks. Its alphas replace `alpha` / `conv_alpha` module by module.
+    # A LoRA file to start from instead of zero (kohya's network_weights), e.g. to train on: kohya's
+    # format in either UNet spelling, or diffusers/PEFT; same ranks. Its alphas replace `alpha` /
+    # `conv_alpha` module by module.
     network_weights: str | None = None
 
 

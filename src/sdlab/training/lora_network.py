@@ -248,16 +248,21 @@ class LoRANetwork(nn.Module):
         the modules here that the file lacks (they keep their fresh start).
 
         Raises:
-            SdlabError: a module whose shape differs (another rank).
+            SdlabError: a module of another rank, or of another shape (a LoRA for another model).
         """
         in_file = {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")}
         for name in sorted(in_file & set(self.loras)):
             m = self.loras[name]
             down, up = tensors[f"{name}.lora_down.weight"], tensors.get(f"{name}.lora_up.weight")
-            if up is None or down.shape != m.lora_down.weight.shape or up.shape != m.lora_up.weight.shape:
+            if down.shape[0] != m.rank:
                 raise SdlabError(f"{name}: the file's LoRA has rank {down.shape[0]}, this run's {m.rank}; set "
                                  f"lora.{'conv_rank' if down.ndim == 4 and down.shape[-1] > 1 else 'rank'} = "
                                  f"{down.shape[0]}")
+            if up is None or down.shape != m.lora_down.weight.shape or up.shape != m.lora_up.weight.shape:
+                raise SdlabError(f"{name}: the file's LoRA is {tuple(down.shape)} x "
+                                 f"{tuple(up.shape) if up is not None else 'nothing'}, this model's layer needs "
+                                 f"{tuple(m.lora_down.weight.shape)} x {tuple(m.lora_up.weight.shape)}: "
+                                 f"a LoRA for another model")
             m.lora_down.weight.copy_(down)
             m.lora_up.weight.copy_(up)
             if f"{name}.alpha" in tensors:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import device as devices
-from ..checkpoints.io import atomic_write, read_state_dict, save_safetensors
+from ..checkpoints.io import atomic_write, save_safetensors
 from ..checkpoints.loader import Bundle, load_bundle, new_bundle, save_checkpoint
 from ..errors import SdlabError
 from ..families import FAMILIES, ModelConfig, with_prediction
@@ -292,8 +292,14 @@ class Trainer:
             raise SdlabError(f"{fam.label}: training the SDXL refiner is not supported; train the SDXL base model")
 
     def _start_from(self, path: str) -> None:
-        """Load `lora.network_weights` into the fresh LoRA."""
-        unmatched, missing = self.lora.load_kohya_weights(read_state_dict(path))
+        """Load `lora.network_weights` (kohya in either UNet spelling, or diffusers/PEFT) into the
+        fresh LoRA."""
+        from ..lora import as_kohya_tensors, load_lora
+
+        tensors, left_out = as_kohya_tensors(load_lora(path), self.bundle,
+                                             original_unet_names=bool(self.bundle.family.added_conditioning))
+        unmatched, missing = self.lora.load_kohya_weights(tensors)
+        unmatched += left_out
         if len(missing) == len(self.lora.loras):
             raise SdlabError(f"lora.network_weights {path}: none of its modules is one of this run's LoRA modules "
                              f"({', '.join(unmatched[:2])}, ...): a LoRA for another model, or trained on other layers?")
