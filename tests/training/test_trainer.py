@@ -20,7 +20,7 @@ from sdlab.errors import SdlabError
 from sdlab.training.config import SamplePrompt, load_config, parse_sample_prompt
 from sdlab.training.shapes import make_shapes_dataset
 from sdlab.training.losses import LossOptions, diffusion_loss, huber_threshold, min_snr_weight, pyramid_noise
-from sdlab.training.trainer import Trainer
+from sdlab.training.trainer import Trainer, lr_lambda
 from tests.tiny import save_native, tiny_bundle
 
 
@@ -150,6 +150,28 @@ def test_validation_prompts_take_kohyas_options(tmp_path, shapes, base_model):
     assert [im.name for im in images] == ["step000000-p0-s5.png", "step000000-p1-s1.png", "step000000-p1-s2.png"]
     from PIL import Image
     assert Image.open(images[0]).size == (48, 32) and Image.open(images[1]).size == (32, 32)
+
+
+@pytest.mark.parametrize("name, warmup, extra", [
+    ("constant", 0, {}), ("constant_with_warmup", 4, {}), ("linear", 4, {}), ("cosine", 4, {}), ("cosine", 0, {}),
+    ("cosine_with_restarts", 3, {"num_cycles": 3}), ("polynomial", 2, {"power": 2.0}), ("polynomial", 0, {}),
+])
+def test_lr_schedules_are_diffusers(name, warmup, extra):
+    """Every learning-rate schedule, step by step, against diffusers' `get_scheduler` (which kohya's
+    scripts use): warm-up from 0, then the named decay; per parameter group."""
+    from diffusers.optimization import get_scheduler
+
+    def optimizer():
+        return torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)], "lr": 0.02}], lr=0.1)
+
+    ours, theirs = optimizer(), optimizer()
+    total = 20
+    ours_schedule = torch.optim.lr_scheduler.LambdaLR(ours, lr_lambda(name, warmup, total, lr=0.1, **extra))
+    theirs_schedule = get_scheduler(name, theirs, num_warmup_steps=warmup, num_training_steps=total, **extra)
+    for _ in range(total):
+        assert [g["lr"] for g in ours.param_groups] == pytest.approx([g["lr"] for g in theirs.param_groups],
+                                                                      rel=1e-12, abs=1e-15)
+        ours.step(), theirs.step(), ours_schedule.step(), theirs_schedule.step()
 
 
 def test_min_snr_weight_by_hand():
@@ -770,7 +792,7 @@ def test_trained_lora_tag_matches_diffusers_images(tmp_path, shapes):
 _DDP_SCRIPT = """
 import json, sys
 from sdlab.training.config import SamplePrompt, load_config, parse_sample_prompt
-from sdlab.training.trainer import Trainer
+from sdlab.training.trainer import Trainer, lr_lambda
 cfg = load_config(None, sys.argv[2:])
 t = Trainer(cfg, progress_bar=False)
 batches = t._global_batches()

@@ -16,7 +16,7 @@ _FLAGS = {
     "batch_size": (int, "images per step and process (default 1)"),
     "grad_accum": (int, "batches accumulated into one optimizer step (default 1)"),
     "lr": (float, "learning rate (default 1e-4)"),
-    "lr_scheduler": (str, "constant, linear or cosine (default constant)"),
+    "lr_scheduler": (str, "constant, linear, cosine, cosine_with_restarts or polynomial (default constant)"),
     "mixed_precision": (str, "no, bf16 or fp16 (default no)"),
     "seed": (int, "seeds the data order, augmentation, noise and new weights (default 0)"),
     "save_every_n_steps": (int, "also save the result and a --resume state every N steps"),

@@ -19,7 +19,7 @@ from .data import DataConfig
 
 Mode = Literal["lora", "finetune", "scratch"]
 MODES = ("lora", "finetune", "scratch")
-SCHEDULERS = ("constant", "linear", "cosine")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
@@ -128,8 +128,11 @@ class TrainConfig:
     batch_size: int = 1  # per process
     grad_accum: int = 1
     lr: float = 1e-4
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    # diffusers' / kohya's names: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
+    lr_scheduler: str = "constant"
     warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: how many cosine cycles
+    lr_scheduler_power: float = 1.0  # polynomial: the decay's power
     # "adamw", "adamw8bit" (bitsandbytes), or any optimizer class by its import path, as kohya's
     # --optimizer_type takes it ("prodigyopt.Prodigy", "torch.optim.Adafactor", "lion_pytorch.Lion"):
     # it gets the learning rate and `optimizer_args` only (kohya's --optimizer_args).
@@ -205,7 +208,8 @@ class TrainConfig:
             raise bad(f"max_token_length must be 75, 150 or 225, got {self.max_token_length!r}")
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
             raise bad(f"save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}")
-        for name in ("steps", "batch_size", "grad_accum", "keep_states", "log_every_n_steps", "clip_skip"):
+        for name in ("steps", "batch_size", "grad_accum", "keep_states", "log_every_n_steps", "clip_skip",
+                     "lr_scheduler_num_cycles"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "vae_steps", "save_every_n_steps", "num_workers", "epochs", "save_every_n_epochs"):
@@ -213,6 +217,8 @@ class TrainConfig:
                 raise bad(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not self.lr > 0:
             raise bad(f"lr must be positive, got {self.lr}")
+        if self.lr_scheduler == "polynomial" and not (self.lr > 1e-7 and self.lr_scheduler_power > 0):
+            raise bad("polynomial decay ends at lr 1e-7: it needs lr above that and lr_scheduler_power > 0")
         if not 0 <= self.ema_decay < 1:
             raise bad(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in ("min_snr_gamma", "noise_offset", "multires_noise_iterations", "ip_noise_gamma"):

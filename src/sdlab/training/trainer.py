@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -169,17 +170,32 @@ class _Progress:
     batches: int = 0  # global batches consumed (the data order follows from it)
 
 
-def _lr_lambda(cfg_scheduler: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if cfg_scheduler == "constant":
+# diffusers' (and transformers') polynomial schedule ends at this learning rate, not at 0.
+POLYNOMIAL_LR_END = 1e-7
+
+
+def lr_lambda(name: str, warmup: int, total: int, num_cycles: int = 1, power: float = 1.0,
+              lr: float = 1e-4) -> Callable[[int], float]:
+    """The learning-rate factor of each optimizer step, as diffusers' `get_scheduler` (and so
+    kohya's) computes it: a linear warm-up from 0 over `warmup` steps, then constant, linear to 0,
+    cosine to 0, cosine with `num_cycles` hard restarts, or polynomial (`power`) down to
+    `POLYNOMIAL_LR_END` (of a base rate `lr`). "constant" warms up too when `warmup` is set (it
+    is "constant_with_warmup" then; diffusers' "constant" would ignore the warm-up)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if name in ("constant", "constant_with_warmup"):
             return 1.0
-        frac = min(1.0, (step - warmup) / max(1, total - warmup))
-        if cfg_scheduler == "linear":
-            return 1.0 - frac
-        return 0.5 * (1 + math.cos(math.pi * frac))
-    return f
+        progress = (step - warmup) / max(1, total - warmup)
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        if name == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        if name == "cosine_with_restarts":
+            return 0.0 if progress >= 1 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0))))
+        end = POLYNOMIAL_LR_END / lr
+        return end if step > total else (1 - end) * (1 - progress) ** power + end
+    return factor
 
 
 def _multi_process_cpu() -> bool:
@@ -379,7 +395,8 @@ class Trainer:
         self.trained = [p for g in groups for p in g["params"]]
         self.optimizer = self._make_optimizer(groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total))
+            self.optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total, cfg.lr_scheduler_num_cycles,
+                                      cfg.lr_scheduler_power, groups[0]["lr"]))
         self.module, self.optimizer = self.acc.prepare(module, self.optimizer)
         if phase == "diffusion" and cfg.ema_decay:
             self.ema = {str(i): p.detach().float().clone() for i, p in enumerate(self.trained)}
