@@ -180,6 +180,28 @@ def test_min_snr_weight_by_hand():
     assert torch.allclose(min_snr_weight(snr, 5.0, "v"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_loss_is_diffusers_scripts(prediction):
+    """The Min-SNR weighting of diffusers' train_text_to_image(_lora).py (`compute_snr`, then
+    min(snr, gamma) / snr, or / (snr + 1) for v) on SD's noise schedule."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from sdlab.sampling.schedules import discrete_schedule
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    timesteps = torch.tensor([0, 10, 250, 500, 999])
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0] / (snr + 1 if prediction == "v" else snr)
+    g = torch.Generator().manual_seed(0)
+    pred, x0, eps = (torch.randn(5, 4, 8, 8, generator=g) for _ in range(3))
+    alphas = discrete_schedule().alphas_cumprod
+    target = eps if prediction == "eps" else scheduler.get_velocity(x0, eps, timesteps)
+    expected = torch.nn.functional.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weights
+    got = diffusion_loss(pred, x0, eps, timesteps, alphas, LossOptions(prediction, min_snr_gamma=5.0))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
 def test_eps_and_v_losses():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
