@@ -378,7 +378,52 @@ if SMOKE:
 else:
     check("sdlab generate --device cuda, and --offload (demo model)", cli_generate)
 
-# 5. torch.compile, last: it takes the longest
+# 5. training on the device: the LoRA trainer's paths (frozen-layer backward, LoRA hooks, fused
+# AdamW, the bf16 frozen base under autocast, SDXL with OpenCLIP text-encoder LoRA)
+def training():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    sys.path.insert(0, ".")  # the repository root, for the tests' tiny models
+    from tests.tiny import save_native, tiny_bundle
+
+    from sdlab.training.config import load_config
+    from sdlab.training.shapes import make_shapes_dataset
+    from sdlab.training.trainer import Trainer
+
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, to compare with the CPU
+    work = Path(tempfile.mkdtemp())
+    make_shapes_dataset(work / "shapes", 8, size=32, seed=1)
+    details = []
+    for family, precision in (("sd1", "no"), ("sdxl", "bf16")):
+        base = save_native(tiny_bundle(family), work / f"{family}.safetensors")
+        sets = [f"data.folder={str(work / 'shapes')!r}", "data.resolution=32", "data.enable_bucket=false",
+                "mode='lora'", f"base_model={str(base)!r}", "steps=3", "batch_size=2", "lr=5e-2",
+                f"mixed_precision='{precision}'", "lora.rank=4", "lora.conv_rank=2", "lora.train_text_encoder=true",
+                "validation.prompts=['a red circle --s 2']"]
+        first = {}
+        for where in ([DEV.type, "cpu"] if precision == "no" and DEV.type == "cuda" else [DEV.type]):
+            AcceleratorState._reset_state(True)
+            cfg = load_config(None, [*sets, f"output_dir={str(work / (family + where))!r}"])
+            t = Trainer(cfg, accelerator=Accelerator(cpu=where == "cpu", mixed_precision=precision), progress_bar=False)
+            first[where] = t.train_step(t._global_batches())
+            path = t.train()
+            samples = list((work / (family + where) / "samples").glob("*.png"))
+            assert path.is_file() and samples, (path, samples)
+            t.close()
+        if len(first) == 2:
+            rel = abs(first["cuda"] - first["cpu"]) / abs(first["cpu"])
+            assert rel < 1e-4, first
+            details.append(f"{family} fp32 first loss cuda {first['cuda']:.6f} cpu {first['cpu']:.6f}")
+        else:
+            details.append(f"{family} {precision}: loss {first[DEV.type]:.4f}, saved and sampled")
+    AcceleratorState._reset_state(True)
+    return "; ".join(details)
+
+
+check("LoRA training on the device (sd1 fp32 vs the CPU; sdxl bf16 with text encoders)", training)
+
+# 6. torch.compile, last: it takes the longest
 if SKIP_COMPILE or (SMOKE and os.environ.get("SMOKE_COMPILE") != "1"):
     print("SKIP  torch.compile (SKIP_COMPILE=1 or SMOKE)")
 else:
