@@ -547,6 +547,29 @@ def test_network_weights_from_a_diffusers_peft_file(tmp_path, shapes):
                                    atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["lora", "finetune"])
+def test_gradient_checkpointing_covers_the_text_encoders(tmp_path, shapes, base_model, mode, monkeypatch):
+    """With gradient_checkpointing, trained text encoders recompute their layers in backward too
+    (kohya's --gradient_checkpointing): the same loss and the same update as without."""
+    import sdlab.models.clip as clip
+
+    recomputed = []
+    plain_checkpoint = clip.checkpoint
+    monkeypatch.setattr(clip, "checkpoint", lambda *a, **k: recomputed.append(1) or plain_checkpoint(*a, **k))
+    sets = dict(mode=repr(mode), base_model=f"{str(base_model)!r}", steps=1, lr=5e-2, train_text_encoder="true",
+                **{"lora.rank": 4, "lora.train_text_encoder": "true"})
+    runs = {}
+    for on in (False, True):
+        recomputed.clear()
+        t = trainer(config(tmp_path / str(on), shapes, gradient_checkpointing=str(on).lower(), **sets))
+        loss = t.train_step(t._global_batches())
+        runs[on] = (loss, [p.detach().clone() for p in t.trained], len(recomputed))
+    assert runs[True][2] == 2 and runs[False][2] == 0  # the tiny text encoder's 2 layers
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_regularization_images_weight_the_loss(tmp_path, shapes, base_model):
     """DreamBooth's prior preservation: class images in the batches, each sample's loss weighted
     (prior_loss_weight for them), and kohya's counts in the metadata."""

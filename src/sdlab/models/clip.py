@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sdlab.models.layers import attention
 
@@ -214,6 +215,8 @@ class CLIPTextModel(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.cfg = cfg
+        # Training: recompute each layer in backward instead of keeping its activations.
+        self.gradient_checkpointing = False
         if cfg.layout == "openai":
             self.text_model = OpenAITextTransformer(cfg)
             if cfg.projection_dim is not None:
@@ -264,8 +267,9 @@ class CLIPTextModel(nn.Module):
         mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
 
         hidden = x  # replaced by the output of layer `layers - skip + 1` (1-based) below
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(blocks):
-            x = block(x, mask)
+            x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
             if i == len(blocks) - skip:
                 hidden = x
         last = ln(x)

@@ -354,6 +354,8 @@ class Trainer:
             # The layer sampling reads (pipeline.text_runners): the family's, moved back by CLIP skip.
             skip = min(b.family.clip_skip + cfg.clip_skip - 1, *(te.cfg.layers for te in b.text_encoders))
             b.unet.gradient_checkpointing = cfg.gradient_checkpointing
+            for te in b.text_encoders:  # only has an effect on the ones that train
+                te.gradient_checkpointing = cfg.gradient_checkpointing
             if cfg.mode == "lora":
                 from .lora_network import LoRANetwork
 
@@ -371,6 +373,8 @@ class Trainer:
                 self.lora.apply()
                 self.lora.train()
                 b.unet.train()
+                for te in b.text_encoders if lc.train_text_encoder else ():
+                    te.train()  # (no dropout in CLIP: this only lets gradient checkpointing act)
                 unet_params = [p for n, p in self.lora.named_parameters() if n.startswith("loras.lora_unet")]
                 te_params = [p for n, p in self.lora.named_parameters() if n.startswith("loras.lora_te")]
                 groups = [{"params": unet_params, "lr": cfg.lr}]
