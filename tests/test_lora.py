@@ -704,3 +704,20 @@ def test_merge_lora_command_writes_the_merged_checkpoint(tmp_path, tiny, capsys)
     assert _lora_and_ratio("x.safetensors:-0.25") == ("x.safetensors", -0.25)
     assert main(["merge-lora", str(base), str(first), "-o", str(tmp_path / "merged.ckpt")]) == 1
     assert "must end in .safetensors" in capsys.readouterr().err
+
+
+def test_info_command_describes_a_lora(tmp_path, tiny, capsys):
+    """`sdlab info LORA`: kind, modules per network, ranks, alphas and kohya's training metadata."""
+    from sdlab.cli import main
+
+    path = tmp_path / "style.safetensors"
+    save_safetensors(_kohya(tiny("sd1"), rank=4, alpha=2.0), path,
+                     {"ss_base_model_version": "sd_v1", "ss_steps": "1500", "ss_network_args": "{}"})
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    downs = [k for k in _kohya(tiny("sd1")) if k.endswith(".lora_down.weight")]
+    n_unet = sum(k.startswith("lora_unet_") for k in downs)
+    for line in ["kind  lora", f"modules  UNet {n_unet}, text encoder {len(downs) - n_unet}", "rank  4", "alpha  2",
+                 "trained on  sd_v1", "steps  1500"]:
+        assert " ".join(line.split()) in " ".join(out.split())
+    assert "network args" not in out  # empty metadata is left out

@@ -23,8 +23,14 @@ def cmd_info(args: argparse.Namespace) -> None:
             return
     if args.model is None:
         raise SdlabError("give a checkpoint to inspect, or --device")
+    from .checkpoints.io import read_state_dict
     from .checkpoints.loader import EMA_PREFIX, config_of, file_sha256, open_model
-    from .families import UNET_PREFIX, VAE_PREFIX
+    from .families import UNET_PREFIX, VAE_PREFIX, looks_like_lora
+
+    if Path(args.model).is_file() and Path(args.model).suffix in (".safetensors", ".pt", ".ckpt", ".bin") \
+            and looks_like_lora(read_state_dict(args.model).keys()):
+        _print_rows(_lora_rows(Path(args.model)))
+        return
 
     sd, path = open_model(args.model)
     cfg = config_of(sd, args.prediction)
@@ -50,9 +56,43 @@ def cmd_info(args: argparse.Namespace) -> None:
     rows += [("dtype", ", ".join(dtypes)), ("EMA weights", "yes" if has_ema else "no")]
     if path.is_file():
         rows.append(("model hash", file_sha256(path)[:10]))
+    _print_rows(rows)
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+# kohya's training metadata worth showing, in this order: (label, ss_* key).
+_LORA_METADATA = (("trained on", "ss_base_model_version"), ("base model file", "ss_sd_model_name"),
+                  ("network", "ss_network_module"), ("network args", "ss_network_args"),
+                  ("resolution", "ss_resolution"), ("steps", "ss_steps"), ("epochs", "ss_epoch"),
+                  ("images", "ss_num_train_images"), ("optimizer", "ss_optimizer"), ("learning rate", "ss_learning_rate"),
+                  ("clip skip", "ss_clip_skip"), ("trained with", "modelspec.implementation"))
+
+
+def _lora_rows(path: Path) -> list[tuple[str, str]]:
+    """What `sdlab info` tells of a LoRA file: its modules, ranks and alphas, and its training metadata."""
+    from .lora import load_lora
+
+    lora = load_lora(path)
+    by_net: dict[str, int] = {}
+    for m in lora.modules:
+        by_net[m.net] = by_net.get(m.net, 0) + 1
+    nets = {"unet": "UNet", "te0": "text encoder", "te1": "text encoder 2"}
+    kinds = sorted({m.kind for m in lora.modules})
+    ranks = sorted({m.rank for m in lora.modules if m.rank})
+    alphas = sorted({m.alpha for m in lora.modules if m.alpha is not None})
+    rows = [("file", str(path)), ("kind", ", ".join(kinds)),
+            ("modules", ", ".join(f"{label} {by_net[n]}" for n, label in nets.items() if n in by_net)),
+            ("rank", ", ".join(map(str, ranks)) or "-"), ("alpha", ", ".join(f"{a:g}" for a in alphas) or "none (scale 1)")]
+    if lora.unsupported:
+        rows.append(("not applied", f"{len(lora.unsupported)} keys sdlab cannot apply"))
+    meta = lora.metadata
+    rows += [(label, meta[key]) for label, key in _LORA_METADATA if meta.get(key) not in (None, "", "None", "{}")]
+    return rows
 
 
 def _numel(shape) -> int:

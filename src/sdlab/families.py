@@ -149,9 +149,14 @@ def detect_family(shapes: Shapes) -> Family:
                      "(expected cond_stage_model.transformer.* or cond_stage_model.model.*)")
 
 
+def looks_like_lora(keys) -> bool:
+    """Whether a state dict's keys are a LoRA's (kohya, LyCORIS or diffusers/PEFT)."""
+    return any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_A." in k or ".lora_down." in k for k in keys)
+
+
 def _not_a_model_reason(keys) -> str:
     sample = next(iter(keys), "")
-    if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_A." in k or ".lora_down." in k for k in keys):
+    if looks_like_lora(keys):
         return "this is a LoRA file, not a model: put it in the Lora folder and use <lora:NAME:1> in the prompt"
     if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
         return "this is a single diffusers network file, not a checkpoint: give the whole diffusers folder"
