@@ -164,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what sdlab is doing")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("info", help="what a checkpoint is: family, prediction, sizes, EMA",
-                       description="Show a checkpoint's family, prediction type, parameter counts, dtype and EMA.")
-    p.add_argument("model", nargs="?", help="a .safetensors/.ckpt file, a diffusers folder or a hub repo id")
+    p = sub.add_parser("info", help="what a checkpoint (or LoRA) is: family, prediction, sizes, EMA",
+                       description="Show a checkpoint's family, prediction type, parameter counts, dtype and EMA; "
+                                   "or a LoRA's modules, ranks, alphas and training metadata.")
+    p.add_argument("model", nargs="?", help="a .safetensors/.ckpt file (a model or a LoRA), a diffusers folder or a "
+                                            "hub repo id")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     p.add_argument("--device", nargs="?", const="auto", default=None,
                    help="show the device sdlab would use (or the named one) and the dtype it picks there")
