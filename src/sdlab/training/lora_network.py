@@ -149,7 +149,7 @@ def unet_kohya_names(unet: UNet, native_paths: list[str], spelling: str = "diffu
     2.x scripts), or with `spelling="original"` + the native path itself (its SDXL scripts:
     `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`)."""
     if spelling == "original":
-        return {p: UNET_PREFIX + "_" + p.replace(".", "_") for p in native_paths}
+        return {p: kohya_name(p, "unet") for p in native_paths}
     renamed = unet_to_diffusers({p + ".weight": torch.empty(0) for p in native_paths}, unet.cfg)
     out = {}
     for native, diffusers_key in zip(native_paths, renamed):
