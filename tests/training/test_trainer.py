@@ -435,8 +435,9 @@ def test_training_loss_is_diffusers_on_the_layer_sampling_reads(tmp_path, shapes
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_long_captions_are_read_in_chunks_as_prompts_are_at_sampling(tmp_path, shapes, family, caplog):
     """max_token_length = 150: a 100-token caption is two 77-token chunks, encoded as the pipeline
-    encodes that text as a prompt (context and pooled output), batched with a short one; at 75
-    it is cut, with a warning."""
+    encodes that text as a prompt (context and pooled output), batched with a short one. Every
+    caption gets both chunks (an empty one after a short caption, as kohya pads), so its
+    conditioning does not depend on its batch. At 75 a long caption is cut, with a warning."""
     from sdlab.pipeline import text_runners
     from sdlab.text.conditioning import encode_all
 
@@ -454,6 +455,9 @@ def test_long_captions_are_read_in_chunks_as_prompts_are_at_sampling(tmp_path, s
         assert n == (154 if text == long else 77)  # the short caption's second chunk is an empty one, as padded prompts
         assert torch.allclose(context[i, :n], expected.context[0], atol=1e-5)
         assert torch.allclose(pooled[i], expected.pooled[0], atol=1e-5)
+
+    alone = t.acc.unwrap_model(t.module).conditioning(t._tokens(["a red circle"]))
+    assert torch.allclose(alone[0][0], context[1], atol=1e-6) and torch.allclose(alone[1][0], pooled[1], atol=1e-6)
 
     short = trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(single)!r}"))
     with caplog.at_level("WARNING"):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .prompt import PromptChunk, get_prompt_schedule, pad_chunks, parse_prompt_attention, tokenize_weighted
+from .prompt import PromptChunk, empty_chunk, get_prompt_schedule, pad_chunks, parse_prompt_attention, tokenize_weighted
 from .tokenizer import CLIPTokenizer
 
 
@@ -109,14 +109,16 @@ def chunk_ids(chunk: PromptChunk, tokenizer: CLIPTokenizer) -> list[int]:
 
 
 def caption_ids(captions: Sequence[str], tokenizer: CLIPTokenizer, max_chunks: int) -> tuple[Tensor, int]:
-    """Training captions as (B, chunks, 77) ids, chunked as prompts are at sampling (75 tokens
-    each, split after a comma near the end), the text taken as written (no emphasis syntax), at
-    most `max_chunks` each and padded with empty chunks to the batch's longest; and how many
-    captions lost chunks."""
+    """Training captions as (B, max_chunks, 77) ids, chunked as prompts are at sampling (75 tokens
+    each, split after a comma near the end), the text taken as written (no emphasis syntax), cut
+    to `max_chunks` or padded with empty chunks to it (as kohya's max_token_length does: a caption's
+    conditioning then does not depend on the batch it is in, nor on how many processes share it);
+    and how many captions were cut."""
     chunked = [tokenize_weighted([(c, 1.0)], tokenizer.encode, tokenizer.comma_id, pad_id=tokenizer.eos_id)
                for c in captions]
     cut = sum(len(chunks) > max_chunks for chunks in chunked)
-    padded = pad_chunks(*(chunks[:max_chunks] for chunks in chunked), pad_id=tokenizer.eos_id)
+    empty = empty_chunk(pad_id=tokenizer.eos_id)
+    padded = [chunks[:max_chunks] + [empty] * (max_chunks - len(chunks)) for chunks in chunked]
     return torch.tensor([[chunk_ids(chunk, tokenizer) for chunk in chunks] for chunks in padded]), cut
 
 
