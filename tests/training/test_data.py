@@ -265,6 +265,36 @@ def test_caption_tag_dropout_keeps_the_kept_tags(tmp_path):
     assert process_caption(caption, DataConfig(tmp_path), np.random.default_rng(0)) == caption  # off: untouched
 
 
+def test_alpha_mask_follows_the_crop_and_flip(tmp_path):
+    """alpha_mask: items carry the image's alpha channel as `mask` (1, H, W) in [0, 1], resized,
+    cropped and flipped with the pixels; an image without alpha masks nothing."""
+    rgba = np.zeros((32, 48, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[:, 24:, 3] = 255  # the right half is opaque
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a")
+    save_image(tmp_path / "b.png", 32, 48, caption="b")
+    cfg = DataConfig(tmp_path, resolution=32, enable_bucket=False, alpha_mask=True)
+    ds = CaptionedImageDataset(cfg)
+    items = {ds.records[ds._record_of_index[i]].path.name: ds[i] for i in range(len(ds))}
+    mask = items["a.png"]["mask"]
+    assert mask.shape == (1, 32, 32) and mask.min() >= 0 and mask.max() <= 1
+    # 48 x 32 px center-cropped to 32 x 32 from column 8: the opaque half starts at column 16
+    assert mask[0, :, :15].max() < 0.05 and mask[0, :, 17:].min() > 0.95
+    assert torch.equal(items["b.png"]["mask"], torch.ones(1, 32, 32))
+    flips = set()
+    for seed in range(6):  # the mask turns with the pixels
+        ds = CaptionedImageDataset(DataConfig(tmp_path, resolution=32, enable_bucket=False, alpha_mask=True,
+                                              flip_aug=True, seed=seed))
+        item = next(ds[i] for i in range(len(ds)) if ds.records[ds._record_of_index[i]].path.name == "a.png")
+        flipped = not torch.equal(item["pixels"], items["a.png"]["pixels"])
+        assert torch.equal(item["mask"], mask.flip(-1) if flipped else mask)
+        flips.add(flipped)
+    assert flips == {True, False}
+    batch = collate([items["a.png"], items["b.png"]])
+    assert batch["mask"].shape == (2, 1, 32, 32)
+
+
 def test_caption_prefix_and_suffix(tmp_path):
     save_image(tmp_path / "a.png", caption="a cat")
     ds = CaptionedImageDataset(DataConfig(tmp_path, **SMALL, caption_prefix="photo of", caption_suffix="high quality"))

@@ -10,8 +10,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -252,6 +254,31 @@ def test_kohyas_loss_options_by_hand():
     v_plain = diffusion_loss(pred, x0, eps, t, alphas, LossOptions("v"))
     v_debiased = diffusion_loss(pred, x0, eps, t, alphas, LossOptions("v", debiased_estimation_loss=True))
     assert torch.allclose(v_debiased, v_plain / (snr + 1))
+
+
+def test_masked_loss(tmp_path, shapes, base_model):
+    """kohya's masked_loss: each element's loss weighted by the alpha mask, averaged down to the
+    latents' size (area), the mean still over all elements; fully transparent images cost nothing."""
+    g = torch.Generator().manual_seed(0)
+    pred, x0, eps = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, :, 16:] = 1.0  # the right half of each image
+    mask[1, :, :16, :] = 0.5
+    t, alphas = torch.tensor([3, 700]), torch.linspace(0.99, 0.01, 1000)
+    weights = torch.nn.functional.avg_pool2d(mask, 8)  # 32 px -> 4 latents
+    expected = ((pred - eps) ** 2 * weights).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(diffusion_loss(pred, x0, eps, t, alphas, LossOptions("eps"), mask), expected)
+
+    with pytest.raises(SdlabError, match="masked_loss needs data.alpha_mask = true"):
+        config(tmp_path, shapes, masked_loss="true")
+    clear = tmp_path / "clear"
+    clear.mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((32, 32, 4), dtype=np.uint8), "RGBA").save(clear / f"{i}.png")
+        (clear / f"{i}.txt").write_text("nothing")
+    t = trainer(config(tmp_path, clear, mode="'lora'", base_model=f"{str(base_model)!r}", masked_loss="true",
+                       **{"data.alpha_mask": "true", "lora.rank": 4}))
+    assert t.train_step(t._global_batches()) == 0.0
 
 
 def test_noise_and_timestep_draws_follow_kohyas_options(tmp_path, shapes):

@@ -158,6 +158,7 @@ class TrainConfig:
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float = 0.0  # input perturbation of the noise; 0.1 in the paper
     ip_noise_gamma_random_strength: bool = False
+    masked_loss: bool = False  # weight the loss by each image's alpha channel (needs data.alpha_mask)
     min_timestep: int = 0  # timesteps are drawn from [min_timestep, max_timestep)
     max_timestep: int = 1000
     ema_decay: float = 0.0  # 0: no EMA; the saved model holds the EMA weights when on
@@ -235,6 +236,8 @@ class TrainConfig:
                       f"and {self.max_timestep}")
         if not 0 < self.multires_noise_discount <= 1:
             raise bad(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
+        if self.masked_loss and not self.data.alpha_mask:
+            raise bad("masked_loss needs data.alpha_mask = true (the mask is each image's alpha channel)")
         if self.vae_steps and self.mode != "scratch":
             raise bad("vae_steps (the VAE reconstruction phase) only applies to mode 'scratch'")
         if self.mode == "lora":

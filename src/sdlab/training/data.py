@@ -84,6 +84,7 @@ class DataConfig:
     # as many per epoch as the training images, their loss weighted by prior_loss_weight.
     reg_folder: Path | None = None
     prior_loss_weight: float = 1.0
+    alpha_mask: bool = False  # items carry the image's alpha channel as `mask`, for masked_loss
     cache_latents_to_disk: bool = False
     latent_cache_dir: Path | None = None  # default: `<folder>/.latent_cache`
     seed: int = 0
@@ -494,22 +495,42 @@ class CaptionedImageDataset(Dataset):
             item["latents"] = latents
         else:
             item["pixels"] = self._load_pixels(r, top, left, flip)
+        if cfg.alpha_mask:
+            item["mask"] = self._load_mask(r, top, left, flip)
         return item
 
-    def _load_pixels(self, r: int, top: int, left: int, flip: bool) -> Tensor:
-        record, fit = self.records[r], self.fits[r]
-        (bh, bw), (rh, rw) = fit.bucket, fit.resized
+    def _open(self, r: int) -> Image.Image:
+        path = self.records[r].path
         try:
-            with Image.open(record.path) as im:
-                img = _to_rgb(ImageOps.exif_transpose(im))
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                im.load()
+                return im
         except Exception as e:  # a file that passed the scan can still fail to decode (or change on disk)
-            raise SdlabError(f"cannot read image {record.path} ({e}): remove or re-save it") from None
+            raise SdlabError(f"cannot read image {path} ({e}): remove or re-save it") from None
+
+    def _place(self, img: Image.Image, r: int, top: int, left: int, flip: bool) -> np.ndarray:
+        """Resize to the record's bucket fit, crop at (top, left), flip: the same for pixels and mask."""
+        (bh, bw), (rh, rw) = self.fits[r].bucket, self.fits[r].resized
         if img.size != (rw, rh):
             img = img.resize((rw, rh), Image.Resampling.LANCZOS)
         img = img.crop((left, top, left + bw, top + bh))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
+        return np.array(img)
+
+    def _load_pixels(self, r: int, top: int, left: int, flip: bool) -> Tensor:
+        pixels = self._place(_to_rgb(self._open(r)), r, top, left, flip)
+        return torch.from_numpy(pixels).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
+
+    def _load_mask(self, r: int, top: int, left: int, flip: bool) -> Tensor:
+        """(1, H, W) opacity in [0, 1] from the image's alpha channel, placed as the pixels are;
+        all ones for an image without one (kohya's alpha_mask)."""
+        img = self._open(r)
+        if not (img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)):
+            return torch.ones(1, *self.fits[r].bucket)
+        alpha = self._place(img.convert("RGBA").getchannel("A"), r, top, left, flip)
+        return torch.from_numpy(alpha).float().div(255.0).unsqueeze(0)
 
     # --- latent cache
 
@@ -677,7 +698,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 def collate(items: list[dict]) -> dict:
     """Stack items of one bucket: `pixels` or `latents` (B, C, H, W), `caption` list[str], and
-    `original_size`, `crop_top_left`, `target_size` as (B, 2) int64 tensors, `loss_weight` (B,)."""
+    `original_size`, `crop_top_left`, `target_size` as (B, 2) int64 tensors, `loss_weight` (B,), and
+    with alpha_mask `mask` (B, 1, H, W)."""
     kinds = {"latents" if "latents" in it else "pixels" for it in items}
     if len(kinds) != 1:
         raise ValueError("a batch mixes cached latents and pixels: cache all images or none (cache_latents)")
@@ -689,4 +711,6 @@ def collate(items: list[dict]) -> dict:
     for key in ("original_size", "crop_top_left", "target_size"):
         batch[key] = torch.tensor([it[key] for it in items], dtype=torch.int64)
     batch["loss_weight"] = torch.tensor([it.get("loss_weight", 1.0) for it in items], dtype=torch.float32)
+    if all("mask" in it for it in items):
+        batch["mask"] = torch.stack([it["mask"] for it in items])
     return batch

@@ -48,9 +48,10 @@ def huber_threshold(options: LossOptions, timesteps: Tensor, alphas_cumprod_t: T
 
 
 def diffusion_loss(pred: Tensor, latents: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor,
-                   options: LossOptions = LossOptions()) -> Tensor:
+                   options: LossOptions = LossOptions(), mask: Tensor | None = None) -> Tensor:
     """Per-sample loss (B,) of a UNet prediction for `noisy = sqrt(a) x0 + sqrt(1 - a) eps`,
-    `a = alphas_cumprod[timesteps]`."""
+    `a = alphas_cumprod[timesteps]`. `mask`: (B, 1, H, W) pixel weights (kohya's masked_loss),
+    averaged down to the latents' size; the mean is still over every latent element."""
     a_t = alphas_cumprod[timesteps].float()
     a = a_t.view(-1, 1, 1, 1)
     target = noise if options.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
@@ -64,6 +65,8 @@ def diffusion_loss(pred: Tensor, latents: Tensor, noise: Tensor, timesteps: Tens
         loss = 2 * (torch.sqrt((pred - target) ** 2 + c ** 2) - c)
         if options.loss_type == "huber":
             loss = loss * c
+    if mask is not None:
+        loss = loss * F.interpolate(mask.to(loss), size=loss.shape[2:], mode="area")
     loss = loss.mean(dim=(1, 2, 3))
     snr = a_t / (1 - a_t)
     if options.min_snr_gamma:

@@ -116,18 +116,18 @@ class Denoising(nn.Module):
 
     def forward(self, latents: Tensor, tokens: list[Tensor], noise: Tensor, timesteps: Tensor,
                 alphas_cumprod: Tensor, size_ids: Tensor | None = None, input_noise: Tensor | None = None,
-                loss_weights: Tensor | None = None) -> Tensor:
+                loss_weights: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """`size_ids`: SDXL's (B, 6) original size, crop top-left and target size, all (h, w).
         `input_noise`: the noise mixed into the UNet's input when it is not the target's
         (kohya's input perturbation, `ip_noise_gamma`). `loss_weights`: (B,) per-sample weights
-        (regularization images: `prior_loss_weight`)."""
+        (regularization images: `prior_loss_weight`). `mask`: (B, 1, H, W) pixel weights (masked_loss)."""
         context, pooled = self.conditioning(tokens)
         y = None if size_ids is None else torch.cat([pooled, sdxl_size_embedding(size_ids.float())], dim=-1)
         a = alphas_cumprod[timesteps].to(latents.dtype)
         mixed = noise if input_noise is None else input_noise
         noisy = a.view(-1, 1, 1, 1).sqrt() * latents + (1 - a).view(-1, 1, 1, 1).sqrt() * mixed
         pred = self.unet(noisy, timesteps.float(), context, None if y is None else y.to(context.dtype))
-        loss = diffusion_loss(pred, latents, noise, timesteps, alphas_cumprod, self.loss)
+        loss = diffusion_loss(pred, latents, noise, timesteps, alphas_cumprod, self.loss, mask)
         return (loss if loss_weights is None else loss * loss_weights.to(loss)).mean()
 
 
@@ -528,7 +528,8 @@ class Trainer:
                     loss = self.module(latents, self._tokens(batch["caption"]), noise[part].to(self.device),
                                        t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch),
                                        None if mixed is None else mixed[part].to(self.device),
-                                       batch["loss_weight"].to(self.device))
+                                       batch["loss_weight"].to(self.device),
+                                       batch["mask"].to(self.device) if cfg.masked_loss else None)
                 self.acc.backward(loss / cfg.grad_accum)
             losses.append(loss.detach())
         if cfg.max_grad_norm:
