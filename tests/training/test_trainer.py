@@ -609,6 +609,13 @@ def test_regularization_images_weight_the_loss(tmp_path, shapes, base_model):
                        **{"lora.rank": 4, "data.reg_folder": repr(str(tmp_path / "reg")), "data.prior_loss_weight": 0.5}))
     meta = t.lora_metadata()
     assert (meta["ss_num_train_images"], meta["ss_num_reg_images"], meta["ss_prior_loss_weight"]) == ("8", "8", "0.5")
+    # kohya's per-folder metadata (what the web UIs show as a LoRA's training tags): training images only
+    assert json.loads(meta["ss_dataset_dirs"]) == {shapes.name: {"n_repeats": 1, "img_count": 8}}
+    tags = json.loads(meta["ss_tag_frequency"])
+    captions = [p.read_text().strip() for p in sorted(shapes.glob("*.txt"))]
+    assert list(tags) == [shapes.name] and sum(tags[shapes.name].values()) == len(captions)
+    assert tags[shapes.name][captions[0]] == captions.count(captions[0])
+    assert json.loads(meta["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [32, 32], "count": 16}}}
     module = t.acc.unwrap_model(t.module)
     tokens = t._tokens(["a red circle", "a blue square"])
     g = torch.Generator().manual_seed(0)

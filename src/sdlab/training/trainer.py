@@ -847,6 +847,7 @@ class Trainer:
             "ss_clip_skip": str(cfg.clip_skip if cfg.clip_skip > 1 else None),
             "ss_max_token_length": str(cfg.max_token_length if cfg.max_token_length > 75 else None),
             "ss_num_train_images": str(len(self.dataset) - self.dataset.regularization_items),
+            **_dataset_metadata(self.dataset),
             "ss_num_reg_images": str(self.dataset.regularization_items),
             "ss_prior_loss_weight": str(cfg.data.prior_loss_weight),
             "ss_training_started_at": str(self.started_at.timestamp()),
@@ -861,6 +862,26 @@ class Trainer:
             "modelspec.prediction_type": "v" if self.prediction == "v" else "epsilon",
         }
         return meta
+
+
+def _dataset_metadata(dataset: CaptionedImageDataset) -> dict[str, str]:
+    """kohya's per-folder metadata, which the web UIs show for a LoRA: the tags of the training
+    captions by folder (`ss_tag_frequency`, counted once per image), each folder's repeats and
+    image count (`ss_dataset_dirs`), and the buckets used (`ss_bucket_info`, sizes as width, height)."""
+    tags: dict[str, dict[str, int]] = {}
+    dirs: dict[str, dict[str, int]] = {}
+    for record in dataset.records:
+        if record.regularization:
+            continue
+        folder = record.path.parent.name
+        dirs.setdefault(folder, {"n_repeats": record.repeats, "img_count": 0})["img_count"] += 1
+        counts = tags.setdefault(folder, {})
+        for tag in (t.strip() for t in record.caption.split(dataset.config.caption_separator)):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    buckets = {str(i): {"resolution": [w, h], "count": n} for i, ((h, w), n) in enumerate(dataset.bucket_counts().items())}
+    return {"ss_tag_frequency": json.dumps(tags), "ss_dataset_dirs": json.dumps(dirs),
+            "ss_bucket_info": json.dumps({"buckets": buckets})}
 
 
 def _optimizer_metadata(optimizer: str, args: dict) -> str:
