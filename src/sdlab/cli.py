@@ -149,9 +149,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> None:
     specs = [_lora_and_ratio(spec) for spec in args.loras]
     loras = [(load_lora(path), ratio, ratio) for path, ratio in specs]  # every file is checked before the model loads
     bundle = load_bundle(args.model, device="cpu", dtype=torch.float32)
-    applied = apply_loras(bundle, loras)  # in fp32, whatever the output dtype
-    for lora, keys in applied.unmatched.items():
-        print(f"warning: {lora}: {len(keys)} modules match no layer of this model and were left out", file=sys.stderr)
+    apply_loras(bundle, loras)  # in fp32, whatever the output dtype; it warns of modules that match no layer
     merged = [[Path(path).name, ratio] for path, ratio in specs]
     save_checkpoint(bundle, dst, dtype=dtype, metadata={"sdlab.merged_loras": json.dumps(merged)})
     print(f"wrote {dst} ({bundle.family.name}, {len(specs)} LoRA{'s' if len(specs) > 1 else ''} merged)")
