@@ -381,6 +381,18 @@ def test_resume_is_exact(tmp_path, shapes, prediction, options):
         assert json.loads(f.metadata()["sdlab.config"])["family"] == "sd1"
 
 
+def test_resume_with_other_settings_says_which(tmp_path, shapes, base_model):
+    """A state saved by a run of another shape (here the LoRA rank) cannot be resumed: one line naming
+    the settings that differ. Running longer (`steps`) is allowed."""
+    kw = dict(mode="'lora'", base_model=f"{str(base_model)!r}", steps=3, **{"lora.rank": 4})
+    assert trainer(config(tmp_path, shapes, **kw)).train(max_steps=1) is None  # leaves a state
+    with pytest.raises(SdlabError, match=r"saved by a run set up differently \(lora.rank: 4 -> 8\).*another output_dir"):
+        trainer(config(tmp_path, shapes, **{**kw, "lora.rank": 8})).train(resume=True)
+    longer = trainer(config(tmp_path, shapes, **{**kw, "steps": 4}))
+    longer.train(resume=True)
+    assert longer.progress.step == 4
+
+
 def test_interrupted_save_keeps_the_previous_state(tmp_path, shapes, monkeypatch):
     t = trainer(config(tmp_path, shapes, steps=4))
     batches = t._global_batches()

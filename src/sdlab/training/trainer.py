@@ -750,6 +750,23 @@ class Trainer:
         if state["phase"] != self.phase:
             self.bundle.vae.eval()
             self._setup_phase(state["phase"])
+        try:
+            self._load_networks_and_optimizer(state)
+        except (RuntimeError, KeyError, ValueError) as e:
+            now = json.loads(json.dumps(asdict(self.cfg), default=str))  # as save_state wrote its own
+            changed = _changed_settings(json.loads(state.get("config", "{}")), now)
+            raise SdlabError(f"--resume: {path} was saved by a run set up differently"
+                             f"{' (' + ', '.join(changed) + ')' if changed else ''}, so it does not fit this one "
+                             f"({str(e).splitlines()[0][:200]}); resume with that run's settings, or train into "
+                             "another output_dir") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["ema"] is not None:
+            self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
+        torch.set_rng_state(state["torch_rng"])
+        self.progress = _Progress(state["step"], state["batches"])
+        log.info("resumed from %s at step %d", path, self.progress.step)
+
+    def _load_networks_and_optimizer(self, state: dict) -> None:
         nets = state["networks"]
         if self.lora is not None:
             self.lora.load_state_dict({k[len("lora."):]: v for k, v in nets.items()})
@@ -759,12 +776,6 @@ class Trainer:
                 for k, v in nets.items():
                     own[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["ema"] is not None:
-            self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
-        torch.set_rng_state(state["torch_rng"])
-        self.progress = _Progress(state["step"], state["batches"])
-        log.info("resumed from %s at step %d", path, self.progress.step)
 
     def _ema_swapped(self):
         """Context: the trained parameters hold their EMA values inside the block."""
@@ -882,6 +893,25 @@ def _dataset_metadata(dataset: CaptionedImageDataset) -> dict[str, str]:
     buckets = {str(i): {"resolution": [w, h], "count": n} for i, ((h, w), n) in enumerate(dataset.bucket_counts().items())}
     return {"ss_tag_frequency": json.dumps(tags), "ss_dataset_dirs": json.dumps(dirs),
             "ss_bucket_info": json.dumps({"buckets": buckets})}
+
+
+# Settings a resumed run may change: how long it runs and what it writes along the way.
+_RESUMABLE_CHANGES = {"steps", "epochs", "save_every_n_steps", "save_every_n_epochs", "keep_states", "validation",
+                      "log_every_n_steps", "tensorboard", "time_limit_minutes", "num_workers"}
+
+
+def _changed_settings(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """`key: saved -> now` for the settings that differ (nested tables as `lora.rank`)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if not prefix and key in _RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_settings(a, b, f"{prefix}{key}.")
+        elif str(a) != str(b):
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
 
 
 def _optimizer_metadata(optimizer: str, args: dict) -> str:
