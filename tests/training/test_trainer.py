@@ -128,10 +128,12 @@ def test_optimizer_by_class_path_with_its_arguments(tmp_path, shapes, base_model
     ("nosuchpackage.Opt", "cannot import 'nosuchpackage'; install the package that provides it"),
     ("torch.optim.NoSuch", "'torch.optim' has no 'NoSuch'"),
     ("torch.nn.Linear", "is not a torch.optim.Optimizer class"),
+    ("torch.optim.SGD", "unexpected keyword argument 'momentun'; check optimizer_args"),
 ])
 def test_optimizer_errors(tmp_path, shapes, base_model, optimizer, message):
     with pytest.raises(SdlabError, match=message):
-        trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", optimizer=repr(optimizer)))
+        trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", optimizer=repr(optimizer),
+                       optimizer_args="{ momentun = 0.9 }"))
 
 
 def test_validation_prompts_take_kohyas_options(tmp_path, shapes, base_model):

@@ -418,6 +418,12 @@ class Trainer:
                 net.to(dtype)
 
     def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        try:
+            return self._new_optimizer(groups)
+        except TypeError as e:  # an argument in optimizer_args that the class does not take
+            raise SdlabError(f"optimizer {self.cfg.optimizer!r}: {e}; check optimizer_args") from None
+
+    def _new_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         cfg = self.cfg
         kw = {"betas": tuple(cfg.adam_betas), "weight_decay": cfg.weight_decay, **cfg.optimizer_args}
         if cfg.optimizer == "adamw8bit":
