@@ -55,6 +55,7 @@ def trainer(cfg) -> Trainer:
     (["lr_scheduler='step'"], "lr_scheduler must be one of"),
     (["learning_rate=1"], "unknown key 'learning_rate'"),
     (["lora.rnk=4"], "unknown key lora.'rnk'"),
+    (["mode='lora'", "base_model='x'", "lora.dropout=2"], "lora.dropout must be in"),
     (["batch_size=0"], "batch_size must be at least 1"),
     (["vae_steps=5", "mode='finetune'", "base_model='x'"], "only applies to mode 'scratch'"),
     (["data.resolution=30"], "multiple of 8"),

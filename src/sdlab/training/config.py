@@ -246,6 +246,8 @@ class TrainConfig:
                 raise bad(f"lora.rank must be at least 1 and lora.conv_rank 0 or more, got {lc.rank}, {lc.conv_rank}")
             if not (lc.train_unet or lc.train_text_encoder):
                 raise bad("lora: nothing to train; set lora.train_unet or lora.train_text_encoder")
+            if not 0 <= lc.dropout < 1:
+                raise bad(f"lora.dropout must be in [0, 1), got {lc.dropout}")
         if self.validation.prompts and not self.validation.seeds:
             raise bad("validation.seeds must not be empty")
         for line in self.validation.prompts:
