@@ -491,12 +491,13 @@ class CaptionedImageDataset(Dataset):
             "loss_weight": cfg.prior_loss_weight if record.regularization else 1.0,
         }
         latents = self._cached_latents(r, flip) if self.latent_cache_dir is not None else None
+        img = self._open(r) if latents is None or cfg.alpha_mask else None  # decoded once for both
         if latents is not None:
             item["latents"] = latents
         else:
-            item["pixels"] = self._load_pixels(r, top, left, flip)
+            item["pixels"] = self._pixels(img, r, top, left, flip)
         if cfg.alpha_mask:
-            item["mask"] = self._load_mask(r, top, left, flip)
+            item["mask"] = self._mask(img, r, top, left, flip)
         return item
 
     def _open(self, r: int) -> Image.Image:
@@ -520,13 +521,15 @@ class CaptionedImageDataset(Dataset):
         return np.array(img)
 
     def _load_pixels(self, r: int, top: int, left: int, flip: bool) -> Tensor:
-        pixels = self._place(_to_rgb(self._open(r)), r, top, left, flip)
+        return self._pixels(self._open(r), r, top, left, flip)
+
+    def _pixels(self, img: Image.Image, r: int, top: int, left: int, flip: bool) -> Tensor:
+        pixels = self._place(_to_rgb(img), r, top, left, flip)
         return torch.from_numpy(pixels).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
 
-    def _load_mask(self, r: int, top: int, left: int, flip: bool) -> Tensor:
+    def _mask(self, img: Image.Image, r: int, top: int, left: int, flip: bool) -> Tensor:
         """(1, H, W) opacity in [0, 1] from the image's alpha channel, placed as the pixels are;
         all ones for an image without one (kohya's alpha_mask)."""
-        img = self._open(r)
         if not (img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)):
             return torch.ones(1, *self.fits[r].bucket)
         alpha = self._place(img.convert("RGBA").getchannel("A"), r, top, left, flip)
