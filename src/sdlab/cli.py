@@ -23,16 +23,13 @@ def cmd_info(args: argparse.Namespace) -> None:
             return
     if args.model is None:
         raise SdlabError("give a checkpoint to inspect, or --device")
-    from .checkpoints.io import read_state_dict
     from .checkpoints.loader import EMA_PREFIX, config_of, file_sha256, open_model
     from .families import UNET_PREFIX, VAE_PREFIX, looks_like_lora
 
-    if Path(args.model).is_file() and Path(args.model).suffix in (".safetensors", ".pt", ".ckpt", ".bin") \
-            and looks_like_lora(read_state_dict(args.model).keys()):
-        _print_rows(_lora_rows(Path(args.model)))
-        return
-
     sd, path = open_model(args.model)
+    if path.is_file() and looks_like_lora(sd.keys()):
+        _print_rows(_lora_rows(path))
+        return
     cfg = config_of(sd, args.prediction)
     prediction = cfg.prediction
     if args.prediction is None and cfg.family.name == "sd2" and "sdlab.prediction" not in sd.metadata:
