@@ -108,18 +108,22 @@ def chunk_ids(chunk: PromptChunk, tokenizer: CLIPTokenizer) -> list[int]:
     return ids
 
 
-def caption_ids(captions: Sequence[str], tokenizer: CLIPTokenizer, max_chunks: int) -> tuple[Tensor, int]:
-    """Training captions as (B, max_chunks, 77) ids, chunked as prompts are at sampling (75 tokens
-    each, split after a comma near the end), the text taken as written (no emphasis syntax), cut
-    to `max_chunks` or padded with empty chunks to it (as kohya's max_token_length does: a caption's
-    conditioning then does not depend on the batch it is in, nor on how many processes share it);
-    and how many captions were cut."""
-    chunked = [tokenize_weighted([(c, 1.0)], tokenizer.encode, tokenizer.comma_id, pad_id=tokenizer.eos_id)
-               for c in captions]
+def caption_ids(captions: Sequence[str], tokenizers: Sequence[CLIPTokenizer], max_chunks: int
+                ) -> tuple[list[Tensor], int]:
+    """Training captions as (B, max_chunks, 77) ids for each tokenizer, chunked as prompts are at
+    sampling (75 tokens each, split after a comma near the end), the text taken as written (no
+    emphasis syntax), cut to `max_chunks` or padded with empty chunks to it (as kohya's
+    max_token_length does: a caption's conditioning then does not depend on the batch it is in,
+    nor on how many processes share it); and how many captions were cut. All of them share CLIP's
+    vocabulary, so the chunks are made once (as `prompt_schedule` makes them); only the padding
+    differs (`chunk_ids`)."""
+    first = tokenizers[0]
+    chunked = [tokenize_weighted([(c, 1.0)], first.encode, first.comma_id, pad_id=first.eos_id) for c in captions]
     cut = sum(len(chunks) > max_chunks for chunks in chunked)
-    empty = empty_chunk(pad_id=tokenizer.eos_id)
+    empty = empty_chunk(pad_id=first.eos_id)
     padded = [chunks[:max_chunks] + [empty] * (max_chunks - len(chunks)) for chunks in chunked]
-    return torch.tensor([[chunk_ids(chunk, tokenizer) for chunk in chunks] for chunks in padded]), cut
+    ids = [torch.tensor([[chunk_ids(chunk, tok) for chunk in chunks] for chunks in padded]) for tok in tokenizers]
+    return ids, cut
 
 
 def encode_all(runners: Sequence[TextEncoderRunner], chunks: Sequence[PromptChunk], clip_skip: int,

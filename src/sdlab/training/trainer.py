@@ -458,13 +458,12 @@ class Trainer:
 
     def _tokens(self, captions: list[str]) -> list[Tensor]:
         """(B, chunks, 77) token ids for each text encoder (SDXL's two pad differently)."""
-        max_chunks = self.cfg.max_token_length // 75
-        ids = [caption_ids(captions, tok, max_chunks) for tok in self.bundle.tokenizers]
-        if ids[0][1] and not self._warned_cut_captions:
+        ids, cut = caption_ids(captions, self.bundle.tokenizers, self.cfg.max_token_length // 75)
+        if cut and not self._warned_cut_captions:
             self._warned_cut_captions = True
             log.warning("captions longer than max_token_length = %d tokens are cut (%d in this batch); "
-                        "set max_token_length = 150 or 225 to keep them", self.cfg.max_token_length, ids[0][1])
-        return [t.to(self.device) for t, _ in ids]
+                        "set max_token_length = 150 or 225 to keep them", self.cfg.max_token_length, cut)
+        return [t.to(self.device) for t in ids]
 
     def _size_ids(self, batch: dict) -> Tensor | None:
         """SDXL's size conditioning numbers for the batch (None for other families)."""
