@@ -191,13 +191,13 @@ def as_kohya_tensors(lora: LoraFile, bundle: Bundle, original_unet_names: bool =
     index = _bundle_index(bundle)
     parts = {"unet": "unet", "te0": "te", "te1": "te2"} if len(bundle.text_encoders) == 1 else \
         {"unet": "unet", "te0": "te1", "te1": "te2"}
+    unet_config = None if original_unet_names else bundle.unet.cfg
     out, left_out = {}, list(lora.unsupported)
     for m in lora.modules:
         slot = index.get((m.net, m.name))
         if m.kind != "lora" or slot is None or m.net not in parts:
             left_out.append(m.key)
             continue
-        unet_config = None if original_unet_names else bundle.unet.cfg
         name = kohya_name(slot.module, parts[m.net], unet_config)  # type: ignore[arg-type]
         out[f"{name}.lora_down.weight"] = m.tensors["lora_down.weight"]
         out[f"{name}.lora_up.weight"] = m.tensors["lora_up.weight"]
