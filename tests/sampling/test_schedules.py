@@ -54,8 +54,11 @@ def _np_t_to_sigma(table: np.ndarray, t: np.ndarray) -> np.ndarray:
 def test_sd_schedule_known_values(sd: DiscreteSchedule) -> None:
     # The well-known SD 1.x/2.x/SDXL extremes (what A1111 reports as sigma min/max).
     assert sd.num_timesteps == 1000
-    assert sd.sigma_min == 0.029167532920837402
-    assert sd.sigma_max == 14.614642143249512
+    # Both are float32 results of a square root, which PyTorch's AVX2 kernel rounds to within one
+    # ulp rather than correctly (sigma_min comes out as 0.02916753478348255 there, on k-diffusion's
+    # and diffusers' side too, as `test_sd_schedule_matches_diffusers` checks exactly).
+    assert abs(sd.sigma_min - 0.029167532920837402) <= np.spacing(np.float32(0.029167532920837402))
+    assert abs(sd.sigma_max - 14.614642143249512) <= np.spacing(np.float32(14.614642143249512))
     assert sd.sigmas.dtype == torch.float32 and sd.alphas_cumprod.dtype == torch.float32
     assert torch.all(sd.sigmas[1:] > sd.sigmas[:-1])
 
