@@ -16,10 +16,12 @@ that the load other processes put on the machine hits both alike; medians are sh
                 has AVX512-BF16 / AMX) against diffusers' default (fp32)
 
 sdlab runs as its pipeline prepares it (`perf.prepare_for_inference`: channels-last, the
-convolution weights pre-packed for oneDNN); diffusers runs as loaded. FLOPs per step come from torch's FlopCounterMode; the share of
-peak assumes the physical cores at the nominal clock of /proc/cpuinfo, 64 fp32 FLOP/cycle
-per core (two AVX-512 FMA units: 2 x 16 lanes x 2) and 1024 bf16 FLOP/cycle per core with
-AMX (Intel's figure for the Sapphire Rapids tile unit), 128 with AVX512-BF16 alone.
+convolution weights pre-packed for oneDNN on AVX-512 CPUs); diffusers runs as loaded. FLOPs per
+step come from torch's FlopCounterMode; the share of peak assumes the physical cores at the
+nominal clock of /proc/cpuinfo, 64 fp32 FLOP/cycle per core (two AVX-512 FMA units: 2 x 16 lanes
+x 2; 32 with AVX2 alone) and 1024 bf16 FLOP/cycle per core with AMX (Intel's figure for the
+Sapphire Rapids tile unit), 128 with AVX512-BF16 alone. The bf16 rows are timed only where the
+CPU has bf16 hardware (or with --bf16).
 """
 
 from __future__ import annotations
@@ -157,13 +159,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latents are 1/8)")
     parser.add_argument("--smoke", action="store_true", help="tiny model: check the plumbing in seconds")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the bf16 rows (default: only where the CPU has bf16 hardware; without it "
+                             "PyTorch emulates bf16 and one step takes many minutes)")
     args = parser.parse_args()
     os.environ.update(OFFLINE_ENV)
 
     from diffusers import UNet2DConditionModel
 
     from sdlab import device as devices
-    from sdlab.models.layers import pack_conv_weights
+    from sdlab.models.layers import cpu_packing_pays, pack_conv_weights
     from sdlab.models.unet import UNet
 
     devices.configure_threads()
@@ -181,19 +186,23 @@ def main() -> None:
     def prepared(net: UNet, dtype: torch.dtype) -> UNet:
         copy = UNet(cfg.unet).eval().requires_grad_(False)
         copy.load_state_dict(net.state_dict())
-        # The same preparation the pipeline applies (channels-last, packed convolution weights),
-        # without the rest of a bundle.
+        # The same preparation the pipeline applies (channels-last, convolution weights packed
+        # where that is faster), without the rest of a bundle.
         copy.to(dtype).to(memory_format=torch.channels_last)
-        pack_conv_weights(copy)
+        if cpu_packing_pays(dtype):
+            pack_conv_weights(copy)
         return copy
 
     default = devices.default_dtype(torch.device("cpu"))
-    ours = {torch.float32: prepared(ours32, torch.float32), torch.bfloat16: prepared(ours32, torch.bfloat16)}
+    with_bf16 = args.bf16 if args.bf16 is not None else devices.best_cpu_dtype() == torch.bfloat16
+    dtypes = [torch.float32] + ([torch.bfloat16] if with_bf16 else [])
+    ours = {d: prepared(ours32, d) for d in dtypes}
     del ours32
-    theirs = {torch.float32: theirs32,
-              torch.bfloat16: UNet2DConditionModel.from_config(theirs32.config).eval().requires_grad_(False)}
-    theirs[torch.bfloat16].load_state_dict(theirs32.state_dict())
-    theirs[torch.bfloat16].to(torch.bfloat16)
+    theirs = {torch.float32: theirs32}
+    if with_bf16:
+        theirs[torch.bfloat16] = UNet2DConditionModel.from_config(theirs32.config).eval().requires_grad_(False)
+        theirs[torch.bfloat16].load_state_dict(theirs32.state_dict())
+        theirs[torch.bfloat16].to(torch.bfloat16)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 4, latent, latent, generator=g)
@@ -208,17 +217,22 @@ def main() -> None:
 
     with torch.no_grad():
         diffs = {d: (run_ours(d)().float() - run_theirs(d)().float()).abs().max().item() for d in ours}
-        fns = {"ours fp32": run_ours(torch.float32), "diffusers fp32": run_theirs(torch.float32),
-               "ours bf16": run_ours(torch.bfloat16), "diffusers bf16": run_theirs(torch.bfloat16)}
+        fns = {}
+        for d in dtypes:
+            fns[f"ours {devices.dtype_name(d)}"] = run_ours(d)
+            fns[f"diffusers {devices.dtype_name(d)}"] = run_theirs(d)
         times = interleaved(fns, args.rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     flops = unet_flops(cfg.unet, args.batch, latent)
     rows = []
-    for label, mine, ref, dtype in (("fp32, both", "ours fp32", "diffusers fp32", torch.float32),
-                                    ("bf16, both", "ours bf16", "diffusers bf16", torch.bfloat16),
-                                    (f"default CPU path: ours {devices.dtype_name(default)} vs diffusers fp32",
-                                     f"ours {devices.dtype_name(default)}", "diffusers fp32", default)):
+    configs = [("fp32, both", "ours fp32", "diffusers fp32", torch.float32)]
+    if with_bf16:
+        configs.append(("bf16, both", "ours bf16", "diffusers bf16", torch.bfloat16))
+    if default in dtypes:
+        configs.append((f"default CPU path: ours {devices.dtype_name(default)} vs diffusers fp32",
+                        f"ours {devices.dtype_name(default)}", "diffusers fp32", default))
+    for label, mine, ref, dtype in configs:
         peak, _ = peak_flops(dtype)
         rows.append((label, f"{med[mine]:.2f}", f"{med[ref]:.2f}", f"{med[mine] / med[ref]:.2f}x",
                      f"{flops / med[mine] / 1e9:.0f}", f"{100 * flops / med[mine] / peak:.1f}%",
@@ -229,6 +243,8 @@ def main() -> None:
     print_table(["config", "ours s/step", "diffusers s/step", "ratio", "ours GFLOP/s", "ours % peak",
                  "diffusers % peak"], rows, title)
     print(f"peak fp32: {peak_flops(torch.float32)[1]}; peak bf16: {peak_flops(torch.bfloat16)[1]}")
+    if not with_bf16:
+        print("bf16 rows left out: this CPU has no bf16 hardware (--bf16 times them anyway)")
     print("max |ours - diffusers| on the same input: "
           + ", ".join(f"{devices.dtype_name(d)} {v:.2e}" for d, v in diffs.items())
           + f"; targets: same dtype <= {TARGET_SAME_DTYPE}x, default path <= {TARGET_DEFAULT}x")

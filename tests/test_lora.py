@@ -492,7 +492,7 @@ def test_lora_on_packed_conv_weights(tmp_path):
         pytest.skip("this PyTorch build has no oneDNN convolutions")
     plain, packed = tiny_bundle("sd1"), tiny_bundle("sd1")
     perf.prepare_for_inference(plain, "cpu", torch.float32, pack_weights=False)
-    perf.prepare_for_inference(packed, "cpu", torch.float32)
+    perf.prepare_for_inference(packed, "cpu", torch.float32, pack_weights=True)
     assert packed.unet.get_submodule(CONV).weight.is_mkldnn
     save_safetensors(_kohya(plain), tmp_path / "x.safetensors")
     lora = load_lora(tmp_path / "x.safetensors")

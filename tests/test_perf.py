@@ -14,7 +14,7 @@ from sdlab import device as devices
 from sdlab import perf
 from sdlab.checkpoints.loader import load_bundle
 from sdlab.errors import SdlabError
-from sdlab.models.layers import GroupNorm32, cpu_packing_supported
+from sdlab.models.layers import GroupNorm32, cpu_packing_pays, cpu_packing_supported
 from sdlab.models.vae import AutoencoderKL, VAEConfig, should_tile
 from sdlab.pipeline import GenerationRequest, Pipeline
 
@@ -222,7 +222,7 @@ def test_packed_unet_gives_the_same_outputs(dtype):
         pytest.skip(f"this PyTorch build or CPU has no oneDNN {dtype} convolutions")
     plain, packed = tiny_bundle("sd1"), tiny_bundle("sd1")
     perf.prepare_for_inference(plain, "cpu", dtype, pack_weights=False)
-    perf.prepare_for_inference(packed, "cpu", dtype)
+    perf.prepare_for_inference(packed, "cpu", dtype, pack_weights=True)
     convs = [m for m in packed.unet.modules() if isinstance(m, nn.Conv2d)]
     assert sum(m.weight.is_mkldnn for m in convs) >= len(convs) - 2  # all but conv_in / out (4 channels)
     assert not any(p.is_mkldnn for p in packed.vae.parameters())
@@ -311,16 +311,32 @@ def test_offload_moves_one_network_at_a_time():
     assert not hasattr(bundle.unet, "sdlab_offload")
 
 
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_weights_are_packed_by_default_only_where_that_is_faster(monkeypatch, capability):
+    """Packed convolutions gain on AVX-512 CPUs and lose (5-8x at SD's 1280 channels) on AVX2
+    ones: prepare_for_inference packs by default only on the former."""
+    if not cpu_packing_supported(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN convolutions")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu_packing_pays(torch.float32) == (capability == "AVX512")
+    bundle = tiny_bundle("sd1")
+    perf.prepare_for_inference(bundle, "cpu", torch.float32)
+    w = bundle.unet.input_blocks[1][0].in_layers[2].weight
+    assert w.is_mkldnn == (capability == "AVX512")
+    if not w.is_mkldnn:
+        assert w.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_load_prepares_for_inference_and_refuses_cpu_offload():
     """`sdlab.load` (the CLI's and the server's path) hands back a prepared bundle: channels-last
-    VAE, UNet convolutions pre-packed for oneDNN (channels-last where this build cannot), no
+    VAE, UNet convolutions pre-packed for oneDNN (channels-last where packing is slower), no
     grads; --offload without a GPU is a clear error."""
     import sdlab
     from sdlab.errors import SdlabError
 
     pipe = sdlab.load(device="cpu", dtype=torch.float32)
     w = pipe.bundle.unet.input_blocks[1][0].in_layers[2].weight
-    assert w.is_mkldnn if cpu_packing_supported(torch.float32) else w.is_contiguous(memory_format=torch.channels_last)
+    assert w.is_mkldnn if cpu_packing_pays(torch.float32) else w.is_contiguous(memory_format=torch.channels_last)
     assert not w.requires_grad
     assert pipe.bundle.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipe.bundle.device == torch.device("cpu")

@@ -248,7 +248,7 @@ def describe(device: torch.device | None = None) -> str:
     """Several lines for `sdlab info --device`: the device, what the CPU offers and the
     dtypes sdlab would choose."""
     # Imported here: perf imports this module.
-    from .models.layers import cpu_packing_supported
+    from .models.layers import cpu_packing_pays, cpu_packing_supported
     from .perf import vae_dtype
 
     device = choose_device(device)
@@ -276,8 +276,13 @@ def describe(device: torch.device | None = None) -> str:
     rows.append(("UNet / text encoder dtype", dtype_name(dtype) + why))
     rows.append(("VAE dtype", dtype_name(vae_dtype(device, dtype))))
     if device.type == "cpu":
-        packed = cpu_packing_supported(dtype)
-        rows.append(("UNet conv weights", "pre-packed for oneDNN" if packed else "plain (no oneDNN packing here)"))
+        if cpu_packing_pays(dtype):
+            packing = "pre-packed for oneDNN"
+        elif cpu_packing_supported(dtype):
+            packing = "channels-last (oneDNN's pre-packed weights are slower without AVX-512)"
+        else:
+            packing = "channels-last (no oneDNN packing in this build)"
+        rows.append(("UNet conv weights", packing))
     else:
         rows.append(("UNet conv weights", "channels-last"))
     rows.append(("attention", "torch scaled_dot_product_attention"))

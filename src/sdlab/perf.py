@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import device as devices
 from .errors import SdlabError
-from .models.layers import pack_conv_weights
+from .models.layers import cpu_packing_pays, pack_conv_weights
 from .models.vae import AutoencoderKL, DiagonalGaussian, should_tile
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def _wider_than_fp16(device: torch.device) -> torch.dtype:
 
 def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                           channels_last: bool = True, compile: bool = False, offload: bool = False,
-                          pack_weights: bool = True) -> Bundle:
+                          pack_weights: bool | None = None) -> Bundle:
     """Make a loaded bundle fast to run; returns the same bundle, changed in place.
 
     - UNet and text encoders in `dtype` (default: `device.default_dtype`), the VAE in
@@ -73,7 +73,9 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
       them all.
     - `pack_weights` (CPU, without `compile`): keep the UNet's convolution weights in
       oneDNN's blocked layout (`layers.Conv2d.pack_for_cpu`) instead of reordering them on
-      every call; same outputs, about 8-10% less time per step at SD 1.5 size.
+      every call; same outputs, about 8-10% less time per step at SD 1.5 size on an AVX-512
+      CPU. By default only where that holds (`layers.cpu_packing_pays`): on an AVX2 CPU the
+      packed convolutions are slower.
 
     Args:
         bundle: from `load_bundle` or `new_bundle`.
@@ -82,7 +84,8 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
         channels_last: convert the UNet and VAE to channels-last.
         compile: compile the UNet with torch.compile.
         offload: model CPU offload (for a GPU `device`).
-        pack_weights: pre-pack the UNet's convolution weights when running on the CPU.
+        pack_weights: pre-pack the UNet's convolution weights when running on the CPU (default:
+            where that is faster).
     """
     device = torch.device(device) if device is not None else execution_device(bundle)
     dtype = dtype or devices.default_dtype(device)
@@ -99,6 +102,8 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
     if device.type == "cuda":
         # Shapes repeat every step, so cuDNN's one-time search for the fastest conv pays off.
         torch.backends.cudnn.benchmark = True
+    if pack_weights is None:
+        pack_weights = cpu_packing_pays(dtype)
     if pack_weights and device.type == "cpu" and not compile and not offload:
         pack_conv_weights(bundle.unet)
     if home.type == "cpu":
