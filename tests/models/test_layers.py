@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlab.models import layers
+from sdlab.models.layers import _conv2d_as_matmul
 from sdlab.models.layers import Conv2d, GroupNorm32, cpu_packing_supported, geglu, group_norm_silu, pack_conv_weights
 
 
@@ -106,6 +107,33 @@ def test_frozen_wide_conv_over_few_positions_runs_as_a_matmul(batch, size, strid
     torch.manual_seed(0)
     _check_conv_as_matmul(Conv2d(1024, 32, 3, stride=stride, padding=1, dilation=dilation), (batch, 1024, *size),
                           channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_conv_over_an_8x8_map_runs_as_a_matmul(monkeypatch, channels_last):
+    """Without gradients and with a plain weight (no packing: an AVX2 CPU), a wide convolution over
+    at most 8x8 outputs runs as im2col + one GEMM (F.conv2d's numbers to fp32 rounding, in the
+    input's layout); over 16x16 it stays oneDNN's convolution."""
+    torch.manual_seed(0)
+    conv = Conv2d(1024, 32, 3, padding=1).requires_grad_(False)
+    calls = []
+    monkeypatch.setattr(layers, "_conv2d_as_matmul",
+                        lambda *a: calls.append(a[0].shape[-1]) or _conv2d_as_matmul(*a))
+    for size, as_matmul in [(8, True), (16, False)]:
+        x = torch.randn(2, 1024, size, size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        calls.clear()
+        with torch.no_grad():
+            out, ref = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)
+        assert calls == ([size] if as_matmul else [])
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert layers.memory_format_of(out) == layers.memory_format_of(x)
+    # a weight that trains still takes nn.Conv2d's own path (it needs the weight gradient)
+    conv.requires_grad_(True)
+    calls.clear()
+    conv(torch.randn(1, 1024, 8, 8)).sum().backward()
+    assert calls == [] and conv.weight.grad is not None
 
 
 def _check_conv_as_matmul(conv: Conv2d, shape, channels_last: bool) -> None:

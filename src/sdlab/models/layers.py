@@ -105,6 +105,10 @@ def _needs_input_grad_only(x: Tensor, *params: Tensor | None) -> bool:
     return torch.is_grad_enabled() and x.requires_grad and not any(p is not None and p.requires_grad for p in params)
 
 
+def _needs_grad(x: Tensor, *params: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+
+
 class _Recomputation:
     """What autograd keeps in place of a tensor it can compute again: computed at most once
     in backward, shared by every node that kept the tensor, freed with the last of them."""
@@ -222,24 +226,38 @@ def _flipped_conv_is_faster(grad: Tensor, weight: Tensor, stride, padding, dilat
 # positions that copy costs more than the arithmetic: SD 1.5's 1280-channel 3x3 convolutions at 8x8
 # and 16x16 take 1.5-4x less time forward and up to 2.7x less backward as one GEMM on the weight as
 # it is (2-core Sapphire Rapids CPU, fp32). At 32x32 and above the convolution is faster again.
-# Inference packs its weights once instead (`Conv2d.pack_for_cpu`); this is for a frozen weight
-# while training, where the weight must stay plain for the backward. A 1x1 convolution (the ResBlocks'
-# skip projections) needs no im2col at all and is faster as a GEMM at every size: SD 1.5's take
-# 174 instead of 117 ms per 512 px step, forward and backward, the 640->320 ones at 64x64 3x less.
-# Not bit-identical to oneDNN (another summation order): fp32 rounding differences, 1e-5 relative.
+# On an AVX-512 CPU inference packs its weights once instead (`Conv2d.pack_for_cpu`); this is for a
+# frozen weight while training, where the weight must stay plain for the backward, and for
+# inference where the weights stay plain (an AVX2 CPU). There, forward only, the GEMM gains at 8x8
+# alone: in SD 1.5's 512 px fp32 step (batch 2, channels-last, a 2-core AMD EPYC) it takes 1.4 s
+# off the convolutions for 0.5 s more matrix products and 0.3-0.7 s of im2col copies, 4% of the
+# step; at 16x16 the products and copies cost what the convolutions gain.
+# A 1x1 convolution (the ResBlocks' skip projections) needs no im2col at all and is faster as a GEMM
+# at every size while training: SD 1.5's take 174 instead of 117 ms per 512 px step, forward and
+# backward, the 640->320 ones at 64x64 3x less. Not for inference: forward alone, oneDNN's 1x1
+# convolution is as fast or faster (AVX2 EPYC). Not bit-identical to oneDNN (another summation
+# order): fp32 rounding differences, 1e-5 relative.
 _MATMUL_MAX_POSITIONS = 256  # output positions (H * W) per image
+_INFERENCE_MATMUL_MAX_POSITIONS = 64
 _MATMUL_MIN_REDUCTION = 9 * 1024  # in_channels * kernel area
 
 
 def _conv_as_matmul_is_faster(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or groups != 1:
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
+    """For a frozen convolution while training (forward and input gradient)."""
     if _is_pointwise(weight, stride, padding):
-        return True
-    return (weight[0].numel() >= _MATMUL_MIN_REDUCTION
-            and math.prod(_conv_output_size(x, weight, stride, padding, dilation)) <= _MATMUL_MAX_POSITIONS)
+        return _cpu_fp32(x, weight, groups)
+    return _wide_conv_over_few_positions(x, weight, stride, padding, dilation, groups, _MATMUL_MAX_POSITIONS)
+
+
+def _wide_conv_over_few_positions(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                                  max_positions: int) -> bool:
+    return (_cpu_fp32(x, weight, groups) and weight[0].numel() >= _MATMUL_MIN_REDUCTION
+            and math.prod(_conv_output_size(x, weight, stride, padding, dilation)) <= max_positions)
+
+
+def _cpu_fp32(x: Tensor, weight: Tensor, groups: int) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and groups == 1
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def _is_pointwise(weight: Tensor, stride, padding) -> bool:
@@ -345,8 +363,15 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.weight.is_mkldnn:
             return self._packed_forward(x)
-        if self._explicit_zero_padding() and _needs_input_grad_only(x, self.weight, self.bias):
-            return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self._explicit_zero_padding():
+            if _needs_input_grad_only(x, self.weight, self.bias):
+                return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                           self.groups)
+            if not _needs_grad(x, self.weight, self.bias) and _wide_conv_over_few_positions(
+                    x, self.weight, self.stride, self.padding, self.dilation, self.groups,
+                    _INFERENCE_MATMUL_MAX_POSITIONS):
+                # Inference with a plain weight (no packing: an AVX2 CPU, or packing switched off).
+                return _conv2d_as_matmul(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         return super().forward(x)
 
     def _explicit_zero_padding(self) -> bool:
