@@ -4,6 +4,8 @@ default CPU path (bf16) against fp32 through the whole pipeline."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,22 @@ def test_best_cpu_dtype_from_flags(extra, expected):
     assert "avx512f" in flags
     assert devices.best_cpu_dtype(flags) == expected
     assert devices.default_dtype(torch.device("cpu"), flags) == expected
+
+
+def test_half_precision_without_cpu_hardware_gets_a_warning(monkeypatch, caplog, tmp_path):
+    avx2, bf16_cpu = ["avx2", "fma"], ["avx2", "avx512f", "avx512_bf16"]
+    warning = devices.emulated_cpu_dtype_warning
+    assert "bf16 runs emulated" in warning(torch.bfloat16, flags=avx2)
+    assert "fp16 runs emulated" in warning(torch.float16, flags=bf16_cpu)
+    assert warning(torch.bfloat16, flags=bf16_cpu) is None
+    assert warning(torch.float16, flags=["amx_fp16"]) is None
+    assert warning(torch.float32, flags=avx2) is None
+    # what `sdlab.load` / the CLI says when a user asks for it on such a CPU
+    monkeypatch.setattr(devices, "cpu_flags", lambda cpuinfo=None: frozenset(avx2))
+    path = save_native(tiny_bundle("sd1"), tmp_path / "tiny.safetensors")
+    with caplog.at_level(logging.WARNING, logger="sdlab.perf"):
+        perf.load_for_inference(path, "cpu", torch.bfloat16)
+    assert "leave --dtype out to run in fp32" in caplog.text
 
 
 def test_dtype_names_as_users_write_them():

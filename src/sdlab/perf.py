@@ -136,6 +136,8 @@ def load_for_inference(model: str | Path, device: str | torch.device | None = No
 
     device = devices.choose_device(device)
     dtype = dtype or devices.default_dtype(device)
+    if device.type == "cpu" and (warning := devices.emulated_cpu_dtype_warning(dtype)):
+        log.warning(warning)
     if offload and device.type == "cpu":
         raise SdlabError("--offload moves models between CPU memory and a GPU; it needs --device cuda (or another GPU)")
     bundle = load_bundle(model, device="cpu" if offload else device, dtype=dtype, prediction=prediction,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sdlab import device as devices
 from sdlab.errors import SdlabError
 from sdlab.training.config import SamplePrompt, load_config, parse_sample_prompt
 from sdlab.training.shapes import make_shapes_dataset
@@ -824,14 +826,19 @@ def fresh_accelerate():
     AcceleratorState._reset_state(True)
 
 
-def test_lora_mixed_precision_keeps_the_frozen_base_in_that_dtype(tmp_path, shapes, base_model, fresh_accelerate):
+def test_lora_mixed_precision_keeps_the_frozen_base_in_that_dtype(tmp_path, shapes, base_model, fresh_accelerate,
+                                                                  monkeypatch, caplog):
     """As diffusers' and kohya's LoRA scripts: the frozen UNet and text encoder in bf16, the LoRA in fp32,
     the VAE as loaded. The step's loss is autocast's with the fp32 base to bf16 rounding (autocast casts
-    the matrix products' weights to the same values; the norms and embeddings see rounded weights)."""
+    the matrix products' weights to the same values; the norms and embeddings see rounded weights).
+    On a CPU without bf16 hardware the run says it will be slow."""
     cfg = config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", steps=2, mixed_precision="'bf16'",
                  **{"lora.rank": 4, "lora.alpha": 4, "lora.train_text_encoder": "true",
                     "validation.prompts": "['a red circle']", "validation.steps": 2})
-    t = trainer(cfg)
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="sdlab.training.trainer"):
+        m.setattr(devices, "cpu_flags", lambda cpuinfo=None: frozenset({"avx2"}))
+        t = trainer(cfg)
+    assert 'bf16 runs emulated, many times slower than fp32; set mixed_precision = "no"' in caplog.text
     b = t.bundle
     assert {p.dtype for net in (b.unet, *b.text_encoders) for p in net.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in b.vae.parameters()} == {torch.float32}

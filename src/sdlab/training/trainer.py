@@ -260,6 +260,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)  # ops without such a kernel warn
         if self.device.type == "cpu":
             devices.reuse_freed_memory()  # no page faults on the large buffers every step makes
+            half = devices.DTYPES.get(cfg.mixed_precision)
+            if half is not None and (warning := devices.emulated_cpu_dtype_warning(
+                    half, instead='set mixed_precision = "no" to train in fp32')):
+                log.warning(warning)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.started_at = datetime.now(timezone.utc)
         torch.manual_seed(cfg.seed)  # module initialisation (LoRA down weights) is seeded too
