@@ -23,6 +23,9 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # CPU flags that mean bf16 matrix maths runs in hardware: AVX512-BF16 (Cooper Lake and later)
 # and AMX (Sapphire Rapids and later). Without them bf16 is emulated and slower than fp32.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# The same for fp16 (Sapphire Rapids' AVX512-FP16, Granite Rapids' AMX-FP16); sdlab never picks
+# fp16 on a CPU by itself, but a user may ask for it.
+FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16"})
 _CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -54,10 +57,6 @@ def best_cpu_dtype(flags: Iterable[str] | None = None) -> torch.dtype:
     """
     flags = cpu_flags() if flags is None else frozenset(flags)
     return torch.bfloat16 if flags & BF16_FLAGS else torch.float32
-
-
-# CPU flags for fp16 matrix maths in hardware (Sapphire Rapids' AVX512-FP16, Granite Rapids' AMX-FP16).
-FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16"})
 
 
 def emulated_cpu_dtype_warning(dtype: torch.dtype, instead: str = "leave --dtype out to run in fp32",
