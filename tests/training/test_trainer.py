@@ -24,7 +24,7 @@ from sdlab.errors import SdlabError
 from sdlab.training.config import SamplePrompt, load_config, parse_sample_prompt
 from sdlab.training.shapes import make_shapes_dataset
 from sdlab.training.losses import LossOptions, diffusion_loss, huber_threshold, min_snr_weight, pyramid_noise
-from sdlab.training.trainer import Trainer, lr_lambda
+from sdlab.training.trainer import Trainer, encoder_fingerprint, lr_lambda
 from tests.tiny import save_native, tiny_bundle
 
 
@@ -363,6 +363,45 @@ def test_scratch_training_loss_falls(tmp_path, shapes):
     after = t.bundle.state_dict()
     for prefix in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model."):
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_latent_cache_trains_the_same_steps_without_encoding_again(tmp_path, shapes, flip, monkeypatch):
+    """cache_latents_to_disk: the first diffusion step (after the VAE phase) encodes every image once
+    into a folder named after that VAE's encoder; later steps read it and draw their latents from
+    the cached posterior, so the run takes the same steps as one without the cache."""
+    kw = dict(steps=3, vae_steps=1, batch_size=2, vae_batch_size=3, **{"data.flip_aug": str(flip).lower()})
+    plain = trainer(config(tmp_path / "plain", shapes, **kw))
+    plain.train()
+    cache = tmp_path / "cache"
+    cached = trainer(config(tmp_path / "cached", shapes, **kw, **{"data.cache_latents_to_disk": "true",
+                                                                 "data.latent_cache_dir": f"{str(cache)!r}"}))
+    batches = cached._global_batches()
+    cached.train_step(batches)  # the VAE phase reads pixels
+    assert not cache.exists()
+    cached._finish_vae_phase(batches)
+    encoded = []
+    encode = cached.bundle.vae.encode
+    monkeypatch.setattr(cached.bundle.vae, "encode", lambda x: encoded.append(len(x)) or encode(x))
+    cached.train_step(batches)
+    folder = cache / encoder_fingerprint(cached.bundle.vae)
+    assert cached.dataset.latent_cache_dir == folder and len(list(folder.glob("*.safetensors"))) == 8
+    assert sum(encoded) == 8 * (2 if flip else 1) and max(encoded) == 3
+    cached.train_step(batches)
+    cached.train_step(batches)
+    assert sum(encoded) == 8 * (2 if flip else 1)  # no encoding after the cache is filled
+    a, b = plain.bundle.state_dict(), cached.bundle.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_encoder_fingerprint_follows_the_encoder_only(tmp_path, shapes):
+    vae = trainer(config(tmp_path, shapes)).bundle.vae
+    before = encoder_fingerprint(vae)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.add_(1)
+        assert encoder_fingerprint(vae) == before
+        vae.encoder.conv_in.weight.add_(1e-3)
+    assert encoder_fingerprint(vae) != before
 
 
 @pytest.mark.parametrize("prediction, options", [

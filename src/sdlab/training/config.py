@@ -174,6 +174,7 @@ class TrainConfig:
     vae_steps: int = 0
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_batch_size: int = 1  # images per VAE call when caching latents (data.cache_latents_to_disk), as kohya's
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     save_every_n_steps: int = 0  # 0: only at the end
@@ -210,7 +211,7 @@ class TrainConfig:
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
             raise bad(f"save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}")
         for name in ("steps", "batch_size", "grad_accum", "keep_states", "log_every_n_steps", "clip_skip",
-                     "lr_scheduler_num_cycles"):
+                     "lr_scheduler_num_cycles", "vae_batch_size"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "vae_steps", "save_every_n_steps", "num_workers", "epochs", "save_every_n_epochs"):

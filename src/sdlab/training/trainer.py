@@ -18,6 +18,7 @@ from __future__ import annotations
 
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -40,11 +41,11 @@ from ..errors import SdlabError
 from ..families import FAMILIES, ModelConfig, with_prediction
 from ..models.clip import CLIPTextConfig
 from ..models.unet import UNetConfig, sdxl_size_embedding
-from ..models.vae import VAEConfig
+from ..models.vae import DiagonalGaussian, VAEConfig
 from ..sampling.schedules import discrete_schedule
 from ..text.conditioning import caption_ids
 from .config import ModelSpec, TrainConfig, parse_sample_prompt
-from .data import BucketBatchSampler, CaptionedImageDataset, collate
+from .data import BucketBatchSampler, CaptionedImageDataset, cache_latents, collate
 from .losses import LossOptions, diffusion_loss, pyramid_noise
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,10 @@ class Trainer:
         self.dataset = CaptionedImageDataset(cfg.data)
         if len(self.dataset) == 0:
             raise SdlabError(f"{cfg.data.folder}: no training images")
+        # cache_latents_to_disk: the cache is filled, in a sub-folder named after the VAE's encoder, by
+        # the first diffusion step (_fill_latent_cache), when that VAE is final (a scratch model trains
+        # its own first; --resume loads it); until then the data set gives pixels.
+        self.latent_cache_root, self.dataset.latent_cache_dir = self.dataset.latent_cache_dir, None
         self.global_batch = cfg.batch_size * self.world
         self.sampler = BucketBatchSampler(self.dataset.item_buckets, self.global_batch, seed=cfg.seed)
         self.batches_per_epoch = len(self.sampler)
@@ -479,12 +484,30 @@ class Trainer:
     def _latents(self, batch: dict, gen: torch.Generator, n: int, part: slice) -> Tensor:
         """This rank's latents; the posterior sample is drawn for the whole global batch of `n`
         items (this rank keeping `part`), so the draws after it are the same on every rank."""
-        if "latents" in batch:
-            return batch["latents"].to(self.device)
-        pixels = batch["pixels"].to(self.device)
-        post = self.bundle.vae.encode(pixels)
+        if "latents" in batch:  # the posterior's moments, from the cache (_fill_latent_cache)
+            post = DiagonalGaussian(batch["latents"].to(self.device))
+        else:
+            post = self.bundle.vae.encode(batch["pixels"].to(self.device))
         eps = torch.randn((n, *post.mean.shape[1:]), generator=gen)[part].to(self.device)
         return (post.mean + post.std * eps) * self.bundle.family.latent_scale
+
+    def _fill_latent_cache(self) -> None:
+        """Encode every training image once with the diffusion phase's VAE (cache_latents_to_disk)
+        and read latents from there on. The cache keeps the posterior's moments (mean and
+        log-variance), not one sample of it, so each step still draws its own latent from the
+        generator: training takes the same steps as without the cache. The folder is named after
+        the encoder's weights, so another VAE (another model, a retrained scratch VAE) never
+        reads latents it did not make."""
+        vae = self.bundle.vae
+        folder = self.latent_cache_root / encoder_fingerprint(vae)
+        if self.acc.is_main_process:
+            def moments(pixels: Tensor) -> Tensor:
+                post = vae.encode(pixels.to(self.device))
+                return torch.cat([post.mean, post.logvar], dim=1)
+
+            cache_latents(self.dataset, moments, folder, batch_size=self.cfg.vae_batch_size, progress=self.progress_bar)
+        self.acc.wait_for_everyone()
+        self.dataset.latent_cache_dir = folder
 
     # -- one step ---------------------------------------------------------
 
@@ -513,6 +536,8 @@ class Trainer:
     def train_step(self, batches) -> float:
         """One optimizer step over `grad_accum` global batches; returns the mean loss over all ranks."""
         cfg = self.cfg
+        if self.phase == "diffusion" and self.latent_cache_root is not None and self.dataset.latent_cache_dir is None:
+            self._fill_latent_cache()
         self.module.train()
         losses = []
         for micro in range(cfg.grad_accum):
@@ -882,6 +907,16 @@ class Trainer:
             "modelspec.prediction_type": "v" if self.prediction == "v" else "epsilon",
         }
         return meta
+
+
+def encoder_fingerprint(vae: nn.Module) -> str:
+    """A short hash of what `vae.encode` computes with: the encoder's weights, their names and dtype."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in vae.state_dict().items():
+        if name.startswith(("encoder.", "quant_conv.")):
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _dataset_metadata(dataset: CaptionedImageDataset) -> dict[str, str]:
