@@ -387,6 +387,21 @@ def test_latent_cache_round_trip(tmp_path):
     assert "latents" in fresh[0]
 
 
+def test_latent_cache_in_memory(tmp_path):
+    """kohya's cache_latents: the same entries, kept in the dataset instead of in files."""
+    for i in range(2):
+        save_image(tmp_path / f"{i}.png", 32, 48, seed=i, caption=f"image {i}")
+    save_image(tmp_path / "2_dup" / "copy.png", 32, 48, seed=0, caption="same pixels as 0.png")
+    ds = CaptionedImageDataset(DataConfig(tmp_path, **SMALL, cache_latents=True))
+    expected = [ds[i]["pixels"] for i in range(len(ds))]
+    enc = CountingEncoder()
+    assert cache_latents(ds, enc, in_memory=True, progress=False) == 2 and enc.images == 2
+    assert len(ds.latent_memory) == 2 and ds.latent_cache_dir is None and not (tmp_path / ".latent_cache").exists()
+    for i in range(len(ds)):
+        torch.testing.assert_close(ds[i]["latents"], F.avg_pool2d(expected[i][None], 8)[0])
+    assert cache_latents(ds, enc, in_memory=True, progress=False) == 0 and enc.images == 2
+
+
 def test_latent_cache_with_flip_stores_both(tmp_path):
     save_image(tmp_path / "8_a" / "a.png", 32, 32, caption="a")
     ds = CaptionedImageDataset(DataConfig(tmp_path, **SMALL, flip_aug=True))
@@ -399,8 +414,9 @@ def test_latent_cache_with_flip_stores_both(tmp_path):
 
 def test_latent_cache_refuses_random_crop(tmp_path):
     save_image(tmp_path / "a.png", caption="a")
-    with pytest.raises(SdlabError, match="random_crop"):
-        DataConfig(tmp_path, cache_latents_to_disk=True, random_crop=True)
+    for option in ("cache_latents", "cache_latents_to_disk"):
+        with pytest.raises(SdlabError, match=f"{option} cannot be combined with random_crop"):
+            DataConfig(tmp_path, **{option: True}, random_crop=True)
     ds = CaptionedImageDataset(DataConfig(tmp_path, **SMALL, random_crop=True))
     with pytest.raises(SdlabError, match="random_crop"):
         cache_latents(ds, CountingEncoder(), tmp_path / "cache", progress=False)

@@ -56,7 +56,7 @@ def trainer(cfg) -> Trainer:
     (["lr=-1"], "lr must be positive"),
     (["lr_scheduler='step'"], "lr_scheduler must be one of"),
     (["learning_rate=1"], "unknown key 'learning_rate'"),
-    (["lora.rnk=4"], "unknown key lora.'rnk'"),
+    (["lora.rnk=4"], "unknown key 'lora.rnk'"),
     (["mode='lora'", "base_model='x'", "lora.dropout=2"], "lora.dropout must be in"),
     (["batch_size=0"], "batch_size must be at least 1"),
     (["vae_steps=5", "mode='finetune'", "base_model='x'"], "only applies to mode 'scratch'"),
@@ -365,17 +365,18 @@ def test_scratch_training_loss_falls(tmp_path, shapes):
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
 
 
-@pytest.mark.parametrize("flip", [False, True])
-def test_latent_cache_trains_the_same_steps_without_encoding_again(tmp_path, shapes, flip, monkeypatch):
+@pytest.mark.parametrize("flip, disk", [(False, True), (True, True), (True, False)])
+def test_latent_cache_trains_the_same_steps_without_encoding_again(tmp_path, shapes, flip, disk, monkeypatch):
     """cache_latents_to_disk: the first diffusion step (after the VAE phase) encodes every image once
     into a folder named after that VAE's encoder; later steps read it and draw their latents from
-    the cached posterior, so the run takes the same steps as one without the cache."""
+    the cached posterior, so the run takes the same steps as one without the cache. cache_latents
+    keeps the same entries in memory."""
     kw = dict(steps=3, vae_steps=1, batch_size=2, vae_batch_size=3, **{"data.flip_aug": str(flip).lower()})
     plain = trainer(config(tmp_path / "plain", shapes, **kw))
     plain.train()
     cache = tmp_path / "cache"
-    cached = trainer(config(tmp_path / "cached", shapes, **kw, **{"data.cache_latents_to_disk": "true",
-                                                                 "data.latent_cache_dir": f"{str(cache)!r}"}))
+    option = {"data.cache_latents_to_disk": "true"} if disk else {"data.cache_latents": "true"}
+    cached = trainer(config(tmp_path / "cached", shapes, **kw, **option, **{"data.latent_cache_dir": f"{str(cache)!r}"}))
     batches = cached._global_batches()
     cached.train_step(batches)  # the VAE phase reads pixels
     assert not cache.exists()
@@ -384,8 +385,11 @@ def test_latent_cache_trains_the_same_steps_without_encoding_again(tmp_path, sha
     encode = cached.bundle.vae.encode
     monkeypatch.setattr(cached.bundle.vae, "encode", lambda x: encoded.append(len(x)) or encode(x))
     cached.train_step(batches)
-    folder = cache / encoder_fingerprint(cached.bundle.vae)
-    assert cached.dataset.latent_cache_dir == folder and len(list(folder.glob("*.safetensors"))) == 8
+    if disk:
+        folder = cache / encoder_fingerprint(cached.bundle.vae)
+        assert cached.dataset.latent_cache_dir == folder and len(list(folder.glob("*.safetensors"))) == 8
+    else:
+        assert not cache.exists() and len(cached.dataset.latent_memory) == 8
     assert sum(encoded) == 8 * (2 if flip else 1) and max(encoded) == 3
     cached.train_step(batches)
     cached.train_step(batches)

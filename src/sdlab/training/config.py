@@ -174,7 +174,7 @@ class TrainConfig:
     vae_steps: int = 0
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    vae_batch_size: int = 1  # images per VAE call when caching latents (data.cache_latents_to_disk), as kohya's
+    vae_batch_size: int = 1  # images per VAE call when caching latents (data.cache_latents[_to_disk]), as kohya's
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     save_every_n_steps: int = 0  # 0: only at the end
@@ -293,7 +293,7 @@ def _build(cls, raw: dict, where: str):
     names = {f.name: f for f in fields(cls)}
     unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise SdlabError(f"training config: unknown key {where}{unknown[0]!r}; known: {', '.join(sorted(names))}")
+        raise SdlabError(f"training config: unknown key '{where}{unknown[0]}'; known: {', '.join(sorted(names))}")
     kwargs = {}
     for k, v in raw.items():
         if k in ("output_dir", "folder", "latent_cache_dir") and v is not None:

@@ -85,7 +85,8 @@ class DataConfig:
     reg_folder: Path | None = None
     prior_loss_weight: float = 1.0
     alpha_mask: bool = False  # items carry the image's alpha channel as `mask`, for masked_loss
-    cache_latents_to_disk: bool = False
+    cache_latents: bool = False  # encode each image once and keep its latents in memory (kohya's)
+    cache_latents_to_disk: bool = False  # ... and in files, for the next run too
     latent_cache_dir: Path | None = None  # default: `<folder>/.latent_cache`
     seed: int = 0
 
@@ -114,8 +115,9 @@ class DataConfig:
             raise SdlabError(f"prior_loss_weight must be 0 or more, got {self.prior_loss_weight}")
         if self.seed < 0:
             raise SdlabError(f"seed must be 0 or more, got {self.seed}")
-        if self.cache_latents_to_disk and self.random_crop:
-            raise SdlabError("cache_latents_to_disk cannot be combined with random_crop: turn one of them off")
+        for name in ("cache_latents", "cache_latents_to_disk"):
+            if getattr(self, name) and self.random_crop:
+                raise SdlabError(f"{name} cannot be combined with random_crop: turn one of them off")
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -405,7 +407,7 @@ class CaptionedImageDataset(Dataset):
     """Captioned images as training items, each resized and cropped to its aspect-ratio bucket.
 
     An item is a dict with `pixels` ((3, H, W) float in [-1, 1]) or, when a latent cache entry
-    exists, `latents`; `caption` (str); `loss_weight` (`prior_loss_weight` for a regularization
+    exists (in `latent_memory` or `latent_cache_dir`, see `cache_latents`), `latents`; `caption` (str); `loss_weight` (`prior_loss_weight` for a regularization
     image, else 1); and for SDXL's size conditioning `original_size`,
     `crop_top_left` and `target_size`, all (height, width) / (top, left) int pairs. Index `i`
     covers the images with their repeats; its augmentation is a pure function of
@@ -432,6 +434,7 @@ class CaptionedImageDataset(Dataset):
             self.buckets = Buckets(((res, res),), res * res, config.bucket_reso_steps)
         self.fits: tuple[BucketFit, ...] = tuple(self.buckets.fit(*r.size) for r in self.records)
         self._record_of_index: list[int] = [i for i, r in enumerate(self.records) for _ in range(r.repeats)]
+        self.latent_memory: dict[str, dict[str, Tensor]] | None = None
         self.latent_cache_dir: Path | None = None
         if config.cache_latents_to_disk:
             self.latent_cache_dir = config.latent_cache_dir or config.folder / ".latent_cache"
@@ -490,7 +493,7 @@ class CaptionedImageDataset(Dataset):
             "target_size": fit.bucket,
             "loss_weight": cfg.prior_loss_weight if record.regularization else 1.0,
         }
-        latents = self._cached_latents(r, flip) if self.latent_cache_dir is not None else None
+        latents = self._cached_latents(r, flip)
         img = self._open(r) if latents is None or cfg.alpha_mask else None  # decoded once for both
         if latents is not None:
             item["latents"] = latents
@@ -546,19 +549,23 @@ class CaptionedImageDataset(Dataset):
             self._content_hashes[r] = h.hexdigest()
         return self._content_hashes[r]
 
-    def _cache_path(self, r: int, cache_dir: Path) -> Path:
-        """The cache file of record `r`: keyed by file content, bucket, resize, crop and flip storage."""
+    def _cache_key(self, r: int) -> str:
+        """The cache entry of record `r`: keyed by file content, bucket, resize, crop and flip storage."""
         (bh, bw), (rh, rw) = self.fits[r].bucket, self.fits[r].resized
         crop = f"{(rh - bh) // 2},{(rw - bw) // 2}"
         key = f"{self._content_hash(r)}|{bh}x{bw}|{rh}x{rw}|{crop}|flip={self.config.flip_aug}"
-        return cache_dir / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.safetensors"
+        return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+    def _cache_path(self, r: int, cache_dir: Path) -> Path:
+        return cache_dir / f"{self._cache_key(r)}.safetensors"
 
     def _cached_latents(self, r: int, flip: bool) -> Tensor | None:
-        assert self.latent_cache_dir is not None
-        path = self._cache_path(r, self.latent_cache_dir)
-        if not path.is_file():
-            return None
-        return load_file(path)["latents_flipped" if flip else "latents"]
+        name = "latents_flipped" if flip else "latents"
+        if self.latent_memory is not None and (entry := self.latent_memory.get(self._cache_key(r))) is not None:
+            return entry[name]
+        if self.latent_cache_dir is not None and (path := self._cache_path(r, self.latent_cache_dir)).is_file():
+            return load_file(path)[name]
+        return None
 
 
 def cache_latents(
@@ -566,13 +573,15 @@ def cache_latents(
     encode_fn: Callable[[Tensor], Tensor],
     cache_dir: Path | None = None,
     *,
+    in_memory: bool = False,
     batch_size: int = 4,
     progress: bool = True,
 ) -> int:
-    """Encode every image not yet in the on-disk latent cache and point the dataset at the cache.
+    """Encode every image not yet in the latent cache and point the dataset at the cache.
 
-    One `.safetensors` per image and bucket holds `latents` (and `latents_flipped` when
-    `flip_aug` is on, as kohya caches both), written atomically. Whatever `encode_fn` returns
+    On disk, one `.safetensors` per image and bucket holds `latents` (and `latents_flipped` when
+    `flip_aug` is on, as kohya caches both), written atomically; `in_memory` keeps the same
+    entries in `dataset.latent_memory` instead (kohya's cache_latents). Whatever `encode_fn` returns
     is stored as is: it takes (B, 3, H, W) pixels in [-1, 1] of one bucket and returns
     (B, C, H/f, W/f); scaling and sampling the VAE's distribution are its choice, and a
     different VAE needs a different `cache_dir`. In multi-process training call it on the
@@ -581,7 +590,8 @@ def cache_latents(
     Args:
         dataset: the dataset; its `latent_cache_dir` is set to the folder used.
         encode_fn: pixels -> latents, run under `torch.no_grad()`.
-        cache_dir: where to cache; default the dataset's own (from its config).
+        cache_dir: where to cache on disk; default the dataset's own (from its config).
+        in_memory: keep the latents in memory, not in files (`cache_dir` is not used).
         batch_size: images per `encode_fn` call.
         progress: show a progress bar.
 
@@ -593,18 +603,22 @@ def cache_latents(
     """
     if dataset.config.random_crop:
         raise SdlabError("latents cannot be cached with random_crop on: turn random_crop off or do not cache")
-    cache_dir = Path(cache_dir) if cache_dir is not None else dataset.latent_cache_dir
-    if cache_dir is None:
-        raise SdlabError("no latent cache folder: pass cache_dir or set cache_latents_to_disk in the data config")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    dataset.latent_cache_dir = cache_dir
+    if in_memory:
+        memory = dataset.latent_memory = dataset.latent_memory or {}
+    else:
+        cache_dir = Path(cache_dir) if cache_dir is not None else dataset.latent_cache_dir
+        if cache_dir is None:
+            raise SdlabError("no latent cache folder: pass cache_dir or set cache_latents_to_disk in the data config")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        dataset.latent_cache_dir = cache_dir
 
     todo: dict[Size, list[int]] = defaultdict(list)
-    seen: set[Path] = set()
+    seen: set[str] = set()
     for r in range(len(dataset.records)):
-        path = dataset._cache_path(r, cache_dir)
-        if path not in seen and not path.is_file():  # identical files in two folders are encoded once
-            seen.add(path)
+        key = dataset._cache_key(r)
+        cached = key in memory if in_memory else dataset._cache_path(r, cache_dir).is_file()
+        if key not in seen and not cached:  # identical files in two folders are encoded once
+            seen.add(key)
             todo[dataset.fits[r].bucket].append(r)
     total = sum(len(rs) for rs in todo.values())
     if total == 0:
@@ -624,11 +638,13 @@ def cache_latents(
                     tensors = {"latents": latents[i].contiguous()}
                     if flipped is not None:
                         tensors["latents_flipped"] = flipped[i].contiguous()
-                    path = dataset._cache_path(r, cache_dir)
-                    with atomic_path(path) as tmp:
+                    if in_memory:
+                        memory[dataset._cache_key(r)] = tensors
+                        continue
+                    with atomic_path(dataset._cache_path(r, cache_dir)) as tmp:
                         save_file(tensors, str(tmp), metadata={"source": str(dataset.records[r].path)})
                 bar.update(len(chunk))
-    logger.info("cached latents of %d images in %s", total, cache_dir)
+    logger.info("cached latents of %d images %s", total, "in memory" if in_memory else f"in {cache_dir}")
     return total
 
 

@@ -275,10 +275,11 @@ class Trainer:
         self.dataset = CaptionedImageDataset(cfg.data)
         if len(self.dataset) == 0:
             raise SdlabError(f"{cfg.data.folder}: no training images")
-        # cache_latents_to_disk: the cache is filled, in a sub-folder named after the VAE's encoder, by
-        # the first diffusion step (_fill_latent_cache), when that VAE is final (a scratch model trains
-        # its own first; --resume loads it); until then the data set gives pixels.
+        # cache_latents(_to_disk): the cache is filled by the first diffusion step (_fill_latent_cache),
+        # when the VAE is final (a scratch model trains its own first; --resume loads it); until then
+        # the data set gives pixels.
         self.latent_cache_root, self.dataset.latent_cache_dir = self.dataset.latent_cache_dir, None
+        self.latents_cached = not (cfg.data.cache_latents or cfg.data.cache_latents_to_disk)
         self.global_batch = cfg.batch_size * self.world
         self.sampler = BucketBatchSampler(self.dataset.item_buckets, self.global_batch, seed=cfg.seed)
         self.batches_per_epoch = len(self.sampler)
@@ -492,22 +493,29 @@ class Trainer:
         return (post.mean + post.std * eps) * self.bundle.family.latent_scale
 
     def _fill_latent_cache(self) -> None:
-        """Encode every training image once with the diffusion phase's VAE (cache_latents_to_disk)
-        and read latents from there on. The cache keeps the posterior's moments (mean and
+        """Encode every training image once with the diffusion phase's VAE and read latents from
+        there on (data.cache_latents, in memory on every process; data.cache_latents_to_disk, in
+        files the main process writes). The cache keeps the posterior's moments (mean and
         log-variance), not one sample of it, so each step still draws its own latent from the
-        generator: training takes the same steps as without the cache. The folder is named after
-        the encoder's weights, so another VAE (another model, a retrained scratch VAE) never
+        generator: training takes the same steps as without the cache. The cache folder is named
+        after the encoder's weights, so another VAE (another model, a retrained scratch VAE) never
         reads latents it did not make."""
         vae = self.bundle.vae
-        folder = self.latent_cache_root / encoder_fingerprint(vae)
-        if self.acc.is_main_process:
-            def moments(pixels: Tensor) -> Tensor:
-                post = vae.encode(pixels.to(self.device))
-                return torch.cat([post.mean, post.logvar], dim=1)
 
-            cache_latents(self.dataset, moments, folder, batch_size=self.cfg.vae_batch_size, progress=self.progress_bar)
-        self.acc.wait_for_everyone()
-        self.dataset.latent_cache_dir = folder
+        def moments(pixels: Tensor) -> Tensor:
+            post = vae.encode(pixels.to(self.device))
+            return torch.cat([post.mean, post.logvar], dim=1)
+
+        kw = dict(batch_size=self.cfg.vae_batch_size, progress=self.progress_bar and self.acc.is_main_process)
+        if self.cfg.data.cache_latents_to_disk:
+            folder = self.latent_cache_root / encoder_fingerprint(vae)
+            if self.acc.is_main_process:
+                cache_latents(self.dataset, moments, folder, **kw)
+            self.acc.wait_for_everyone()
+            self.dataset.latent_cache_dir = folder
+        else:
+            cache_latents(self.dataset, moments, in_memory=True, **kw)
+        self.latents_cached = True
 
     # -- one step ---------------------------------------------------------
 
@@ -536,7 +544,7 @@ class Trainer:
     def train_step(self, batches) -> float:
         """One optimizer step over `grad_accum` global batches; returns the mean loss over all ranks."""
         cfg = self.cfg
-        if self.phase == "diffusion" and self.latent_cache_root is not None and self.dataset.latent_cache_dir is None:
+        if self.phase == "diffusion" and not self.latents_cached:
             self._fill_latent_cache()
         self.module.train()
         losses = []
