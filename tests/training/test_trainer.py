@@ -209,6 +209,38 @@ def test_min_snr_loss_is_diffusers_scripts(prediction):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
+def test_zero_terminal_snr_noises_as_diffusers_and_weights_by_the_original_snr(tmp_path, shapes, caplog):
+    """kohya's --zero_terminal_snr: the noising schedule is diffusers' `rescale_betas_zero_snr` one
+    (no signal at all at t = 999), while the loss weightings read the SNR of the schedule before
+    the rescale (kohya computes `all_snr` first), so min-SNR stays finite at t = 999."""
+    from diffusers import DDPMScheduler
+
+    from sdlab.sampling.schedules import discrete_schedule
+
+    t = trainer(config(tmp_path, shapes, zero_terminal_snr="true", prediction="'v'"))
+    reference = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              rescale_betas_zero_snr=True).alphas_cumprod
+    torch.testing.assert_close(t.alphas_cumprod, reference, rtol=2e-5, atol=1e-9)
+    assert t.alphas_cumprod[-1] == 0
+    original = discrete_schedule().alphas_cumprod
+    torch.testing.assert_close(t.weighting_alphas_cumprod, original, rtol=0, atol=0)
+
+    timesteps = torch.tensor([0, 500, 999])
+    g = torch.Generator().manual_seed(0)
+    pred, x0, eps = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    a = t.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    target = a.sqrt() * eps - (1 - a).sqrt() * x0  # at t = 999: -x0
+    snr = original[timesteps] / (1 - original[timesteps])
+    expected = ((pred - target) ** 2).mean(dim=(1, 2, 3)) * snr.clamp(max=5.0) / (snr + 1)
+    got = diffusion_loss(pred, x0, eps, timesteps, t.alphas_cumprod, LossOptions("v", min_snr_gamma=5.0),
+                         weighting_alphas_cumprod=t.weighting_alphas_cumprod)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert torch.isfinite(got).all() and got[-1] > 0
+    with caplog.at_level(logging.WARNING, logger="sdlab"):
+        trainer(config(tmp_path / "eps", shapes, zero_terminal_snr="true", prediction="'eps'"))
+    assert "zero_terminal_snr is meant for v-prediction" in caplog.text
+
+
 def test_eps_and_v_losses():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
@@ -409,7 +441,7 @@ def test_encoder_fingerprint_follows_the_encoder_only(tmp_path, shapes):
 
 
 @pytest.mark.parametrize("prediction, options", [
-    ("eps", {}), ("v", {}),
+    ("eps", {}), ("v", {"zero_terminal_snr": "true"}),
     # kohya's noise and loss options draw from the run's generators too
     ("eps", dict(multires_noise_iterations=6, ip_noise_gamma=0.1, loss_type="'huber'", debiased_estimation_loss="true")),
 ])
@@ -575,7 +607,7 @@ def test_lora_file_format_and_base_unchanged(tmp_path, shapes, base_model):
     assert alpha.item() == 2.0 and up.shape == (32, 4) and up.abs().sum() > 0
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
     assert meta["ss_network_alpha"] == "2.0" and meta["ss_base_model_version"] == "sd_v1"
-    assert meta["ss_steps"] == "2" and meta["ss_resolution"] == "(32, 32)"
+    assert meta["ss_steps"] == "2" and meta["ss_resolution"] == "(32, 32)" and meta["ss_zero_terminal_snr"] == "False"
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
 
 

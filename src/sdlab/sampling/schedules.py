@@ -143,18 +143,20 @@ def discrete_schedule(
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     if zero_terminal_snr:
-        alphas_cumprod = _rescale_zero_terminal_snr(alphas_cumprod)
+        alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
     return DiscreteSchedule.from_alphas_cumprod(alphas_cumprod)
 
 
-def _rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
-    # Shift sqrt(alphas_cumprod) so the last is 0, scale so the first is unchanged
-    # (A1111 `rescale_zero_terminal_snr_abar`; diffusers does the same on the betas).
+def rescale_zero_terminal_snr(alphas_cumprod: Tensor, terminal: float = ZTSNR_TERMINAL_ALPHA_CUMPROD) -> Tensor:
+    """`alphas_cumprod` with its square root shifted so the last is 0 and scaled so the first is
+    unchanged (A1111 `rescale_zero_terminal_snr_abar`; diffusers and kohya do the same on the
+    betas), then the last set to `terminal`: the web UIs' clamp for sampling, 0 for training as
+    kohya's `--zero_terminal_snr` trains."""
     sqrt_ac = alphas_cumprod.sqrt()
     first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
     sqrt_ac = (sqrt_ac - last) * (first / (first - last))
     out = sqrt_ac**2
-    out[-1] = ZTSNR_TERMINAL_ALPHA_CUMPROD
+    out[-1] = terminal
     return out
 
 

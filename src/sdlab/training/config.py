@@ -146,6 +146,9 @@ class TrainConfig:
     deterministic: bool = False  # GPU: deterministic kernels, so --resume is exact there too (a little slower)
     min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
     noise_offset: float = 0.0
+    # kohya's --zero_terminal_snr: noise with the schedule rescaled to no signal at the last
+    # timestep (Lin et al. 2023; for v-prediction); the loss weightings keep the original SNR.
+    zero_terminal_snr: bool = False
     # kohya's loss and noise options, with its names, defaults and formulas (losses.LossOptions).
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
     huber_c: float = 0.1

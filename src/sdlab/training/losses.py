@@ -48,10 +48,14 @@ def huber_threshold(options: LossOptions, timesteps: Tensor, alphas_cumprod_t: T
 
 
 def diffusion_loss(pred: Tensor, latents: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor,
-                   options: LossOptions = LossOptions(), mask: Tensor | None = None) -> Tensor:
+                   options: LossOptions = LossOptions(), mask: Tensor | None = None,
+                   weighting_alphas_cumprod: Tensor | None = None) -> Tensor:
     """Per-sample loss (B,) of a UNet prediction for `noisy = sqrt(a) x0 + sqrt(1 - a) eps`,
     `a = alphas_cumprod[timesteps]`. `mask`: (B, 1, H, W) pixel weights (kohya's masked_loss),
-    averaged down to the latents' size; the mean is still over every latent element."""
+    averaged down to the latents' size; the mean is still over every latent element.
+    `weighting_alphas_cumprod`: the schedule whose SNR the weightings (min-SNR, debiased, v as
+    eps) read, if not `alphas_cumprod`: with zero terminal SNR kohya weights by the original
+    schedule's SNR (computed before its rescale), which is never 0."""
     a_t = alphas_cumprod[timesteps].float()
     a = a_t.view(-1, 1, 1, 1)
     target = noise if options.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
@@ -68,6 +72,8 @@ def diffusion_loss(pred: Tensor, latents: Tensor, noise: Tensor, timesteps: Tens
     if mask is not None:
         loss = loss * F.interpolate(mask.to(loss), size=loss.shape[2:], mode="area")
     loss = loss.mean(dim=(1, 2, 3))
+    if weighting_alphas_cumprod is not None:
+        a_t = weighting_alphas_cumprod[timesteps].float()
     snr = a_t / (1 - a_t)
     if options.min_snr_gamma:
         loss = loss * min_snr_weight(snr, options.min_snr_gamma, options.prediction)

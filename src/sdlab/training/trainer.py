@@ -42,7 +42,7 @@ from ..families import FAMILIES, ModelConfig, with_prediction
 from ..models.clip import CLIPTextConfig
 from ..models.unet import UNetConfig, sdxl_size_embedding
 from ..models.vae import DiagonalGaussian, VAEConfig
-from ..sampling.schedules import discrete_schedule
+from ..sampling.schedules import discrete_schedule, rescale_zero_terminal_snr
 from ..text.conditioning import caption_ids
 from .config import ModelSpec, TrainConfig, parse_sample_prompt
 from .data import BucketBatchSampler, CaptionedImageDataset, cache_latents, collate
@@ -117,18 +117,20 @@ class Denoising(nn.Module):
 
     def forward(self, latents: Tensor, tokens: list[Tensor], noise: Tensor, timesteps: Tensor,
                 alphas_cumprod: Tensor, size_ids: Tensor | None = None, input_noise: Tensor | None = None,
-                loss_weights: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+                loss_weights: Tensor | None = None, mask: Tensor | None = None,
+                weighting_alphas_cumprod: Tensor | None = None) -> Tensor:
         """`size_ids`: SDXL's (B, 6) original size, crop top-left and target size, all (h, w).
         `input_noise`: the noise mixed into the UNet's input when it is not the target's
         (kohya's input perturbation, `ip_noise_gamma`). `loss_weights`: (B,) per-sample weights
-        (regularization images: `prior_loss_weight`). `mask`: (B, 1, H, W) pixel weights (masked_loss)."""
+        (regularization images: `prior_loss_weight`). `mask`: (B, 1, H, W) pixel weights (masked_loss).
+        `weighting_alphas_cumprod`: see `diffusion_loss` (zero terminal SNR)."""
         context, pooled = self.conditioning(tokens)
         y = None if size_ids is None else torch.cat([pooled, sdxl_size_embedding(size_ids.float())], dim=-1)
         a = alphas_cumprod[timesteps].to(latents.dtype)
         mixed = noise if input_noise is None else input_noise
         noisy = a.view(-1, 1, 1, 1).sqrt() * latents + (1 - a).view(-1, 1, 1, 1).sqrt() * mixed
         pred = self.unet(noisy, timesteps.float(), context, None if y is None else y.to(context.dtype))
-        loss = diffusion_loss(pred, latents, noise, timesteps, alphas_cumprod, self.loss, mask)
+        loss = diffusion_loss(pred, latents, noise, timesteps, alphas_cumprod, self.loss, mask, weighting_alphas_cumprod)
         return (loss if loss_weights is None else loss * loss_weights.to(loss)).mean()
 
 
@@ -272,6 +274,13 @@ class Trainer:
         self.bundle = self._load_model()
         self.prediction = self.bundle.prediction
         self.alphas_cumprod = discrete_schedule().alphas_cumprod.to(self.device)
+        self.weighting_alphas_cumprod = None
+        if cfg.zero_terminal_snr:
+            if self.prediction != "v":
+                log.warning("zero_terminal_snr is meant for v-prediction models: at the last timestep the input "
+                            "is pure noise, from which an eps-prediction model learns nothing about the image")
+            self.weighting_alphas_cumprod = self.alphas_cumprod
+            self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod.double(), terminal=0.0).float()
         self.dataset = CaptionedImageDataset(cfg.data)
         if len(self.dataset) == 0:
             raise SdlabError(f"{cfg.data.folder}: no training images")
@@ -571,7 +580,8 @@ class Trainer:
                                        t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch),
                                        None if mixed is None else mixed[part].to(self.device),
                                        batch["loss_weight"].to(self.device),
-                                       batch["mask"].to(self.device) if cfg.masked_loss else None)
+                                       batch["mask"].to(self.device) if cfg.masked_loss else None,
+                                       self.weighting_alphas_cumprod)
                 self.acc.backward(loss / cfg.grad_accum)
             losses.append(loss.detach())
         if cfg.max_grad_norm:
@@ -886,6 +896,7 @@ class Trainer:
             "ss_seed": str(cfg.seed),
             "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),
             "ss_noise_offset": str(cfg.noise_offset or None),
+            "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
             "ss_multires_noise_iterations": str(cfg.multires_noise_iterations or None),
             "ss_multires_noise_discount": str(cfg.multires_noise_discount),
             "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
