@@ -61,6 +61,7 @@ def trainer(cfg) -> Trainer:
     (["batch_size=0"], "batch_size must be at least 1"),
     (["vae_steps=5", "mode='finetune'", "base_model='x'"], "only applies to mode 'scratch'"),
     (["data.resolution=30"], "multiple of 8"),
+    (["adaptive_noise_scale=0.05"], "adaptive_noise_scale adds to noise_offset: set noise_offset too"),
     (["steps"], "expected key=value"),
 ])
 def test_config_errors(tmp_path, shapes, sets, message):
@@ -344,6 +345,23 @@ def test_noise_and_timestep_draws_follow_kohyas_options(tmp_path, shapes):
     assert torch.equal(steps, torch.randint(0, 1000, (64,), generator=g))
     with pytest.raises(SdlabError, match="need 0 <= min_timestep < max_timestep <= 1000"):
         config(tmp_path, shapes, min_timestep=500, max_timestep=500)
+
+
+def test_adaptive_noise_scale_is_kohyas(tmp_path, shapes):
+    """kohya's apply_noise_offset: each (image, channel) offset is noise_offset + adaptive_noise_scale
+    * |mean of that latent channel|, clamped at 0 (for a negative scale), times one normal draw."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 8, 8, generator=g) + torch.linspace(-2, 2, 24).view(6, 4, 1, 1)
+    for scale in (0.5, -0.2):
+        t = trainer(config(tmp_path, shapes, noise_offset=0.1, adaptive_noise_scale=scale))
+        means = t._global_channel_means(latents, len(latents))
+        torch.testing.assert_close(means, latents.mean(dim=(2, 3)))
+        noise, _, _ = t._noise_and_timesteps(latents.shape, torch.Generator().manual_seed(3), means)
+        g = torch.Generator().manual_seed(3)
+        base = torch.randn(latents.shape, generator=g)
+        offset = torch.clamp(0.1 + scale * torch.abs(latents.mean(dim=(2, 3), keepdim=True)), 0.0, None)
+        torch.testing.assert_close(noise, base + offset * torch.randn(6, 4, 1, 1, generator=g), rtol=0, atol=1e-6)
+        assert (offset == 0).any() == (scale < 0)
 
 
 def test_pyramid_noise_is_seeded_unit_spread_and_has_coarse_layers():
@@ -1003,7 +1021,9 @@ def test_two_processes_match_one(tmp_path, shapes, model):
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
     common = {"lr": "1e-3", "steps": 2}
-    if model != "scratch":
+    if model == "scratch":  # adaptive noise reads every rank's latents; multires noise rescales the global batch
+        common.update(noise_offset=0.1, adaptive_noise_scale=0.5, multires_noise_iterations=3)
+    else:
         single = save_native(tiny_bundle("sdxl"), tmp_path / "sdxl.safetensors")
         common.update(base_model=repr(str(single)))
         if model == "sdxl-finetune-text-encoders":

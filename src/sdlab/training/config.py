@@ -146,6 +146,9 @@ class TrainConfig:
     deterministic: bool = False  # GPU: deterministic kernels, so --resume is exact there too (a little slower)
     min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
     noise_offset: float = 0.0
+    # kohya's: each image's offset grows by this times the absolute mean of its latent channel
+    # (brighter or darker images get a larger offset); needs noise_offset.
+    adaptive_noise_scale: float = 0.0
     # kohya's --zero_terminal_snr: noise with the schedule rescaled to no signal at the last
     # timestep (Lin et al. 2023; for v-prediction); the loss weightings keep the original SNR.
     zero_terminal_snr: bool = False
@@ -242,6 +245,8 @@ class TrainConfig:
             raise bad(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
         if self.masked_loss and not self.data.alpha_mask:
             raise bad("masked_loss needs data.alpha_mask = true (the mask is each image's alpha channel)")
+        if self.adaptive_noise_scale and not self.noise_offset:
+            raise bad("adaptive_noise_scale adds to noise_offset: set noise_offset too (e.g. 0.05)")
         if self.vae_steps and self.mode != "scratch":
             raise bad("vae_steps (the VAE reconstruction phase) only applies to mode 'scratch'")
         if self.mode == "lora":

@@ -467,13 +467,32 @@ class Trainer:
             for indices in list(self.sampler)[skip:]:
                 yield indices
 
-    def _local(self, indices: list[int]) -> tuple[dict, slice]:
-        """This rank's share of a global batch (the last batch of a bucket may be short)."""
-        n = len(indices)
+    def _part(self, n: int, rank: int) -> slice:
+        """The items of a global batch of `n` that `rank` trains on (the last batch of a bucket may be short)."""
         per = math.ceil(n / self.world)
-        lo = min(self.rank * per, n - 1)
-        hi = max(lo + 1, min(n, (self.rank + 1) * per))
-        return collate([self.dataset[i] for i in indices[lo:hi]]), slice(lo, hi)
+        lo = min(rank * per, n - 1)
+        return slice(lo, max(lo + 1, min(n, (rank + 1) * per)))
+
+    def _local(self, indices: list[int]) -> tuple[dict, slice]:
+        """This rank's share of a global batch."""
+        part = self._part(len(indices), self.rank)
+        return collate([self.dataset[i] for i in indices[part]]), part
+
+    def _global_channel_means(self, latents: Tensor, n: int) -> Tensor:
+        """(n, C): each latent channel's mean for every item of the global batch, gathered from
+        the ranks (adaptive_noise_scale sets the offset noise of the whole batch from them)."""
+        means = latents.float().mean(dim=(2, 3))
+        if self.world == 1:
+            return means.cpu()
+        per = math.ceil(n / self.world)
+        padded = means.new_zeros(per, means.shape[1])
+        padded[:len(means)] = means
+        gathered = self.acc.gather(padded).view(self.world, per, -1).cpu()
+        out = torch.empty(n, means.shape[1])
+        for rank in range(self.world):
+            part = self._part(n, rank)
+            out[part] = gathered[rank, :part.stop - part.start]
+        return out
 
     def _tokens(self, captions: list[str]) -> list[Tensor]:
         """(B, chunks, 77) token ids for each text encoder (SDXL's two pad differently)."""
@@ -528,10 +547,12 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------
 
-    def _noise_and_timesteps(self, shape: tuple[int, ...], gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _noise_and_timesteps(self, shape: tuple[int, ...], gen: torch.Generator,
+                             channel_means: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """For the whole global batch, from the generator every rank shares: the noise (with kohya's
         noise offset and multires options), the timesteps, and the noise mixed into the UNet's input
-        when it differs (kohya's input perturbation), else None. Options that are off draw nothing."""
+        when it differs (kohya's input perturbation), else None. Options that are off draw nothing.
+        `channel_means`: (B, C) the latents' channel means, for adaptive_noise_scale."""
         cfg = self.cfg
 
         def strength(value: float, random: bool) -> float:  # kohya's *_random_strength: uniform in [0, value)
@@ -540,6 +561,9 @@ class Trainer:
         noise = torch.randn(shape, generator=gen)
         if cfg.noise_offset:
             offset = strength(cfg.noise_offset, cfg.noise_offset_random_strength)
+            if cfg.adaptive_noise_scale:
+                assert channel_means is not None
+                offset = (offset + cfg.adaptive_noise_scale * channel_means.abs()).clamp(min=0).view(*shape[:2], 1, 1)
             noise = noise + offset * torch.randn(shape[:2] + (1, 1), generator=gen)
         if cfg.multires_noise_iterations:
             noise = pyramid_noise(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, gen)
@@ -575,7 +599,8 @@ class Trainer:
                     loss = self.module(pixels, eps)
                 else:
                     latents = self._latents(batch, gen, len(indices), part)
-                    noise, t, mixed = self._noise_and_timesteps((len(indices), *latents.shape[1:]), gen)
+                    means = self._global_channel_means(latents, len(indices)) if cfg.adaptive_noise_scale else None
+                    noise, t, mixed = self._noise_and_timesteps((len(indices), *latents.shape[1:]), gen, means)
                     loss = self.module(latents, self._tokens(batch["caption"]), noise[part].to(self.device),
                                        t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch),
                                        None if mixed is None else mixed[part].to(self.device),
@@ -896,6 +921,7 @@ class Trainer:
             "ss_seed": str(cfg.seed),
             "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),
             "ss_noise_offset": str(cfg.noise_offset or None),
+            "ss_adaptive_noise_scale": str(cfg.adaptive_noise_scale or None),
             "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
             "ss_multires_noise_iterations": str(cfg.multires_noise_iterations or None),
             "ss_multires_noise_discount": str(cfg.multires_noise_discount),
