@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -156,6 +157,40 @@ def test_nv_rng_and_variation_seed_change_the_image(tiny_file):
                                           subseed_strength=0.3))
     assert "Variation seed: 5" in var.infotexts[0]
     assert not np.array_equal(base, np.asarray(var.images[0]))
+
+
+def test_zero_terminal_snr_sampling(tiny_file, monkeypatch):
+    """A model marked as trained on the zero-terminal-SNR schedule (Family.zero_terminal_snr) is
+    sampled on it, from sigma ~4519, with the web UI's infotext entry; a request can turn it on or
+    off; `--from` / the API's infotext read the entry back."""
+    import sdlab.pipeline as pipeline_module
+    from sdlab.generate_cli import request_fields_from_infotext
+    from sdlab.sampling.schedules import discrete_schedule
+
+    bundle = load_bundle(tiny_file, device="cpu")
+    pipe = Pipeline(bundle)
+    seen = []
+    sigmas_of = pipeline_module.get_sampler_sigmas
+    monkeypatch.setattr(pipeline_module, "get_sampler_sigmas",
+                        lambda *a: seen.append(sigmas_of(*a)) or seen[-1])
+    req = dict(prompt=PROMPT, steps=3, seed=1, width=32, height=32, sampler="Euler")
+    plain = pipe.generate(GenerationRequest(**req))
+    forced = pipe.generate(GenerationRequest(**req, zero_terminal_snr=True))
+    ztsnr_max = float(discrete_schedule(zero_terminal_snr=True).sigmas[-1])
+    assert 4500 < ztsnr_max < 4540
+    assert seen[0][0] == pytest.approx(float(discrete_schedule().sigmas[-1]), rel=1e-5)
+    assert seen[1][0] == pytest.approx(ztsnr_max, rel=1e-5)
+    assert "Noise Schedule" not in plain.infotexts[0]
+    assert "Noise Schedule: Zero Terminal SNR" in forced.infotexts[0]
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(forced.images[0]))
+
+    bundle.config = replace(bundle.config, family=replace(bundle.family, zero_terminal_snr=True))
+    marked = pipe.generate(GenerationRequest(**req))
+    assert np.array_equal(np.asarray(marked.images[0]), np.asarray(forced.images[0]))
+    assert np.array_equal(np.asarray(pipe.generate(GenerationRequest(**req, zero_terminal_snr=False)).images[0]),
+                          np.asarray(plain.images[0]))
+    assert request_fields_from_infotext(forced.infotexts[0])["zero_terminal_snr"] is True
+    assert "zero_terminal_snr" not in request_fields_from_infotext(plain.infotexts[0])
 
 
 def test_interrupt_returns_partial_result(tiny_file):

@@ -58,6 +58,9 @@ class Family:
     text_final_norm: bool = True
     added_conditioning: Literal["sdxl", "sdxl-refiner"] | None = None
     diffusers_pipeline: str = "StableDiffusionPipeline"
+    # Trained on the schedule rescaled to zero terminal SNR (NoobAI-XL v-pred, kohya's
+    # --zero_terminal_snr): sampled on it too (sampling.schedules.discrete_schedule).
+    zero_terminal_snr: bool = False
 
 
 _CLIP_L = TextEncoderSlot("cond_stage_model.transformer.", "openai", "eos")
@@ -104,6 +107,7 @@ class ModelConfig:
     def to_json(self) -> str:
         return json.dumps({"family": self.family.name, "prediction": self.family.prediction,
                            "default_size": self.family.default_size, "latent_scale": self.family.latent_scale,
+                           "zero_terminal_snr": self.family.zero_terminal_snr,
                            "unet": asdict(self.unet), "vae": asdict(self.vae),
                            "text_encoders": [asdict(c) for c in self.text_encoders]})
 
@@ -112,7 +116,8 @@ class ModelConfig:
         d = json.loads(text)
         family = FAMILIES[d["family"]]
         # Our own files may differ from the family's defaults (the demo model is 64x64).
-        family = replace(family, **{k: d[k] for k in ("prediction", "default_size", "latent_scale") if k in d})
+        family = replace(family, **{k: d[k] for k in ("prediction", "default_size", "latent_scale", "zero_terminal_snr")
+                                    if k in d})
         return cls(family, _dataclass_from_dict(UNetConfig, d["unet"]),
                    _dataclass_from_dict(VAEConfig, d["vae"]),
                    tuple(_dataclass_from_dict(CLIPTextConfig, c) for c in d["text_encoders"]))
@@ -170,17 +175,23 @@ def model_config(shapes: Shapes, metadata: Mapping[str, str] | None = None,
     """Family and network configs of a single-file state dict.
 
     Files sdlab wrote carry their exact config in the `sdlab.config` metadata entry;
-    everything else is read off the shapes.
+    everything else is read off the shapes, and the marker keys that ComfyUI and the web UIs read
+    (NoobAI-XL v-pred has both): `v_pred`, a v-prediction model, and `ztsnr`, one trained on the
+    zero-terminal-SNR schedule.
     """
     if metadata and "sdlab.config" in metadata:
         cfg = ModelConfig.from_json(metadata["sdlab.config"])
     else:
         family = detect_family(shapes)
+        if "ztsnr" in shapes:
+            family = replace(family, zero_terminal_snr=True)
         unet = unet_config_from_shapes(_strip(shapes, UNET_PREFIX), num_heads=family.unet_num_heads,
                                        num_head_channels=family.unet_head_channels)
         vae = vae_config_from_shapes(_strip(shapes, VAE_PREFIX))
         tes = tuple(clip_config_from_shapes(_strip(shapes, slot.prefix), slot.layout) for slot in family.text_encoders)
         cfg = ModelConfig(family, unet, vae, tes)
+        if "v_pred" in shapes:
+            cfg = with_prediction(cfg, "v")
     if prediction is not None:
         cfg = with_prediction(cfg, prediction)
     return cfg
@@ -190,10 +201,11 @@ def with_prediction(cfg: ModelConfig, prediction: Prediction) -> ModelConfig:
     """The same networks under the family entry that has the given prediction type."""
     if prediction == cfg.family.prediction:
         return cfg
+    ztsnr = {"zero_terminal_snr": cfg.family.zero_terminal_snr}
     if cfg.family.name == "sd2" and prediction == "v":
-        return replace(cfg, family=FAMILIES["sd2-v"])
+        return replace(cfg, family=replace(FAMILIES["sd2-v"], **ztsnr))
     if cfg.family.name == "sd2-v" and prediction == "eps":
-        return replace(cfg, family=FAMILIES["sd2"])
+        return replace(cfg, family=replace(FAMILIES["sd2"], **ztsnr))
     # Other families have no entry of the other kind; keep the family, change the type.
     return replace(cfg, family=replace(cfg.family, prediction=prediction))
 

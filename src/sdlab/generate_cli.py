@@ -53,6 +53,9 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="turbo: 1 step, CFG 1, Euler a, SGM uniform (SD-Turbo models)")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the model's prediction type")
+    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample on the noise schedule rescaled to zero terminal SNR, for models trained on it "
+                        "(default: as the model's file says, e.g. NoobAI-XL v-pred's 'ztsnr' marker)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 for the UNet and text encoder "
                    "(default: fp16 on a GPU; on a CPU bf16 where it has AVX512-BF16/AMX, else fp32; "
@@ -149,6 +152,8 @@ def request_fields_from_infotext(text: str) -> dict:
                 fields[name] = cast(params[key])
             except ValueError:
                 raise SdlabError(f"the infotext's {key!r} value {params[key]!r} is not a number") from None
+    if params.get("Noise Schedule") == "Zero Terminal SNR":  # "Default": as the model says
+        fields["zero_terminal_snr"] = True
     # The web UI's default noise is the GPU's; on NVIDIA cards that is what "nv" reproduces.
     fields["rng"] = {"CPU": "cpu", "NV": "nv", "GPU": "nv"}.get(params.get("RNG", "GPU"), "nv")
     return fields
@@ -174,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
              "subseed_strength", "width", "height", "batch_size", "n_iter", "clip_skip", "guidance_rescale", "rng",
              "denoising_strength", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding",
              "inpainting_mask_invert", "refiner_switch_at", "original_size", "target_size", "crop_top_left",
-             "aesthetic_score")
+             "aesthetic_score", "zero_terminal_snr")
     for name in names:
         value = getattr(args, name, None)
         if value is not None:

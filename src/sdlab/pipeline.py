@@ -59,6 +59,9 @@ class GenerationRequest:
     guidance_rescale: float = 0.0
     rng: RngSource = "cpu"
     eta: float | None = None
+    # The noise schedule rescaled to zero terminal SNR (the web UI's "Noise schedule for
+    # sampling"); None: as the model says (its file's `ztsnr` marker, Family.zero_terminal_snr).
+    zero_terminal_snr: bool | None = None
     # img2img / inpaint
     init_image: Image.Image | None = None
     denoising_strength: float = 0.75
@@ -174,7 +177,7 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, refiner: Bundle | None = None, models: ModelsDir | None = None):
         self.bundle = bundle
-        self.schedule = discrete_schedule()
+        self.schedules = {ztsnr: discrete_schedule(zero_terminal_snr=ztsnr) for ztsnr in (False, True)}
         self.text = text_runners(bundle)
         self.refiner = refiner
         self.refiner_text = text_runners(refiner) if refiner is not None else []
@@ -183,6 +186,10 @@ class Pipeline:
         self.loras = LoraState()
         self.embeddings = EmbeddingLibrary(self.models.folder("embedding"))
         self.vae_info: dict[str, str] = {}  # "VAE hash" / "VAE" of a separate VAE file, for the infotext
+
+    def zero_terminal_snr(self, req: GenerationRequest) -> bool:
+        """Whether `req` samples on the zero-terminal-SNR schedule."""
+        return self.bundle.family.zero_terminal_snr if req.zero_terminal_snr is None else req.zero_terminal_snr
 
     def set_refiner(self, refiner: Bundle | None) -> None:
         """Use (or stop using) an SDXL refiner for the last part of the steps."""
@@ -259,6 +266,8 @@ class Pipeline:
         params["RNG"] = "NV" if req.rng == "nv" else "CPU"
         if req.guidance_rescale:
             params["CFG rescale phi"] = req.guidance_rescale
+        if self.zero_terminal_snr(req):
+            params["Noise Schedule"] = "Zero Terminal SNR"
         if req.mode == "inpaint":
             params["Mask blur"] = req.mask_blur
             if req.inpaint_full_res:
@@ -296,7 +305,7 @@ class Pipeline:
         return extras
 
     def _stage(self, bundle: Bundle, runners: list[TextEncoderRunner], req: GenerationRequest, prompt: str,
-               negative: str, concat: Tensor | None, embeddings=None) -> Callable[[int], CFGDenoiser]:
+               negative: str, concat: Tensor | None, schedule, embeddings=None) -> Callable[[int], CFGDenoiser]:
         """The guided denoiser of one model for each step (prompt editing changes it)."""
         cond_sched, uncond_sched = prompt_schedule(runners, [prompt, negative], req.steps, req.clip_skip,
                                                    embeddings)
@@ -304,7 +313,7 @@ class Pipeline:
         unet = bundle.unet
         # The copy: a UNet compiled with CUDA graphs (--compile on a GPU) hands out buffers that its
         # next call overwrites, and samplers keep results across calls.
-        model = DiscreteDenoiser(lambda x_in, t, context, y=None: unet(x_in, t, context, y).clone(), self.schedule,
+        model = DiscreteDenoiser(lambda x_in, t, context, y=None: unet(x_in, t, context, y).clone(), schedule,
                                  bundle.prediction)
 
         def conditioning(encoded, negative: bool) -> Conditioning:
@@ -355,7 +364,8 @@ class Pipeline:
             if mask_image is not None and mask_image.size != (req.width, req.height):
                 mask_image = mask_image.resize((req.width, req.height), Image.LANCZOS)
 
-        sigmas = get_sampler_sigmas(sampler, schedule_name, req.steps, self.schedule)
+        schedule = self.schedules[self.zero_terminal_snr(req)]
+        sigmas = get_sampler_sigmas(sampler, schedule_name, req.steps, schedule)
 
         # Random draws happen in diffusers' order (image latent, initial noise, masked-image
         # latent), so the same seed gives the same image as its pipelines.
@@ -393,10 +403,10 @@ class Pipeline:
         # With a refiner, the base model samples the first part of the steps and the refiner the rest.
         total = len(sigmas) - 1
         offset = req.steps - total  # img2img starts part-way; prompt editing counts requested steps
-        parts = [(self._stage(self.bundle, self.text, req, prompt, negative, concat, embeddings), sigmas)]
+        parts = [(self._stage(self.bundle, self.text, req, prompt, negative, concat, schedule, embeddings), sigmas)]
         if self.refiner is not None and req.refiner_switch_at is not None and req.refiner_switch_at < 1.0:
             switch = min(max(int(req.steps * req.refiner_switch_at) - offset, 0), total)
-            refiner = self._stage(self.refiner, self.refiner_text, req, prompt, negative, concat)
+            refiner = self._stage(self.refiner, self.refiner_text, req, prompt, negative, concat, schedule)
             parts = [(parts[0][0], sigmas[:switch + 1]), (refiner, sigmas[switch:])]
             parts = [(stage, part) for stage, part in parts if len(part) > 1]
         state = {"step": 0, "x0": x, "stage": parts[0][0]}

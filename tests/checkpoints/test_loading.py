@@ -175,6 +175,38 @@ def test_convert_cli_round_trip(tmp_path):
     _assert_close(_outputs(ref), _outputs(back), atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_v_pred_and_ztsnr_markers(tmp_path, family):
+    """The marker keys ComfyUI and the web UIs read (NoobAI-XL v-pred carries both): `v_pred` makes a
+    model v-prediction, `ztsnr` samples it on the zero-terminal-SNR schedule. sdlab writes them
+    back, and a diffusers folder carries the latter as the scheduler's `rescale_betas_zero_snr`."""
+    from safetensors import safe_open
+
+    from sdlab.checkpoints.io import save_safetensors
+
+    ref = tiny_bundle(family, seed=1)
+    marked = tmp_path / "marked.safetensors"
+    save_safetensors({**ref.state_dict(), "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, marked)
+    loaded = load_bundle(marked, device="cpu")
+    assert loaded.prediction == "v" and loaded.family.zero_terminal_snr
+    assert loaded.family.name == {"sd1": "sd1", "sd2": "sd2-v"}[family]
+    _assert_close(_outputs(ref), _outputs(loaded), atol=1e-6)
+    plain = load_bundle(save_native(ref, tmp_path / "plain.safetensors"), device="cpu")
+    assert plain.prediction == "eps" and not plain.family.zero_terminal_snr
+
+    save_checkpoint(loaded, tmp_path / "ours.safetensors")
+    with safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        assert {"v_pred", "ztsnr"} <= set(f.keys())
+    again = load_bundle(tmp_path / "ours.safetensors", device="cpu")
+    assert again.prediction == "v" and again.family.zero_terminal_snr
+
+    write_diffusers_folder(loaded.state_dict(), loaded.config, tmp_path / "folder")
+    sched = json.loads((tmp_path / "folder" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["rescale_betas_zero_snr"] is True and sched["prediction_type"] == "v_prediction"
+    folder = load_bundle(tmp_path / "folder", device="cpu")
+    assert folder.prediction == "v" and folder.family.zero_terminal_snr
+
+
 # ---------------------------------------------------------------- detection
 
 

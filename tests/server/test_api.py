@@ -291,6 +291,27 @@ def test_options_switch_the_model_between_jobs(client):
         client.post(f"{API}/options", json={"CLIP_stop_at_last_layers": 1})
 
 
+def test_noise_schedule_option_and_override(client):
+    """The web UI's "Noise schedule for sampling" (sd_noise_schedule): "Zero Terminal SNR" samples on
+    that schedule and says so in the infotext; "Default" leaves it to the model; the infotext field
+    brings it back."""
+    assert client.get(f"{API}/options").json()["sd_noise_schedule"] == "Default"
+    plain, info = txt2img(client, seed=5)
+    assert "Noise Schedule" not in info["infotexts"][0]
+    ztsnr, info = txt2img(client, seed=5, override_settings={"sd_noise_schedule": "Zero Terminal SNR"})
+    assert "Noise Schedule: Zero Terminal SNR" in info["infotexts"][0] and ztsnr["images"] != plain["images"]
+    assert client.post(f"{API}/options", json={"sd_noise_schedule": "Zero Terminal SNR"}).status_code == 200
+    try:
+        again, _ = txt2img(client, seed=5)
+        assert again["images"] == ztsnr["images"]
+    finally:
+        client.post(f"{API}/options", json={"sd_noise_schedule": "Default"})
+    from_text, _ = txt2img(client, infotext=info["infotexts"][0])
+    assert from_text["images"] == ztsnr["images"]
+    r = client.post(f"{API}/options", json={"sd_noise_schedule": "Karras"})
+    assert r.status_code == 422 and "sd_noise_schedule must be one of" in r.text
+
+
 def test_png_info_reads_the_parameters_back(client):
     data, info = txt2img(client, prompt="a green (triangle:1.2)", seed=42, steps=2)
     r = client.post(f"{API}/png-info", json={"image": data["images"][0]})
@@ -429,6 +450,7 @@ ODD_BODIES = [
     {"width": 0}, {"cfg_scale": "Infinity"}, {"cfg_scale": -1}, {"sampler_index": 99}, {"sampler_index": -1},
     {"scheduler": "nope"}, {"override_settings": []}, {"override_settings": {"sd_model_checkpoint": None}},
     {"override_settings": {"CLIP_stop_at_last_layers": "x"}}, {"override_settings": {"randn_source": "TPU"}},
+    {"override_settings": {"sd_noise_schedule": "Karras"}},
     {"infotext": "Steps: many, Sampler: x, Seed: y"}, {"styles": "not a list"}, {"subseed_strength": 2},
     {"eta": -1}, {"n_iter": 10**9}, ["a", "list"], "a string", None,
 ]

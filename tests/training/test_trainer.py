@@ -219,6 +219,7 @@ def test_zero_terminal_snr_noises_as_diffusers_and_weights_by_the_original_snr(t
     from sdlab.sampling.schedules import discrete_schedule
 
     t = trainer(config(tmp_path, shapes, zero_terminal_snr="true", prediction="'v'"))
+    assert t.bundle.family.zero_terminal_snr  # the model it saves is sampled on that schedule
     reference = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               rescale_betas_zero_snr=True).alphas_cumprod
     torch.testing.assert_close(t.alphas_cumprod, reference, rtol=2e-5, atol=1e-9)

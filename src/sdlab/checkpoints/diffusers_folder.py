@@ -129,6 +129,8 @@ def read_diffusers_folder(path: Path) -> tuple[StateDict, ModelConfig]:
         sched = _read_json(path / "scheduler" / "scheduler_config.json")
     te_json = _read_json(path / "text_encoder" / "config.json") if _present(index, "text_encoder") else None
     family = _family_of_folder(index, unet_cfg, te_json, sched.get("prediction_type", "epsilon"))
+    if sched.get("rescale_betas_zero_snr"):
+        family = replace(family, zero_terminal_snr=True)
     if vae_json.get("scaling_factor") is not None and abs(vae_json["scaling_factor"] - family.latent_scale) > 1e-6:
         family = replace(family, latent_scale=float(vae_json["scaling_factor"]))
 
@@ -232,6 +234,7 @@ def write_diffusers_folder(sd: dict[str, Tensor], cfg: ModelConfig, out: Path, t
             "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
             "prediction_type": "v_prediction" if family.prediction == "v" else "epsilon",
+            "rescale_betas_zero_snr": family.zero_terminal_snr,
             "timestep_spacing": "leading", "interpolation_type": "linear"}, indent=2))
         index = {
             "_class_name": family.diffusers_pipeline,

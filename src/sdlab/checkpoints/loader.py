@@ -298,6 +298,11 @@ def save_checkpoint(bundle: Bundle, path: str | Path, dtype: torch.dtype | None 
     meta = {"sdlab.config": bundle.config.to_json(), "sdlab.prediction": bundle.prediction,
             "modelspec.architecture": bundle.family.name, "modelspec.prediction_type": bundle.prediction}
     meta.update(metadata or {})
+    # The marker keys ComfyUI and the web UIs read to sample such a model right (models_config).
+    if bundle.prediction == "v":
+        sd["v_pred"] = torch.tensor([])
+    if bundle.family.zero_terminal_snr:
+        sd["ztsnr"] = torch.tensor([])
     save_safetensors(sd, path, meta)
 
 

@@ -25,7 +25,7 @@ from .catalog import CheckpointEntry
 from .errors import BadInput, OverLimit, TooLarge
 from .models import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .settings import Limits
-from .state import RANDN_SOURCES, ServerState, clip_skip_value, randn_source_value
+from .state import RANDN_SOURCES, ServerState, clip_skip_value, noise_schedule_value, randn_source_value
 from .worker import JobResult
 
 # Fields sdlab accepts but does not act on, with the value that means "off". A request
@@ -44,7 +44,7 @@ IGNORED_UNLESS_DEFAULT: dict[str, Any] = {
     "latent_mask": (None, ""),
 }
 # Options that `override_settings` may carry and what sdlab does with them.
-OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source")
+OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", "sd_noise_schedule")
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.I)
 
@@ -105,8 +105,10 @@ def _fill_from_infotext(body: GenerationFields) -> GenerationFields:
                "Denoising strength": "denoising_strength"}
     update = {f: params[k] for k, f in mapping.items() if k in params and f not in body.model_fields_set
               and f in type(body).model_fields and params[k] != ""}
-    if "Clip skip" in params and "CLIP_stop_at_last_layers" not in body.override_settings:
-        update["override_settings"] = {**body.override_settings, "CLIP_stop_at_last_layers": params["Clip skip"]}
+    settings = {"CLIP_stop_at_last_layers": params.get("Clip skip"), "sd_noise_schedule": params.get("Noise Schedule")}
+    settings = {k: v for k, v in settings.items() if v is not None and k not in body.override_settings}
+    if settings:
+        update["override_settings"] = {**body.override_settings, **settings}
     if not update:
         return body
     data = body.model_dump()
@@ -158,6 +160,7 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     checkpoint = state.selected
     clip_skip = state.option("CLIP_stop_at_last_layers")
     randn = state.option("randn_source")
+    noise_schedule = state.option("sd_noise_schedule")
     for key, value in body.override_settings.items():
         if key == "sd_model_checkpoint":
             checkpoint = state.catalog.find_checkpoint(str(value))
@@ -165,6 +168,8 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
             clip_skip = clip_skip_value(value)
         elif key == "randn_source":
             randn = randn_source_value(value)
+        elif key == "sd_noise_schedule":
+            noise_schedule = noise_schedule_value(value)
         else:
             notes.append(f"override_settings[{key!r}] is not an option sdlab has; ignored")
 
@@ -180,6 +185,8 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
         sampler=sampler, schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, subseed=body.subseed,
         subseed_strength=body.subseed_strength, batch_size=body.batch_size, n_iter=body.n_iter,
         clip_skip=clip_skip, rng=RANDN_SOURCES[randn], eta=body.eta,
+        # "Default" leaves it to the model (its ztsnr marker), as the web UI does.
+        zero_terminal_snr=True if noise_schedule == "Zero Terminal SNR" else None,
     )
     if isinstance(body, Img2ImgRequest):
         gen = _img2img_fields(body, gen, limits, notes)

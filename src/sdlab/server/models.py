@@ -60,7 +60,8 @@ class GenerationFields(BaseModel):
     s_tmin: float | None = Field(None, description="Sigma tmin (not implemented; ignored).")
     s_noise: float | None = Field(None, description="Sigma noise (not implemented; ignored).")
     override_settings: dict[str, Any] = Field(default_factory=dict,
-        description="Options for this request only: sd_model_checkpoint, CLIP_stop_at_last_layers, randn_source.")
+        description="Options for this request only: sd_model_checkpoint, CLIP_stop_at_last_layers, randn_source, "
+                    "sd_noise_schedule.")
     override_settings_restore_afterwards: bool = Field(True,
         description="sdlab always restores; overrides apply to this request only.")
     refiner_checkpoint: str | None = Field(None, description="SDXL refiner (not implemented; ignored).")

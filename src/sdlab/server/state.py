@@ -29,7 +29,8 @@ class ServerState:
         self.selected: CheckpointEntry | None = self._initial_checkpoint(settings, extra)
         self.worker = Worker(self.catalog, self._load_pipeline)
         self._lock = threading.Lock()
-        self._options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "randn_source": "CPU"}
+        self._options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "randn_source": "CPU",
+                                         "sd_noise_schedule": "Default"}
 
     @staticmethod
     def _extra_checkpoint(settings: ServerSettings) -> Path | None:
@@ -90,6 +91,8 @@ class ServerState:
             value = clip_skip_value(value)
         elif key == "randn_source":
             value = randn_source_value(value)
+        elif key == "sd_noise_schedule":
+            value = noise_schedule_value(value)
         elif key in ("sd_model_checkpoint", "sd_checkpoint_hash", "samples_format", "sd_vae"):
             return key == "sd_model_checkpoint"  # handled by the router (a model switch)
         else:
@@ -118,6 +121,15 @@ def randn_source_value(value: Any) -> str:
     if text not in RANDN_SOURCES:
         raise SdlabError(f"randn_source must be one of GPU, CPU, NV, got {value!r}")
     return text
+
+
+NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # the web UI's sd_noise_schedule
+
+
+def noise_schedule_value(value: Any) -> str:
+    if value not in NOISE_SCHEDULES:
+        raise SdlabError(f"sd_noise_schedule must be one of {', '.join(map(repr, NOISE_SCHEDULES))}, got {value!r}")
+    return value
 
 
 def get_state(request: Request) -> ServerState:

@@ -272,6 +272,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # module initialisation (LoRA down weights) is seeded too
 
         self.bundle = self._load_model()
+        if cfg.zero_terminal_snr and cfg.mode != "lora":
+            # The saved model says so (its ztsnr marker), so that it is sampled on that schedule.
+            config = self.bundle.config
+            self.bundle.config = replace(config, family=replace(config.family, zero_terminal_snr=True))
         self.prediction = self.bundle.prediction
         self.alphas_cumprod = discrete_schedule().alphas_cumprod.to(self.device)
         self.weighting_alphas_cumprod = None
@@ -770,7 +774,8 @@ class Trainer:
                     img = pipe.txt2img(p.prompt, negative_prompt=p.negative, seed=seed, steps=p.steps or v.steps,
                                        cfg_scale=p.cfg_scale or v.cfg_scale, sampler=p.sampler or v.sampler,
                                        width=p.width or v.width or size, height=p.height or v.height or size,
-                                       clip_skip=self.cfg.clip_skip)[0]
+                                       clip_skip=self.cfg.clip_skip,
+                                       zero_terminal_snr=self.cfg.zero_terminal_snr or None)[0]
                     path = out / f"step{self.progress.step:06d}-p{i}-s{seed}.png"
                     img.save(path)
                     paths.append(path)
