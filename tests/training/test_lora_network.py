@@ -43,6 +43,44 @@ def test_lora_hook_equals_base_plus_scaled_update(bias, shape, transpose_out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_rank_and_module_dropout_are_kohyas(kind):
+    """kohya's LoRAModule.forward while training: the update is skipped when torch.rand(1) <
+    module_dropout; the rank activations are multiplied by rand((B, rank)) > rank_dropout (whole
+    ranks of a sample) and the update scaled by 1 / (1 - rank_dropout). In eval neither acts."""
+    torch.manual_seed(0)
+    base = (nn.Linear(12, 10) if kind == "linear" else nn.Conv2d(6, 5, 3, padding=1)).requires_grad_(False)
+    lora = LoRAModule(base, rank=4, alpha=2.0, rank_dropout=0.5, module_dropout=0.3)
+    nn.init.normal_(lora.lora_up.weight)
+    x = torch.randn(3, 7, 12) if kind == "linear" else torch.randn(3, 6, 8, 8)
+
+    def kohya(x):  # networks/lora.py, in training
+        org = base(x)
+        if torch.rand(1) < 0.3:
+            return org
+        lx = lora.lora_down(x)
+        mask = torch.rand((lx.size(0), 4)) > 0.5
+        mask = mask.unsqueeze(1) if lx.dim() == 3 else mask.unsqueeze(-1).unsqueeze(-1)
+        return org + lora.lora_up(lx * mask) * lora.multiplier * (lora.scale * (1.0 / (1.0 - 0.5)))
+
+    skipped = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        expected = kohya(x)
+        handle = base.register_forward_hook(lora.hook)
+        torch.manual_seed(seed)
+        ours = base(x)
+        handle.remove()
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+        skipped.append(torch.equal(ours, base(x)))
+    assert any(skipped) and not all(skipped)
+    lora.eval()
+    expected = base(x) + lora.lora_up(lora.lora_down(x)) * lora.scale
+    handle = base.register_forward_hook(lora.hook)
+    torch.testing.assert_close(base(x), expected, rtol=1e-5, atol=1e-6)
+    handle.remove()
+
+
 def test_lora_hook_under_autocast_matches_the_unfused_update():
     """Under bf16 autocast the update is accumulated in bf16 into the base output, as the
     separate ops would compute it (to bf16 rounding); LoRA weight gradients stay fp32."""

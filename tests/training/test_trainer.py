@@ -58,6 +58,7 @@ def trainer(cfg) -> Trainer:
     (["learning_rate=1"], "unknown key 'learning_rate'"),
     (["lora.rnk=4"], "unknown key 'lora.rnk'"),
     (["mode='lora'", "base_model='x'", "lora.dropout=2"], "lora.dropout must be in"),
+    (["mode='lora'", "base_model='x'", "lora.rank_dropout=1"], "lora.rank_dropout must be in"),
     (["batch_size=0"], "batch_size must be at least 1"),
     (["vae_steps=5", "mode='finetune'", "base_model='x'"], "only applies to mode 'scratch'"),
     (["data.resolution=30"], "multiple of 8"),
@@ -608,7 +609,8 @@ def test_long_captions_are_read_in_chunks_as_prompts_are_at_sampling(tmp_path, s
 
 def test_lora_file_format_and_base_unchanged(tmp_path, shapes, base_model):
     cfg = config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", steps=2, **{
-        "lora.rank": 4, "lora.alpha": 2, "lora.conv_rank": 2, "lora.train_text_encoder": "true", "save_dtype": "'fp32'"})
+        "lora.rank": 4, "lora.alpha": 2, "lora.conv_rank": 2, "lora.train_text_encoder": "true", "save_dtype": "'fp32'",
+        "lora.rank_dropout": 0.25})
     t = trainer(cfg)
     base = {k: v.clone() for k, v in t.bundle.state_dict().items()}
     path = t.train()
@@ -627,7 +629,7 @@ def test_lora_file_format_and_base_unchanged(tmp_path, shapes, base_model):
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
     assert meta["ss_network_alpha"] == "2.0" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_steps"] == "2" and meta["ss_resolution"] == "(32, 32)" and meta["ss_zero_terminal_snr"] == "False"
-    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0", "rank_dropout": "0.25"}
 
 
 def test_lora_starts_from_network_weights(tmp_path, shapes, base_model, caplog):

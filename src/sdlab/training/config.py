@@ -48,6 +48,9 @@ class LoRAConfig:
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # default: the main lr
     dropout: float = 0.0  # dropout on the rank-r activations (kohya's network_dropout)
+    # kohya's network_args: drop whole ranks of a sample / the whole update of a layer, in training
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
     # A LoRA file to start from instead of zero (kohya's network_weights), e.g. to train on: kohya's
     # format in either UNet spelling, or diffusers/PEFT; same ranks. Its alphas replace `alpha` /
     # `conv_alpha` module by module.
@@ -255,8 +258,9 @@ class TrainConfig:
                 raise bad(f"lora.rank must be at least 1 and lora.conv_rank 0 or more, got {lc.rank}, {lc.conv_rank}")
             if not (lc.train_unet or lc.train_text_encoder):
                 raise bad("lora: nothing to train; set lora.train_unet or lora.train_text_encoder")
-            if not 0 <= lc.dropout < 1:
-                raise bad(f"lora.dropout must be in [0, 1), got {lc.dropout}")
+            for name in ("dropout", "rank_dropout", "module_dropout"):
+                if not 0 <= getattr(lc, name) < 1:
+                    raise bad(f"lora.{name} must be in [0, 1), got {getattr(lc, name)}")
         if self.validation.prompts and not self.validation.seeds:
             raise bad("validation.seeds must not be empty")
         for line in self.validation.prompts:

@@ -36,8 +36,11 @@ class LoRAModule(nn.Module):
     """The low-rank update of one layer: `down` has the layer's kernel, `up` is 1x1 (kohya)."""
 
     def __init__(self, base: nn.Linear | FusedProjection | nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0,
-                 rows: tuple[int, int] | None = None):
-        """`rows`: update only these output rows of `base` (q, k or v of a fused projection)."""
+                 rows: tuple[int, int] | None = None, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+        """`rows`: update only these output rows of `base` (q, k or v of a fused projection).
+        While training, as kohya's `networks/lora.py`: `dropout` drops single rank activations,
+        `rank_dropout` whole ranks of a sample (the rest scaled up as for a smaller rank), and
+        `module_dropout` the whole update of a forward pass."""
         super().__init__()
         self.rows = rows
         if isinstance(base, (nn.Linear, FusedProjection)):
@@ -54,6 +57,7 @@ class LoRAModule(nn.Module):
         self.rank = rank
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         self.multiplier = 1.0
 
     def set_alpha(self, alpha: float) -> None:
@@ -61,7 +65,7 @@ class LoRAModule(nn.Module):
         self.scale = alpha / self.rank
 
     def delta(self, x: Tensor) -> Tensor:
-        return self._up(self._down(x))
+        return self._up(self._down(x), self.scale * self.multiplier)
 
     def _down(self, x: Tensor) -> Tensor:
         # Under autocast the product casts x to the autocast dtype anyway: an fp32 copy first would
@@ -71,17 +75,26 @@ class LoRAModule(nn.Module):
             x = x.to(self.lora_down.weight.dtype)
         return self.dropout(self.lora_down(x))
 
-    def _up(self, h: Tensor) -> Tensor:
-        return self.lora_up(h) * (self.scale * self.multiplier)
+    def _up(self, h: Tensor, scale: float) -> Tensor:
+        return self.lora_up(h) * scale
 
     def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        # The random draws in kohya's order: module dropout, dropout, rank dropout.
+        if self.training and self.module_dropout and torch.rand(1) < self.module_dropout:
+            return output
         h = self._down(inputs[0])
+        scale = self.scale * self.multiplier
+        if self.training and self.rank_dropout:
+            keep = torch.rand((h.shape[0], self.rank), device=h.device) > self.rank_dropout
+            keep = keep.unsqueeze(1) if h.ndim == 3 else keep[..., None, None] if h.ndim == 4 else keep
+            h = h * keep
+            scale = scale / (1.0 - self.rank_dropout)
         if self.rows is not None:  # a text encoder's q, k or v: small, so the plain sum will do
             lo, hi = self.rows
-            return output + F.pad(self._up(h).to(output.dtype), (lo, output.shape[-1] - hi))
+            return output + F.pad(self._up(h, scale).to(output.dtype), (lo, output.shape[-1] - hi))
         if isinstance(self.lora_up, nn.Linear) and h.dtype == output.dtype and output.is_contiguous():
-            return _AddLowRank.apply(output, h, self.lora_up.weight, self.scale * self.multiplier)
-        return output + self._up(h).to(output.dtype)
+            return _AddLowRank.apply(output, h, self.lora_up.weight, scale)
+        return output + self._up(h, scale).to(output.dtype)
 
     @torch.no_grad()
     def merged_weight_delta(self) -> Tensor:
@@ -182,17 +195,20 @@ class LoRANetwork(nn.Module):
 
     def __init__(self, unet: UNet | None, text_encoders: Sequence[CLIPTextModel] | None, rank: int, alpha: float,
                  conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, only: str | None = None,
-                 unet_names: str = "diffusers", text_layers: Sequence[int] | None = None):
+                 unet_names: str = "diffusers", text_layers: Sequence[int] | None = None,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0):
         """`text_encoders`: the model's text encoders to train too (named `lora_te_`, or SDXL's two
         `lora_te1_` and `lora_te2_`), none, or None. `text_layers`: for each, how many of its first
         layers get LoRA (the layers after the one the UNet reads change nothing; SD 2.x's diffusers
         folders and kohya's do not even have its last one); None: all.
         `only`: a regex; when given, just the layers whose kohya name it matches (`re.search`),
         e.g. `r"attn[12]_to_(q|k|v|out_0)$"` for the attention projections as diffusers' scripts.
-        `unet_names`: "diffusers" or "original", how the UNet's modules are spelled (`unet_kohya_names`)."""
+        `unet_names`: "diffusers" or "original", how the UNet's modules are spelled (`unet_kohya_names`).
+        `dropout`, `rank_dropout`, `module_dropout`: kohya's, see `LoRAModule`."""
         super().__init__()
         self._only = re.compile(only) if only else None
         self.rank, self.alpha, self.conv_rank, self.conv_alpha = rank, alpha, conv_rank, conv_alpha
+        self._dropouts = dict(dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
         self.loras = nn.ModuleDict()
         self._targets: dict[str, nn.Module] = {}
         self._weights: dict[str, tuple[Tensor, tuple[int, int] | None]] = {}
@@ -202,24 +218,25 @@ class LoRANetwork(nn.Module):
             names = unet_kohya_names(unet, [p for p, _, _ in targets], unet_names)
             for path, layer, is_conv3 in targets:
                 r, a = (conv_rank, conv_alpha) if is_conv3 else (rank, alpha)
-                self._add(names[path], layer, r, a, dropout)
+                self._add(names[path], layer, r, a)
         text_encoders = list(text_encoders or [])
         parts = ["te"] if len(text_encoders) == 1 else [f"te{i + 1}" for i in range(len(text_encoders))]
         for i, (te, part) in enumerate(zip(text_encoders, parts)):
             layers = te.cfg.layers if text_layers is None else text_layers[i]
             for path, layer, weight, rows in _te_targets(te, layers):
-                self._add(kohya_name(path, part), layer, rank, alpha, dropout, weight, rows)
+                self._add(kohya_name(path, part), layer, rank, alpha, weight, rows)
         if not self.loras:
             raise SdlabError("LoRA: the model has no layers to attach LoRA to (no transformer blocks?)")
 
-    def _add(self, name: str, layer: nn.Module, rank: int, alpha: float, dropout: float,
+    def _add(self, name: str, layer: nn.Module, rank: int, alpha: float,
              weight: Tensor | None = None, rows: tuple[int, int] | None = None) -> None:
         """`weight`: the one `layer` computes with (default `layer.weight`); `rows`: the part of it
         this LoRA changes (q, k or v of a fused projection)."""
         if self._only is not None and not self._only.search(name):
             return
         weight = layer.weight if weight is None else weight
-        self.loras[name] = LoRAModule(layer, rank, alpha, dropout, rows).to(device=weight.device, dtype=torch.float32)
+        self.loras[name] = LoRAModule(layer, rank, alpha, rows=rows, **self._dropouts).to(device=weight.device,
+                                                                                         dtype=torch.float32)
         self._targets[name] = layer
         self._weights[name] = (weight, rows)
 

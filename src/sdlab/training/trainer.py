@@ -390,7 +390,9 @@ class Trainer:
                     self.lora = LoRANetwork(b.unet if lc.train_unet else None,
                                             b.text_encoders if lc.train_text_encoder else None,
                                             lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.dropout,
-                                            unet_names=names, text_layers=self._text_layers_read(skip)).to(self.device)
+                                            unet_names=names, text_layers=self._text_layers_read(skip),
+                                            rank_dropout=lc.rank_dropout, module_dropout=lc.module_dropout
+                                            ).to(self.device)
                     if lc.network_weights:
                         self._start_from(lc.network_weights)
                 self.lora.apply()
@@ -904,8 +906,7 @@ class Trainer:
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(lc.rank),
             "ss_network_alpha": str(float(lc.alpha)),
-            "ss_network_args": json.dumps({"conv_dim": str(lc.conv_rank), "conv_alpha": str(float(lc.conv_alpha))}
-                                          if lc.conv_rank else {}),
+            "ss_network_args": json.dumps(_network_args(lc)),
             "ss_network_dropout": str(lc.dropout),
             "ss_base_model_version": self.bundle.family.base_model_version,
             "ss_v2": str(self.bundle.family.name.startswith("sd2")),
@@ -967,6 +968,13 @@ def encoder_fingerprint(vae: nn.Module) -> str:
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def _network_args(lc) -> dict[str, str]:
+    """kohya's `ss_network_args`: the `--network_args` a run gave, as strings."""
+    args = {"conv_dim": str(lc.conv_rank), "conv_alpha": str(float(lc.conv_alpha))} if lc.conv_rank else {}
+    args.update({k: str(getattr(lc, k)) for k in ("rank_dropout", "module_dropout") if getattr(lc, k)})
+    return args
 
 
 def _dataset_metadata(dataset: CaptionedImageDataset) -> dict[str, str]:
