@@ -45,7 +45,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     dtypes = sorted({str(sd.dtypes[k]).replace("torch.", "") for k in sd.shapes if sd.dtypes[k].is_floating_point})
     has_ema = any(k.startswith(EMA_PREFIX) for k in sd.shapes)
     rows = [("file", str(path)), ("family", f"{cfg.family.name} ({cfg.family.label})"),
-            ("prediction", prediction), ("default size", f"{cfg.family.default_size}x{cfg.family.default_size}"),
+            ("prediction", prediction + (", zero terminal SNR" if cfg.family.zero_terminal_snr else "")),
+            ("default size", f"{cfg.family.default_size}x{cfg.family.default_size}"),
             ("UNet", _human(count(UNET_PREFIX))), ("VAE", _human(count(VAE_PREFIX)))]
     for i, slot in enumerate(cfg.family.text_encoders):
         rows.append((f"text encoder {i + 1}" if len(cfg.family.text_encoders) > 1 else "text encoder",

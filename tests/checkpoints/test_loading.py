@@ -176,7 +176,7 @@ def test_convert_cli_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_v_pred_and_ztsnr_markers(tmp_path, family):
+def test_v_pred_and_ztsnr_markers(tmp_path, family, capsys):
     """The marker keys ComfyUI and the web UIs read (NoobAI-XL v-pred carries both): `v_pred` makes a
     model v-prediction, `ztsnr` samples it on the zero-terminal-SNR schedule. sdlab writes them
     back, and a diffusers folder carries the latter as the scheduler's `rescale_betas_zero_snr`."""
@@ -199,6 +199,8 @@ def test_v_pred_and_ztsnr_markers(tmp_path, family):
         assert {"v_pred", "ztsnr"} <= set(f.keys())
     again = load_bundle(tmp_path / "ours.safetensors", device="cpu")
     assert again.prediction == "v" and again.family.zero_terminal_snr
+    assert cli_main(["info", str(marked)]) == 0
+    assert "v, zero terminal SNR" in capsys.readouterr().out
 
     write_diffusers_folder(loaded.state_dict(), loaded.config, tmp_path / "folder")
     sched = json.loads((tmp_path / "folder" / "scheduler" / "scheduler_config.json").read_text())
