@@ -744,15 +744,18 @@ def test_regularization_images_weight_the_loss(tmp_path, shapes, base_model):
 
 
 def test_epochs_set_the_steps_and_save_every_n_epochs(tmp_path, shapes, base_model):
-    """kohya's max_train_epochs / save_every_n_epochs: 8 images, batches of 2, 2 accumulated: one
-    epoch is 2 optimizer steps; 3 epochs are 6 steps, saved as kohya names them after epochs 2 (and
-    at the end as the plain name)."""
+    """kohya's max_train_epochs / save_every_n_epochs / sample_every_n_epochs: 8 images, batches of
+    2, 2 accumulated: one epoch is 2 optimizer steps; 3 epochs are 6 steps, saved as kohya names them
+    after epoch 2 (and at the end as the plain name), validation images after epoch 2 and at the end."""
     t = trainer(config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", epochs=3, steps=1,
-                       grad_accum=2, save_every_n_epochs=2, **{"lora.rank": 4}))
+                       grad_accum=2, save_every_n_epochs=2, **{"lora.rank": 4, "validation.every_n_epochs": 2,
+                                                               "validation.prompts": "['a red circle']",
+                                                               "validation.steps": 1}))
     assert t.diffusion_steps == t.total_steps == 6
     t.train()
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-000002.safetensors", "model.safetensors"]
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step000004-p0-s0.png", "step000006-p0-s0.png"]
     assert t.lora_metadata()["ss_max_train_steps"] == "6" and t.lora_metadata()["ss_epoch"] == "3"
 
 

@@ -109,6 +109,7 @@ class ValidationConfig:
     prompts: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)  # one image per (prompt, seed)
     every_n_steps: int = 0  # 0: only at the end (when prompts are given)
+    every_n_epochs: int = 0  # kohya's sample_every_n_epochs: after every n-th pass over the data too
     steps: int = 20
     cfg_scale: float = 7.0
     sampler: str = "Euler a"
@@ -261,6 +262,8 @@ class TrainConfig:
             for name in ("dropout", "rank_dropout", "module_dropout"):
                 if not 0 <= getattr(lc, name) < 1:
                     raise bad(f"lora.{name} must be in [0, 1), got {getattr(lc, name)}")
+        if self.validation.every_n_steps < 0 or self.validation.every_n_epochs < 0:
+            raise bad("validation.every_n_steps and every_n_epochs must be 0 or more")
         if self.validation.prompts and not self.validation.seeds:
             raise bad("validation.seeds must not be empty")
         for line in self.validation.prompts:

@@ -685,8 +685,10 @@ class Trainer:
                     and step < self.total_steps):
                 self.save_state()
                 self.save_model(suffix=f"-{epoch:06d}")
-            if (self.phase == "diffusion" and cfg.validation.prompts and cfg.validation.every_n_steps
-                    and step % cfg.validation.every_n_steps == 0):
+            v = cfg.validation
+            if self.phase == "diffusion" and v.prompts and (
+                    (v.every_n_steps and step % v.every_n_steps == 0)
+                    or (v.every_n_epochs and epoch > epoch_before and epoch % v.every_n_epochs == 0)):
                 self.validate()
         bar.close()
         if self.progress.step < self.total_steps and deadline is None:
