@@ -106,12 +106,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .device import parse_dtype
 
     dst = Path(args.dst)
-    to = args.to or ("single" if dst.suffix == ".safetensors" else "diffusers")
+    to = args.to or ("single" if dst.suffix in (".safetensors", ".ckpt") else "diffusers")
     bundle = load_bundle(args.src, device="cpu", dtype=parse_dtype(args.dtype or "fp32"),
                          prediction=args.prediction, use_ema=not args.no_ema)
     if to == "single":
-        if dst.suffix != ".safetensors":
-            raise SdlabError(f"{dst}: single-file output must end in .safetensors")
+        if dst.suffix not in (".safetensors", ".ckpt"):
+            raise SdlabError(f"{dst}: single-file output must end in .safetensors (or .ckpt, for tools that want one)")
         save_checkpoint(bundle, dst)
     else:
         if is_diffusers_folder(Path(args.src)) and to == "diffusers":
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a checkpoint between a single .safetensors file (the layout the web UIs "
                                    "use) and a diffusers folder.")
     p.add_argument("src", help="a .safetensors/.ckpt file or a diffusers folder")
-    p.add_argument("dst", help="output: a .safetensors file or a new folder")
+    p.add_argument("dst", help="output: a .safetensors (or .ckpt) file or a new folder")
     p.add_argument("--to", choices=["single", "diffusers"], help="output format (default: from DST's name)")
     p.add_argument("--dtype", help="weight dtype of the output: fp32 (default), fp16, bf16")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")

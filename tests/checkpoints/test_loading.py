@@ -173,6 +173,10 @@ def test_convert_cli_round_trip(tmp_path):
     assert cli_main(["convert", str(tmp_path / "folder"), str(tmp_path / "b.safetensors")]) == 0
     back = load_bundle(tmp_path / "b.safetensors", device="cpu")
     _assert_close(_outputs(ref), _outputs(back), atol=1e-6)
+    assert cli_main(["convert", str(tmp_path / "b.safetensors"), str(tmp_path / "c.ckpt")]) == 0
+    ckpt = load_bundle(tmp_path / "c.ckpt", device="cpu")
+    assert ckpt.config == back.config
+    _assert_close(_outputs(ref), _outputs(ckpt), atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])

@@ -59,6 +59,8 @@ def trainer(cfg) -> Trainer:
     (["lora.rnk=4"], "unknown key 'lora.rnk'"),
     (["mode='lora'", "base_model='x'", "lora.dropout=2"], "lora.dropout must be in"),
     (["mode='lora'", "base_model='x'", "lora.rank_dropout=1"], "lora.rank_dropout must be in"),
+    (["mode='lora'", "base_model='x'", "save_model_as='ckpt'"], "a LoRA is saved as .safetensors"),
+    (["save_model_as='pt'"], "save_model_as must be one of"),
     (["batch_size=0"], "batch_size must be at least 1"),
     (["vae_steps=5", "mode='finetune'", "base_model='x'"], "only applies to mode 'scratch'"),
     (["data.resolution=30"], "multiple of 8"),
@@ -757,6 +759,23 @@ def test_epochs_set_the_steps_and_save_every_n_epochs(tmp_path, shapes, base_mod
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-000002.safetensors", "model.safetensors"]
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step000004-p0-s0.png", "step000006-p0-s0.png"]
     assert t.lora_metadata()["ss_max_train_steps"] == "6" and t.lora_metadata()["ss_epoch"] == "3"
+
+
+@pytest.mark.parametrize("save_as", ["ckpt", "diffusers"])
+def test_save_model_as_ckpt_or_diffusers_folder(tmp_path, shapes, save_as):
+    """kohya's save_model_as: the trained model as a .ckpt (a pickle of tensors only) or a diffusers
+    folder; each loads back to the trained weights, and saving again replaces it whole."""
+    from sdlab.checkpoints.loader import load_bundle
+
+    t = trainer(config(tmp_path, shapes, steps=2, save_model_as=f"'{save_as}'", save_dtype="'fp32'"))
+    path = t.train()
+    assert path == tmp_path / "out" / ("model.ckpt" if save_as == "ckpt" else "model")
+    assert t.save_model() == path
+    trained, back = t.bundle.state_dict(), load_bundle(path, device="cpu")
+    assert back.config.unet == t.bundle.config.unet
+    for k, v in back.state_dict().items():
+        torch.testing.assert_close(v, trained[k], rtol=0, atol=0, msg=k)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []  # no temp folders
 
 
 def test_train_command_flags_and_sets(tmp_path, shapes, base_model, capsys):

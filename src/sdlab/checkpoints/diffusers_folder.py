@@ -200,11 +200,13 @@ def _clip_json(cfg: CLIPTextConfig, layers: int, pad_token_id: int, with_project
             "eos_token_id": cfg.eos_token_id, "pad_token_id": pad_token_id, "torch_dtype": "float32"}
 
 
-def write_diffusers_folder(sd: dict[str, Tensor], cfg: ModelConfig, out: Path, tokenizer_dir: Path | None = None) -> None:
+def write_diffusers_folder(sd: dict[str, Tensor], cfg: ModelConfig, out: Path, tokenizer_dir: Path | None = None,
+                           replace_existing: bool = False) -> None:
     """Write a native state dict as a diffusers folder (safetensors weights, configs,
-    tokenizer files). Written to a temporary sibling folder, then renamed into place."""
+    tokenizer files). Written to a temporary sibling folder, then renamed into place;
+    `replace_existing`: an existing folder is swapped out only once the new one is complete."""
     family = cfg.family
-    if out.exists():
+    if out.exists() and not replace_existing:
         raise SdlabError(f"{out}: already exists; choose a new folder")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -255,7 +257,12 @@ def write_diffusers_folder(sd: dict[str, Tensor], cfg: ModelConfig, out: Path, t
         else:
             index.update(safety_checker=[None, None], requires_safety_checker=False)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
         tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

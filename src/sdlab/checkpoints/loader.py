@@ -24,7 +24,7 @@ from ..models.vae import AutoencoderKL
 from ..perf import vae_dtype
 from ..text.tokenizer import CLIPTokenizer
 from .diffusers_folder import is_diffusers_folder, read_diffusers_folder
-from .io import StateDict, read_state_dict, save_safetensors
+from .io import StateDict, atomic_write, read_state_dict, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,9 @@ def _tokenizer_for(path: Path, slot, index: int) -> CLIPTokenizer:
 def save_checkpoint(bundle: Bundle, path: str | Path, dtype: torch.dtype | None = None,
                     metadata: dict[str, str] | None = None) -> None:
     """Write the bundle as one native-layout .safetensors file (atomically), with
-    its exact config in the metadata so sdlab reloads it without guessing."""
+    its exact config in the metadata so sdlab reloads it without guessing; or, for a `.ckpt`
+    path, as the original `{"state_dict": ...}` pickle of tensors, with the same metadata strings
+    beside it (other tools read only the state dict, and the marker keys)."""
     sd = bundle.state_dict()
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
@@ -303,7 +305,11 @@ def save_checkpoint(bundle: Bundle, path: str | Path, dtype: torch.dtype | None 
         sd["v_pred"] = torch.tensor([])
     if bundle.family.zero_terminal_snr:
         sd["ztsnr"] = torch.tensor([])
-    save_safetensors(sd, path, meta)
+    if Path(path).suffix == ".ckpt":
+        data = {"state_dict": {k: v.detach().contiguous().cpu() for k, v in sd.items()}, "metadata": meta}
+        atomic_write(Path(path), lambda tmp: torch.save(data, tmp))
+    else:
+        save_safetensors(sd, path, meta)
 
 
 def new_bundle(cfg: ModelConfig, seed: int = 0, init_std: float | None = None, name: str = "new-model") -> Bundle:

@@ -21,6 +21,7 @@ Mode = Literal["lora", "finetune", "scratch"]
 MODES = ("lora", "finetune", "scratch")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "bf16", "fp16")
+SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
@@ -191,6 +192,9 @@ class TrainConfig:
     save_every_n_epochs: int = 0  # kohya's: `<name>-000002.safetensors` after the 2nd pass over the data, ...
     keep_states: int = 2  # training states kept for --resume
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    # kohya's: a fine-tuned or new model as one .safetensors file, a .ckpt, or a diffusers folder
+    # ("diffusers" and "diffusers_safetensors" both write safetensors weights). LoRAs: safetensors.
+    save_model_as: Literal["safetensors", "ckpt", "diffusers", "diffusers_safetensors"] = "safetensors"
     log_every_n_steps: int = 10
     tensorboard: bool = False
     num_workers: int = 0
@@ -218,6 +222,10 @@ class TrainConfig:
             raise bad(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
         if self.max_token_length not in (75, 150, 225):
             raise bad(f"max_token_length must be 75, 150 or 225, got {self.max_token_length!r}")
+        if self.save_model_as not in SAVE_FORMATS:
+            raise bad(f"save_model_as must be one of {', '.join(SAVE_FORMATS)}, got {self.save_model_as!r}")
+        if self.mode == "lora" and self.save_model_as != "safetensors":
+            raise bad(f"save_model_as = {self.save_model_as!r}: a LoRA is saved as .safetensors (kohya's format)")
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
             raise bad(f"save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}")
         for name in ("steps", "batch_size", "grad_accum", "keep_states", "log_every_n_steps", "clip_skip",

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import device as devices
+from ..checkpoints.diffusers_folder import write_diffusers_folder
 from ..checkpoints.io import atomic_write, save_safetensors
 from ..checkpoints.loader import Bundle, load_bundle, new_bundle, save_checkpoint
 from ..errors import SdlabError
@@ -889,14 +890,20 @@ class Trainer:
         if not self.acc.is_main_process:
             return None
         cfg = self.cfg
-        path = cfg.output_dir / f"{cfg.output_name}{suffix}.safetensors"
+        name = f"{cfg.output_name}{suffix}"
+        path = cfg.output_dir / f"{name}.safetensors"
         dtype = devices.DTYPES[cfg.save_dtype]
         with self._ema_swapped():
             if self.lora is not None:
                 save_safetensors(self.lora.kohya_state_dict(dtype), path, self.lora_metadata())
+            elif cfg.save_model_as.startswith("diffusers"):
+                path = cfg.output_dir / name
+                sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.bundle.state_dict().items()}
+                write_diffusers_folder(sd, self.bundle.config, path, replace_existing=True)
             else:
                 meta = {"sdlab.training": json.dumps({"mode": cfg.mode, "steps": self.progress.step,
                                                       "ema": bool(cfg.ema_decay)})}
+                path = path.with_suffix(".ckpt") if cfg.save_model_as == "ckpt" else path
                 save_checkpoint(self.bundle, path, dtype=dtype, metadata=meta)
         log.info("saved %s", path)
         return path
