@@ -29,7 +29,7 @@ from .perf import decode_latents, encode_images
 from .sampling.denoiser import CFGDenoiser, Conditioning, DiscreteDenoiser
 from .sampling.rng import ImageRNG, RngSource
 from .sampling.samplers import brownian_tree_noise_sampler, get_sampler_sigmas, resolve_sampler
-from .sampling.schedules import SCHEDULES, discrete_schedule, resolve_schedule
+from .sampling.schedules import SCHEDULES, DiscreteSchedule, discrete_schedule, resolve_schedule
 from .text.conditioning import TextEncoderRunner, prompt_schedule
 from .text.prompt import extract_extra_networks
 
@@ -305,7 +305,8 @@ class Pipeline:
         return extras
 
     def _stage(self, bundle: Bundle, runners: list[TextEncoderRunner], req: GenerationRequest, prompt: str,
-               negative: str, concat: Tensor | None, schedule, embeddings=None) -> Callable[[int], CFGDenoiser]:
+               negative: str, concat: Tensor | None, schedule: DiscreteSchedule,
+               embeddings=None) -> Callable[[int], CFGDenoiser]:
         """The guided denoiser of one model for each step (prompt editing changes it)."""
         cond_sched, uncond_sched = prompt_schedule(runners, [prompt, negative], req.steps, req.clip_skip,
                                                    embeddings)

@@ -207,8 +207,9 @@ def _read_pickle(path: Path) -> StateDict:
         raise SdlabError(f"{path}: contains no tensors (expected a state dict, or one under 'state_dict')")
     # sdlab's .ckpt files keep what a .safetensors file has as metadata next to the state dict.
     meta = obj.get("metadata") if isinstance(obj, Mapping) else None
-    meta = {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(meta, Mapping) else None
-    return StateDict.from_tensors(tensors, path, meta)
+    if isinstance(meta, Mapping):
+        meta = {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)}
+    return StateDict.from_tensors(tensors, path, meta if isinstance(meta, dict) else None)
 
 
 def _find_state_dict(obj: object) -> dict[str, Tensor] | None:

@@ -300,7 +300,8 @@ def save_checkpoint(bundle: Bundle, path: str | Path, dtype: torch.dtype | None 
     meta = {"sdlab.config": bundle.config.to_json(), "sdlab.prediction": bundle.prediction,
             "modelspec.architecture": bundle.family.name, "modelspec.prediction_type": bundle.prediction}
     meta.update(metadata or {})
-    # The marker keys ComfyUI and the web UIs read to sample such a model right (models_config).
+    # The marker keys ComfyUI (supported_models.SDXL.model_type) and the web UIs read to sample
+    # such a model right; `families.model_config` reads them too.
     if bundle.prediction == "v":
         sd["v_pred"] = torch.tensor([])
     if bundle.family.zero_terminal_snr:

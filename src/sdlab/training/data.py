@@ -407,9 +407,10 @@ class CaptionedImageDataset(Dataset):
     """Captioned images as training items, each resized and cropped to its aspect-ratio bucket.
 
     An item is a dict with `pixels` ((3, H, W) float in [-1, 1]) or, when a latent cache entry
-    exists (in `latent_memory` or `latent_cache_dir`, see `cache_latents`), `latents`; `caption` (str); `loss_weight` (`prior_loss_weight` for a regularization
-    image, else 1); and for SDXL's size conditioning `original_size`,
-    `crop_top_left` and `target_size`, all (height, width) / (top, left) int pairs. Index `i`
+    exists (in `latent_memory` or `latent_cache_dir`, see `cache_latents`), `latents`; `caption`
+    (str); `loss_weight` (`prior_loss_weight` for a regularization image, else 1); and for SDXL's
+    size conditioning `original_size`, `crop_top_left` and `target_size`, all (height, width) /
+    (top, left) int pairs. Index `i`
     covers the images with their repeats; its augmentation is a pure function of
     (config.seed, epoch, i).
     """
