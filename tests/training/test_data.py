@@ -265,6 +265,36 @@ def test_caption_tag_dropout_keeps_the_kept_tags(tmp_path):
     assert process_caption(caption, DataConfig(tmp_path), np.random.default_rng(0)) == caption  # off: untouched
 
 
+def test_wildcard_captions_are_kohyas(tmp_path):
+    """enable_wildcard: a caption file's lines are alternatives and `{a|b}` picks one part, `{{` and
+    `}}` staying literal braces; without it the first line is the caption, as kohya reads it."""
+    save_image(tmp_path / "a.png", caption="a {red|blue} circle\n\nthe {{literal}} {square|star}")
+    assert captions_by_name(scan_folder(tmp_path)) == {"a.png": "a {red|blue} circle"}
+    assert scan_folder(tmp_path, all_lines=True)[0].caption == "a {red|blue} circle\nthe {{literal}} {square|star}"
+    wild = DataConfig(tmp_path, **SMALL, enable_wildcard=True)
+    ds = CaptionedImageDataset(wild)
+    seen = set()
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        seen.add(ds[0]["caption"])
+    assert seen == {"a red circle", "a blue circle", "the {literal} square", "the {literal} star"}
+    plain = CaptionedImageDataset(DataConfig(tmp_path, **SMALL))
+    assert plain[0]["caption"] == "a {red|blue} circle"
+
+
+def test_secondary_separator_and_fixed_trailing_tags(tmp_path):
+    """kohya's secondary_separator joins tags that move as one when shuffling, then reads as the
+    caption separator; a second keep_tokens_separator keeps the tags after it at the end."""
+    caption = "sks ||| red hair;;;long hair, smile, dress, hat ||| masterpiece, best quality"
+    cfg = DataConfig(tmp_path, shuffle_caption=True, keep_tokens_separator="|||", secondary_separator=";;;")
+    outs = {process_caption(caption, cfg, np.random.default_rng(i)) for i in range(30)}
+    assert len(outs) > 5
+    for out in outs:
+        tags = out.split(", ")
+        assert tags[0] == "sks" and tags[-2:] == ["masterpiece", "best quality"]
+        assert sorted(tags[1:-2]) == ["dress", "hat", "red hair,long hair", "smile"]
+
+
 def test_alpha_mask_follows_the_crop_and_flip(tmp_path):
     """alpha_mask: items carry the image's alpha channel as `mask` (1, H, W) in [0, 1], resized,
     cropped and flipped with the pixels; an image without alpha masks nothing."""

@@ -76,8 +76,15 @@ class DataConfig:
     caption_tag_dropout_rate: float = 0.0  # chance of leaving out each tag after the kept ones
     shuffle_caption: bool = False  # shuffle the `caption_separator`-separated tags
     keep_tokens: int = 0  # the first N tags stay in front when shuffling
-    keep_tokens_separator: str = ""  # if set and present, tags before it stay fixed (kohya's "|||")
+    # If set and present (kohya's "|||"), the tags before it stay fixed in front, and those after a
+    # second one at the end.
+    keep_tokens_separator: str = ""
     caption_separator: str = ","
+    # Joins tags that shuffle and drop out as one, then reads as caption_separator (kohya's, e.g. ";;;").
+    secondary_separator: str = ""
+    # kohya's: a caption file's lines are alternatives, one picked each time, and `{a|b|c}` picks
+    # one of a, b, c (`{{` and `}}` are literal braces); otherwise the first line is the caption.
+    enable_wildcard: bool = False
     num_repeats: int = 1  # for images not in an `N_name/` repeat folder
     # DreamBooth's prior preservation (kohya's reg_data_dir / prior_loss_weight): images of the
     # class (repeat folders such as `1_dog/` caption uncaptioned images "dog"), repeated or cut to
@@ -158,12 +165,10 @@ def _check_image(path: Path) -> Size:
     return (width, height) if orientation in _EXIF_TRANSPOSED else (height, width)
 
 
-def _read_caption(path: Path) -> str:
-    # kohya reads the first line: more lines are its wildcard alternatives, not one long caption.
-    for line in path.read_text(encoding="utf-8-sig").splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+def _read_caption(path: Path, all_lines: bool = False) -> str:
+    # kohya reads the first line, or with enable_wildcard all of them (alternatives, one per line).
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return "\n".join(lines) if all_lines else (lines[0] if lines else "")
 
 
 def _read_metadata(path: Path) -> dict[Path, str]:
@@ -182,7 +187,8 @@ def _read_metadata(path: Path) -> dict[Path, str]:
     return captions
 
 
-def _scan_subset(folder: Path, caption_extension: str, repeats: int, class_tokens: str) -> list[ImageRecord]:
+def _scan_subset(folder: Path, caption_extension: str, repeats: int, class_tokens: str,
+                 all_lines: bool) -> list[ImageRecord]:
     metadata = _read_metadata(folder / METADATA_FILE) if (folder / METADATA_FILE).is_file() else {}
     images = {p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
     for p in metadata:
@@ -202,7 +208,7 @@ def _scan_subset(folder: Path, caption_extension: str, repeats: int, class_token
         if path in metadata:
             caption = metadata[path]
         elif sidecar.is_file():
-            caption = _read_caption(sidecar)
+            caption = _read_caption(sidecar, all_lines)
         else:
             caption = class_tokens
             if not class_tokens:
@@ -217,8 +223,10 @@ def _scan_subset(folder: Path, caption_extension: str, repeats: int, class_token
     return records
 
 
-def scan_folder(folder: Path, caption_extension: str = ".txt", num_repeats: int = 1) -> list[ImageRecord]:
+def scan_folder(folder: Path, caption_extension: str = ".txt", num_repeats: int = 1,
+                all_lines: bool = False) -> list[ImageRecord]:
     """Find the captioned images in `folder` and in its kohya repeat folders (`N_name/`).
+    A caption file gives its first line, or with `all_lines` every line (enable_wildcard).
 
     Unreadable images are skipped with a warning naming each one. Other subfolders are
     ignored, as kohya does, so a `test/` split next to the training images stays out.
@@ -235,7 +243,8 @@ def scan_folder(folder: Path, caption_extension: str = ".txt", num_repeats: int 
             subsets.append((sub, int(m[1]), m[2].strip()))
         else:
             logger.info("ignoring subfolder %s: not a kohya repeat folder (N_name)", sub)
-    records = [r for sub, n, tokens in subsets if n > 0 for r in _scan_subset(sub, caption_extension, n, tokens)]
+    records = [r for sub, n, tokens in subsets if n > 0
+               for r in _scan_subset(sub, caption_extension, n, tokens, all_lines)]
     if not records:
         raise SdlabError(
             f"no readable images in {folder}: expected {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files with "
@@ -365,19 +374,43 @@ def make_buckets(
 
 
 def process_caption(caption: str, config: DataConfig, rng: np.random.Generator) -> str:
-    """Prefix/suffix, caption dropout, then tag shuffling and tag dropout after the kept leading
-    tags, as kohya does."""
+    """Prefix/suffix, caption dropout, wildcards, then tag shuffling and tag dropout between the
+    kept leading (and trailing) tags, then the secondary separator, as kohya's process_caption."""
     if config.caption_prefix:
         caption = f"{config.caption_prefix} {caption}"
     if config.caption_suffix:
         caption = f"{caption} {config.caption_suffix}"
     if config.caption_dropout_rate > 0 and rng.random() < config.caption_dropout_rate:
         return ""
-    if not (config.shuffle_caption or config.caption_tag_dropout_rate > 0):
-        return caption
-    sep = config.caption_separator
-    if config.keep_tokens_separator and config.keep_tokens_separator in caption:
-        fixed_part, flex_part = caption.split(config.keep_tokens_separator, 1)
+    caption = _pick_wildcards(caption, rng) if config.enable_wildcard else caption.split("\n")[0]
+    if config.shuffle_caption or config.caption_tag_dropout_rate > 0:
+        caption = _shuffle_tags(caption, config, rng)
+    if config.secondary_separator:
+        caption = caption.replace(config.secondary_separator, config.caption_separator)
+    return caption
+
+
+def _pick_wildcards(caption: str, rng: np.random.Generator) -> str:
+    """One of the caption's lines, its `{a|b|c}` each replaced by one of their parts."""
+    lines = caption.split("\n")
+    caption = lines[int(rng.integers(len(lines)))] if len(lines) > 1 else caption
+    # `{{` and `}}` stand for literal braces: hidden behind markers the caption does not contain.
+    left, right = "\u2985", "\u2986"
+    while left in caption or right in caption:
+        left, right = left + "\u2985", right + "\u2986"
+    caption = caption.replace("{{", left).replace("}}", right)
+    caption = re.sub(r"\{([^}]+)\}", lambda m: (parts := m[1].split("|"))[int(rng.integers(len(parts)))], caption)
+    return caption.replace(left, "{").replace(right, "}")
+
+
+def _shuffle_tags(caption: str, config: DataConfig, rng: np.random.Generator) -> str:
+    sep, keep = config.caption_separator, config.keep_tokens_separator
+    suffix: list[str] = []
+    if keep and keep in caption:
+        fixed_part, flex_part = caption.split(keep, 1)
+        if keep in flex_part:
+            flex_part, suffix_part = flex_part.split(keep, 1)
+            suffix = [t.strip() for t in suffix_part.split(sep) if t.strip()]
         fixed = [t.strip() for t in fixed_part.split(sep) if t.strip()]
         flex = [t.strip() for t in flex_part.split(sep) if t.strip()]
     else:
@@ -387,7 +420,7 @@ def process_caption(caption: str, config: DataConfig, rng: np.random.Generator) 
         flex = [flex[i] for i in rng.permutation(len(flex))]
     if config.caption_tag_dropout_rate > 0:
         flex = [tag for tag in flex if rng.random() >= config.caption_tag_dropout_rate]
-    return f"{sep} ".join(fixed + flex)
+    return ", ".join(fixed + flex + suffix)  # kohya joins with ", " whatever the separator
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -417,9 +450,9 @@ class CaptionedImageDataset(Dataset):
 
     def __init__(self, config: DataConfig):
         self.config = config
-        records = scan_folder(config.folder, config.caption_extension, config.num_repeats)
+        records = scan_folder(config.folder, config.caption_extension, config.num_repeats, config.enable_wildcard)
         if config.reg_folder is not None:
-            reg = scan_folder(config.reg_folder, config.caption_extension, config.num_repeats)
+            reg = scan_folder(config.reg_folder, config.caption_extension, config.num_repeats, config.enable_wildcard)
             records += balance_regularization(reg, sum(r.repeats for r in records))
         self.records: tuple[ImageRecord, ...] = tuple(records)
         if config.enable_bucket:
