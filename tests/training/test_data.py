@@ -282,6 +282,18 @@ def test_wildcard_captions_are_kohyas(tmp_path):
     assert plain[0]["caption"] == "a {red|blue} circle"
 
 
+def test_caption_dropout_every_n_epochs(tmp_path):
+    """kohya's caption_dropout_every_n_epochs: every caption is empty in epochs n, 2n, ... (kohya
+    counts epochs from 1, sdlab's `set_epoch` from 0), on top of caption_dropout_rate's draws."""
+    save_image(tmp_path / "a.png", caption="a red circle")
+    ds = CaptionedImageDataset(DataConfig(tmp_path, **SMALL, caption_dropout_every_n_epochs=3))
+    captions = []
+    for epoch in range(7):
+        ds.set_epoch(epoch)
+        captions.append(ds[0]["caption"])
+    assert captions == ["a red circle", "a red circle", "", "a red circle", "a red circle", "", "a red circle"]
+
+
 def test_secondary_separator_and_fixed_trailing_tags(tmp_path):
     """kohya's secondary_separator joins tags that move as one when shuffling, then reads as the
     caption separator; a second keep_tokens_separator keeps the tags after it at the end."""

@@ -73,6 +73,7 @@ class DataConfig:
     caption_prefix: str = ""
     caption_suffix: str = ""
     caption_dropout_rate: float = 0.0  # chance of an empty caption, which teaches the unconditional branch of CFG
+    caption_dropout_every_n_epochs: int = 0  # kohya's: every caption empty in every n-th epoch (counted from 1)
     caption_tag_dropout_rate: float = 0.0  # chance of leaving out each tag after the kept ones
     shuffle_caption: bool = False  # shuffle the `caption_separator`-separated tags
     keep_tokens: int = 0  # the first N tags stay in front when shuffling
@@ -114,6 +115,9 @@ class DataConfig:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SdlabError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.caption_dropout_every_n_epochs < 0:
+            raise SdlabError(f"caption_dropout_every_n_epochs must be 0 or more, "
+                             f"got {self.caption_dropout_every_n_epochs}")
         if self.keep_tokens < 0:
             raise SdlabError(f"keep_tokens must be 0 or more, got {self.keep_tokens}")
         if self.num_repeats < 1:
@@ -373,14 +377,17 @@ def make_buckets(
 # ----------------------------------------------------------------------------- captions
 
 
-def process_caption(caption: str, config: DataConfig, rng: np.random.Generator) -> str:
+def process_caption(caption: str, config: DataConfig, rng: np.random.Generator, epoch: int = 0) -> str:
     """Prefix/suffix, caption dropout, wildcards, then tag shuffling and tag dropout between the
-    kept leading (and trailing) tags, then the secondary separator, as kohya's process_caption."""
+    kept leading (and trailing) tags, then the secondary separator, as kohya's process_caption.
+    `epoch` counts from 0 (kohya's from 1)."""
     if config.caption_prefix:
         caption = f"{config.caption_prefix} {caption}"
     if config.caption_suffix:
         caption = f"{caption} {config.caption_suffix}"
-    if config.caption_dropout_rate > 0 and rng.random() < config.caption_dropout_rate:
+    dropped = config.caption_dropout_rate > 0 and rng.random() < config.caption_dropout_rate
+    n = config.caption_dropout_every_n_epochs
+    if dropped or (n > 0 and (epoch + 1) % n == 0):
         return ""
     caption = _pick_wildcards(caption, rng) if config.enable_wildcard else caption.split("\n")[0]
     if config.shuffle_caption or config.caption_tag_dropout_rate > 0:
@@ -509,7 +516,8 @@ class CaptionedImageDataset(Dataset):
         r = self._record_of_index[index]
         record, fit = self.records[r], self.fits[r]
         # Separate streams so that turning one augmentation on does not change the draws of another.
-        caption = process_caption(record.caption, cfg, np.random.default_rng((cfg.seed, self.epoch, index, 0)))
+        rng = np.random.default_rng((cfg.seed, self.epoch, index, 0))
+        caption = process_caption(record.caption, cfg, rng, self.epoch)
         rng = np.random.default_rng((cfg.seed, self.epoch, index, 1))
         flip = cfg.flip_aug and bool(rng.random() < 0.5)
         (bh, bw), (rh, rw) = fit.bucket, fit.resized

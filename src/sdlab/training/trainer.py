@@ -947,6 +947,7 @@ class Trainer:
             "ss_huber_c": str(cfg.huber_c),
             "ss_huber_scale": str(cfg.huber_scale),
             "ss_caption_dropout_rate": str(cfg.data.caption_dropout_rate),
+            "ss_caption_dropout_every_n_epochs": str(cfg.data.caption_dropout_every_n_epochs),
             "ss_shuffle_caption": str(cfg.data.shuffle_caption),
             "ss_keep_tokens": str(cfg.data.keep_tokens),
             "ss_clip_skip": str(cfg.clip_skip if cfg.clip_skip > 1 else None),
