@@ -85,10 +85,11 @@ class StateDict(Mapping[str, Tensor]):
                      metadata: dict[str, str] | None = None) -> StateDict:
         tensors = dict(tensors)
         return cls(Path(path), {k: tuple(v.shape) for k, v in tensors.items()},
-                   {k: v.dtype for k, v in tensors.items()}, lambda k, dtype: _cast(tensors[k], dtype), metadata)
+                   {k: v.dtype for k, v in tensors.items()}, lambda k, dtype: cast_floating(tensors[k], dtype), metadata)
 
 
-def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+def cast_floating(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """`t` in `dtype` if it is floating point and a dtype is given; integer tensors stay as they are."""
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
@@ -132,9 +133,9 @@ def _read_safetensors(path: Path) -> StateDict:
         # later (channels-last) kept its old pages. Tensors not cast stay views of the file: no copy.
         try:
             if key in foreign:  # a dtype torch has no name for here: let safetensors read it
-                return _cast(handle.get_tensor(key), dtype)
+                return cast_floating(handle.get_tensor(key), dtype)
             begin, end = header[key]["data_offsets"]
-            return _cast(_map_bytes(path, data_start + begin, end - begin).view(dtypes[key]).reshape(shapes[key]),
+            return cast_floating(_map_bytes(path, data_start + begin, end - begin).view(dtypes[key]).reshape(shapes[key]),
                          dtype)
         except (SafetensorError, OSError, ValueError) as e:
             raise SdlabError(f"{path}: tensor {key!r} cannot be read ({_first_line(e)}); "

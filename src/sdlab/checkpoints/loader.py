@@ -24,7 +24,7 @@ from ..models.vae import AutoencoderKL
 from ..perf import vae_dtype
 from ..text.tokenizer import CLIPTokenizer
 from .diffusers_folder import is_diffusers_folder, read_diffusers_folder
-from .io import StateDict, atomic_write, read_state_dict, save_safetensors
+from .io import StateDict, atomic_write, cast_floating, read_state_dict, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,13 @@ class Bundle:
         nets.update({f"text_encoder{'' if i == 0 else '_' + str(i + 1)}": te for i, te in enumerate(self.text_encoders)})
         return nets
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """All weights in the native single-file layout."""
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """All weights in the native single-file layout; the floating-point ones in `dtype` if given."""
         sd = {UNET_PREFIX + k: v for k, v in self.unet.state_dict().items()}
         sd.update({VAE_PREFIX + k: v for k, v in self.vae.state_dict().items()})
         for slot, te in zip(self.family.text_encoders, self.text_encoders):
             sd.update({slot.prefix + k: v for k, v in te.state_dict().items()})
-        return sd
+        return {k: cast_floating(v, dtype) for k, v in sd.items()}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -294,9 +294,7 @@ def save_checkpoint(bundle: Bundle, path: str | Path, dtype: torch.dtype | None 
     its exact config in the metadata so sdlab reloads it without guessing; or, for a `.ckpt`
     path, as the original `{"state_dict": ...}` pickle of tensors, with the same metadata strings
     beside it (other tools read only the state dict, and the marker keys)."""
-    sd = bundle.state_dict()
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    sd = bundle.state_dict(dtype)
     meta = {"sdlab.config": bundle.config.to_json(), "sdlab.prediction": bundle.prediction,
             "modelspec.architecture": bundle.family.name, "modelspec.prediction_type": bundle.prediction}
     meta.update(metadata or {})

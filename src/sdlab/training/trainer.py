@@ -898,8 +898,7 @@ class Trainer:
                 save_safetensors(self.lora.kohya_state_dict(dtype), path, self.lora_metadata())
             elif cfg.save_model_as.startswith("diffusers"):
                 path = cfg.output_dir / name
-                sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.bundle.state_dict().items()}
-                write_diffusers_folder(sd, self.bundle.config, path, replace_existing=True)
+                write_diffusers_folder(self.bundle.state_dict(dtype), self.bundle.config, path, replace_existing=True)
             else:
                 meta = {"sdlab.training": json.dumps({"mode": cfg.mode, "steps": self.progress.step,
                                                       "ema": bool(cfg.ema_decay)})}
