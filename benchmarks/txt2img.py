@@ -8,9 +8,11 @@ v1-5 checkpoint), which sdlab loads. Then, each in a fresh child process so that
 belongs to one library alone, generates one image: 512x512, 20 steps, Euler, CFG 7, the same
 prompt, negative prompt and seed.
 
-  sdlab      its defaults on this machine: `load_bundle` in `device.default_dtype` (bf16 UNet and
-             text encoder where the CPU has AVX512-BF16 / AMX, fp32 VAE),
-             `perf.prepare_for_inference`, `Pipeline.generate`
+  sdlab      its defaults on this machine (`perf.load_for_inference`, as `sdlab generate`
+             loads): UNet and text encoder in `device.default_dtype` (bf16 where the CPU has
+             AVX512-BF16 / AMX, else fp32 with their matrices stored as fp16,
+             `device.default_weight_dtype`), fp32 VAE; then `Pipeline.generate`. --dtype /
+             --weight-dtype choose others (e.g. --weight-dtype fp32 for plain fp32)
   diffusers  `StableDiffusionPipeline.from_pretrained(folder)` as loaded (fp32), its Euler
              scheduler, `pipe(...)`
 
@@ -42,19 +44,15 @@ TARGET_RSS = 0.7
 
 
 def child_sdlab(args: argparse.Namespace) -> None:
-    import torch
-
     from sdlab import device as devices
     from sdlab import perf
-    from sdlab.checkpoints.loader import load_bundle
+    from sdlab.models.storage import storage_dtype
     from sdlab.pipeline import GenerationRequest, Pipeline
 
     devices.configure_threads()
-    cpu = torch.device("cpu")
-    dtype = devices.default_dtype(cpu)
     watch = Stopwatch()
-    bundle = load_bundle(args.single, device=cpu, dtype=dtype)
-    perf.prepare_for_inference(bundle, cpu, dtype)
+    bundle = perf.load_for_inference(args.single, "cpu", devices.parse_dtype(args.dtype),
+                                     weight_dtype=devices.parse_weight_dtype(args.weight_dtype))
     load_s = watch.lap()
     after_load = memory()
     reset_peak_rss()
@@ -64,7 +62,8 @@ def child_sdlab(args: argparse.Namespace) -> None:
     gen_s = watch.lap()
     peak_gen = memory()["peak"]
     emit({"load_s": load_s, "gen_s": gen_s, "peak": max(after_load["peak"], peak_gen), "peak_gen": peak_gen,
-          "dtype": devices.dtype_name(dtype), "size": list(image.size)})
+          "dtype": devices.dtype_name(bundle.dtype), "weights": devices.dtype_name(storage_dtype(bundle.unet)),
+          "size": list(image.size)})
 
 
 def child_diffusers(args: argparse.Namespace) -> None:
@@ -92,6 +91,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--smoke", action="store_true", help="tiny model: check the plumbing in seconds")
+    parser.add_argument("--dtype", help="sdlab's compute dtype (default: its default on this machine)")
+    parser.add_argument("--weight-dtype", help="sdlab's weight storage dtype (default: its default)")
     parser.add_argument("--child", choices=["sdlab", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -107,6 +108,8 @@ def main() -> None:
         for path in [single, *sorted(folder.rglob("*.safetensors"))]:
             warm_page_cache(path)
         common = ["--steps", str(args.steps), "--size", str(args.size), "--single", str(single), "--folder", str(folder)]
+        common += [f"--{name.replace('_', '-')}={value}" for name in ("dtype", "weight_dtype")
+                   if (value := getattr(args, name)) is not None]
         for r in range(args.rounds):
             for name in results:
                 res = run_child([__file__, "--child", name, *common], env=OFFLINE_ENV, timeout=7200)
@@ -127,8 +130,10 @@ def main() -> None:
         else:
             ours, theirs = med("sdlab", key), med("diffusers", key)
         rows.append((label, fmt(ours), fmt(theirs), fmt_ratio(ours, theirs)))
+    ours = results["sdlab"][0]
+    stored = f", weights {ours['weights']}" if ours["weights"] != ours["dtype"] else ""
     title = (f"txt2img {args.size}x{args.size}, {args.steps} steps Euler, CFG 7, batch 1; sdlab "
-             f"{results['sdlab'][0]['dtype']} (VAE fp32) vs diffusers {results['diffusers'][0]['dtype']}; "
+             f"{ours['dtype']}{stored} (VAE fp32) vs diffusers {results['diffusers'][0]['dtype']}; "
              f"median of {args.rounds} round(s), each in a fresh process")
     print_table(["", "sdlab", "diffusers", "ratio"], rows, title)
     print(f"targets: wall <= {TARGET_TIME}x, peak RSS <= {TARGET_RSS}x")

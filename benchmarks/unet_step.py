@@ -13,7 +13,8 @@ that the load other processes put on the machine hits both alike; medians are sh
   fp32          both networks in fp32
   bf16          both networks in bf16
   default CPU   sdlab's default CPU path (`sdlab.device.default_dtype`: bf16 where the CPU
-                has AVX512-BF16 / AMX) against diffusers' default (fp32)
+                has AVX512-BF16 / AMX; else fp32 with the weights stored as fp16,
+                `device.default_weight_dtype`) against diffusers' default (fp32)
 
 sdlab runs as its pipeline prepares it (`perf.prepare_for_inference`: channels-last, the
 convolution weights pre-packed for oneDNN on AVX-512 CPUs); diffusers runs as loaded. FLOPs per
@@ -169,6 +170,7 @@ def main() -> None:
 
     from sdlab import device as devices
     from sdlab.models.layers import cpu_packing_pays, pack_conv_weights
+    from sdlab.models.storage import set_dtypes
     from sdlab.models.unet import UNet
 
     devices.configure_threads()
@@ -183,20 +185,24 @@ def main() -> None:
         del bundle
         theirs32 = UNet2DConditionModel.from_pretrained(Path(tmp) / "model" / "unet").eval().requires_grad_(False)
 
-    def prepared(net: UNet, dtype: torch.dtype) -> UNet:
+    def prepared(net: UNet, dtype: torch.dtype, weights: torch.dtype | None = None) -> UNet:
         copy = UNet(cfg.unet).eval().requires_grad_(False)
         copy.load_state_dict(net.state_dict())
-        # The same preparation the pipeline applies (channels-last, convolution weights packed
-        # where that is faster), without the rest of a bundle.
-        copy.to(dtype).to(memory_format=torch.channels_last)
-        if cpu_packing_pays(dtype):
+        # The same preparation the pipeline applies (weights stored narrow if asked, channels-last,
+        # convolution weights packed where that is faster), without the rest of a bundle.
+        set_dtypes(copy, dtype, weights).to(memory_format=torch.channels_last)
+        if weights in (None, dtype) and cpu_packing_pays(dtype):
             pack_conv_weights(copy)
         return copy
 
     default = devices.default_dtype(torch.device("cpu"))
+    default_weights = devices.default_weight_dtype(torch.device("cpu"), default)
     with_bf16 = args.bf16 if args.bf16 is not None else devices.best_cpu_dtype() == torch.bfloat16
     dtypes = [torch.float32] + ([torch.bfloat16] if with_bf16 else [])
     ours = {d: prepared(ours32, d) for d in dtypes}
+    narrow_default = default_weights != default and default in dtypes
+    if narrow_default:
+        ours["default"] = prepared(ours32, default, default_weights)
     del ours32
     theirs = {torch.float32: theirs32}
     if with_bf16:
@@ -216,11 +222,13 @@ def main() -> None:
         return lambda: theirs[dtype](x.to(dtype), t, encoder_hidden_states=ctx.to(dtype)).sample
 
     with torch.no_grad():
-        diffs = {d: (run_ours(d)().float() - run_theirs(d)().float()).abs().max().item() for d in ours}
+        diffs = {d: (run_ours(d)().float() - run_theirs(d)().float()).abs().max().item() for d in dtypes}
         fns = {}
         for d in dtypes:
             fns[f"ours {devices.dtype_name(d)}"] = run_ours(d)
             fns[f"diffusers {devices.dtype_name(d)}"] = run_theirs(d)
+        if narrow_default:
+            fns["ours default"] = lambda: ours["default"](x.to(default), t, ctx.to(default))
         times = interleaved(fns, args.rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
 
@@ -230,8 +238,10 @@ def main() -> None:
     if with_bf16:
         configs.append(("bf16, both", "ours bf16", "diffusers bf16", torch.bfloat16))
     if default in dtypes:
-        configs.append((f"default CPU path: ours {devices.dtype_name(default)} vs diffusers fp32",
-                        f"ours {devices.dtype_name(default)}", "diffusers fp32", default))
+        stored = f", weights {devices.dtype_name(default_weights)}" if narrow_default else ""
+        configs.append((f"default CPU path: ours {devices.dtype_name(default)}{stored} vs diffusers fp32",
+                        "ours default" if narrow_default else f"ours {devices.dtype_name(default)}",
+                        "diffusers fp32", default))
     for label, mine, ref, dtype in configs:
         peak, _ = peak_flops(dtype)
         rows.append((label, f"{med[mine]:.2f}", f"{med[ref]:.2f}", f"{med[mine] / med[ref]:.2f}x",

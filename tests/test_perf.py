@@ -270,20 +270,23 @@ def test_groupnorm32_native_half_equals_the_upcast(dtype):
     assert (native.float() - upcast.float()).abs().max().item() <= 2 * torch.finfo(dtype).eps * upcast.abs().max().item()
 
 
-def test_default_cpu_path_stays_close_to_fp32(tmp_path):
-    """The default CPU path (bf16 UNet and text encoder, fp32 VAE, channels-last) against
-    fp32, on a tiny random model's decoded images: PSNR >= 30 dB."""
+@pytest.mark.parametrize("dtype, weights", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)],
+                         ids=["bf16", "fp32-compute-fp16-weights"])
+def test_default_cpu_path_stays_close_to_fp32(tmp_path, dtype, weights):
+    """The default CPU paths (bf16 UNet and text encoder where the CPU has bf16 hardware; else
+    fp32 with their matrices stored as fp16), fp32 VAE, channels-last, against fp32, on a tiny
+    random model's decoded images from an fp32 file: PSNR >= 30 dB."""
     path = save_native(tiny_bundle("sd1"), tmp_path / "tiny.safetensors")
     req = dict(prompt="a red circle on a blue background", negative_prompt="blurry", steps=12, sampler="Euler",
                cfg_scale=7.0, seed=3, width=64, height=64, batch_size=2)
     ref = Pipeline(load_bundle(path, device="cpu", dtype=torch.float32)).generate(GenerationRequest(**req)).images
-    fast = load_bundle(path, device="cpu", dtype=torch.bfloat16)
-    perf.prepare_for_inference(fast, "cpu", torch.bfloat16)
-    assert fast.unet.time_embed[0].weight.dtype == torch.bfloat16
+    fast = perf.load_for_inference(path, "cpu", dtype, weight_dtype=weights)
+    assert fast.unet.time_embed[0].weight.dtype == weights and fast.dtype == dtype
     assert next(fast.vae.parameters()).dtype == torch.float32
     out = Pipeline(fast).generate(GenerationRequest(**req)).images
     psnrs = [psnr(a, b) for a, b in zip(ref, out)]
-    print("tiny random model, bf16 default path vs fp32: PSNR " + ", ".join(f"{p:.1f}" for p in psnrs) + " dB")
+    print(f"tiny random model, {devices.dtype_name(dtype)} compute, {devices.dtype_name(weights)} weights vs fp32: "
+          "PSNR " + ", ".join(f"{p:.1f}" for p in psnrs) + " dB")
     assert min(psnrs) >= 30, psnrs
 
 

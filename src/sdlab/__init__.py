@@ -27,7 +27,7 @@ def demo_model_path() -> Path:
 
 def load(model: str | Path | None = None, device: str | None = None, dtype: "torch.dtype | None" = None,
          prediction: str | None = None, use_ema: bool = True, models_dir: str | Path | None = None,
-         compile: bool = False, offload: bool = False) -> "Pipeline":
+         compile: bool = False, offload: bool = False, weight_dtype: "torch.dtype | None" = None) -> "Pipeline":
     """Load a model and return a Pipeline (`txt2img`, `img2img`, `inpaint`).
 
     Args:
@@ -43,6 +43,9 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
         compile: `torch.compile` the UNet (the first image compiles it: minutes on a CPU).
         offload: keep the networks in CPU memory and move each to the GPU only while it runs
             (for GPUs with little memory).
+        weight_dtype: keep the UNet's and text encoder's matrices in this dtype (torch.float16,
+            torch.float8_e4m3fn, ...) and upcast each layer as it runs. Default: fp16 on a CPU
+            computing in fp32 when no dtype is given (half the memory), else `dtype`.
     """
     from .errors import SdlabError
     from .perf import load_for_inference
@@ -58,5 +61,5 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
     # dtype None: the fastest this machine runs well (fp16 on GPUs; bf16 on CPUs with
     # AVX512-BF16 or AMX, else fp32), the VAE in fp32 on the CPU (see perf.vae_dtype).
     bundle = load_for_inference(model, device, dtype, prediction=prediction, use_ema=use_ema, compile=compile,
-                                offload=offload)
+                                offload=offload, weight_dtype=weight_dtype)
     return Pipeline(bundle, models=models)

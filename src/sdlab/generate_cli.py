@@ -60,6 +60,10 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 for the UNet and text encoder "
                    "(default: fp16 on a GPU; on a CPU bf16 where it has AVX512-BF16/AMX, else fp32; "
                    "see sdlab info --device)")
+    p.add_argument("--weight-dtype", default=None,
+                   help="keep the UNet's and text encoder's matrices in this dtype and upcast each layer as it runs: "
+                        "fp16, bf16, fp8_e4m3fn, fp8_e5m2 or fp32 (default: fp16 on a CPU computing in fp32, which "
+                        "halves their memory; otherwise as --dtype). fp8 lets SDXL fit small GPUs")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet: faster steps after a first image that compiles (minutes on a CPU)")
     p.add_argument("--offload", action="store_true",
@@ -161,7 +165,7 @@ def request_fields_from_infotext(text: str) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from . import load
-    from .device import parse_dtype
+    from .device import parse_dtype, parse_weight_dtype
     from .images import open_image
     from .pipeline import GenerationRequest
 
@@ -192,8 +196,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fields["mask"] = open_image(args.mask, "mask")
         fields.setdefault("denoising_strength", 1.0)
 
-    pipe = load(_resolve_model(args, args.model), device=args.device, dtype=parse_dtype(args.dtype),
-                prediction=args.prediction, models_dir=args.models_dir, compile=args.compile, offload=args.offload)
+    dtype, weight_dtype = parse_dtype(args.dtype), parse_weight_dtype(args.weight_dtype)
+    pipe = load(_resolve_model(args, args.model), device=args.device, dtype=dtype, prediction=args.prediction,
+                models_dir=args.models_dir, compile=args.compile, offload=args.offload, weight_dtype=weight_dtype)
     if args.vae:
         from .models_dir import load_vae_into
 
@@ -202,10 +207,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         load_vae_into(pipe.bundle, vae_path)
         pipe.vae_info = {"VAE hash": models.short_hash(vae_path), "VAE": vae_path.stem}
     if args.refiner:
+        from .models.storage import storage_dtype
         from .perf import load_for_inference
 
         refiner = load_for_inference(_resolve_model(args, args.refiner), pipe.bundle.device, pipe.bundle.dtype,
-                                     compile=args.compile, offload=args.offload)
+                                     compile=args.compile, offload=args.offload,
+                                     weight_dtype=storage_dtype(pipe.bundle.unet))
         pipe.set_refiner(refiner)
         fields["refiner_checkpoint"] = refiner.name
     request = GenerationRequest(**fields)

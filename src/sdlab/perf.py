@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import device as devices
 from .errors import SdlabError
 from .models.layers import cpu_packing_pays, pack_conv_weights
+from .models.storage import set_dtypes
 from .models.vae import AutoencoderKL, DiagonalGaussian, should_tile
 
 if TYPE_CHECKING:
@@ -57,17 +58,20 @@ def _wider_than_fp16(device: torch.device) -> torch.dtype:
 
 def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                           channels_last: bool = True, compile: bool = False, offload: bool = False,
-                          pack_weights: bool | None = None) -> Bundle:
+                          pack_weights: bool | None = None, weight_dtype: torch.dtype | None = None) -> Bundle:
     """Make a loaded bundle fast to run; returns the same bundle, changed in place.
 
-    - UNet and text encoders in `dtype` (default: `device.default_dtype`), the VAE in
-      `vae_dtype(...)`, all on `device` (default: where the UNet is), eval mode, no grads.
+    - UNet and text encoders computing in `dtype` (default: `device.default_dtype`), the VAE
+      in `vae_dtype(...)`, all on `device` (default: where the UNet is), eval mode, no grads.
+    - The UNet's and text encoders' matrices stored as `weight_dtype` and upcast layer by
+      layer as they run (`models.storage`). Default: `dtype` when it was given, else
+      `device.default_weight_dtype` (fp16 on a CPU computing in fp32).
     - channels-last memory format for the convolutional networks (UNet, VAE): oneDNN and
       cuDNN run their fastest convolutions on NHWC, and the UNet's attention blocks then
       flatten pixels to tokens without a copy. Outputs are unchanged.
     - `compile`: `torch.compile` the UNet's forward (it runs steps x batches times; the
       first call compiles, minutes on a CPU), with CUDA graphs on a GPU. The state-dict keys
-      stay the same.
+      stay the same. Not with weights stored narrower than `dtype`.
     - `offload`: keep the networks in CPU memory and move each to `device` only while it
       runs (`ModelOffload`); load the bundle on the CPU first so the device never holds
       them all.
@@ -80,22 +84,30 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
     Args:
         bundle: from `load_bundle` or `new_bundle`.
         device: where to run.
-        dtype: weight dtype of the UNet and text encoders.
+        dtype: the dtype the UNet and text encoders compute in.
         channels_last: convert the UNet and VAE to channels-last.
         compile: compile the UNet with torch.compile.
         offload: model CPU offload (for a GPU `device`).
         pack_weights: pre-pack the UNet's convolution weights when running on the CPU (default:
             where that is faster).
+        weight_dtype: the dtype their matrices are stored in (fp16, bf16, fp8_e4m3fn, ...).
+
+    Raises:
+        SdlabError: `compile` with weights stored narrower than they compute.
     """
     device = torch.device(device) if device is not None else execution_device(bundle)
-    dtype = dtype or devices.default_dtype(device)
+    dtype, weight_dtype = inference_dtypes(device, dtype, weight_dtype, compile)
+    if compile and weight_dtype != dtype:
+        raise SdlabError(f"--compile needs the weights in the dtype they compute in ({devices.dtype_name(dtype)}), "
+                         f"not stored as {devices.dtype_name(weight_dtype)}; leave --weight-dtype out")
     disable_offload(bundle, "cpu")  # prepared before: start from plain modules
     home = torch.device("cpu") if offload else device
-    for net in (bundle.unet, *bundle.text_encoders):
-        net.to(device=home, dtype=dtype)
-    bundle.vae.to(device=home, dtype=vae_dtype(device, dtype, bundle.family.name))
     for net in bundle.networks().values():
         net.eval().requires_grad_(False)
+    for net in (bundle.unet, *bundle.text_encoders):
+        # Cast where the weights are, then move: a narrow copy crosses to a GPU in half the time.
+        set_dtypes(net, dtype, weight_dtype).to(device=home)
+    bundle.vae.to(device=home, dtype=vae_dtype(device, dtype, bundle.family.name))
     if channels_last:
         bundle.unet.to(memory_format=torch.channels_last)
         bundle.vae.to(memory_format=torch.channels_last)
@@ -104,7 +116,7 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
         torch.backends.cudnn.benchmark = True
     if pack_weights is None:
         pack_weights = cpu_packing_pays(dtype)
-    if pack_weights and device.type == "cpu" and not compile and not offload:
+    if pack_weights and device.type == "cpu" and not compile and not offload and weight_dtype == dtype:
         pack_conv_weights(bundle.unet)
     if home.type == "cpu":
         devices.return_freed_memory()  # the buffers of the casts and repacks above
@@ -125,24 +137,48 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
 
 def load_for_inference(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                        *, prediction: str | None = None, use_ema: bool = True, compile: bool = False,
-                       offload: bool = False) -> Bundle:
+                       offload: bool = False, weight_dtype: torch.dtype | None = None) -> Bundle:
     """`load_bundle`, then `prepare_for_inference`: what `sdlab.load`, the CLI and the server run.
 
     `device` None picks CUDA when available, else the CPU; `dtype` None the fastest dtype the
-    device runs well (`device.default_dtype`). With `offload` the weights are read into CPU
+    device runs well (`device.default_dtype`); `weight_dtype` None that dtype, or when neither
+    is given, `device.default_weight_dtype` (see `inference_dtypes`). Narrow weights are read
+    from the file straight into their dtype. With `offload` the weights are read into CPU
     memory, never all onto the device at once.
     """
     from .checkpoints.loader import load_bundle
 
     device = devices.choose_device(device)
-    dtype = dtype or devices.default_dtype(device)
+    dtype, weight_dtype = inference_dtypes(device, dtype, weight_dtype, compile)
     if device.type == "cpu" and (warning := devices.emulated_cpu_dtype_warning(dtype)):
         log.warning(warning)
     if offload and device.type == "cpu":
         raise SdlabError("--offload moves models between CPU memory and a GPU; it needs --device cuda (or another GPU)")
     bundle = load_bundle(model, device="cpu" if offload else device, dtype=dtype, prediction=prediction,
-                         use_ema=use_ema)
-    return prepare_for_inference(bundle, device, dtype, compile=compile, offload=offload)
+                         use_ema=use_ema, weight_dtype=weight_dtype)
+    return prepare_for_inference(bundle, device, dtype, compile=compile, offload=offload, weight_dtype=weight_dtype)
+
+
+def inference_dtypes(device: torch.device, dtype: torch.dtype | None, weight_dtype: torch.dtype | None,
+                     compile: bool = False) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, weight storage dtype) for the UNet and text encoders.
+
+    Neither given: the device's defaults (`device.default_dtype`, `device.default_weight_dtype`),
+    except with `compile`, which traces the network with its weights in place. A `dtype` given
+    alone is used for both: a user who names fp32 gets exact fp32.
+    """
+    if weight_dtype is None:
+        if dtype is None and not compile:
+            dtype = devices.default_dtype(device)
+            weight_dtype = devices.default_weight_dtype(device, dtype)
+        else:
+            dtype = dtype or devices.default_dtype(device)
+            weight_dtype = dtype
+    dtype = dtype or devices.default_dtype(device)
+    if torch.finfo(weight_dtype).bits > torch.finfo(dtype).bits:
+        raise SdlabError(f"--weight-dtype {devices.dtype_name(weight_dtype)} is wider than the "
+                         f"{devices.dtype_name(dtype)} the networks compute in; choose a narrower one or leave it out")
+    return dtype, weight_dtype
 
 
 # ---------------------------------------------------------------- model CPU offload

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..errors import SdlabError
 from ..families import UNET_PREFIX, VAE_PREFIX, ModelConfig, Prediction, model_config, with_prediction
 from ..models.clip import CLIPTextModel
+from ..models.storage import compute_dtype, narrowable, narrowed, set_dtypes
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from ..perf import vae_dtype
@@ -63,7 +64,7 @@ class Bundle:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return compute_dtype(self.unet)
 
     @property
     def short_hash(self) -> str | None:
@@ -134,13 +135,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_bundle(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                prediction: Prediction | None = None, use_ema: bool = True) -> Bundle:
+                prediction: Prediction | None = None, use_ema: bool = True,
+                weight_dtype: torch.dtype | None = None) -> Bundle:
     """Load a checkpoint file, diffusers folder or hub repo id into a Bundle.
 
     Args:
         model: a .safetensors/.ckpt path, a diffusers folder, or a hub repo id.
         device: where the networks run (default: CUDA when available, else CPU).
-        dtype: weight dtype of the UNet and text encoders (default fp16 on CUDA, fp32 on CPU).
+        dtype: dtype the UNet and text encoders compute in (default fp16 on CUDA, fp32 on CPU).
+        weight_dtype: keep their matrices in this narrower dtype, upcast layer by layer as they
+            run (`models.storage`; default: `dtype`). Read from the file straight into it.
         prediction: "eps" or "v" to override what detection decides.
         use_ema: take the EMA weights when the file holds both EMA and raw ones.
     """
@@ -158,13 +162,13 @@ def load_bundle(model: str | Path, device: str | torch.device | None = None, dty
     if has_ema and use_ema:
         unet_sd, used_ema = _with_ema(sd, unet_sd)
 
-    unet = _build(UNet, cfg.unet, unet_sd, dtype, "UNet", path)
+    unet = _build(UNet, cfg.unet, unet_sd, dtype, "UNet", path, weight_dtype)
     # The VAE loads straight in the dtype it runs in (fp32 on the CPU, see perf.vae_dtype): loaded
     # in `dtype` and upcast later, an fp32 file's VAE would lose its bits to bf16 and briefly be
     # held twice.
     vae = _build(AutoencoderKL, cfg.vae, _take(sd, VAE_PREFIX), vae_dtype(device, dtype, cfg.family.name),
                  "VAE", path)
-    text_encoders = [_build(CLIPTextModel, te_cfg, _take(sd, slot.prefix), dtype, "text encoder", path)
+    text_encoders = [_build(CLIPTextModel, te_cfg, _take(sd, slot.prefix), dtype, "text encoder", path, weight_dtype)
                      for slot, te_cfg in zip(cfg.family.text_encoders, cfg.text_encoders)]
 
     if prediction is None and saved_prediction is None and cfg.family.name == "sd2":
@@ -209,11 +213,13 @@ def _with_ema(sd: StateDict, unet_sd: dict[str, _Lazy]) -> tuple[dict[str, _Lazy
     return out, found > 0
 
 
-def _build(cls, cfg, entries: dict[str, _Lazy], dtype: torch.dtype, what: str, path: Path) -> nn.Module:
+def _build(cls, cfg, entries: dict[str, _Lazy], dtype: torch.dtype, what: str, path: Path,
+           weight_dtype: torch.dtype | None = None) -> nn.Module:
     if not entries:
         raise SdlabError(f"{path}: has no {what} weights")
     with torch.device("meta"), _skip_init_on_meta():
         module = cls(cfg)
+    narrow = narrowable(module) if weight_dtype not in (None, dtype) else {}
     ignored = [re.compile(p) for p in getattr(module, "IGNORED_KEYS", ())]
     expected = module.state_dict()
     tensors, unexpected = {}, []
@@ -223,6 +229,8 @@ def _build(cls, cfg, entries: dict[str, _Lazy], dtype: torch.dtype, what: str, p
                 unexpected.append(k)
             continue
         t = lazy(dtype)  # cast as it is read: the file's own copy is never held whole
+        if k in narrow:
+            t = narrowed(t, weight_dtype, dtype)
         if tuple(t.shape) != tuple(expected[k].shape):
             # Some checkpoints keep 1x1 conv weights as 2-D matrices; let the module's hook decide.
             if t.numel() != expected[k].numel():
@@ -240,6 +248,8 @@ def _build(cls, cfg, entries: dict[str, _Lazy], dtype: torch.dtype, what: str, p
         raise SdlabError(f"{path}: {what} keys do not match: {'; '.join(parts)}")
     module.load_state_dict(tensors, strict=True, assign=True)
     _materialize_buffers(module)
+    if narrow:
+        set_dtypes(module.requires_grad_(False), dtype, weight_dtype)
     return module
 
 
@@ -274,9 +284,9 @@ def looks_like_v_prediction(unet: UNet) -> bool:
     """The web UIs' test for SD 2.x checkpoints, which do not say what they predict:
     on a constant input at t=999, a v-model's output is strongly negative relative to
     the input, an eps-model's is not (A1111 `is_using_v_parameterization_for_sd2`)."""
-    p = next(unet.parameters())
-    x = torch.full((1, unet.cfg.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
-    ctx = torch.full((1, 2, unet.cfg.context_dim), 0.5, device=p.device, dtype=p.dtype)
+    p, dtype = next(unet.parameters()), compute_dtype(unet)
+    x = torch.full((1, unet.cfg.in_channels, 8, 8), 0.5, device=p.device, dtype=dtype)
+    ctx = torch.full((1, 2, unet.cfg.context_dim), 0.5, device=p.device, dtype=dtype)
     out = unet(x, torch.tensor([999.0], device=p.device), ctx)
     return (out.float() - x.float()).mean().item() < -1
 

@@ -31,6 +31,7 @@ from sdlab.models.layers import (
     tokens_to_pixels,
     upsample_nearest_2x,
 )
+from sdlab.models.storage import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -518,12 +519,12 @@ class UNet(nn.Module):
                 adm_in_channels; see `sdxl_size_embedding`.
 
         Returns:
-            (B, out_channels, H, W) in x's dtype. Inputs are cast to the weights' dtype, so an fp16
-            network can be driven by an fp32 sampler.
+            (B, out_channels, H, W) in x's dtype. Inputs are cast to the dtype the network computes
+            in (`storage.compute_dtype`), so an fp16 network can be driven by an fp32 sampler.
         """
         if (y is None) != (self.label_emb is None):
             raise ValueError("y (SDXL's vector conditioning) must be given exactly when the config has adm_in_channels")
-        dtype = self.time_embed[0].weight.dtype
+        dtype = compute_dtype(self)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         # The sinusoids are computed in fp32 (fp16 cannot resolve cos(t * f) for t near 1000).

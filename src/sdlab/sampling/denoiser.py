@@ -18,6 +18,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from sdlab.models.storage import compute_dtype
 from sdlab.sampling.schedules import DiscreteSchedule
 
 __all__ = [
@@ -127,9 +128,8 @@ class DiscreteDenoiser:
 
 
 def _model_dtype(model: object) -> torch.dtype:
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            return p.dtype
+    if isinstance(model, torch.nn.Module) and any(True for _ in model.parameters()):
+        return compute_dtype(model)
     owner = getattr(model, "__self__", None)  # a bound method such as `unet.forward`
     if isinstance(owner, torch.nn.Module):
         return _model_dtype(owner)

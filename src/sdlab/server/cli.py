@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--dtype", help="weight dtype: fp16, bf16, fp32 (default: fp16 on CUDA; on a CPU bf16 where "
                    "it has AVX512-BF16/AMX, else fp32; see sdlab info --device)")
+    p.add_argument("--weight-dtype", help="keep the UNet's and text encoder's matrices in this dtype, upcast layer "
+                   "by layer: fp16, bf16, fp8_e4m3fn, fp8_e5m2, fp32 (default: fp16 on a CPU computing in fp32; "
+                   "else as --dtype)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first image compiles it)")
     p.add_argument("--offload", action="store_true",
                    help="keep models in CPU memory, each on the GPU only while it runs (small GPUs)")
@@ -45,15 +48,16 @@ def register(subparsers) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from ..device import parse_dtype
+    from ..device import parse_dtype, parse_weight_dtype
     from .settings import Limits, ServerSettings, parse_api_auth
 
     parse_dtype(args.dtype)  # a wrong name fails here, not at the first request
+    parse_weight_dtype(args.weight_dtype)
     limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
     return ServerSettings(models_dir=Path(args.models_dir), model=args.model, host=args.host, port=args.port,
                           api_auth=parse_api_auth(args.api_auth), device=args.device, dtype=args.dtype,
-                          compile=args.compile, offload=args.offload, limits=limits)
+                          weight_dtype=args.weight_dtype, compile=args.compile, offload=args.offload, limits=limits)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ class ServerSettings:
     api_auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs; empty: no auth
     device: str | None = None  # None: CUDA when available, else CPU
     dtype: str | None = None  # "fp16", "bf16", "fp32"; None: the fastest the device runs well
+    weight_dtype: str | None = None  # storage of the matrices ("fp16", "fp8_e4m3fn", ...); None: the default
     compile: bool = False  # torch.compile the UNet
     offload: bool = False  # model CPU offload (GPU only)
     limits: Limits = field(default_factory=Limits)

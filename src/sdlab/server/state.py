@@ -58,12 +58,13 @@ class ServerState:
         return entry
 
     def _load_pipeline(self, entry: CheckpointEntry):
-        from ..device import parse_dtype
+        from ..device import parse_dtype, parse_weight_dtype
         from ..perf import load_for_inference
         from ..pipeline import Pipeline
 
         s = self.settings
-        bundle = load_for_inference(entry.path, s.device, parse_dtype(s.dtype), compile=s.compile, offload=s.offload)
+        bundle = load_for_inference(entry.path, s.device, parse_dtype(s.dtype), compile=s.compile, offload=s.offload,
+                                    weight_dtype=parse_weight_dtype(s.weight_dtype))
         if entry.path.is_file():
             sha = self.catalog.sha256(entry)
             # The bundle would hash the file again for its infotext; hand it the hash we have.
