@@ -28,13 +28,6 @@ from sdlab.training.trainer import Trainer, encoder_fingerprint, lr_lambda
 from tests.tiny import save_native, tiny_bundle
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shapes")
-    make_shapes_dataset(folder, 8, size=32, seed=1)
-    return folder
-
-
 def config(tmp: Path, data: Path, **over):
     """A tiny-run config; `over` are `--set` style overrides (strings)."""
     sets = [f"data.folder={str(data)!r}", "data.resolution=32", "data.enable_bucket=false",
@@ -521,11 +514,6 @@ def test_interrupted_save_keeps_the_previous_state(tmp_path, shapes, monkeypatch
 
 
 # ----------------------------------------------------------------------------- LoRA
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    return save_native(tiny_bundle("sd1", seed=0), tmp_path_factory.mktemp("base") / "tiny.safetensors")
 
 
 @pytest.mark.parametrize("family, clip_skip", [("sd1", 1), ("sd1", 2), ("sd2", 1), ("sd2-v", 2), ("sdxl", 1)])

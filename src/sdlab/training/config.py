@@ -56,6 +56,40 @@ class LoRAConfig:
     # format in either UNet spelling, or diffusers/PEFT; same ranks. Its alphas replace `alpha` /
     # `conv_alpha` module by module.
     network_weights: str | None = None
+    # kohya's block-wise LoRA (network_args; `training.lora_blocks`): per UNet block, in kohya's
+    # numbering (25 blocks for SD 1.x / 2.x, 23 for SDXL), the rank and alpha of the Linear / 1x1
+    # layers and of the 3x3 convolutions; lists, or kohya's comma-separated strings.
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float, ...] | None = None
+    # ... and learning-rate weights: 12 / 1 / 12 numbers (SDXL 9 / 3 / 9), or for down and up one of
+    # cosine, sine, linear, reverse_linear, zeros (optionally "+x"). A block weighted 0 gets no LoRA.
+    down_lr_weight: str | tuple[float, ...] | None = None
+    mid_lr_weight: tuple[float, ...] | None = None
+    up_lr_weight: str | tuple[float, ...] | None = None
+    block_lr_zero_threshold: float = 0.0  # weights not above this count as 0
+    # LoRA+ (kohya's loraplus_*lr_ratio): the lora_up weights learn at lr x ratio (16 in the paper)
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None  # for the UNet, instead of loraplus_lr_ratio
+    loraplus_text_encoder_lr_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        # kohya's network_args are strings ("2,4,4,..."): read them as the lists TOML gives.
+        for name, kind in (("block_dims", int), ("block_alphas", float), ("conv_block_dims", int),
+                           ("conv_block_alphas", float), ("mid_lr_weight", float), ("down_lr_weight", float),
+                           ("up_lr_weight", float)):
+            value = getattr(self, name)
+            curve = isinstance(value, str) and "," not in value and name in ("down_lr_weight", "up_lr_weight")
+            if value is None or curve:
+                continue
+            items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, (int, float)) else value
+            try:
+                # kohya reads an empty item of a weight list as 0
+                parsed = tuple(kind(v) if str(v).strip() else kind(0) for v in items)
+            except (TypeError, ValueError):
+                raise SdlabError(f"training config: lora.{name} = {value!r}: give a list of numbers") from None
+            object.__setattr__(self, name, parsed)
 
 
 @dataclass(frozen=True)
@@ -270,6 +304,12 @@ class TrainConfig:
             for name in ("dropout", "rank_dropout", "module_dropout"):
                 if not 0 <= getattr(lc, name) < 1:
                     raise bad(f"lora.{name} must be in [0, 1), got {getattr(lc, name)}")
+            for name in ("block_dims", "conv_block_dims"):
+                if any(d < 0 for d in getattr(lc, name) or ()):
+                    raise bad(f"lora.{name} must be 0 or more in every block, got {getattr(lc, name)}")
+            for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+                if getattr(lc, name) is not None and not getattr(lc, name) > 0:
+                    raise bad(f"lora.{name} must be positive, got {getattr(lc, name)}")
         if self.validation.every_n_steps < 0 or self.validation.every_n_epochs < 0:
             raise bad("validation.every_n_steps and every_n_epochs must be 0 or more")
         if self.validation.prompts and not self.validation.seeds:

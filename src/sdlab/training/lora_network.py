@@ -28,6 +28,7 @@ from ..errors import SdlabError
 from ..lora import kohya_name
 from ..models.clip import CLIPTextModel, FusedProjection, OpenCLIPAttention
 from ..models.unet import UNet
+from .lora_blocks import BlockRanks, block_index
 
 UNET_PREFIX = "lora_unet"
 
@@ -196,7 +197,7 @@ class LoRANetwork(nn.Module):
     def __init__(self, unet: UNet | None, text_encoders: Sequence[CLIPTextModel] | None, rank: int, alpha: float,
                  conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, only: str | None = None,
                  unet_names: str = "diffusers", text_layers: Sequence[int] | None = None,
-                 rank_dropout: float = 0.0, module_dropout: float = 0.0):
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, blocks: BlockRanks | None = None):
         """`text_encoders`: the model's text encoders to train too (named `lora_te_`, or SDXL's two
         `lora_te1_` and `lora_te2_`), none, or None. `text_layers`: for each, how many of its first
         layers get LoRA (the layers after the one the UNet reads change nothing; SD 2.x's diffusers
@@ -204,20 +205,31 @@ class LoRANetwork(nn.Module):
         `only`: a regex; when given, just the layers whose kohya name it matches (`re.search`),
         e.g. `r"attn[12]_to_(q|k|v|out_0)$"` for the attention projections as diffusers' scripts.
         `unet_names`: "diffusers" or "original", how the UNet's modules are spelled (`unet_kohya_names`).
-        `dropout`, `rank_dropout`, `module_dropout`: kohya's, see `LoRAModule`."""
+        `dropout`, `rank_dropout`, `module_dropout`: kohya's, see `LoRAModule`.
+        `blocks`: kohya's block-wise ranks and learning rates for the UNet (`lora_blocks`); they
+        replace `rank` / `conv_rank` there, and a block of rank 0 gets no LoRA."""
         super().__init__()
         self._only = re.compile(only) if only else None
         self.rank, self.alpha, self.conv_rank, self.conv_alpha = rank, alpha, conv_rank, conv_alpha
         self._dropouts = dict(dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
         self.loras = nn.ModuleDict()
+        self.blocks = blocks
+        self._block_of: dict[str, int | None] = {}  # UNet LoRA name -> kohya block number
         self._targets: dict[str, nn.Module] = {}
         self._weights: dict[str, tuple[Tensor, tuple[int, int] | None]] = {}
         self._handles: list = []
         if unet is not None:
-            targets = list(_unet_targets(unet, conv_rank > 0))
+            conv = conv_rank > 0 if blocks is None else blocks.conv_dims is not None
+            targets = list(_unet_targets(unet, conv))
             names = unet_kohya_names(unet, [p for p, _, _ in targets], unet_names)
             for path, layer, is_conv3 in targets:
-                r, a = (conv_rank, conv_alpha) if is_conv3 else (rank, alpha)
+                if blocks is not None:
+                    r, a = blocks.rank(path, is_conv3)
+                    if r == 0:
+                        continue
+                    self._block_of[names[path]] = block_index(path, blocks.sdxl)
+                else:
+                    r, a = (conv_rank, conv_alpha) if is_conv3 else (rank, alpha)
                 self._add(names[path], layer, r, a)
         text_encoders = list(text_encoders or [])
         parts = ["te"] if len(text_encoders) == 1 else [f"te{i + 1}" for i in range(len(text_encoders))]
@@ -239,6 +251,30 @@ class LoRANetwork(nn.Module):
                                                                                          dtype=torch.float32)
         self._targets[name] = layer
         self._weights[name] = (weight, rows)
+
+    def optimizer_groups(self, unet_lr: float, te_lr: float, unet_up_ratio: float | None = None,
+                         te_up_ratio: float | None = None) -> list[dict]:
+        """Parameter groups as kohya's `prepare_optimizer_params` makes them: the text encoders'
+        LoRAs at `te_lr`; the UNet's at `unet_lr`, per block times its learning-rate weight when
+        block weights are set (a block at 0 gets no group); with a LoRA+ ratio, each part's
+        `lora_up` weights in a group of their own at lr x ratio."""
+        parts: dict[tuple[str, float], list[tuple[str, nn.Parameter]]] = {}
+        weights = self.blocks.lr_weights if self.blocks is not None else None
+        for name, m in self.loras.items():
+            if name.startswith(UNET_PREFIX):
+                block = self._block_of.get(name)
+                lr = unet_lr * (weights[block] if weights is not None and block is not None else 1.0)
+                key = ("unet", lr)
+            else:
+                key = ("te", te_lr)
+            parts.setdefault(key, []).extend(m.named_parameters())
+        groups = []
+        for (part, lr), params in parts.items():
+            ratio = unet_up_ratio if part == "unet" else te_up_ratio
+            up = [p for n, p in params if ratio is not None and n.startswith("lora_up.")]
+            rest = [p for n, p in params if not (ratio is not None and n.startswith("lora_up."))]
+            groups += [{"params": rest, "lr": lr}] + ([{"params": up, "lr": lr * ratio}] if up else [])
+        return [g for g in groups if g["params"] and g["lr"] != 0]
 
     def apply(self) -> None:
         self.remove()

@@ -381,19 +381,25 @@ class Trainer:
             for te in b.text_encoders:  # only has an effect on the ones that train
                 te.gradient_checkpointing = cfg.gradient_checkpointing
             if cfg.mode == "lora":
+                from .lora_blocks import block_ranks, lr_weights
                 from .lora_network import LoRANetwork
 
                 self._frozen_base_in_mixed_precision()
                 lc = cfg.lora
                 if self.lora is None:
                     # kohya's SDXL scripts name the UNet's modules as the original UNet does.
-                    names = "original" if b.family.added_conditioning else "diffusers"
+                    sdxl = b.family.added_conditioning
+                    lr_weight = lr_weights(sdxl, lc.down_lr_weight, lc.mid_lr_weight, lc.up_lr_weight,
+                                           lc.block_lr_zero_threshold)
+                    blocks = block_ranks(sdxl, lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.block_dims,
+                                         lc.block_alphas, lc.conv_block_dims, lc.conv_block_alphas, lr_weight)
                     self.lora = LoRANetwork(b.unet if lc.train_unet else None,
                                             b.text_encoders if lc.train_text_encoder else None,
                                             lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.dropout,
-                                            unet_names=names, text_layers=self._text_layers_read(skip),
-                                            rank_dropout=lc.rank_dropout, module_dropout=lc.module_dropout
-                                            ).to(self.device)
+                                            unet_names="original" if sdxl else "diffusers",
+                                            text_layers=self._text_layers_read(skip),
+                                            rank_dropout=lc.rank_dropout, module_dropout=lc.module_dropout,
+                                            blocks=blocks).to(self.device)
                     if lc.network_weights:
                         self._start_from(lc.network_weights)
                 self.lora.apply()
@@ -401,11 +407,9 @@ class Trainer:
                 b.unet.train()
                 for te in b.text_encoders if lc.train_text_encoder else ():
                     te.train()  # (no dropout in CLIP: this only lets gradient checkpointing act)
-                unet_params = [p for n, p in self.lora.named_parameters() if n.startswith("loras.lora_unet")]
-                te_params = [p for n, p in self.lora.named_parameters() if n.startswith("loras.lora_te")]
-                groups = [{"params": unet_params, "lr": cfg.lr}]
-                if te_params:
-                    groups.append({"params": te_params, "lr": lc.text_encoder_lr or cfg.lr})
+                groups = self.lora.optimizer_groups(cfg.lr, lc.text_encoder_lr or cfg.lr,
+                                                    lc.loraplus_unet_lr_ratio or lc.loraplus_lr_ratio,
+                                                    lc.loraplus_text_encoder_lr_ratio or lc.loraplus_lr_ratio)
             else:
                 b.unet.requires_grad_(True).train()
                 groups = [{"params": list(b.unet.parameters()), "lr": cfg.lr}]
@@ -980,9 +984,15 @@ def encoder_fingerprint(vae: nn.Module) -> str:
 
 
 def _network_args(lc) -> dict[str, str]:
-    """kohya's `ss_network_args`: the `--network_args` a run gave, as strings."""
+    """kohya's `ss_network_args`: the `--network_args` a run gave, as strings (lists comma-separated,
+    as they are written on kohya's command line)."""
     args = {"conv_dim": str(lc.conv_rank), "conv_alpha": str(float(lc.conv_alpha))} if lc.conv_rank else {}
-    args.update({k: str(getattr(lc, k)) for k in ("rank_dropout", "module_dropout") if getattr(lc, k)})
+    for name in ("rank_dropout", "module_dropout", "block_dims", "block_alphas", "conv_block_dims",
+                 "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
+                 "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        value = getattr(lc, name)
+        if value:
+            args[name] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
     return args
 
 
