@@ -20,6 +20,8 @@ _FLAGS = {
     "mixed_precision": (str, "no, bf16 or fp16 (default no)"),
     "seed": (int, "seeds the data order, augmentation, noise and new weights (default 0)"),
     "save_every_n_steps": (int, "also save the result and a --resume state every N steps"),
+    "dataset_config": (str, "kohya's dataset config (.toml: [general], [[datasets]], [[datasets.subsets]]) "
+                            "instead of --data"),
 }
 
 

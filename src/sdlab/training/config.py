@@ -1,7 +1,8 @@
 """The training configuration: one TOML file, overridable from the command line.
 
 Top-level keys are `TrainConfig` fields; the tables `[model]`, `[data]`, `[lora]` and
-`[validation]` fill the nested configs. `--set lr=1e-4` or `--set data.folder=imgs`
+`[validation]` fill the nested configs. `dataset_config = "x.toml"` reads kohya's dataset config
+(`kohya_dataset`) into `[data]` and `batch_size`; keys this config sets itself win. `--set lr=1e-4` or `--set data.folder=imgs`
 overrides any key (the value is read as TOML, falling back to a plain string).
 Relative paths are relative to the current directory, as in kohya's scripts.
 """
@@ -16,6 +17,7 @@ from typing import Any, Literal
 from ..errors import SdlabError
 from ..sampling.samplers import resolve_sampler
 from .data import DataConfig
+from .kohya_dataset import read_dataset_config
 
 Mode = Literal["lora", "finetune", "scratch"]
 MODES = ("lora", "finetune", "scratch")
@@ -378,7 +380,8 @@ def _build(cls, raw: dict, where: str):
 def config_from_dict(raw: dict) -> TrainConfig:
     raw = dict(raw)
     if "data" not in raw or "folder" not in raw.get("data", {}):
-        raise SdlabError("training config: [data] folder is required (a folder of captioned images)")
+        raise SdlabError("training config: [data] folder is required (a folder of captioned images), "
+                         "or dataset_config (kohya's dataset config)")
     nested = {}
     for name, cls in _SECTIONS.items():
         if name in raw:
@@ -400,6 +403,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         except tomllib.TOMLDecodeError as e:
             raise SdlabError(f"{path}: not valid TOML ({e})") from None
     raw = apply_overrides(raw, list(overrides))
+    if (dataset_config := raw.pop("dataset_config", None)) is not None:
+        # kohya's --dataset_config: its data options and batch size, under what this config sets itself.
+        data, top = read_dataset_config(dataset_config)
+        if not isinstance(raw.get("data", {}), dict):
+            raise SdlabError("training config: data must be a table ([data])")
+        raw["data"] = {**data, **raw.get("data", {})}
+        raw = {**top, **raw}
     data_seed_given = "seed" in raw.get("data", {})
     cfg = config_from_dict(raw)
     if not data_seed_given:  # the data's augmentation seed follows the run's unless [data] sets its own

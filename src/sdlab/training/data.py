@@ -20,6 +20,8 @@ Typical use::
         for batch in loader: ...
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import logging
@@ -28,7 +30,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,10 +99,17 @@ class DataConfig:
     cache_latents_to_disk: bool = False  # ... and in files, for the next run too
     latent_cache_dir: Path | None = None  # default: `<folder>/.latent_cache`
     seed: int = 0
+    # kohya's dataset-config subsets (`kohya_dataset.read_dataset_config`): image folders, each
+    # with its repeats and own caption and augmentation options. Given, they replace `folder`'s
+    # images (`folder` stays where a latent cache goes by default).
+    subsets: tuple[Subset, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise user input once here (frozen, hence object.__setattr__).
         object.__setattr__(self, "folder", Path(self.folder))
+        object.__setattr__(self, "subsets", tuple(s if isinstance(s, Subset) else Subset(**s) for s in self.subsets))
+        for s in self.subsets:
+            self.for_subset(s)  # a bad option fails now
         if self.latent_cache_dir is not None:
             object.__setattr__(self, "latent_cache_dir", Path(self.latent_cache_dir))
         if self.reg_folder is not None:
@@ -130,6 +139,30 @@ class DataConfig:
             if getattr(self, name) and self.random_crop:
                 raise SdlabError(f"{name} cannot be combined with random_crop: turn one of them off")
 
+    def for_subset(self, subset: Subset) -> DataConfig:
+        """The options that apply to `subset`'s images: these, with the subset's own."""
+        known = {f.name for f in fields(DataConfig)} - {"folder", "subsets"}
+        unknown = sorted(set(subset.options) - known)
+        if unknown:
+            raise SdlabError(f"subset {subset.folder}: unknown option {unknown[0]!r}")
+        return replace(self, folder=subset.folder, subsets=(), **subset.options)
+
+
+@dataclass(frozen=True)
+class Subset:
+    """One image folder of a kohya dataset config."""
+
+    folder: Path
+    num_repeats: int = 1
+    class_tokens: str = ""  # the caption of its images without a caption (kohya's DreamBooth subsets)
+    is_reg: bool = False  # regularization images
+    options: dict = field(default_factory=dict)  # DataConfig fields for its images (caption_extension, flip_aug, ...)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
+        if self.num_repeats < 1:
+            raise SdlabError(f"subset {self.folder}: num_repeats must be 1 or more, got {self.num_repeats}")
+
 
 # ----------------------------------------------------------------------------- discovery
 
@@ -143,6 +176,7 @@ class ImageRecord:
     repeats: int
     size: Size  # (height, width) after EXIF orientation
     regularization: bool = False  # a class image for prior preservation
+    subset: int = 0  # whose options apply: 0 the data config's, i the i-th of its `subsets`
 
 
 def _check_image(path: Path) -> Size:
@@ -255,6 +289,23 @@ def scan_folder(folder: Path, caption_extension: str = ".txt", num_repeats: int 
             f"{caption_extension} captions beside them or a {METADATA_FILE}, there or in repeat folders like 10_name/"
         )
     return records
+
+
+def _scan_subsets(config: DataConfig, options: Sequence[DataConfig]) -> list[ImageRecord]:
+    """The images of a kohya dataset config's subsets (`options[i]` applies to subset i, from 1),
+    its regularization subsets balanced against the rest as kohya does."""
+    train: list[ImageRecord] = []
+    reg: list[ImageRecord] = []
+    for i, subset in enumerate(config.subsets, start=1):
+        if not subset.folder.is_dir():
+            raise SdlabError(f"dataset config: image_dir {subset.folder} does not exist or is not a folder")
+        found = _scan_subset(subset.folder, options[i].caption_extension, subset.num_repeats, subset.class_tokens,
+                             options[i].enable_wildcard)
+        (reg if subset.is_reg else train).extend(replace(r, subset=i) for r in found)
+    if not train:
+        raise SdlabError("dataset config: no readable images in its training subsets (those without is_reg): "
+                         + ", ".join(str(s.folder) for s in config.subsets if not s.is_reg))
+    return train + (balance_regularization(reg, sum(r.repeats for r in train)) if reg else [])
 
 
 def balance_regularization(reg: list[ImageRecord], train_items: int) -> list[ImageRecord]:
@@ -457,7 +508,10 @@ class CaptionedImageDataset(Dataset):
 
     def __init__(self, config: DataConfig):
         self.config = config
-        records = scan_folder(config.folder, config.caption_extension, config.num_repeats, config.enable_wildcard)
+        # The options of each record's images: the config's own, then each subset's.
+        self.subset_configs: tuple[DataConfig, ...] = (config, *(config.for_subset(s) for s in config.subsets))
+        records = _scan_subsets(config, self.subset_configs) if config.subsets else scan_folder(
+            config.folder, config.caption_extension, config.num_repeats, config.enable_wildcard)
         if config.reg_folder is not None:
             reg = scan_folder(config.reg_folder, config.caption_extension, config.num_repeats, config.enable_wildcard)
             records += balance_regularization(reg, sum(r.repeats for r in records))
@@ -512,9 +566,9 @@ class CaptionedImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        cfg = self.config
         r = self._record_of_index[index]
         record, fit = self.records[r], self.fits[r]
+        cfg = self.options(r)
         # Separate streams so that turning one augmentation on does not change the draws of another.
         rng = np.random.default_rng((cfg.seed, self.epoch, index, 0))
         caption = process_caption(record.caption, cfg, rng, self.epoch)
@@ -544,6 +598,10 @@ class CaptionedImageDataset(Dataset):
         if cfg.alpha_mask:
             item["mask"] = self._mask(img, r, top, left, flip)
         return item
+
+    def options(self, r: int) -> DataConfig:
+        """The data options that apply to record `r` (its subset's)."""
+        return self.subset_configs[self.records[r].subset]
 
     def _open(self, r: int) -> Image.Image:
         path = self.records[r].path
@@ -595,7 +653,7 @@ class CaptionedImageDataset(Dataset):
         """The cache entry of record `r`: keyed by file content, bucket, resize, crop and flip storage."""
         (bh, bw), (rh, rw) = self.fits[r].bucket, self.fits[r].resized
         crop = f"{(rh - bh) // 2},{(rw - bw) // 2}"
-        key = f"{self._content_hash(r)}|{bh}x{bw}|{rh}x{rw}|{crop}|flip={self.config.flip_aug}"
+        key = f"{self._content_hash(r)}|{bh}x{bw}|{rh}x{rw}|{crop}|flip={self.options(r).flip_aug}"
         return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
     def _cache_path(self, r: int, cache_dir: Path) -> Path:
@@ -643,7 +701,7 @@ def cache_latents(
     Raises:
         SdlabError: random_crop is on (each epoch crops differently), or there is no cache folder.
     """
-    if dataset.config.random_crop:
+    if any(c.random_crop for c in dataset.subset_configs):
         raise SdlabError("latents cannot be cached with random_crop on: turn random_crop off or do not cache")
     if in_memory:
         memory = dataset.latent_memory = dataset.latent_memory or {}
@@ -666,7 +724,6 @@ def cache_latents(
     if total == 0:
         return 0
 
-    flip = dataset.config.flip_aug
     with tqdm(total=total, desc="caching latents", unit="img", disable=not progress) as bar, torch.no_grad():
         for rs in todo.values():
             for start in range(0, len(rs), batch_size):
@@ -675,10 +732,11 @@ def cache_latents(
                 crops = [((f.resized[0] - f.bucket[0]) // 2, (f.resized[1] - f.bucket[1]) // 2) for f in fits]
                 pixels = torch.stack([dataset._load_pixels(r, t, l, False) for r, (t, l) in zip(chunk, crops)])
                 latents = encode_fn(pixels).detach().cpu()
-                flipped = encode_fn(pixels.flip(-1)).detach().cpu() if flip else None
+                flips = [dataset.options(r).flip_aug for r in chunk]
+                flipped = encode_fn(pixels.flip(-1)).detach().cpu() if any(flips) else None
                 for i, r in enumerate(chunk):
                     tensors = {"latents": latents[i].contiguous()}
-                    if flipped is not None:
+                    if flips[i]:
                         tensors["latents_flipped"] = flipped[i].contiguous()
                     if in_memory:
                         memory[dataset._cache_key(r)] = tensors
