@@ -17,7 +17,7 @@ from typing import Any, Literal
 from ..errors import SdlabError
 from ..sampling.samplers import resolve_sampler
 from .data import DataConfig
-from .kohya_dataset import read_dataset_config
+from .kohya_dataset import dataset_fields
 
 Mode = Literal["lora", "finetune", "scratch"]
 MODES = ("lora", "finetune", "scratch")
@@ -391,21 +391,22 @@ def config_from_dict(raw: dict) -> TrainConfig:
     return _build(TrainConfig, {**raw, **nested}, "")
 
 
+def _read_toml(path: Path, what: str) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SdlabError(f"{path}: no such {what}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SdlabError(f"{path}: not valid TOML ({e})") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a TOML training config and apply `key=value` overrides."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SdlabError(f"{path}: no such training config") from None
-        except tomllib.TOMLDecodeError as e:
-            raise SdlabError(f"{path}: not valid TOML ({e})") from None
+    raw = _read_toml(Path(path), "training config") if path is not None else {}
     raw = apply_overrides(raw, list(overrides))
     if (dataset_config := raw.pop("dataset_config", None)) is not None:
         # kohya's --dataset_config: its data options and batch size, under what this config sets itself.
-        data, top = read_dataset_config(dataset_config)
+        data, top = dataset_fields(_read_toml(Path(dataset_config), "dataset config"), Path(dataset_config))
         if not isinstance(raw.get("data", {}), dict):
             raise SdlabError("training config: data must be a table ([data])")
         raw["data"] = {**data, **raw.get("data", {})}

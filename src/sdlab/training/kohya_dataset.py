@@ -26,7 +26,6 @@ go into one). Captions default to kohya's `.caption` files, as kohya's DreamBoot
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -55,21 +54,14 @@ IGNORED = ("cache_info",)
 KOHYA_CAPTION_EXTENSION = ".caption"
 
 
-def read_dataset_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(`[data]` fields, top-level fields) for a kohya dataset config: `subsets` lists each
-    subset's folder, repeats, class tokens, `is_reg` and caption options; the first subset's
-    folder is `folder` (where a latent cache goes by default).
+def dataset_fields(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`[data]` fields, top-level fields) for a kohya dataset config (`raw`, read from `path`):
+    `subsets` lists each subset's folder, repeats, class tokens, `is_reg` and caption options;
+    the first subset's folder is `folder` (where a latent cache goes by default).
 
     Raises:
-        SdlabError: unreadable file, no subsets, several data sets, unknown or unsupported keys.
+        SdlabError: no subsets, several data sets, unknown or unsupported keys.
     """
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SdlabError(f"{path}: no such dataset config") from None
-    except tomllib.TOMLDecodeError as e:
-        raise SdlabError(f"{path}: not valid TOML ({e})") from None
     unknown = sorted(set(raw) - {"general", "datasets"})
     if unknown:
         raise SdlabError(f"{path}: unknown table {unknown[0]!r}; kohya's dataset config has [general] and [[datasets]]")
