@@ -1063,3 +1063,35 @@ def test_two_processes_match_one(tmp_path, shapes, model):
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world"] == 2 and one.world == 1
     assert two["losses"] == pytest.approx(one_losses, rel=1e-4)
+
+
+def test_fp8_base_trains_as_a_base_rounded_to_fp8(tmp_path, shapes, fresh_accelerate):
+    """kohya's fp8_base: the frozen UNet's and text encoder's matrices stay in fp8 and are upcast to
+    bf16 as each layer runs, so a LoRA trains exactly as on a bf16 base whose matrices were rounded
+    to fp8 (the same losses and LoRA weights, bit for bit), with one byte per matrix weight at rest."""
+    from sdlab.models import storage
+
+    bundle = tiny_bundle("sd1", seed=0)
+    base = save_native(bundle, tmp_path / "base.safetensors")
+    with torch.no_grad():
+        for net in (bundle.unet, *bundle.text_encoders):
+            for module, attr in storage.narrowable(net).values():
+                getattr(module, attr).copy_(getattr(module, attr).to(torch.float8_e4m3fn).float())
+    rounded = save_native(bundle, tmp_path / "rounded.safetensors")
+    runs = {}
+    for name, model, fp8 in (("fp8", base, "true"), ("rounded", rounded, "false")):
+        cfg = config(tmp_path / name, shapes, mode="'lora'", base_model=f"{str(model)!r}", steps=2,
+                     mixed_precision="'bf16'", fp8_base=fp8, save_dtype="'fp32'", gradient_checkpointing="true",
+                     **{"lora.rank": 4, "lora.alpha": 4, "lora.train_text_encoder": "true"})
+        t = trainer(cfg)
+        losses = [t.train_step(t._global_batches()) for _ in range(2)]
+        runs[name] = (t, losses, {k: v.clone() for k, v in t.lora.state_dict().items()})
+    t, losses, lora = runs["fp8"]
+    assert t.bundle.unet.input_blocks[1][1].proj_in.weight.dtype == torch.float8_e4m3fn
+    assert t.bundle.text_encoders[0].text_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float8_e4m3fn
+    assert losses == runs["rounded"][1]
+    assert all(torch.equal(v, runs["rounded"][2][k]) for k, v in lora.items())
+    with safe_open(t.train(), "pt") as f:
+        assert f.metadata()["ss_fp8_base"] == "True"
+    with pytest.raises(SdlabError, match="fp8_base"):
+        config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base)!r}", fp8_base="true")

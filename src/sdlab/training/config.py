@@ -183,6 +183,10 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0  # 0: no clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # kohya's --fp8_base (lora): the frozen UNet's and text encoders' matrices kept in fp8
+    # (e4m3fn) and upcast to the mixed-precision dtype layer by layer (`models.storage`): half
+    # their memory at rest; with gradient_checkpointing the upcast copies live one block at a time.
+    fp8_base: bool = False
     gradient_checkpointing: bool = False
     deterministic: bool = False  # GPU: deterministic kernels, so --resume is exact there too (a little slower)
     min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
@@ -295,6 +299,9 @@ class TrainConfig:
             raise bad("masked_loss needs data.alpha_mask = true (the mask is each image's alpha channel)")
         if self.adaptive_noise_scale and not self.noise_offset:
             raise bad("adaptive_noise_scale adds to noise_offset: set noise_offset too (e.g. 0.05)")
+        if self.fp8_base and (self.mode != "lora" or self.mixed_precision == "no"):
+            raise bad("fp8_base keeps a LoRA's frozen base in fp8: it needs mode 'lora' and mixed_precision "
+                      "'bf16' or 'fp16', as kohya's")
         if self.vae_steps and self.mode != "scratch":
             raise bad("vae_steps (the VAE reconstruction phase) only applies to mode 'scratch'")
         if self.mode == "lora":
