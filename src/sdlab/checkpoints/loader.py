@@ -195,6 +195,10 @@ class _Lazy:
     def __call__(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.sd.read(self.key, dtype)
 
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return self.sd.dtypes[self.key]
+
 
 def _take(sd: StateDict, prefix: str) -> dict[str, _Lazy]:
     """The entries under a prefix, prefix stripped, not yet read."""
@@ -228,9 +232,12 @@ def _build(cls, cfg, entries: dict[str, _Lazy], dtype: torch.dtype, what: str, p
             if not any(rx.search(k) for rx in ignored):
                 unexpected.append(k)
             continue
-        t = lazy(dtype)  # cast as it is read: the file's own copy is never held whole
-        if k in narrow:
-            t = narrowed(t, weight_dtype, dtype)
+        if k in narrow and lazy.stored_dtype == weight_dtype:
+            t = lazy(weight_dtype)  # an fp16 file into fp16 storage: as it is
+        else:
+            t = lazy(dtype)  # cast as it is read: the file's own copy is never held whole
+            if k in narrow:
+                t = narrowed(t, weight_dtype, dtype)
         if tuple(t.shape) != tuple(expected[k].shape):
             # Some checkpoints keep 1x1 conv weights as 2-D matrices; let the module's hook decide.
             if t.numel() != expected[k].numel():

@@ -99,7 +99,7 @@ class DataConfig:
     cache_latents_to_disk: bool = False  # ... and in files, for the next run too
     latent_cache_dir: Path | None = None  # default: `<folder>/.latent_cache`
     seed: int = 0
-    # kohya's dataset-config subsets (`kohya_dataset.read_dataset_config`): image folders, each
+    # kohya's dataset-config subsets (`kohya_dataset.dataset_fields`): image folders, each
     # with its repeats and own caption and augmentation options. Given, they replace `folder`'s
     # images (`folder` stays where a latent cache goes by default).
     subsets: tuple[Subset, ...] = ()
