@@ -112,9 +112,9 @@ def test_kohyas_default_caption_extension_and_this_configs_own_keys_win(tmp_path
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir='y'\n",
      "has 2 \\[\\[datasets\\]\\]"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='{train}'\ncolor_aug=true\n", "color_aug is not supported"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='{train}'\nmetadata_file='m.json'\n", "metadata.jsonl"),
+    ("[[datasets]]\n[[datasets.subsets]]\nmetadata_file='m.json'\nis_reg=true\n", "has its captions"),
     ("[[datasets]]\nresolutoin=512\n[[datasets.subsets]]\nimage_dir='{train}'\n", "unknown option 'resolutoin'"),
-    ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats=2\n", "no image_dir"),
+    ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats=2\n", "no image_dir \\(or metadata_file\\)"),
     ("[[datasets]]\nresolution=[512, 768]\n[[datasets.subsets]]\nimage_dir='{train}'\n", "square area"),
     ("[general]\n[[datasets]]\n", "subsets\\]\\] is empty"),
 ])
@@ -122,6 +122,33 @@ def test_dataset_config_errors(tmp_path, folders, text, message):
     path = _write(tmp_path, text.format(train=folders["train"]))
     with pytest.raises(SdlabError, match=message):
         load_config(None, [f"dataset_config={str(path)!r}", "mode='scratch'"])
+
+
+def test_fine_tuning_subset_reads_kohyas_metadata_json(tmp_path, folders, caplog):
+    """kohya's fine-tuning subsets: image keys are paths, or names without extension in image_dir;
+    the caption is "caption, tags" (or the tags alone); keys without an image are skipped with a
+    warning naming them."""
+    import json
+
+    images = sorted(folders["style"].glob("*.png"))
+    metadata = {images[0].stem: {"caption": "a drawing", "tags": "red, round"},
+                str(images[1]): {"tags": "blue, square"},
+                "nowhere": {"caption": "lost"}}
+    (tmp_path / "md.json").write_text(json.dumps(metadata), encoding="utf-8")
+    path = _write(tmp_path, f"""
+        [[datasets]]
+        resolution = 32
+        enable_bucket = false
+          [[datasets.subsets]]
+          image_dir = '{folders["style"]}'
+          metadata_file = '{tmp_path / "md.json"}'
+          num_repeats = 2
+        """)
+    cfg = load_config(None, [f"dataset_config={str(path)!r}", "mode='scratch'"])
+    ds = CaptionedImageDataset(cfg.data)
+    assert {(r.path, r.caption, r.repeats) for r in ds.records} == {
+        (images[0], "a drawing, red, round", 2), (images[1], "blue, square", 2)}
+    assert "nowhere" in caplog.text
 
 
 def test_missing_image_dir_is_named(tmp_path, folders):

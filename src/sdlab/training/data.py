@@ -156,10 +156,15 @@ class Subset:
     num_repeats: int = 1
     class_tokens: str = ""  # the caption of its images without a caption (kohya's DreamBooth subsets)
     is_reg: bool = False  # regularization images
+    # kohya's fine-tuning JSON: {image key: {"caption": ..., "tags": ...}}, a key being an image's
+    # path or its name without extension in `folder`; captions come from it, not caption files.
+    metadata_file: Path | None = None
     options: dict = field(default_factory=dict)  # DataConfig fields for its images (caption_extension, flip_aug, ...)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "folder", Path(self.folder))
+        if self.metadata_file is not None:
+            object.__setattr__(self, "metadata_file", Path(self.metadata_file))
         if self.num_repeats < 1:
             raise SdlabError(f"subset {self.folder}: num_repeats must be 1 or more, got {self.num_repeats}")
 
@@ -297,15 +302,54 @@ def _scan_subsets(config: DataConfig, options: Sequence[DataConfig]) -> list[Ima
     train: list[ImageRecord] = []
     reg: list[ImageRecord] = []
     for i, subset in enumerate(config.subsets, start=1):
-        if not subset.folder.is_dir():
+        if subset.metadata_file is not None:
+            found = _scan_kohya_metadata(subset)
+        elif not subset.folder.is_dir():
             raise SdlabError(f"dataset config: image_dir {subset.folder} does not exist or is not a folder")
-        found = _scan_subset(subset.folder, options[i].caption_extension, subset.num_repeats, subset.class_tokens,
-                             options[i].enable_wildcard)
+        else:
+            found = _scan_subset(subset.folder, options[i].caption_extension, subset.num_repeats,
+                                 subset.class_tokens, options[i].enable_wildcard)
         (reg if subset.is_reg else train).extend(replace(r, subset=i) for r in found)
     if not train:
         raise SdlabError("dataset config: no readable images in its training subsets (those without is_reg): "
                          + ", ".join(str(s.folder) for s in config.subsets if not s.is_reg))
     return train + (balance_regularization(reg, sum(r.repeats for r in train)) if reg else [])
+
+
+def _scan_kohya_metadata(subset: Subset) -> list[ImageRecord]:
+    """The images of a kohya fine-tuning subset, as kohya's FineTuningDataset finds them: a key
+    that is a path, else `<folder>/<key>.<image extension>`. The caption is the entry's "caption",
+    its "tags" after ", ", or the tags alone. Missing or unreadable images are skipped with a
+    warning; kohya's precomputed buckets ("train_resolution") are not used: sdlab buckets itself."""
+    path = subset.metadata_file
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise SdlabError(f"dataset config: metadata_file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise SdlabError(f"dataset config: metadata_file {path} is not valid JSON ({e})") from None
+    if not isinstance(metadata, dict):
+        raise SdlabError(f"dataset config: metadata_file {path} is not a JSON object of image keys")
+    records, missing = [], []
+    for key, entry in metadata.items():
+        image = Path(key) if Path(key).is_file() else next(
+            (p for ext in IMAGE_EXTENSIONS if (p := subset.folder / f"{key}{ext}").is_file()), None)
+        if image is None:
+            missing.append(key)
+            continue
+        try:
+            size = _check_image(image)
+        except Exception as e:  # PIL raises many types for bad files
+            logger.warning("skipping unreadable image %s: %s", image, e)
+            continue
+        entry = entry if isinstance(entry, dict) else {}
+        caption, tags = entry.get("caption"), entry.get("tags")
+        caption = tags if caption is None else f"{caption}, {tags}" if tags else caption
+        records.append(ImageRecord(image, caption or "", subset.num_repeats, size))
+    if missing:
+        logger.warning("%s: %d image keys match no image (in %s): %s", path, len(missing), subset.folder,
+                       ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+    return records
 
 
 def balance_regularization(reg: list[ImageRecord], train_items: int) -> list[ImageRecord]:

@@ -20,6 +20,10 @@ The file has three levels, each filling in what the one above leaves out::
       class_tokens = "girl"
       is_reg = true                # regularization images (prior preservation)
 
+      [[datasets.subsets]]         # fine-tuning style: captions from kohya's metadata JSON
+      image_dir = "train/piyo"     # where the keys that are not paths are looked up
+      metadata_file = "piyo_md.json"
+
 sdlab trains on one data set: a file with several `[[datasets]]` is refused (their subsets can
 go into one). Captions default to kohya's `.caption` files, as kohya's DreamBooth subsets do.
 """
@@ -39,10 +43,9 @@ SUBSET_OPTIONS = ("caption_extension", "shuffle_caption", "keep_tokens", "keep_t
                   "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "flip_aug",
                   "random_crop", "caption_dropout_rate", "caption_dropout_every_n_epochs",
                   "caption_tag_dropout_rate", "caption_separator")
-SUBSET_KEYS = ("image_dir", "num_repeats", "class_tokens", "is_reg")
+SUBSET_KEYS = ("image_dir", "num_repeats", "class_tokens", "is_reg", "metadata_file")
 # Options kohya has that sdlab does not: a clear refusal rather than a silent difference.
 UNSUPPORTED = {
-    "metadata_file": "kohya's fine-tuning JSON; put the captions in caption files or a metadata.jsonl",
     "color_aug": "not implemented; leave it out",
     "face_crop_aug_range": "not implemented; leave it out",
     "token_warmup_min": "not implemented; leave it out",
@@ -89,14 +92,18 @@ def dataset_fields(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], dic
     for i, subset in enumerate(subsets):
         where = f"subset {i + 1}"
         _check_keys(path, where, subset, SUBSET_OPTIONS + SUBSET_KEYS)
-        if "image_dir" not in subset:
-            raise SdlabError(f"{path}: {where} has no image_dir")
-        folder = Path(subset["image_dir"])  # relative: to the working directory, as kohya reads it
+        if "image_dir" not in subset and "metadata_file" not in subset:
+            raise SdlabError(f"{path}: {where} has no image_dir (or metadata_file)")
+        if "metadata_file" in subset and (subset.get("is_reg") or "class_tokens" in subset):
+            raise SdlabError(f"{path}: {where}: a metadata_file subset has its captions; is_reg and class_tokens "
+                             "are for image folders")
+        # Relative paths: to the working directory, as kohya reads them.
+        folder = Path(subset.get("image_dir") or Path(subset["metadata_file"]).parent)
         options = {"caption_extension": KOHYA_CAPTION_EXTENSION}
         options.update({k: v for k, v in {**merged, **subset}.items() if k in SUBSET_OPTIONS})
         out.append({"folder": str(folder), "num_repeats": int(subset.get("num_repeats", 1)),
                     "class_tokens": str(subset.get("class_tokens", "")), "is_reg": bool(subset.get("is_reg", False)),
-                    "options": options})
+                    "metadata_file": subset.get("metadata_file"), "options": options})
     data["subsets"] = out
     data["folder"] = out[0]["folder"]
     return data, top
