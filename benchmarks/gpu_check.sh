@@ -219,6 +219,40 @@ if DEV.type == "cuda" and torch.cuda.is_bf16_supported() and os.environ.get("BF1
     check("UNet bf16 it/s vs diffusers bf16", lambda: unet_rates(torch.bfloat16))
 
 
+def fp8_weights():
+    """--weight-dtype fp8_e4m3fn with fp16 compute (models.storage): the fp16 UNet whose matrices
+    were rounded to fp8 gives the same output, its weights take about half the bytes, and the
+    per-layer upcast costs this much speed against plain fp16."""
+    from sdlab.models import storage
+
+    dtype, fp8 = torch.float16, torch.float8_e4m3fn
+    ref = ours_unet(dtype).unet
+    with torch.no_grad():
+        for module, attr in storage.narrowable(ref).values():
+            getattr(module, attr).copy_(getattr(module, attr).to(fp8).to(dtype))
+    b = load_bundle(single, device="cpu", dtype=dtype, weight_dtype=fp8)
+    perf.prepare_for_inference(b, DEV, dtype, weight_dtype=fp8)
+    narrow = b.unet
+    assert storage.storage_dtype(narrow) == fp8, storage.storage_dtype(narrow)
+    size = lambda net: sum(p.numel() * p.element_size() for p in net.parameters())
+    x, ctx, t = X.to(DEV, dtype), CTX.to(DEV, dtype), TS.to(DEV)
+    with torch.no_grad():
+        diff = relative_diff(narrow(x, t, ctx), ref(x, t, ctx))
+        r_narrow, r_ref = rates([lambda: narrow(x, t, ctx), lambda: ref(x, t, ctx)], ITERS)
+    ROWS.append((f"UNet step, batch {B}, {LAT * 8}px, fp16: ours fp8 weights vs ours fp16 weights",
+                 f"{r_narrow:.2f}", f"{r_ref:.2f}", f"{r_narrow / r_ref:.2f}x", f"{diff:.1e}"))
+    ratio = size(narrow) / size(ref)
+    del ref, narrow, b
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+    assert diff < 1e-3, f"fp8-stored UNet differs from the fp8-rounded one by {diff:.1e} (relative)"
+    assert ratio < 0.6, f"fp8 weights take {ratio:.2f} of the fp16 bytes"
+    return f"{r_narrow:.2f} vs {r_ref:.2f} it/s, weights {ratio:.2f} of fp16's bytes, output diff {diff:.1e}"
+
+
+check("fp8 weights, fp16 compute (--weight-dtype fp8_e4m3fn)", fp8_weights)
+
+
 def flash_for_our_shapes():
     if DEV.type != "cuda":
         return "skipped on the CPU"
