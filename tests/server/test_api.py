@@ -502,9 +502,11 @@ def test_page_and_static_files(client):
     r = client.get("/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     for needle in ['id="prompt"', 'id="negative"', 'id="generate"', 'id="gallery"', 'data-tab="inpaint"',
-                   'id="mask-canvas"', 'id="lora"', 'id="seed-reuse"', 'id="dropzone-png"', 'id="png-send"']:
+                   'id="mask-canvas"', 'id="lora"', 'id="seed-reuse"', 'id="dropzone-png"', 'id="png-send"',
+                   'id="noise-schedule"', "<option>Zero Terminal SNR</option>"]:
         assert needle in r.text, needle
-    assert client.get("/static/app.js").status_code == 200
+    script = client.get("/static/app.js")
+    assert script.status_code == 200 and 'sd_noise_schedule: $("noise-schedule").value' in script.text
     assert client.get("/static/../settings.py").status_code == 404
 
 

@@ -217,6 +217,8 @@ function buildPayload() {
     n_iter: num("n-iter"),
     batch_size: num("batch-size"),
     seed: num("seed"),
+    // The web UI's option, per request; "Default" leaves it to the model's file (its ztsnr marker).
+    override_settings: { sd_noise_schedule: $("noise-schedule").value },
   };
   if (ui.mode === "img2img" || ui.mode === "inpaint") {
     if (!ui.initImage) throw new Error("drop an image into the image box first");
@@ -351,6 +353,7 @@ function sendParamsToTxt2img() {
   set("height", "Size-2");
   if (p["Sampler"]) $("sampler").value = p["Sampler"];
   if (p["Schedule type"]) $("scheduler").value = p["Schedule type"];
+  $("noise-schedule").value = p["Noise Schedule"] === "Zero Terminal SNR" ? "Zero Terminal SNR" : "Default";
   setTab("txt2img");
 }
 
