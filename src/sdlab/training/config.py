@@ -2,8 +2,9 @@
 
 Top-level keys are `TrainConfig` fields; the tables `[model]`, `[data]`, `[lora]` and
 `[validation]` fill the nested configs. `dataset_config = "x.toml"` reads kohya's dataset config
-(`kohya_dataset`) into `[data]` and `batch_size`; keys this config sets itself win. `--set lr=1e-4` or `--set data.folder=imgs`
-overrides any key (the value is read as TOML, falling back to a plain string).
+(`kohya_dataset`) into `[data]` and `batch_size`; keys this config sets itself win.
+`--set lr=1e-4` or `--set data.folder=imgs` overrides any key (the value is read as TOML,
+falling back to a plain string).
 Relative paths are relative to the current directory, as in kohya's scripts.
 """
 
@@ -18,6 +19,7 @@ from ..errors import SdlabError
 from ..sampling.samplers import resolve_sampler
 from .data import DataConfig
 from .kohya_dataset import dataset_fields
+from .lora_blocks import parse_numbers
 
 Mode = Literal["lora", "finetune", "scratch"]
 MODES = ("lora", "finetune", "scratch")
@@ -83,15 +85,8 @@ class LoRAConfig:
                            ("up_lr_weight", float)):
             value = getattr(self, name)
             curve = isinstance(value, str) and "," not in value and name in ("down_lr_weight", "up_lr_weight")
-            if value is None or curve:
-                continue
-            items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, (int, float)) else value
-            try:
-                # kohya reads an empty item of a weight list as 0
-                parsed = tuple(kind(v) if str(v).strip() else kind(0) for v in items)
-            except (TypeError, ValueError):
-                raise SdlabError(f"training config: lora.{name} = {value!r}: give a list of numbers") from None
-            object.__setattr__(self, name, parsed)
+            if value is not None and not curve:
+                object.__setattr__(self, name, parse_numbers(value, kind, name))
 
 
 @dataclass(frozen=True)

@@ -65,19 +65,24 @@ def _curve(spec: str, length: int) -> list[float]:
     return [v + offset for v in values[name]]
 
 
+def parse_numbers(spec: str | float | Sequence, kind: type = float, what: str = "value") -> tuple:
+    """A list of numbers as kohya's network_args write them ("2,4,,8": an empty item is 0), or
+    as TOML gives them (a list, or one number)."""
+    items = spec.split(",") if isinstance(spec, str) else [spec] if isinstance(spec, (int, float)) else spec
+    try:
+        return tuple(kind(v) if str(v).strip() else kind(0) for v in items)
+    except (TypeError, ValueError):
+        raise SdlabError(f"lora.{what} = {spec!r}: give a list of numbers") from None
+
+
 def _weights(spec: str | Sequence[float] | None, length: int, what: str) -> list[float]:
-    """One side's weights: a curve name, or numbers (kohya reads a comma list, empty items as 0);
-    too short is filled with 1.0, too long cut, as kohya does."""
+    """One side's weights: a curve name or numbers; too short is filled with 1.0, too long cut,
+    as kohya does."""
     if spec is None:
         return [1.0] * length
     if isinstance(spec, str) and "," not in spec and what != "mid_lr_weight":
         return _curve(spec.strip(), length)
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    try:
-        values = [float(s) if str(s).strip() else 0.0 for s in items]
-    except ValueError:
-        raise SdlabError(f"lora.{what} = {spec!r}: give numbers separated by commas") from None
-    return (values + [1.0] * length)[:length]
+    return (list(parse_numbers(spec, float, what)) + [1.0] * length)[:length]
 
 
 def lr_weights(sdxl: bool, down: str | Sequence[float] | None, mid: str | Sequence[float] | None,
