@@ -524,6 +524,21 @@ def test_empty_folder_uses_the_demo_model_else_answers_503(tmp_path):
         assert r.status_code == 503 and "Stable-diffusion" in r.json()["detail"]
 
 
+def test_server_loads_models_with_its_weight_dtype(models_dir):
+    """`sdlab serve --weight-dtype bf16`: the checkpoint's matrices are kept in bf16 (computed in
+    fp32 on this CPU), and `--dtype` alone keeps them in that dtype."""
+    import torch
+
+    from sdlab.models.storage import compute_dtype, storage_dtype
+    from sdlab.server.state import ServerState
+
+    for settings, want in (({"weight_dtype": "bf16", "dtype": "fp32"}, torch.bfloat16),
+                           ({"dtype": "fp32"}, torch.float32)):
+        state = ServerState(ServerSettings(models_dir=models_dir, model="tiny.safetensors", device="cpu", **settings))
+        unet = state._load_pipeline(state.selected).bundle.unet
+        assert (storage_dtype(unet), compute_dtype(unet)) == (want, torch.float32)
+
+
 def test_serve_command_defaults_to_loopback_and_parses_auth_and_limits():
     from sdlab.cli import build_parser
     from sdlab.errors import SdlabError
@@ -543,3 +558,7 @@ def test_serve_command_defaults_to_loopback_and_parses_auth_and_limits():
     assert settings_from_args(build_parser().parse_args(["serve", "--dtype", "BF16"])).dtype == "BF16"
     with pytest.raises(SdlabError, match="unknown dtype 'fp8'; choose one of fp32, fp16, bf16"):
         settings_from_args(build_parser().parse_args(["serve", "--dtype", "fp8"]))  # at start, not at a request
+    args = ["serve", "--weight-dtype", "fp8_e4m3fn"]
+    assert settings_from_args(build_parser().parse_args(args)).weight_dtype == "fp8_e4m3fn"
+    with pytest.raises(SdlabError, match="unknown weight dtype 'int4'"):
+        settings_from_args(build_parser().parse_args(["serve", "--weight-dtype", "int4"]))
