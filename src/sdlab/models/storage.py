@@ -13,8 +13,9 @@ upcast is exact, the kernels and layouts are the same.
 
 What is stored narrow: the >= 2-D weights a module reads in its own `forward` (Linear and
 convolution weights, OpenCLIP's fused `in_proj_weight`): nearly all of a network's bytes.
-Norms, biases and embedding tables stay in the compute dtype; embeddings are read outside
-`forward` (textual inversion), and they are a small share.
+Norms, biases and embedding tables stay in the compute dtype. An embedding reads a few rows of a
+large table, so upcasting it whole per call would need a table-sized scratch buffer (SDXL's bigG:
+253 MB), and the OpenAI layout's position table is read outside `forward`; they are a small share.
 
 Each module that owns narrow weights gets a `forward` that, for the length of the call, swaps
 those parameters for compute-dtype copies written into one scratch buffer per network (the
