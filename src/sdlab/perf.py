@@ -167,14 +167,10 @@ def inference_dtypes(device: torch.device, dtype: torch.dtype | None, weight_dty
     except with `compile`, which traces the network with its weights in place. A `dtype` given
     alone is used for both: a user who names fp32 gets exact fp32.
     """
-    if weight_dtype is None:
-        if dtype is None and not compile:
-            dtype = devices.default_dtype(device)
-            weight_dtype = devices.default_weight_dtype(device, dtype)
-        else:
-            dtype = dtype or devices.default_dtype(device)
-            weight_dtype = dtype
+    chosen = dtype is None and not compile
     dtype = dtype or devices.default_dtype(device)
+    if weight_dtype is None:
+        weight_dtype = devices.default_weight_dtype(device, dtype) if chosen else dtype
     if torch.finfo(weight_dtype).bits > torch.finfo(dtype).bits:
         raise SdlabError(f"--weight-dtype {devices.dtype_name(weight_dtype)} is wider than the "
                          f"{devices.dtype_name(dtype)} the networks compute in; choose a narrower one or leave it out")
