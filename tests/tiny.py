@@ -16,6 +16,7 @@ import torch
 from sdlab.checkpoints.io import save_safetensors
 from sdlab.checkpoints.loader import Bundle, new_bundle
 from sdlab.families import FAMILIES, ModelConfig
+from sdlab.models import storage
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNetConfig
 from sdlab.models.vae import VAEConfig
@@ -53,6 +54,17 @@ def tiny_config(family: str = "sd1") -> ModelConfig:
 
 def tiny_bundle(family: str = "sd1", seed: int = 0) -> Bundle:
     return new_bundle(tiny_config(family), seed=seed, init_std=0.05, name=f"tiny-{family}")
+
+
+def rounded_through(bundle: Bundle, dtype: torch.dtype) -> Bundle:
+    """The same bundle, changed in place: every weight `models.storage` may keep narrow rounded to
+    `dtype` and kept in its own dtype (the reference for weights stored in `dtype`)."""
+    with torch.no_grad():
+        for net in (bundle.unet, *bundle.text_encoders):
+            for module, attr in storage.narrowable(net).values():
+                w = getattr(module, attr)
+                w.copy_(w.to(dtype).to(w.dtype))
+    return bundle
 
 
 def save_native(bundle: Bundle, path: Path, metadata: dict[str, str] | None = None,

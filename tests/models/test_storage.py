@@ -18,17 +18,7 @@ from sdlab.lora import apply_loras, kohya_name, load_lora
 from sdlab.models import storage
 from sdlab.pipeline import GenerationRequest, Pipeline
 
-from ..tiny import as_float_array, save_native, tiny_bundle
-
-
-def _rounded_through(bundle, dtype: torch.dtype):
-    """The same bundle with every narrowable weight rounded to `dtype` and kept in fp32."""
-    with torch.no_grad():
-        for net in (bundle.unet, *bundle.text_encoders):
-            for module, attr in storage.narrowable(net).values():
-                w = getattr(module, attr)
-                w.copy_(w.to(dtype).float())
-    return bundle
+from ..tiny import as_float_array, rounded_through, save_native, tiny_bundle
 
 
 def _inputs(bundle, seed: int = 0):
@@ -53,7 +43,7 @@ def test_narrow_weights_compute_exactly_the_rounded_network(family, narrow):
     """UNet and text encoders (both CLIP layouts, OpenCLIP's fused in_proj_weight) with their
     matrices stored narrow give, bit for bit, what the fp32 networks with those matrices rounded
     to the narrow dtype give; the narrow copies are what stays in memory, under the same keys."""
-    reference = _rounded_through(tiny_bundle(family), narrow)
+    reference = rounded_through(tiny_bundle(family), narrow)
     stored = tiny_bundle(family)
     keys = {n: set(net.state_dict()) for n, net in stored.networks().items()}
     perf.prepare_for_inference(reference, "cpu", torch.float32, pack_weights=False)
@@ -99,7 +89,7 @@ def test_fp16_file_loads_losslessly_into_fp16_storage(tmp_path):
 def test_autograd_through_narrow_weights_gets_fresh_copies():
     """With autograd on, kernels may keep their weights for backward; the scratch buffer is then
     not used, so input gradients are those of the rounded network."""
-    reference = _rounded_through(tiny_bundle("sd1"), torch.float16)
+    reference = rounded_through(tiny_bundle("sd1"), torch.float16)
     stored = storage.set_dtypes(tiny_bundle("sd1").unet.requires_grad_(False), torch.float32, torch.float16)
     x, t, ctx, _, _ = _inputs(reference)
     grads = []
@@ -158,7 +148,7 @@ def test_threads_share_a_network_with_narrow_weights():
 def test_lora_merges_into_narrow_weights_and_restores_them(tmp_path):
     """A LoRA merged into fp16-stored weights is summed in fp32 and rounded once (as the web UIs
     merge into an fp16 model); restoring gives the stored weights back bit for bit."""
-    wide = _rounded_through(tiny_bundle("sd1"), torch.float16)  # the same base values, in fp32
+    wide = rounded_through(tiny_bundle("sd1"), torch.float16)  # the same base values, in fp32
     narrow = tiny_bundle("sd1")
     perf.prepare_for_inference(wide, "cpu", torch.float32, pack_weights=False)
     perf.prepare_for_inference(narrow, "cpu", torch.float32, weight_dtype=torch.float16)

@@ -25,7 +25,7 @@ from sdlab.training.config import SamplePrompt, load_config, parse_sample_prompt
 from sdlab.training.shapes import make_shapes_dataset
 from sdlab.training.losses import LossOptions, diffusion_loss, huber_threshold, min_snr_weight, pyramid_noise
 from sdlab.training.trainer import Trainer, encoder_fingerprint, lr_lambda
-from tests.tiny import save_native, tiny_bundle
+from tests.tiny import rounded_through, save_native, tiny_bundle
 
 
 def config(tmp: Path, data: Path, **over):
@@ -1069,15 +1069,9 @@ def test_fp8_base_trains_as_a_base_rounded_to_fp8(tmp_path, shapes, fresh_accele
     """kohya's fp8_base: the frozen UNet's and text encoder's matrices stay in fp8 and are upcast to
     bf16 as each layer runs, so a LoRA trains exactly as on a bf16 base whose matrices were rounded
     to fp8 (the same losses and LoRA weights, bit for bit), with one byte per matrix weight at rest."""
-    from sdlab.models import storage
-
     bundle = tiny_bundle("sd1", seed=0)
     base = save_native(bundle, tmp_path / "base.safetensors")
-    with torch.no_grad():
-        for net in (bundle.unet, *bundle.text_encoders):
-            for module, attr in storage.narrowable(net).values():
-                getattr(module, attr).copy_(getattr(module, attr).to(torch.float8_e4m3fn).float())
-    rounded = save_native(bundle, tmp_path / "rounded.safetensors")
+    rounded = save_native(rounded_through(bundle, torch.float8_e4m3fn), tmp_path / "rounded.safetensors")
     runs = {}
     for name, model, fp8 in (("fp8", base, "true"), ("rounded", rounded, "false")):
         cfg = config(tmp_path / name, shapes, mode="'lora'", base_model=f"{str(model)!r}", steps=2,
