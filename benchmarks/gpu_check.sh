@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CUDA checks of the speed and memory paths, and the it/s table ours vs diffusers (fp16, SDPA),
-# with and without torch.compile. About 3-5 minutes on one H100; installs nothing heavy.
+# with and without torch.compile. About 3-5 minutes on one H100; installs nothing (the packages must be importable).
 #
 #   bash benchmarks/gpu_check.sh              # on a machine with a CUDA GPU
 #   SMOKE=1 bash benchmarks/gpu_check.sh      # tiny models on the CPU: checks the script itself
@@ -14,13 +14,20 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
-python -c 'import diffusers, transformers' 2>/dev/null || pip install --quiet diffusers transformers
-for mod in safetensors tokenizers PIL numpy; do
-  python -c "import $mod" 2>/dev/null || pip install --quiet "$([ $mod = PIL ] && echo pillow || echo $mod)"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"  # GPU images often have python3 only
+"$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
+# No installing here: a GPU machine is often offline, where pip would retry for minutes. Carry
+# wheels instead (pip download diffusers ... -d .whl; pip install --no-index --target DIR .whl/*.whl).
+missing=""
+for mod in diffusers transformers accelerate safetensors tokenizers torchsde PIL numpy; do
+  "$PYTHON" -c "import $mod" 2>/dev/null || missing="$missing $mod"
 done
+if [ -n "$missing" ]; then
+  echo "missing Python packages:$missing; install them (or put their wheels on PYTHONPATH) and run again" >&2
+  exit 2
+fi
 
-python - <<'PY' 2>&1 | tee "${OUT:-/tmp}/gpu_check.txt"
+"$PYTHON" - <<'PY' 2>&1 | tee "${OUT:-/tmp}/gpu_check.txt"
 import dataclasses, os, statistics, sys, tempfile, time, traceback
 from pathlib import Path
 

@@ -2,7 +2,7 @@
 against the diffusers `train_text_to_image_lora.py` loop.
 
     python benchmarks/train_lora.py [--rank 16] [--size 512] [--batch 1] [--warmup 1] [--steps 3] [--repeat 1]
-                                    [--dtype fp32|bf16|mixed-bf16]
+                                    [--dtype fp32|bf16|mixed-bf16|mixed-fp16] [--device cpu|cuda]
 
 The parent builds one random SD 1.5 model (`new_bundle`) and writes its UNet twice to a
 temporary folder: as a diffusers folder (`write_diffusers_folder`, for
@@ -26,7 +26,10 @@ child process, alternating across rounds:
              (as its script)
 
 `--dtype mixed-bf16` is the scripts' `--mixed_precision bf16`: the frozen UNet in bf16, the LoRA
-in fp32 (diffusers' `cast_training_params`), forward under bf16 autocast; as the Trainer does.
+in fp32 (diffusers' `cast_training_params`), forward under bf16 autocast; as the Trainer does
+(`mixed-fp16` likewise, for GPUs without bf16; no loss scaling, as neither side needs it for
+timing). `--device cuda` runs both on the GPU and reports the CUDA allocator's peak
+(`torch.cuda.max_memory_allocated`) in place of the peak RSS.
 
 Both: the same rank and alpha, batch (1 unless `--batch`), the same dtype, gradient checkpointing off, the same
 precomputed random latents / text context / timesteps / target, so only UNet forward +
@@ -49,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (emit, fmt_bytes, fmt_ratio, fmt_seconds, memory, print_table, reset_peak_rss,  # noqa: E402
                      run_child, Stopwatch)
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "mixed-bf16": "bfloat16"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "mixed-bf16": "bfloat16", "mixed-fp16": "float16"}
 
 
 def _precision(args):
@@ -59,25 +62,50 @@ def _precision(args):
     return getattr(torch, DTYPES[args.dtype]), args.dtype.startswith("mixed")
 
 
-def _inputs(size: int, dtype, batch: int = 1):
+def _inputs(size: int, dtype, batch: int, device):
     import torch
 
     g = torch.Generator().manual_seed(0)
     n = size // 8
-    return (torch.randn(batch, 4, n, n, generator=g).to(dtype), torch.randint(0, 1000, (batch,), generator=g),
+    made = (torch.randn(batch, 4, n, n, generator=g).to(dtype), torch.randint(0, 1000, (batch,), generator=g),
             torch.randn(batch, 77, 768, generator=g).to(dtype), torch.randn(batch, 4, n, n, generator=g).to(dtype))
+    return tuple(t.to(device) for t in made)
 
 
-def _loop(step, warmup: int, steps: int) -> tuple[list[float], int]:
+def _peak(device) -> int:
+    """The high-water mark since the last `_reset_peak`: GPU memory on CUDA, RSS on the CPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else memory()["peak"]
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
+def _loop(step, warmup: int, steps: int, device) -> tuple[list[float], int, int]:
+    """Step times after the warm-up, the memory peak of the timed steps and that of the whole child."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
-    reset_peak_rss()
+    sync()
+    before = _peak(device)
+    _reset_peak(device)
     times = []
     for _ in range(steps):
         w = Stopwatch()
         step()
+        sync()
         times.append(w.lap())
-    return times, memory()["peak"]
+    train_peak = _peak(device)
+    return times, train_peak, max(before, train_peak)
 
 
 def child_sdlab(args) -> None:
@@ -90,32 +118,33 @@ def child_sdlab(args) -> None:
     from sdlab.training.lora_network import LoRANetwork
     from sdlab.training.trainer import adamw
 
-    if not args.plain_malloc:
+    device = torch.device(args.device)
+    if not args.plain_malloc and device.type == "cpu":
         devices.reuse_freed_memory()  # as the Trainer does on the CPU
     dtype, mixed = _precision(args)
     with torch.device("meta"):
         unet = UNet(PRESETS["sd15"])
     unet.load_state_dict(load_file(args.folder / "unet-native.safetensors"), assign=True)
-    unet.to(dtype).requires_grad_(False).train()
+    unet.to(device, dtype).requires_grad_(False).train()
     unet.gradient_checkpointing = False
     torch.manual_seed(0)
     lora = LoRANetwork(unet, None, args.rank, args.rank, only=r"attn[12]_to_(q|k|v|out_0)$")
-    lora.to(torch.float32 if mixed else dtype)
+    lora.to(device, torch.float32 if mixed else dtype)
     lora.apply()
     params = [p for p in lora.parameters() if p.requires_grad]
     opt = adamw(params, lr=1e-4)  # the trainer's: PyTorch's fused kernel
-    x, t, ctx, target = _inputs(args.size, dtype, args.batch)
+    x, t, ctx, target = _inputs(args.size, dtype, args.batch, device)
 
     def step():
-        with torch.autocast("cpu", dtype, enabled=mixed):
+        with torch.autocast(device.type, dtype, enabled=mixed):
             pred = unet(x, t.float(), ctx)
         F.mse_loss(pred.float(), target.float()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times, train_peak = _loop(step, args.warmup, args.steps)
-    emit({"times": times, "train_peak": train_peak, "peak": memory()["peak"], "lora_params": sum(map(torch.numel, params)),
-          "modules": len(lora.loras)})
+    times, train_peak, peak = _loop(step, args.warmup, args.steps, device)
+    emit({"times": times, "train_peak": train_peak, "peak": peak,
+          "lora_params": sum(map(torch.numel, params)), "modules": len(lora.loras)})
 
 
 def child_diffusers(args) -> None:
@@ -124,8 +153,9 @@ def child_diffusers(args) -> None:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
+    device = torch.device(args.device)
     dtype, mixed = _precision(args)
-    unet = UNet2DConditionModel.from_pretrained(args.folder / "unet", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(args.folder / "unet", torch_dtype=dtype).to(device)
     unet.requires_grad_(False).train()
     torch.manual_seed(0)
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
@@ -135,19 +165,19 @@ def child_diffusers(args) -> None:
         for p in params:
             p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    x, t, ctx, target = _inputs(args.size, dtype, args.batch)
+    x, t, ctx, target = _inputs(args.size, dtype, args.batch, device)
 
     def step():
-        with torch.autocast("cpu", dtype, enabled=mixed):
+        with torch.autocast(device.type, dtype, enabled=mixed):
             pred = unet(x, t, ctx, return_dict=False)[0]
         F.mse_loss(pred.float(), target.float()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times, train_peak = _loop(step, args.warmup, args.steps)
+    times, train_peak, peak = _loop(step, args.warmup, args.steps, device)
     n_modules = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
-    emit({"times": times, "train_peak": train_peak, "peak": memory()["peak"], "lora_params": sum(map(torch.numel, params)),
-          "modules": n_modules})
+    emit({"times": times, "train_peak": train_peak, "peak": peak,
+          "lora_params": sum(map(torch.numel, params)), "modules": n_modules})
 
 
 def write_models(folder: Path) -> None:
@@ -175,6 +205,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda; memory is the CUDA allocator's peak there")
     ap.add_argument("--plain-malloc", action="store_true",
                     help="run sdlab without devices.reuse_freed_memory (to see what it buys)")
     ap.add_argument("--child", choices=["sdlab", "diffusers"])
@@ -189,6 +220,7 @@ def main() -> None:
         write_models(folder)
         common = [__file__, "--folder", str(folder), "--rank", str(args.rank), "--size", str(args.size), "--batch", str(args.batch),
                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--dtype", args.dtype,
+                  "--device", args.device,
                   *(["--plain-malloc"] if args.plain_malloc else [])]
         results: dict[str, list[dict]] = {"sdlab": [], "diffusers": []}
         for r in range(args.repeat):
@@ -210,8 +242,9 @@ def main() -> None:
               for ours, theirs in zip(results["sdlab"], results["diffusers"])]
     print("step time ratio per round (sdlab / diffusers): " + " / ".join(f"{r:.2f}" for r in paired))
     rows = []
-    for label, key, fmt in (("step time (median)", "time", fmt_seconds), ("peak RSS, whole child", "peak", fmt_bytes),
-                            ("peak RSS, training steps", "train_peak", fmt_bytes)):
+    mem = "peak GPU memory" if args.device.startswith("cuda") else "peak RSS"
+    for label, key, fmt in (("step time (median)", "time", fmt_seconds), (f"{mem}, whole child", "peak", fmt_bytes),
+                            (f"{mem}, training steps", "train_peak", fmt_bytes)):
         ours, theirs = best("sdlab", key), best("diffusers", key)
         rows.append([label, fmt(ours), fmt(theirs), fmt_ratio(ours, theirs)])
         if key == "time":
@@ -220,7 +253,7 @@ def main() -> None:
                  f"{results['diffusers'][0]['modules']} / {results['diffusers'][0]['lora_params']:,}", ""])
     print_table(["", "sdlab", "diffusers", "sdlab / diffusers"], rows,
                 title=f"LoRA training step, SD 1.5 UNet, {args.size} px, rank {args.rank}, batch {args.batch}, {args.dtype}, "
-                      f"best of {args.repeat} round(s), {args.steps} steps after {args.warmup} warm-up")
+                      f"{args.device}, best of {args.repeat} round(s), {args.steps} steps after {args.warmup} warm-up")
 
 
 if __name__ == "__main__":
