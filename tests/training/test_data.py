@@ -146,6 +146,42 @@ def test_buckets_equal_area_and_step_multiples():
     assert max(w / h for h, w in buckets) == 4.0  # 1024 x 256
 
 
+@pytest.mark.parametrize("given, resolution, size", [
+    (512, 512, (512, 512)), ("512", 512, (512, 512)), ((512, 512), 512, (512, 512)),
+    ("768,512", (768, 512), (512, 768)), ((512, 768), (512, 768), (768, 512)),
+])
+def test_resolution_is_one_side_or_width_and_height(tmp_path, given, resolution, size):
+    cfg = DataConfig(tmp_path, resolution=given)
+    assert cfg.resolution == resolution and cfg.size == size
+
+
+@pytest.mark.parametrize("given, message", [
+    (30, "multiple of 8"), ("768,500", "multiple of 8"), ("512x768", "width,height"), ((1, 2, 3), "width,height"),
+])
+def test_bad_resolution_is_an_error(tmp_path, given, message):
+    with pytest.raises(SdlabError, match=message):
+        DataConfig(tmp_path, resolution=given)
+
+
+def test_non_square_buckets_as_kohya():
+    """kohya's make_bucket_resolutions for (width, height) = (768, 512): areas up to 768 * 512,
+    the largest square (576), each size and its transpose."""
+    buckets = make_buckets((768, 512))
+    assert buckets.max_area == 768 * 512
+    assert (576, 576) in buckets and (512, 768) in buckets and (768, 512) in buckets
+    assert all(h * w <= 768 * 512 and (w, h) in buckets.resos for h, w in buckets)
+    assert (640, 640) not in buckets
+    with pytest.raises(SdlabError, match="max_bucket_reso"):
+        make_buckets((1280, 512))
+
+
+def test_non_square_resolution_without_buckets_crops_to_it(tmp_path):
+    for i in range(2):
+        save_image(tmp_path / f"{i}.png", height=40, width=40 + 40 * i, seed=i, caption="x")
+    ds = CaptionedImageDataset(DataConfig(tmp_path, resolution=(48, 32), enable_bucket=False))
+    assert all(ds[i]["pixels"].shape == (3, 32, 48) for i in range(len(ds)))
+
+
 def test_bucket_resolution_out_of_range_is_an_error():
     with pytest.raises(SdlabError, match="min_bucket_reso"):
         make_buckets(128, min_reso=256)

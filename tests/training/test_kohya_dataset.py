@@ -115,7 +115,7 @@ def test_kohyas_default_caption_extension_and_this_configs_own_keys_win(tmp_path
     ("[[datasets]]\n[[datasets.subsets]]\nmetadata_file='m.json'\nis_reg=true\n", "has its captions"),
     ("[[datasets]]\nresolutoin=512\n[[datasets.subsets]]\nimage_dir='{train}'\n", "unknown option 'resolutoin'"),
     ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats=2\n", "no image_dir \\(or metadata_file\\)"),
-    ("[[datasets]]\nresolution=[512, 768]\n[[datasets.subsets]]\nimage_dir='{train}'\n", "square area"),
+    ("[[datasets]]\nresolution=[512, 770]\n[[datasets.subsets]]\nimage_dir='{train}'\n", "multiple of 8"),
     ("[general]\n[[datasets]]\n", "subsets\\]\\] is empty"),
 ])
 def test_dataset_config_errors(tmp_path, folders, text, message):

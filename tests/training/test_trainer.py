@@ -622,6 +622,21 @@ def test_lora_file_format_and_base_unchanged(tmp_path, shapes, base_model):
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0", "rank_dropout": "0.25"}
 
 
+def test_non_square_resolution_trains_samples_and_is_recorded(tmp_path, shapes, base_model):
+    """kohya's resolution = [width, height]: without buckets every batch is that size, the
+    validation images default to it, and the metadata says so as kohya writes it."""
+    cfg = config(tmp_path, shapes, mode="'lora'", base_model=f"{str(base_model)!r}", steps=1, **{
+        "data.resolution": "[64, 32]", "lora.rank": 2, "validation.prompts": "['a red circle']"})
+    t = trainer(cfg)
+    assert t.dataset[0]["pixels"].shape[-2:] == (32, 64)
+    path = t.train()
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_resolution"] == "(64, 32)" and meta["modelspec.resolution"] == "64x32"
+    samples = list((tmp_path / "out" / "samples").glob("*.png"))
+    assert samples and all(Image.open(p).size == (64, 32) for p in samples)
+
+
 def test_lora_starts_from_network_weights(tmp_path, shapes, base_model, caplog):
     """kohya's --network_weights: a second run starts from the first run's saved LoRA (weights and
     alphas); a file of another rank or for another model is refused with what to change."""

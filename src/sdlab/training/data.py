@@ -63,7 +63,9 @@ class DataConfig:
     """What to read and how to augment it. Field names follow kohya's dataset options."""
 
     folder: Path
-    resolution: int = 512  # bucket area is at most resolution**2; the one square size without buckets
+    # One number for a square, or kohya's (width, height) (also "768,512"): bucket areas are at
+    # most width * height; without buckets every image is cropped to exactly that size.
+    resolution: int | tuple[int, int] = 512
     enable_bucket: bool = True
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
@@ -104,6 +106,12 @@ class DataConfig:
     # images (`folder` stays where a latent cache goes by default).
     subsets: tuple[Subset, ...] = ()
 
+    @property
+    def size(self) -> Size:
+        """The training resolution as (height, width)."""
+        r = self.resolution
+        return (r, r) if isinstance(r, int) else (r[1], r[0])
+
     def __post_init__(self) -> None:
         # Normalise user input once here (frozen, hence object.__setattr__).
         object.__setattr__(self, "folder", Path(self.folder))
@@ -117,8 +125,7 @@ class DataConfig:
         ext = self.caption_extension
         object.__setattr__(self, "caption_extension", ext if ext.startswith(".") else f".{ext}")
 
-        if self.resolution <= 0 or self.resolution % 8:
-            raise SdlabError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        object.__setattr__(self, "resolution", _parse_resolution(self.resolution))
         if self.bucket_reso_steps <= 0 or self.bucket_reso_steps % 8:
             raise SdlabError(f"bucket_reso_steps must be a positive multiple of 8, got {self.bucket_reso_steps}")
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
@@ -443,23 +450,26 @@ class Buckets:
 
 
 def make_buckets(
-    resolution: int, min_reso: int = 256, max_reso: int = 1024, step: int = 64, no_upscale: bool = False
+    resolution: int | tuple[int, int], min_reso: int = 256, max_reso: int = 1024, step: int = 64,
+    no_upscale: bool = False,
 ) -> Buckets:
-    """kohya's bucket sizes: sides multiples of `step` in [min_reso, max_reso], area at most resolution**2.
+    """kohya's bucket sizes: sides multiples of `step` in [min_reso, max_reso], area at most
+    width * height of `resolution` (one number for a square, or (width, height)).
 
-    For each width the height is the largest step multiple that keeps the area within
-    resolution**2, and each size is also added transposed, plus the largest square.
+    For each width the height is the largest step multiple that keeps the area within that,
+    and each size is also added transposed, plus the largest square.
 
     Raises:
-        SdlabError: resolution outside [min_reso, max_reso], or min_reso > max_reso.
+        SdlabError: a side of the resolution outside [min_reso, max_reso].
     """
     if step <= 0:
         raise SdlabError(f"bucket step must be positive, got {step}")
-    if not min_reso <= resolution <= max_reso:
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if not min_reso <= min(width, height) <= max(width, height) <= max_reso:
         raise SdlabError(
             f"resolution {resolution} must lie between min_bucket_reso {min_reso} and max_bucket_reso {max_reso}"
         )
-    max_area = resolution * resolution
+    max_area = width * height
     side = int(math.sqrt(max_area) // step) * step
     resos = {(side, side)}
     for width in range(min_reso, max_reso + 1, step):
@@ -467,6 +477,21 @@ def make_buckets(
         if height >= min_reso:
             resos.update({(height, width), (width, height)})
     return Buckets(tuple(sorted(resos)), max_area, step, no_upscale)
+
+
+def _parse_resolution(value) -> int | tuple[int, int]:
+    """A square's side, or (width, height) where they differ: from 512, "512", "768,512",
+    [768, 512] or (512, 512)."""
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        sides = [int(p) for p in parts]
+        if len(sides) not in (1, 2):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise SdlabError(f"resolution must be one number or width,height (e.g. 512 or 768,512), got {value!r}") from None
+    if any(side <= 0 or side % 8 for side in sides):
+        raise SdlabError(f"each side of resolution must be a positive multiple of 8, got {value!r}")
+    return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
 
 
 # ----------------------------------------------------------------------------- captions
@@ -569,8 +594,8 @@ class CaptionedImageDataset(Dataset):
                 config.bucket_no_upscale,
             )
         else:
-            res = config.resolution
-            self.buckets = Buckets(((res, res),), res * res, config.bucket_reso_steps)
+            height, width = config.size
+            self.buckets = Buckets(((height, width),), height * width, config.bucket_reso_steps)
         self.fits: tuple[BucketFit, ...] = tuple(self.buckets.fit(*r.size) for r in self.records)
         self._record_of_index: list[int] = [i for i, r in enumerate(self.records) for _ in range(r.repeats)]
         self.latent_memory: dict[str, dict[str, Tensor]] | None = None

@@ -85,8 +85,6 @@ def dataset_fields(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], dic
     for key in DATASET_OPTIONS:
         if key in merged:
             (top if key == "batch_size" else data)[key] = merged[key]
-    if "resolution" in data:
-        data["resolution"] = _square(path, data["resolution"])
 
     out = []
     for i, subset in enumerate(subsets):
@@ -117,10 +115,3 @@ def _check_keys(path: Path, where: str, table: dict, known: tuple[str, ...]) -> 
             raise SdlabError(f"{path}: {where}: unknown option {key!r}; known: {', '.join(sorted(known))}")
 
 
-def _square(path: Path, resolution: Any) -> int:
-    if isinstance(resolution, (list, tuple)):
-        if len(resolution) != 2 or resolution[0] != resolution[1]:
-            raise SdlabError(f"{path}: resolution {resolution}: sdlab buckets around a square area; give one "
-                             "number (e.g. 512 for 512x512-sized buckets)")
-        resolution = resolution[0]
-    return int(resolution)

@@ -315,7 +315,9 @@ class Trainer:
             if cfg.prediction:
                 mcfg = with_prediction(mcfg, cfg.prediction)
             # A new model's natural size is the size it is trained at (saved in its config).
-            mcfg = replace(mcfg, family=replace(mcfg.family, default_size=cfg.data.resolution))
+            height, width = cfg.data.size  # a square of the same area where the two differ
+            side = int(math.sqrt(height * width)) // 8 * 8
+            mcfg = replace(mcfg, family=replace(mcfg.family, default_size=side))
             bundle = new_bundle(mcfg, seed=cfg.seed, name=cfg.output_name)
         else:
             bundle = load_bundle(cfg.base_model, device="cpu", dtype=torch.float32, prediction=cfg.prediction)
@@ -778,13 +780,13 @@ class Trainer:
         paths = []
         try:
             pipe = Pipeline(self.bundle)
-            size = self.cfg.data.resolution
+            height, width = self.cfg.data.size
             for i, line in enumerate(v.prompts):
                 p = parse_sample_prompt(line)
                 for seed in v.seeds if p.seed is None else (p.seed,):
                     img = pipe.txt2img(p.prompt, negative_prompt=p.negative, seed=seed, steps=p.steps or v.steps,
                                        cfg_scale=p.cfg_scale or v.cfg_scale, sampler=p.sampler or v.sampler,
-                                       width=p.width or v.width or size, height=p.height or v.height or size,
+                                       width=p.width or v.width or width, height=p.height or v.height or height,
                                        clip_skip=self.cfg.clip_skip,
                                        zero_terminal_snr=self.cfg.zero_terminal_snr or None)[0]
                     path = out / f"step{self.progress.step:06d}-p{i}-s{seed}.png"
@@ -915,7 +917,7 @@ class Trainer:
 
     def lora_metadata(self) -> dict[str, str]:
         cfg, lc = self.cfg, self.cfg.lora
-        res = cfg.data.resolution
+        height, width = cfg.data.size
         meta = {
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(lc.rank),
@@ -925,7 +927,7 @@ class Trainer:
             "ss_base_model_version": self.bundle.family.base_model_version,
             "ss_v2": str(self.bundle.family.name.startswith("sd2")),
             "ss_sd_model_name": Path(cfg.base_model or "").name,
-            "ss_resolution": f"({res}, {res})",
+            "ss_resolution": f"({width}, {height})",
             "ss_steps": str(self.progress.step),
             "ss_max_train_steps": str(self.diffusion_steps),
             "ss_epoch": str(self.progress.batches // max(1, self.batches_per_epoch)),
@@ -970,7 +972,7 @@ class Trainer:
             "modelspec.architecture": _modelspec_architecture(self.bundle.family, self.prediction) + "/lora",
             "modelspec.implementation": "sdlab",
             "modelspec.title": cfg.output_name,
-            "modelspec.resolution": f"{res}x{res}",
+            "modelspec.resolution": f"{width}x{height}",
             "modelspec.prediction_type": "v" if self.prediction == "v" else "epsilon",
         }
         return meta
