@@ -16,9 +16,11 @@ from sdlab.errors import SdlabError
 from sdlab.training.data import (
     BucketBatchSampler,
     CaptionedImageDataset,
+    ColorAug,
     DataConfig,
     cache_latents,
     collate,
+    draw_color_aug,
     make_buckets,
     process_caption,
     scan_folder,
@@ -490,14 +492,53 @@ def test_latent_cache_with_flip_stores_both(tmp_path):
     assert not torch.allclose(latents[0], latents[0].flip(-1))
 
 
-def test_latent_cache_refuses_random_crop(tmp_path):
+@pytest.mark.parametrize("aug", ["random_crop", "color_aug"])
+def test_latent_cache_refuses_augmentations_that_change_pixels(tmp_path, aug):
     save_image(tmp_path / "a.png", caption="a")
     for option in ("cache_latents", "cache_latents_to_disk"):
-        with pytest.raises(SdlabError, match=f"{option} cannot be combined with random_crop"):
-            DataConfig(tmp_path, **{option: True}, random_crop=True)
-    ds = CaptionedImageDataset(DataConfig(tmp_path, **SMALL, random_crop=True))
-    with pytest.raises(SdlabError, match="random_crop"):
+        with pytest.raises(SdlabError, match=f"{option} cannot be combined with {aug}"):
+            DataConfig(tmp_path, **{option: True, aug: True})
+    ds = CaptionedImageDataset(DataConfig(tmp_path, **SMALL, **{aug: True}))
+    with pytest.raises(SdlabError, match=aug):
         cache_latents(ds, CountingEncoder(), tmp_path / "cache", progress=False)
+
+
+def test_color_aug_draws_as_kohya():
+    """A third of the images change; of those half by hue (up to 16 degrees), half by gamma."""
+    draws = [draw_color_aug(np.random.default_rng((0, i))) for i in range(3000)]
+    hue = [d.hue_degrees for d in draws if d is not None and d.hue_degrees is not None]
+    gamma = [d.gamma for d in draws if d is not None and d.gamma is not None]
+    assert 0.30 < (len(hue) + len(gamma)) / len(draws) < 0.36 and 0.4 < len(hue) / (len(hue) + len(gamma)) < 0.6
+    assert max(map(abs, hue)) <= 16 and max(hue) > 15 and min(hue) < -15
+    assert 0.95 <= min(gamma) < 0.951 and 1.049 < max(gamma) <= 1.05
+
+
+def test_color_aug_changes_hue_or_gamma_only():
+    import colorsys
+
+    rgb = np.array([[[200, 40, 40], [128, 128, 128]], [[0, 0, 0], [255, 255, 255]]], dtype=np.uint8)
+    shifted = ColorAug(hue_degrees=12.0).apply(rgb)
+    h0, s0, v0 = colorsys.rgb_to_hsv(*(rgb[0, 0] / 255))
+    h1, s1, v1 = colorsys.rgb_to_hsv(*(shifted[0, 0] / 255))
+    assert abs((h1 - h0) * 360 - 12) < 2.5 and abs(s1 - s0) < 0.02 and abs(v1 - v0) < 0.01
+    assert np.array_equal(shifted[1:], rgb[1:]) and np.array_equal(shifted[0, 1], rgb[0, 1])  # greys keep
+    darker = ColorAug(gamma=1.05).apply(rgb)
+    assert darker[0, 1, 0] == round(255 * (128 / 255) ** 1.05) and np.array_equal(darker[1], rgb[1])
+
+
+def test_color_aug_in_the_dataset(tmp_path):
+    """On: some items' pixels change (the same ones each time for a seed and epoch), flips and
+    crops are drawn as without it; off: no change."""
+    for i in range(24):
+        save_image(tmp_path / f"{i}.png", seed=i, caption="x")
+    plain = CaptionedImageDataset(DataConfig(tmp_path, resolution=32, enable_bucket=False, flip_aug=True))
+    aug = CaptionedImageDataset(DataConfig(tmp_path, resolution=32, enable_bucket=False, flip_aug=True, color_aug=True))
+    changed = [i for i in range(24) if not torch.equal(plain[i]["pixels"], aug[i]["pixels"])]
+    assert 2 <= len(changed) <= 16
+    again = [i for i in range(24) if not torch.equal(plain[i]["pixels"], aug[i]["pixels"])]
+    assert again == changed
+    for i in range(24):  # the change is small: colours, not geometry
+        assert (plain[i]["pixels"] - aug[i]["pixels"]).abs().mean() < 0.25
 
 
 # ----------------------------------------------------------------------------- shapes

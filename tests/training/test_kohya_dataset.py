@@ -59,6 +59,7 @@ def _config(tmp_path, folders) -> Path:
           caption_extension = ".caption"
           shuffle_caption = false
           caption_prefix = "style of x,"
+          color_aug = true
 
           [[datasets.subsets]]
           image_dir = '{folders["reg"]}'
@@ -80,6 +81,7 @@ def test_levels_cascade_into_each_subsets_options(tmp_path, folders):
     assert len(train) == 4 and all(rec.repeats == 3 and not rec.regularization for rec, _ in train)
     assert all(opt.flip_aug and opt.shuffle_caption and opt.keep_tokens == 1 for _, opt in train)
     assert all(not opt.flip_aug and not opt.shuffle_caption and opt.caption_prefix == "style of x," for _, opt in style)
+    assert all(opt.color_aug for _, opt in style) and not any(opt.color_aug for _, opt in train + reg)
     assert all(rec.caption and rec.caption != "shape" for rec, _ in style)  # read from the .caption files
     # 3 regularization images balanced against 4 x 3 + 2 training items, captioned by class_tokens.
     assert all(rec.regularization and rec.caption == "shape" for rec, _ in reg)
@@ -111,7 +113,8 @@ def test_kohyas_default_caption_extension_and_this_configs_own_keys_win(tmp_path
 @pytest.mark.parametrize("text, message", [
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir='y'\n",
      "has 2 \\[\\[datasets\\]\\]"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='{train}'\ncolor_aug=true\n", "color_aug is not supported"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='{train}'\nface_crop_aug_range=[2.0, 4.0]\n",
+     "face_crop_aug_range is not supported"),
     ("[[datasets]]\n[[datasets.subsets]]\nmetadata_file='m.json'\nis_reg=true\n", "has its captions"),
     ("[[datasets]]\nresolutoin=512\n[[datasets.subsets]]\nimage_dir='{train}'\n", "unknown option 'resolutoin'"),
     ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats=2\n", "no image_dir \\(or metadata_file\\)"),

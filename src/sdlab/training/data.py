@@ -73,6 +73,7 @@ class DataConfig:
     bucket_no_upscale: bool = False  # never enlarge an image; buckets then follow each image's own size
     random_crop: bool = False  # otherwise center crop to the bucket
     flip_aug: bool = False  # random horizontal flip
+    color_aug: bool = False  # kohya's: a third of the images get a small hue shift or gamma change
     caption_extension: str = ".txt"
     caption_prefix: str = ""
     caption_suffix: str = ""
@@ -143,8 +144,9 @@ class DataConfig:
         if self.seed < 0:
             raise SdlabError(f"seed must be 0 or more, got {self.seed}")
         for name in ("cache_latents", "cache_latents_to_disk"):
-            if getattr(self, name) and self.random_crop:
-                raise SdlabError(f"{name} cannot be combined with random_crop: turn one of them off")
+            for aug in ("random_crop", "color_aug"):  # each epoch draws new pixels: nothing to cache
+                if getattr(self, name) and getattr(self, aug):
+                    raise SdlabError(f"{name} cannot be combined with {aug}: turn one of them off")
 
     def for_subset(self, subset: Subset) -> DataConfig:
         """The options that apply to `subset`'s images: these, with the subset's own."""
@@ -494,6 +496,34 @@ def _parse_resolution(value) -> int | tuple[int, int]:
     return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
 
 
+@dataclass(frozen=True)
+class ColorAug:
+    """One image's colour augmentation: a hue shift in degrees, or a gamma (one is None)."""
+
+    hue_degrees: float | None = None
+    gamma: float | None = None
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        """The (H, W, 3) uint8 image with this change."""
+        if self.gamma is not None:
+            return np.clip(255.0 * (rgb / 255.0) ** self.gamma + 0.5, 0, 255).astype(np.uint8)
+        hsv = np.array(Image.fromarray(rgb).convert("HSV"))  # 8-bit HSV (hue 0..255), as OpenCV's (0..179)
+        hsv[..., 0] = (hsv[..., 0].astype(np.float64) + self.hue_degrees * 256 / 360).round().astype(np.int64) % 256
+        return np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+def draw_color_aug(rng: np.random.Generator) -> ColorAug | None:
+    """kohya's color_aug draw: a third of the images change, half of those by a hue shift of up
+    to 16 degrees (8 of OpenCV's 180 hue steps), half by a gamma in [0.95, 1.05]. kohya raises the
+    0..255 values themselves to the gamma (255 ** 1.05 clips every value above 195 to white);
+    this is the gamma on 0..1 that its comment names (albumentations' RandomGamma((95, 105)))."""
+    if rng.random() > 0.33:
+        return None
+    if rng.random() > 0.5:
+        return ColorAug(hue_degrees=float(rng.uniform(-16.0, 16.0)))
+    return ColorAug(gamma=float(rng.uniform(0.95, 1.05)))
+
+
 # ----------------------------------------------------------------------------- captions
 
 
@@ -629,7 +659,7 @@ class CaptionedImageDataset(Dataset):
         return dict(sorted(counts.items()))
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw fresh augmentations (flip, crop, caption shuffle and dropout) for this epoch."""
+        """Draw fresh augmentations (flip, crop, colour, caption shuffle and dropout) for this epoch."""
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict:
@@ -648,6 +678,7 @@ class CaptionedImageDataset(Dataset):
             top, left = int(rng.integers(0, rh - bh + 1)), int(rng.integers(0, rw - bw + 1))
         else:
             top, left = (rh - bh) // 2, (rw - bw) // 2
+        colour = draw_color_aug(np.random.default_rng((cfg.seed, self.epoch, index, 2))) if cfg.color_aug else None
 
         item: dict = {
             "caption": caption,
@@ -663,7 +694,7 @@ class CaptionedImageDataset(Dataset):
         if latents is not None:
             item["latents"] = latents
         else:
-            item["pixels"] = self._pixels(img, r, top, left, flip)
+            item["pixels"] = self._pixels(img, r, top, left, flip, colour)
         if cfg.alpha_mask:
             item["mask"] = self._mask(img, r, top, left, flip)
         return item
@@ -695,8 +726,11 @@ class CaptionedImageDataset(Dataset):
     def _load_pixels(self, r: int, top: int, left: int, flip: bool) -> Tensor:
         return self._pixels(self._open(r), r, top, left, flip)
 
-    def _pixels(self, img: Image.Image, r: int, top: int, left: int, flip: bool) -> Tensor:
+    def _pixels(self, img: Image.Image, r: int, top: int, left: int, flip: bool,
+                colour: ColorAug | None = None) -> Tensor:
         pixels = self._place(_to_rgb(img), r, top, left, flip)
+        if colour is not None:
+            pixels = colour.apply(pixels)
         return torch.from_numpy(pixels).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
 
     def _mask(self, img: Image.Image, r: int, top: int, left: int, flip: bool) -> Tensor:
@@ -768,10 +802,12 @@ def cache_latents(
         The number of images encoded (0 when everything was cached already).
 
     Raises:
-        SdlabError: random_crop is on (each epoch crops differently), or there is no cache folder.
+        SdlabError: random_crop or color_aug is on (each epoch draws new pixels), or there is no cache folder.
     """
-    if any(c.random_crop for c in dataset.subset_configs):
-        raise SdlabError("latents cannot be cached with random_crop on: turn random_crop off or do not cache")
+    for aug in ("random_crop", "color_aug"):
+        if any(getattr(c, aug) for c in dataset.subset_configs):
+            raise SdlabError(f"latents cannot be cached with {aug} on (each epoch draws new pixels): "
+                             f"turn {aug} off or do not cache")
     if in_memory:
         memory = dataset.latent_memory = dataset.latent_memory or {}
     else:

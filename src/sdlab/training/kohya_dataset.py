@@ -40,13 +40,12 @@ DATASET_OPTIONS = ("resolution", "batch_size", "enable_bucket", "min_bucket_reso
                    "bucket_reso_steps", "bucket_no_upscale")
 # kohya's subset options that sdlab reads per subset.
 SUBSET_OPTIONS = ("caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
-                  "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "flip_aug",
+                  "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "flip_aug", "color_aug",
                   "random_crop", "caption_dropout_rate", "caption_dropout_every_n_epochs",
                   "caption_tag_dropout_rate", "caption_separator")
 SUBSET_KEYS = ("image_dir", "num_repeats", "class_tokens", "is_reg", "metadata_file")
 # Options kohya has that sdlab does not: a clear refusal rather than a silent difference.
 UNSUPPORTED = {
-    "color_aug": "not implemented; leave it out",
     "face_crop_aug_range": "not implemented; leave it out",
     "token_warmup_min": "not implemented; leave it out",
     "token_warmup_step": "not implemented; leave it out",
