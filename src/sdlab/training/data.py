@@ -466,12 +466,12 @@ def make_buckets(
     """
     if step <= 0:
         raise SdlabError(f"bucket step must be positive, got {step}")
-    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
-    if not min_reso <= min(width, height) <= max(width, height) <= max_reso:
+    sides = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if not min_reso <= min(sides) <= max(sides) <= max_reso:
         raise SdlabError(
             f"resolution {resolution} must lie between min_bucket_reso {min_reso} and max_bucket_reso {max_reso}"
         )
-    max_area = width * height
+    max_area = sides[0] * sides[1]
     side = int(math.sqrt(max_area) // step) * step
     resos = {(side, side)}
     for width in range(min_reso, max_reso + 1, step):

@@ -112,5 +112,3 @@ def _check_keys(path: Path, where: str, table: dict, known: tuple[str, ...]) -> 
             raise SdlabError(f"{path}: {where}: {key} is not supported: {UNSUPPORTED[key]}")
         if key not in known and key not in IGNORED:
             raise SdlabError(f"{path}: {where}: unknown option {key!r}; known: {', '.join(sorted(known))}")
-
-
