@@ -633,6 +633,9 @@ def test_non_square_resolution_trains_samples_and_is_recorded(tmp_path, shapes, 
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     assert meta["ss_resolution"] == "(64, 32)" and meta["modelspec.resolution"] == "64x32"
+    # kohya's flat data-set keys, which the web UIs show for a LoRA
+    assert (meta["ss_enable_bucket"], meta["ss_flip_aug"], meta["ss_color_aug"], meta["ss_total_batch_size"],
+            meta["ss_min_bucket_reso"]) == ("False", "False", "False", "2", "256")
     samples = list((tmp_path / "out" / "samples").glob("*.png"))
     assert samples and all(Image.open(p).size == (64, 32) for p in samples)
 
