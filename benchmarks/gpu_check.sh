@@ -243,7 +243,7 @@ def fp8_weights():
     dtype, fp8 = torch.float16, torch.float8_e4m3fn
     ref = ours_unet(dtype).unet
     with torch.no_grad():
-        for module, attr in storage.narrowable(ref).values():
+        for module, attr in storage.narrowable(ref, fp8).values():
             getattr(module, attr).copy_(getattr(module, attr).to(fp8).to(dtype))
     b = load_bundle(single, device="cpu", dtype=dtype, weight_dtype=fp8)
     perf.prepare_for_inference(b, DEV, dtype, weight_dtype=fp8)

@@ -61,7 +61,7 @@ def rounded_through(bundle: Bundle, dtype: torch.dtype) -> Bundle:
     `dtype` and kept in its own dtype (the reference for weights stored in `dtype`)."""
     with torch.no_grad():
         for net in (bundle.unet, *bundle.text_encoders):
-            for module, attr in storage.narrowable(net).values():
+            for module, attr in storage.narrowable(net, dtype).values():
                 w = getattr(module, attr)
                 w.copy_(w.to(dtype).to(w.dtype))
     return bundle

@@ -223,7 +223,7 @@ def _build(cls, cfg, entries: dict[str, _Lazy], dtype: torch.dtype, what: str, p
         raise SdlabError(f"{path}: has no {what} weights")
     with torch.device("meta"), _skip_init_on_meta():
         module = cls(cfg)
-    narrow = narrowable(module) if weight_dtype not in (None, dtype) else {}
+    narrow = narrowable(module, weight_dtype) if weight_dtype not in (None, dtype) else {}
     ignored = [re.compile(p) for p in getattr(module, "IGNORED_KEYS", ())]
     expected = module.state_dict()
     tensors, unexpected = {}, []

@@ -262,7 +262,7 @@ class CLIPTextModel(nn.Module):
         if t > positions.shape[0]:
             raise ValueError(f"sequence of {t} tokens is longer than max_positions ({positions.shape[0]})")
         x = self.embed_tokens(tokens) if embeddings is None else embeddings
-        x = x + positions[:t]  # (B, T, width)
+        x = x + positions[:t].to(x.dtype)  # (B, T, width); the OpenAI table may be stored narrow (models.storage)
         # Causal: each token attends to itself and the tokens before it (True = attend).
         mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
 

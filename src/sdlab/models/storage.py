@@ -12,10 +12,11 @@ upcast is exact, the kernels and layouts are the same.
 - On a GPU, fp8 weights with fp16 / bf16 arithmetic let SDXL fit on small cards.
 
 What is stored narrow: the >= 2-D weights a module reads in its own `forward` (Linear and
-convolution weights, OpenCLIP's fused `in_proj_weight`): nearly all of a network's bytes.
-Norms, biases and embedding tables stay in the compute dtype. An embedding reads a few rows of a
-large table, so upcasting it whole per call would need a table-sized scratch buffer (SDXL's bigG:
-253 MB), and the OpenAI layout's position table is read outside `forward`; they are a small share.
+convolution weights, OpenCLIP's fused `in_proj_weight`): nearly all of a network's bytes; and,
+in fp16 or bf16, the embedding tables (a text encoder's token table: 152 MB of SD 1.5's CLIP in
+fp32, 253 MB of SDXL's bigG). An embedding gathers its rows from the narrow table and upcasts
+only those. With fp8 the tables stay in the compute dtype, as kohya's fp8_base and the web UI's
+FP8 weight keep them. Norms and biases stay in the compute dtype.
 
 Each module that owns narrow weights gets a `forward` that, for the length of the call, swaps
 those parameters for compute-dtype copies written into one scratch buffer per network (the
@@ -35,18 +36,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Narrower than every compute dtype they are used with.
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def narrowable(net: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """The parameters `set_dtypes` may store narrow: {full name: (owning module, attribute)}."""
+def narrowable(net: nn.Module, weights: torch.dtype | None = None) -> dict[str, tuple[nn.Module, str]]:
+    """The parameters `set_dtypes` may store as `weights` (default: as any narrow dtype):
+    {full name: (owning module, attribute)}. Embedding tables only for 16-bit dtypes."""
+    tables = weights is None or torch.finfo(weights).bits == 16
     out = {}
     for path, module in net.named_modules():
-        if module is net or isinstance(module, nn.Embedding):
-            continue  # a root's own tables are read by helpers outside forward; embeddings too
+        if module is net:
+            continue  # a root's own tables (OpenCLIP's positions, projection) are read outside forward
+        if isinstance(module, nn.Embedding):
+            if tables and module.max_norm is None:  # max_norm would write to the table
+                out[f"{path}.weight"] = (module, "weight")
+            continue
         for name, p in module.named_parameters(recurse=False):
             if p.ndim >= 2 and p.is_floating_point():
                 out[f"{path}.{name}"] = (module, name)
@@ -65,7 +73,7 @@ def set_dtypes(net: nn.Module, compute: torch.dtype, weights: torch.dtype | None
     if weights != compute and weights not in STORAGE_DTYPES:
         raise ValueError(f"weights can be stored as {', '.join(map(str, STORAGE_DTYPES))}, not {weights}")
     _unwrap(net)
-    narrow = narrowable(net) if weights != compute else {}
+    narrow = narrowable(net, weights) if weights != compute else {}
     trainable = [name for name in narrow if net.get_parameter(name).requires_grad]
     if trainable:
         raise ValueError(f"weights stored narrow are for inference; {trainable[0]} requires grad")
@@ -79,7 +87,11 @@ def set_dtypes(net: nn.Module, compute: torch.dtype, weights: torch.dtype | None
                     setattr(module, name, b.to(compute))
     owners: dict[nn.Module, list[str]] = {}
     for module, attr in narrow.values():
-        if getattr(module, attr).dtype != compute:
+        if getattr(module, attr).dtype == compute:
+            continue
+        if isinstance(module, nn.Embedding):
+            module.forward = _GatherForward(module, compute)
+        else:
             owners.setdefault(module, []).append(attr)
     if owners:
         arena = _Arena(compute, _stack_need(net, owners))
@@ -113,12 +125,12 @@ def storage_dtype(net: nn.Module) -> torch.dtype:
 
 
 def stores_narrow(net: nn.Module) -> bool:
-    return any(isinstance(m.__dict__.get("forward"), _UpcastForward) for m in net.modules())
+    return any(isinstance(m.__dict__.get("forward"), (_UpcastForward, _GatherForward)) for m in net.modules())
 
 
 def _unwrap(net: nn.Module) -> None:
     for module in net.modules():
-        if isinstance(module.__dict__.get("forward"), _UpcastForward):
+        if isinstance(module.__dict__.get("forward"), (_UpcastForward, _GatherForward)):
             del module.forward  # back to the class's forward
     net.__dict__.pop("sdlab_compute_dtype", None)
 
@@ -181,3 +193,15 @@ class _UpcastForward:
     def __call__(self, *args, **kwargs):
         with self.arena.lease(self.module, self.attrs):
             return self.forward(*args, **kwargs)
+
+
+class _GatherForward:
+    """An embedding's `forward` that gathers rows from its narrow table and upcasts only them:
+    the same numbers as upcasting the table first."""
+
+    def __init__(self, module: nn.Embedding, compute: torch.dtype):
+        self.module, self.compute = module, compute
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        m = self.module
+        return F.embedding(ids, m.weight, m.padding_idx, None, 2.0, m.scale_grad_by_freq, m.sparse).to(self.compute)
