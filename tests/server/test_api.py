@@ -539,6 +539,40 @@ def test_server_loads_models_with_its_weight_dtype(models_dir):
         assert (storage_dtype(unet), compute_dtype(unet)) == (want, torch.float32)
 
 
+def test_fp8_storage_option_reloads_the_model_with_fp8_weights(models_dir):
+    """The web UI's "FP8 weight" (fp8_storage): "Enable" loads the model again with its matrices
+    in fp8 (embedding tables stay wide, as there), which changes the image; "Enable for SDXL"
+    leaves an SD 1.x model alone; "Disable" gives the first image back."""
+    import torch
+
+    from sdlab.models.storage import storage_dtype
+
+    app = create_app(ServerSettings(models_dir=models_dir, model="tiny.safetensors", device="cpu", dtype="fp32"))
+    with TestClient(app) as c:
+        state = app.state.sdlab
+
+        def storage():
+            bundle = state.worker._pipeline.bundle
+            return storage_dtype(bundle.unet), storage_dtype(bundle.text_encoders[0])
+
+        assert c.get(f"{API}/options").json()["fp8_storage"] == "Disable"
+        plain, _ = txt2img(c, seed=4)
+        assert storage() == (torch.float32, torch.float32)
+        assert c.post(f"{API}/options", json={"fp8_storage": "Enable"}).status_code == 200
+        assert storage() == (torch.float8_e4m3fn, torch.float8_e4m3fn)  # loaded again at once
+        tables = state.worker._pipeline.bundle.text_encoders[0].text_model.embeddings
+        assert tables.token_embedding.weight.dtype == torch.float32
+        fp8, _ = txt2img(c, seed=4)
+        assert fp8["images"] != plain["images"]
+        c.post(f"{API}/options", json={"fp8_storage": "Enable for SDXL"})
+        assert storage() == (torch.float32, torch.float32)
+        c.post(f"{API}/options", json={"fp8_storage": "Disable"})
+        again, _ = txt2img(c, seed=4)
+        assert again["images"] == plain["images"] and storage() == (torch.float32, torch.float32)
+        r = c.post(f"{API}/options", json={"fp8_storage": "On"})
+        assert r.status_code == 422 and "fp8_storage must be one of" in r.text
+
+
 def test_serve_command_defaults_to_loopback_and_parses_auth_and_limits():
     from sdlab.cli import build_parser
     from sdlab.errors import SdlabError

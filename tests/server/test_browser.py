@@ -163,6 +163,28 @@ def test_lora_picker_inserts_a_tag(page):
     assert page.input_value("#prompt") == "a cat, <lora:shapes:1>"
 
 
+def test_fp8_weight_choice_reloads_the_model(page, base_url):
+    """The header's "FP8 weight" select sets the web UI's fp8_storage option: the server loads the
+    model again, and the page shows the option as the server has it."""
+    import json
+    import urllib.request
+
+    def server_choice():
+        with urllib.request.urlopen(base_url + "/sdapi/v1/options") as r:
+            return json.load(r)["fp8_storage"]
+
+    assert page.input_value("#fp8") == "Disable"
+    try:
+        page.select_option("#fp8", "Enable")
+        page.wait_for_function("!document.querySelector('#fp8').disabled "
+                               "&& document.querySelector('#model-status').textContent === ''")
+        assert server_choice() == "Enable" and page.input_value("#fp8") == "Enable"
+    finally:
+        page.select_option("#fp8", "Disable")
+        page.wait_for_function("!document.querySelector('#fp8').disabled")
+    assert server_choice() == "Disable"
+
+
 def test_inpaint_with_the_brush(page, tmp_path):
     arr = Image.new("RGB", (64, 64), (30, 30, 200))
     arr.paste((200, 30, 30), (0, 0, 32, 64))

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import Request
 
 from ..errors import SdlabError
@@ -19,6 +20,7 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 RANDN_SOURCES = {"CPU": "cpu", "NV": "nv", "GPU": "cpu"}  # noise is always drawn on the CPU (DESIGN 4)
+FP8_STORAGE = ("Disable", "Enable for SDXL", "Enable")  # the web UI's "FP8 weight" setting
 
 
 class ServerState:
@@ -27,10 +29,11 @@ class ServerState:
         extra = self._extra_checkpoint(settings)
         self.catalog = ModelCatalog(settings.models_dir, extra)
         self.selected: CheckpointEntry | None = self._initial_checkpoint(settings, extra)
-        self.worker = Worker(self.catalog, self._load_pipeline)
         self._lock = threading.Lock()
         self._options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "randn_source": "CPU",
-                                         "sd_noise_schedule": "Default"}
+                                         "sd_noise_schedule": "Default", "fp8_storage": "Disable"}
+        # A model is loaded again when fp8_storage changes what its weights are stored as.
+        self.worker = Worker(self.catalog, self._load_pipeline, load_key=lambda: self.option("fp8_storage"))
 
     @staticmethod
     def _extra_checkpoint(settings: ServerSettings) -> Path | None:
@@ -63,13 +66,24 @@ class ServerState:
         from ..pipeline import Pipeline
 
         s = self.settings
+        weight_dtype = torch.float8_e4m3fn if self._fp8_weights(entry) else parse_weight_dtype(s.weight_dtype)
         bundle = load_for_inference(entry.path, s.device, parse_dtype(s.dtype), compile=s.compile, offload=s.offload,
-                                    weight_dtype=parse_weight_dtype(s.weight_dtype))
+                                    weight_dtype=weight_dtype)
         if entry.path.is_file():
             sha = self.catalog.sha256(entry)
             # The bundle would hash the file again for its infotext; hand it the hash we have.
             bundle._hash = sha[:10]
         return Pipeline(bundle, models=self.catalog.models)
+
+    def _fp8_weights(self, entry: CheckpointEntry) -> bool:
+        """Whether the fp8_storage option asks for fp8 weights for this model (the web UI's rule:
+        "Enable", or "Enable for SDXL" and an SDXL model, base or refiner)."""
+        choice = self.option("fp8_storage")
+        if choice != "Enable for SDXL":
+            return choice == "Enable"
+        from ..checkpoints.loader import config_of, open_model
+
+        return config_of(open_model(entry.path)[0]).family.name.startswith("sdxl")
 
     # -- the web UI's options ---------------------------------------------------------
 
@@ -94,6 +108,9 @@ class ServerState:
             value = randn_source_value(value)
         elif key == "sd_noise_schedule":
             value = noise_schedule_value(value)
+        elif key == "fp8_storage":
+            if value not in FP8_STORAGE:
+                raise SdlabError(f"fp8_storage must be one of {', '.join(FP8_STORAGE)}, got {value!r}")
         elif key in ("sd_model_checkpoint", "sd_checkpoint_hash", "samples_format", "sd_vae"):
             return key == "sd_model_checkpoint"  # handled by the router (a model switch)
         else:

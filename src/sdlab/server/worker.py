@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -87,9 +87,13 @@ Loader = Callable[[CheckpointEntry], Pipeline]
 class Worker:
     """One thread, one model, one queue."""
 
-    def __init__(self, catalog: ModelCatalog, loader: Loader):
+    def __init__(self, catalog: ModelCatalog, loader: Loader, load_key: Callable[[], Any] = lambda: None):
+        """`load_key()`: the settings a model is loaded with (its weight dtype, say); a model
+        loaded under another key is loaded again."""
         self.catalog = catalog
         self._loader = loader
+        self._load_key = load_key
+        self._loaded_key: Any = None
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._state = _State()
@@ -193,7 +197,9 @@ class Worker:
                 return self._pipeline, self.loaded
             raise NoModel(f"no model to generate with: put a checkpoint in {self.catalog.root / 'Stable-diffusion'} "
                           "or start the server with --model")
-        if self._pipeline is not None and self.loaded is not None and self.loaded.path == entry.path:
+        key = self._load_key()
+        if (self._pipeline is not None and self.loaded is not None and self.loaded.path == entry.path
+                and self._loaded_key == key):
             return self._pipeline, self.loaded
         # Free the old model before loading the next: two never fit at once on a small GPU.
         self._pipeline, self.loaded = None, None
@@ -206,6 +212,7 @@ class Worker:
             self._pipeline = self._loader(entry)
         except SdlabError as e:
             raise ModelLoadError(f"cannot load {entry.name}: {e}") from None
+        self._loaded_key = key
         self.loaded = next((e for e in self.catalog.checkpoints() if e.path == entry.path), entry)
         return self._pipeline, self.loaded
 

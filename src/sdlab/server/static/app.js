@@ -60,6 +60,7 @@ async function loadModels() {
   const items = models.map((m) => ({ value: m.title, label: m.title }));
   if (current && !items.some((i) => i.value === current)) items.unshift({ value: current, label: current });
   fillSelect($("model"), items, current);
+  $("fp8").value = options.fp8_storage;
 }
 
 async function loadLists() {
@@ -69,19 +70,19 @@ async function loadLists() {
   if (loras.length) fillSelect($("lora"), loras.map((l) => ({ value: l.name, label: l.alias || l.name })));
 }
 
-async function switchModel() {
-  const title = $("model").value;
-  $("model").disabled = true;
+// Options that load the model (again): the checkpoint, and how its weights are stored.
+async function setModelOption(body) {
+  $("model").disabled = $("fp8").disabled = true;
   $("model-status").textContent = "loading…";
   try {
-    await api("/options", { body: { sd_model_checkpoint: title } });
+    await api("/options", { body });
     $("model-status").textContent = "";
-    await loadModels();
   } catch (e) {
     $("model-status").textContent = "";
     showError(e);
   } finally {
-    $("model").disabled = false;
+    $("model").disabled = $("fp8").disabled = false;
+    await loadModels();
   }
 }
 
@@ -364,7 +365,8 @@ function init() {
   $("generate").onclick = generate;
   $("skip").onclick = () => api("/skip", { body: {} }).catch(showError);
   $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) generate(); });
-  $("model").onchange = switchModel;
+  $("model").onchange = () => setModelOption({ sd_model_checkpoint: $("model").value });
+  $("fp8").onchange = () => setModelOption({ fp8_storage: $("fp8").value });
   $("refresh-models").onclick = async () => { await api("/refresh-checkpoints", { body: {} }); await loadModels(); };
   $("lora-insert").onclick = insertLora;
   $("seed-random").onclick = () => { $("seed").value = -1; };
