@@ -573,6 +573,19 @@ def test_fp8_storage_option_reloads_the_model_with_fp8_weights(models_dir):
         assert r.status_code == 422 and "fp8_storage must be one of" in r.text
 
 
+def test_fp8_storage_enable_for_sdxl_takes_sdxl_models(tmp_path):
+    import torch
+
+    from sdlab.models.storage import storage_dtype
+    from sdlab.server.state import ServerState
+
+    path = save_native(tiny_bundle("sdxl"), tmp_path / "xl.safetensors")
+    state = ServerState(ServerSettings(models_dir=tmp_path, model=str(path), device="cpu", dtype="fp32"))
+    state.set_option("fp8_storage", "Enable for SDXL")
+    bundle = state._load_pipeline(state.selected).bundle
+    assert {storage_dtype(n) for n in (bundle.unet, *bundle.text_encoders)} == {torch.float8_e4m3fn}
+
+
 def test_serve_command_defaults_to_loopback_and_parses_auth_and_limits():
     from sdlab.cli import build_parser
     from sdlab.errors import SdlabError
