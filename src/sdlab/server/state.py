@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import Request
 
 from ..errors import SdlabError
@@ -61,6 +60,8 @@ class ServerState:
         return entry
 
     def _load_pipeline(self, entry: CheckpointEntry):
+        import torch
+
         from ..device import parse_dtype, parse_weight_dtype
         from ..perf import load_for_inference
         from ..pipeline import Pipeline
