@@ -337,6 +337,76 @@ def test_frozen_feed_forward_keeps_only_its_input(monkeypatch, chunk_bytes):
     assert _saved_bytes(lambda: ff.net(xr), *ff.parameters()) == 8 * x.nbytes  # proj(x): 2 x 4 x dim
 
 
+def _under_autocast(fn):
+    def run(*args):
+        with torch.autocast("cpu", torch.bfloat16):
+            return fn(*args)
+    return run
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2**40])  # 64-row slices / whole (as on a GPU)
+def test_frozen_feed_forward_under_autocast(monkeypatch, chunk_bytes):
+    """Mixed-precision LoRA training (bf16 weights, bf16 autocast, an fp32 input): the lean
+    feed-forward casts its input as autocast would, gives autocast's numbers and gradients, and
+    keeps only the input itself."""
+    from sdlab.models.unet import FeedForward
+
+    ff = _feed_forward().to(torch.bfloat16)
+    monkeypatch.setattr(FeedForward, "RECOMPUTE_MAX_DIM", 16)
+    monkeypatch.setattr(FeedForward, "RECOMPUTE_CHUNK_BYTES", chunk_bytes)
+    x = torch.randn(2, 75, 16)
+    ours, plain = _grads(_under_autocast(ff), x, []), _grads(_under_autocast(ff.net), x, [])
+    assert ours[0].dtype == torch.bfloat16 and ours[1][0].dtype == torch.float32
+    _same(ours, plain)
+    xr = x.clone().requires_grad_()
+    assert _saved_bytes(lambda: _under_autocast(ff)(xr), *ff.parameters()) == x.nbytes
+    assert _saved_bytes(lambda: _under_autocast(ff.net)(xr), *ff.parameters()) == 4 * x.nbytes  # bf16 proj(x)
+    # Weights in another dtype than autocast's would be cast on every call: the plain modules run.
+    wide = _feed_forward()
+    assert _saved_bytes(lambda: _under_autocast(wide)(xr), *wide.parameters()) > x.nbytes
+
+
+def test_norms_under_autocast_keep_no_fp32_copies(monkeypatch):
+    """CUDA's autocast runs layer_norm and group_norm in fp32 (emulated here on the CPU, whose
+    autocast does not): that keeps an fp32 copy of the input for backward and hands fp32 to the
+    Linears after it, each casting again. The transformer's LayerNorms and GroupNorm32 with weights
+    in the autocast dtype run in it instead (the kernels accumulate in fp32 either way), and a
+    LayerNorm with fp32 weights has its output cast once."""
+    from sdlab.models.unet import _norm_for_linears
+
+    plain_layer_norm, plain_group_norm = F.layer_norm, F.group_norm
+
+    def upcast(fn):
+        def run(x, *args, **kwargs):
+            if torch.is_autocast_enabled("cpu"):
+                x, args = x.float(), [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+                kwargs = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            return fn(x, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(F, "layer_norm", upcast(plain_layer_norm))
+    monkeypatch.setattr(F, "group_norm", upcast(plain_group_norm))
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 32, dtype=torch.bfloat16, requires_grad=True)
+    norm = nn.LayerNorm(32).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    want = norm(x)
+    got = _under_autocast(_norm_for_linears)(norm, x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert _saved_bytes(lambda: _under_autocast(_norm_for_linears)(norm, x), *norm.parameters()) < 1.1 * x.nbytes
+    assert _saved_bytes(lambda: _under_autocast(norm)(x), *norm.parameters()) >= 2 * x.nbytes  # the fp32 copy
+    wide = nn.LayerNorm(32)  # fp32 weights: autocast's fp32 output, cast once
+    assert _under_autocast(_norm_for_linears)(wide, x).dtype == torch.bfloat16
+
+    gn = GroupNorm32(4, 8).to(torch.bfloat16)
+    y = torch.randn(1, 8, 6, 6, dtype=torch.bfloat16, requires_grad=True)
+    got = _under_autocast(gn)(y)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, gn(y))
+    assert _saved_bytes(lambda: _under_autocast(gn)(y), *gn.parameters()) < 1.1 * y.nbytes
+
+
 def test_feed_forward_keeps_the_plain_path_where_recomputing_does_not_apply(monkeypatch):
     from sdlab.models.unet import FeedForward
 

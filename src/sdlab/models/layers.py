@@ -73,6 +73,21 @@ def native_group_norm_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this kind of device, or None where it is off (or has no
+    autocast at all, as the meta device)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """A block where autocast is off (a no-op where it is off already)."""
+    return torch.autocast(device_type, enabled=False) if autocast_dtype(device_type) else contextlib.nullcontext()
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics are always accumulated in float32 (the LDM code's GroupNorm32).
 
@@ -80,12 +95,14 @@ class GroupNorm32(nn.GroupNorm):
     group_norm kernels already accumulate half-precision inputs in fp32 and round only the
     output, so when input and weights share a dtype the native kernel gives the same numbers
     without the two extra full-size copies (about 3x faster on a bf16 CPU path). Mixed dtypes
-    (e.g. fp32 weights under autocast) still take the explicit upcast.
+    (e.g. fp32 weights under autocast) still take the explicit upcast. Matching dtypes run
+    natively under autocast too, which would otherwise upcast x and keep that fp32 copy for backward.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if self.weight is None or self.weight.dtype == x.dtype:
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            with without_autocast(x.device.type):
+                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
@@ -555,48 +572,55 @@ class _FrozenGEGLUFeedForward(torch.autograd.Function):
     """`out(geglu(proj(x)))` with both Linears frozen, keeping only `x` for backward.
 
     Autograd would keep proj(x), eight times the size of x; the backward here computes it again
-    (two thirds of the feed-forward's forward FLOPs). Tokens go through in slices, so the
-    intermediates never exist at full size. Same kernels per slice as the plain modules."""
+    (two thirds of the feed-forward's forward FLOPs). Tokens go through in slices of `rows`, so the
+    intermediates never exist at full size. Same kernels per slice as the plain modules, in
+    `dtype`: x's own, or under autocast the autocast dtype, to which x is cast as autocast would
+    (x itself is kept, so a LayerNorm output recomputed for backward stays free)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, rows: int) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = flat.new_empty(flat.shape[0], w2.shape[0])
-        for start in range(0, flat.shape[0], rows):
-            part = slice(start, start + rows)
-            gated = geglu(F.linear(flat[part], w1, b1))
-            if b2 is None:
-                torch.mm(gated, w2.t(), out=out[part])
-            else:
-                torch.addmm(b2, gated, w2.t(), out=out[part])
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, rows: int,
+                dtype: torch.dtype) -> Tensor:
+        with without_autocast(x.device.type):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            out = flat.new_empty(flat.shape[0], w2.shape[0])
+            for start in range(0, flat.shape[0], rows):
+                part = slice(start, start + rows)
+                gated = geglu(F.linear(flat[part], w1, b1))
+                if b2 is None:
+                    torch.mm(gated, w2.t(), out=out[part])
+                else:
+                    torch.addmm(b2, gated, w2.t(), out=out[part])
         ctx.save_for_backward(x, w1, b1, w2)
-        ctx.rows = rows
+        ctx.rows, ctx.dtype = rows, dtype
         return out.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w1, b1, w2 = ctx.saved_tensors
-        flat, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        dx = torch.empty_like(flat)
-        for start in range(0, flat.shape[0], ctx.rows):
-            part = slice(start, start + ctx.rows)
-            h = F.linear(flat[part], w1, b1)
-            dh = _GEGLU.backward_from(flat_grad[part] @ w2, h)
-            del h
-            torch.mm(dh, w1, out=dx[part])
-        return dx.view(x.shape), None, None, None, None, None
+        with without_autocast(x.device.type):
+            flat, flat_grad = x.reshape(-1, x.shape[-1]).to(ctx.dtype), grad.reshape(-1, grad.shape[-1])
+            dx = torch.empty_like(flat)
+            for start in range(0, flat.shape[0], ctx.rows):
+                part = slice(start, start + ctx.rows)
+                h = F.linear(flat[part], w1, b1)
+                dh = _GEGLU.backward_from(flat_grad[part] @ w2, h)
+                del h
+                torch.mm(dh, w1, out=dx[part])
+        return dx.view(x.shape).to(x.dtype), None, None, None, None, None, None
 
 
 def frozen_geglu_feed_forward(x: Tensor, proj: nn.Linear, out: nn.Linear, rows: int) -> Tensor | None:
     """`out(geglu(proj(x)))` keeping only x for backward (see `_FrozenGEGLUFeedForward`), or None
-    where that does not apply: no gradient wanted, trainable or hooked layers (LoRA), autocast."""
+    where that does not apply: no gradient wanted, trainable or hooked layers (LoRA), weights in
+    another dtype than the computation's (which autocast would cast on every call)."""
     layers = (proj, out)
     params = [p for m in layers for p in m.parameters()]
-    if not _needs_input_grad_only(x, *params) or torch.is_autocast_enabled(x.device.type):
+    if not _needs_input_grad_only(x, *params):
         return None
-    if any(p.dtype != x.dtype for p in params) or any(m._forward_hooks or m._forward_pre_hooks for m in layers):
+    dtype = autocast_dtype(x.device.type) or x.dtype
+    if any(p.dtype != dtype for p in params) or any(m._forward_hooks or m._forward_pre_hooks for m in layers):
         return None
-    return _FrozenGEGLUFeedForward.apply(x, proj.weight, proj.bias, out.weight, out.bias, rows)
+    return _FrozenGEGLUFeedForward.apply(x, proj.weight, proj.bias, out.weight, out.bias, rows, dtype)
 
 
 # A transformer block over a feature map turns pixels into tokens with a 1x1 convolution and back

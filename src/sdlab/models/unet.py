@@ -21,6 +21,7 @@ from sdlab.models.layers import (
     Conv2d,
     GroupNorm32,
     attention,
+    autocast_dtype,
     frozen_geglu_feed_forward,
     geglu,
     group_norm_silu,
@@ -30,6 +31,7 @@ from sdlab.models.layers import (
     timestep_embedding,
     tokens_to_pixels,
     upsample_nearest_2x,
+    without_autocast,
 )
 from sdlab.models.storage import compute_dtype
 
@@ -328,6 +330,9 @@ class FeedForward(nn.Module):
     # (5 MB each at 512 px) instead of growing the heap: SD 1.5, 512 px, about 0.03 GiB lower
     # step peak (two pairs of runs) for 5 ms more per feed-forward.
     RECOMPUTE_CHUNK_BYTES = 4 * 2**20
+    # On a GPU every level recomputes, whole: there the projection's GEMM takes microseconds of a
+    # step that kernel launches dominate, and keeping proj(x) at all levels would take 0.17 GiB of
+    # an SD 1.5 step at 512 px in bf16, a quarter of what the step needs beside the weights.
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
@@ -338,8 +343,9 @@ class FeedForward(nn.Module):
         rows = x.numel() // x.shape[-1]
         row_bytes = proj.out_features * x.element_size()  # of the GEGLU intermediate
         chunk = max(64, self.CHUNK_BYTES // row_bytes)
-        if x.device.type == "cpu" and x.shape[-1] <= self.RECOMPUTE_MAX_DIM:
-            lean = frozen_geglu_feed_forward(x, proj, self.net[2], max(64, self.RECOMPUTE_CHUNK_BYTES // row_bytes))
+        if x.device.type != "cpu" or x.shape[-1] <= self.RECOMPUTE_MAX_DIM:
+            slice_rows = max(64, self.RECOMPUTE_CHUNK_BYTES // row_bytes) if x.device.type == "cpu" else max(1, rows)
+            lean = frozen_geglu_feed_forward(x, proj, self.net[2], slice_rows)
             if lean is not None:
                 return lean
         if torch.is_grad_enabled() or x.device.type != "cpu" or rows <= chunk:
@@ -375,9 +381,26 @@ class BasicTransformerBlock(nn.Module):
 def _after_norm(layer: nn.Module, norm: nn.LayerNorm, x: Tensor, *args) -> Tensor:
     """`layer(norm(x), *args)`. Backward keeps the norm's input already, so a layer that would keep
     its output too (a LoRA, the lean feed-forward) gets the norm computed again there instead."""
-    h = norm(x)
-    with recomputed_for_backward(h, lambda: norm(x)):
+    h = _norm_for_linears(norm, x)
+    with recomputed_for_backward(h, lambda: _norm_for_linears(norm, x)):
         return layer(h, *args)
+
+
+def _norm_for_linears(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """`norm(x)` for Linears to read: under autocast, in the autocast dtype.
+
+    CUDA's autocast runs LayerNorm in fp32: it keeps an fp32 copy of x for backward, and each
+    Linear that reads the output casts it again, a trainable one (a LoRA's down projection) keeping
+    its cast too. SD 1.5 at 512 px in bf16 that is 0.2 GiB of a LoRA step. Where x and the norm's
+    weights already have the autocast dtype the norm runs in it (PyTorch's kernels accumulate in
+    fp32 and round the output once) and keeps x itself; otherwise its output is cast once here."""
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None:
+        return norm(x)
+    if x.dtype == dtype and all(p.dtype == dtype for p in norm.parameters()):
+        with without_autocast(x.device.type):
+            return norm(x)
+    return norm(x).to(dtype)
 
 
 class SpatialTransformer(nn.Module):

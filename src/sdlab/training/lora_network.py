@@ -27,6 +27,7 @@ from ..checkpoints.diffusers_keys import unet_to_diffusers
 from ..errors import SdlabError
 from ..lora import kohya_name
 from ..models.clip import CLIPTextModel, FusedProjection, OpenCLIPAttention
+from ..models.layers import autocast_dtype
 from ..models.unet import UNet
 from .lora_blocks import BlockRanks, block_index
 
@@ -72,7 +73,7 @@ class LoRAModule(nn.Module):
         # Under autocast the product casts x to the autocast dtype anyway: an fp32 copy first would
         # only be cast back, and that second copy kept for backward (SD 1.5 LoRA at 512 px, bf16 base
         # under bf16 autocast: 0.23 GiB more peak memory, the same numbers).
-        if not torch.is_autocast_enabled(x.device.type):
+        if autocast_dtype(x.device.type) is None:
             x = x.to(self.lora_down.weight.dtype)
         return self.dropout(self.lora_down(x))
 
