@@ -19,8 +19,11 @@ child process, alternating across rounds:
              convolutions run as matrix products, 64x64 input gradients as forward convolutions with the flipped weight,
              the transformers' 1x1 projections go straight between pixels and tokens, the
              LayerNorm outputs the LoRAs read are computed again in backward rather than kept,
-             the 320-channel feed-forwards recompute their projection, and each LoRA update is
-             accumulated in place (lora_network._AddLowRank)
+             the 320-channel feed-forwards recompute their projection (on a GPU all of them, under
+             autocast too), under autocast the LayerNorms and GroupNorm32 run in the autocast
+             dtype (CUDA's autocast would keep fp32 copies of their inputs, and each Linear after
+             a LayerNorm would cast its output again), and each LoRA update is accumulated in
+             place (lora_network._AddLowRank)
   diffusers  `UNet2DConditionModel` + PEFT `LoraConfig(r, lora_alpha, target_modules=[to_k, to_q,
              to_v, to_out.0])` via `unet.add_adapter`, torch.optim.AdamW on the trainable params
              (as its script)

@@ -195,11 +195,16 @@ def test_decode_latents_picks_tiling_and_keeps_the_device():
         tiled = perf.decode_latents(vae, z, tile=True)
         auto = perf.decode_latents(vae, z)
         bands = vae.decode_tiled(z, tile=perf.CPU_BAND_TILE)
-        dist = perf.encode_images(vae, plain.clamp(-1, 1), tile=True)
-    # 64x64 is small, but the CPU decodes band by band at every size (less memory, no slower)
+        image = plain.clamp(-1, 1)
+        dist = perf.encode_images(vae, image, tile=True)
+        whole, auto_dist = perf.encode_images(vae, image, tile=False), perf.encode_images(vae, image)
+        bands_dist = vae.encode_tiled(image, tile=perf.CPU_BAND_TILE)
+    # 64x64 is small, but the CPU decodes and encodes band by band at every size (less memory, no slower)
     assert torch.equal(auto, bands) and not perf.auto_tile(vae, 64, 64)
     assert (plain - tiled).abs().max().item() < 1e-4 and (plain - auto).abs().max().item() < 1e-4
     assert dist.mean.shape == (1, 4, 16, 16)
+    assert torch.equal(auto_dist.mean, bands_dist.mean) and torch.equal(auto_dist.logvar, bands_dist.logvar)
+    assert (auto_dist.mean - whole.mean).abs().max().item() < 1e-4
 
 
 def test_fp16_vae_overflow_is_redone_in_a_wider_dtype():
