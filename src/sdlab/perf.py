@@ -8,7 +8,6 @@ Nothing here runs at import; every function acts only on what it is given.
 from __future__ import annotations
 
 import functools
-
 import logging
 from collections.abc import Callable
 from pathlib import Path
