@@ -393,12 +393,13 @@ def test_norms_under_autocast_keep_no_fp32_copies(monkeypatch):
         norm.weight.normal_()
         norm.bias.normal_()
     want = norm(x)
-    got = _under_autocast(_norm_for_linears)(norm, x)
+    got = _under_autocast(_norm_for_linears)(norm, x, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
-    assert _saved_bytes(lambda: _under_autocast(_norm_for_linears)(norm, x), *norm.parameters()) < 1.1 * x.nbytes
+    assert _saved_bytes(lambda: _under_autocast(_norm_for_linears)(norm, x, torch.bfloat16),
+                        *norm.parameters()) < 1.1 * x.nbytes
     assert _saved_bytes(lambda: _under_autocast(norm)(x), *norm.parameters()) >= 2 * x.nbytes  # the fp32 copy
     wide = nn.LayerNorm(32)  # fp32 weights: autocast's fp32 output, cast once
-    assert _under_autocast(_norm_for_linears)(wide, x).dtype == torch.bfloat16
+    assert _under_autocast(_norm_for_linears)(wide, x, torch.bfloat16).dtype == torch.bfloat16
 
     gn = GroupNorm32(4, 8).to(torch.bfloat16)
     y = torch.randn(1, 8, 6, 6, dtype=torch.bfloat16, requires_grad=True)
@@ -507,6 +508,35 @@ def test_recomputed_for_backward_keeps_the_recipe_not_the_tensor():
     assert len(calls) == 1
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("weights, inputs", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.bfloat16)])
+def test_transformer_block_trains_under_autocast_as_without_recomputing(monkeypatch, weights, inputs):
+    """Mixed-precision training through a transformer block with trainable weights (fine-tuning,
+    fp32 or bf16): backward runs without autocast, yet the LayerNorm outputs it computes again are
+    the forward's (dtype and bits), so every gradient equals that of keeping them."""
+    from sdlab.models import unet
+    from sdlab.models.unet import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(32, 4, 8, 16).to(weights).train()
+    x, context = torch.randn(2, 10, 32).to(inputs), torch.randn(2, 5, 16).to(inputs)
+
+    def step():
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            out = block(xr, context)
+        out.float().square().mean().backward()
+        grads = [xr.grad, *(p.grad for p in block.parameters())]
+        block.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    recomputed = step()
+    monkeypatch.setattr(unet, "recomputed_for_backward", lambda t, compute: contextlib.nullcontext())
+    kept = step()
+    _same(recomputed, kept)
+    assert all(g is not None for g in recomputed[1])
 
 
 def test_recomputed_for_backward_stands_aside_inside_gradient_checkpointing():
