@@ -393,13 +393,12 @@ def test_norms_under_autocast_keep_no_fp32_copies(monkeypatch):
         norm.weight.normal_()
         norm.bias.normal_()
     want = norm(x)
-    got = _under_autocast(_norm_for_linears)(norm, x, torch.bfloat16)
+    got = _under_autocast(_norm_for_linears)(norm, x)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
-    assert _saved_bytes(lambda: _under_autocast(_norm_for_linears)(norm, x, torch.bfloat16),
-                        *norm.parameters()) < 1.1 * x.nbytes
+    assert _saved_bytes(lambda: _under_autocast(_norm_for_linears)(norm, x), *norm.parameters()) < 1.1 * x.nbytes
     assert _saved_bytes(lambda: _under_autocast(norm)(x), *norm.parameters()) >= 2 * x.nbytes  # the fp32 copy
     wide = nn.LayerNorm(32)  # fp32 weights: autocast's fp32 output, cast once
-    assert _under_autocast(_norm_for_linears)(wide, x, torch.bfloat16).dtype == torch.bfloat16
+    assert _under_autocast(_norm_for_linears)(wide, x).dtype == torch.bfloat16
 
     gn = GroupNorm32(4, 8).to(torch.bfloat16)
     y = torch.randn(1, 8, 6, 6, dtype=torch.bfloat16, requires_grad=True)

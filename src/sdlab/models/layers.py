@@ -128,14 +128,18 @@ def _needs_grad(x: Tensor, *params: Tensor | None) -> bool:
 
 class _Recomputation:
     """What autograd keeps in place of a tensor it can compute again: computed at most once
-    in backward, shared by every node that kept the tensor, freed with the last of them."""
+    in backward, shared by every node that kept the tensor, freed with the last of them.
+    Backward runs without autocast, so the computation runs under the forward's autocast (or none)."""
 
-    def __init__(self, compute: Callable[[], Tensor]):
+    def __init__(self, compute: Callable[[], Tensor], device_type: str):
         self.compute, self.value = compute, None
+        self.device_type, self.autocast = device_type, autocast_dtype(device_type)
 
     def get(self) -> Tensor:
         if self.value is None:
-            with torch.no_grad():
+            autocast = (torch.autocast(self.device_type, self.autocast) if self.autocast
+                        else without_autocast(self.device_type))
+            with torch.no_grad(), autocast:
                 self.value = self.compute()
         return self.value
 
@@ -161,7 +165,8 @@ def recomputed_for_backward(t: Tensor, compute: Callable[[], Tensor]) -> Iterato
         return
     # The hooks live as long as what they saved, so they refer to t's storage address and offset
     # only: holding t itself would keep it alive, which is what this is to avoid.
-    storage, base_offset, recomputation = t.untyped_storage().data_ptr(), t.storage_offset(), _Recomputation(compute)
+    storage, base_offset = t.untyped_storage().data_ptr(), t.storage_offset()
+    recomputation = _Recomputation(compute, t.device.type)
 
     def pack(saved: Tensor):
         if saved.untyped_storage().data_ptr() != storage:

@@ -383,29 +383,27 @@ class BasicTransformerBlock(nn.Module):
 def _after_norm(layer: nn.Module, norm: nn.LayerNorm, x: Tensor, *args) -> Tensor:
     """`layer(norm(x), *args)`. Backward keeps the norm's input already, so a layer that would keep
     its output too (a LoRA, the lean feed-forward) gets the norm computed again there instead."""
-    dtype = autocast_dtype(x.device.type)  # backward runs without autocast: recompute as now
-    h = _norm_for_linears(norm, x, dtype)
-    with recomputed_for_backward(h, lambda: _norm_for_linears(norm, x, dtype)):
+    h = _norm_for_linears(norm, x)
+    with recomputed_for_backward(h, lambda: _norm_for_linears(norm, x)):
         return layer(h, *args)
 
 
-def _norm_for_linears(norm: nn.LayerNorm, x: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """`norm(x)` for Linears to read, under autocast to `dtype` (None: without autocast) in that dtype.
+def _norm_for_linears(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """`norm(x)` for Linears to read: under autocast, in the autocast dtype.
 
     CUDA's autocast runs LayerNorm in fp32: it keeps an fp32 copy of x for backward, and each
     Linear that reads the output casts it again, a trainable one (a LoRA's down projection) keeping
     its cast too: 60% more activations in an SD 1.5 LoRA step (256 px, bf16, CUDA's autocast rules
     counted on the CPU: 156 MiB instead of 97). Where x and the norm's weights already have the
     autocast dtype the norm runs in it (PyTorch's kernels accumulate in fp32 and round the output
-    once) and keeps x itself; otherwise (fp32 weights being fine-tuned) it runs as autocast runs
-    it and its output is cast once here."""
+    once) and keeps x itself; otherwise (fp32 weights being fine-tuned) its output is cast once."""
+    dtype = autocast_dtype(x.device.type)
     if dtype is None:
         return norm(x)
     if x.dtype == dtype and all(p.dtype == dtype for p in norm.parameters()):
         with without_autocast(x.device.type):
             return norm(x)
-    with torch.autocast(x.device.type, dtype):
-        return norm(x).to(dtype)
+    return norm(x).to(dtype)
 
 
 class SpatialTransformer(nn.Module):
