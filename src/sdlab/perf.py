@@ -7,7 +7,6 @@ Nothing here runs at import; every function acts only on what it is given.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -285,7 +284,8 @@ def execution_device(net: nn.Module | Bundle) -> torch.device:
 # ---------------------------------------------------------------- the VAE
 
 
-# The band size (`decode_tiled`'s tile) of the CPU's decode of images that are not large.
+# The band size (`decode_tiled`'s and `encode_tiled`'s tile) of the CPU's passes over images that
+# are not large.
 CPU_BAND_TILE = 128
 
 
@@ -295,6 +295,22 @@ def auto_tile(vae: AutoencoderKL, height: int, width: int, batch: int = 1) -> bo
     device = execution_device(vae)
     element = torch.finfo(next(vae.parameters()).dtype).bits // 8
     return should_tile(height, width, devices.available_memory(device), batch, element)
+
+
+def _tiling(vae: AutoencoderKL, height: int, width: int, batch: int, tile: bool | None) -> dict | None:
+    """The keyword arguments of the tiled pass (`decode_tiled` / `encode_tiled`) for images of
+    height x width pixels, or None for the plain pass. `tile` True or False forces one; None
+    decides: tiled when the image is large for the free memory, else on the CPU band by band.
+
+    Band by band on the CPU at every size: for SD's VAE at 512x512 the decode needed 0.6-0.7 GiB
+    of temporaries instead of 0.93 GiB and ran in 18-19 s instead of 21 s, the encode peaked at
+    0.86-1.06 instead of 1.80 GiB RSS and took 10.4-10.5 s instead of 11.9-12.4 s (2-core CPU);
+    the same images and latents up to rounding (1e-5, 5e-6). Bands of 32 rows at 512 px wide."""
+    if tile is None:
+        if auto_tile(vae, height, width, batch):
+            return {}
+        return {"tile": CPU_BAND_TILE} if execution_device(vae).type == "cpu" else None
+    return {} if tile else None
 
 
 def decode_latents(vae: AutoencoderKL, z: Tensor, tile: bool | None = None) -> Tensor:
@@ -310,31 +326,18 @@ def decode_latents(vae: AutoencoderKL, z: Tensor, tile: bool | None = None) -> T
         Images (B, C, H, W) roughly in [-1, 1], on z's device, in the VAE's dtype.
     """
     f = vae.cfg.downsample_factor
-    if tile is None:
-        tile = auto_tile(vae, z.shape[-2] * f, z.shape[-1] * f, z.shape[0])
-        if not tile and execution_device(vae).type == "cpu":
-            # Band by band on the CPU at every size: for SD's VAE at 512x512 it needed 0.6-0.7 GiB
-            # of temporaries instead of 0.93 GiB, and ran in 18-19 s instead of 21 s on a 2-core
-            # CPU; the same image up to rounding (1e-5). Bands of 32 rows at 512 px wide.
-            return _guarded(vae, z, lambda x: vae.decode_tiled(x, tile=CPU_BAND_TILE))
-    return _guarded(vae, z, lambda x: vae.decode_tiled(x) if tile else vae.decode(x))
+    tiled = _tiling(vae, z.shape[-2] * f, z.shape[-1] * f, z.shape[0], tile)
+    return _guarded(vae, z, lambda x: vae.decode(x) if tiled is None else vae.decode_tiled(x, **tiled))
 
 
 def encode_images(vae: AutoencoderKL, pixels: Tensor, tile: bool | None = None) -> DiagonalGaussian:
     """`vae.encode(pixels)` with the same tiling choice and fp16 guard as `decode_latents`.
     The posterior lives on the VAE's execution device."""
-    encode = vae.encode_tiled if tile else vae.encode
-    if tile is None:
-        encode = vae.encode_tiled if auto_tile(vae, pixels.shape[-2], pixels.shape[-1], pixels.shape[0]) else vae.encode
-        if encode == vae.encode and execution_device(vae).type == "cpu":
-            # Band by band on the CPU, as the decode: SD's VAE encoding 512x512 peaked at 0.86-1.06
-            # instead of 1.80 GiB RSS and took 10.4-10.5 s instead of 11.9-12.4 s (two runs each,
-            # 2-core CPU); the same latents up to rounding (5e-6).
-            encode = functools.partial(vae.encode_tiled, tile=CPU_BAND_TILE)
+    tiled = _tiling(vae, pixels.shape[-2], pixels.shape[-1], pixels.shape[0], tile)
     moments: list[DiagonalGaussian] = []
 
     def run(x: Tensor) -> Tensor:
-        dist = encode(x)
+        dist = vae.encode(x) if tiled is None else vae.encode_tiled(x, **tiled)
         moments.append(dist)
         return torch.cat([dist.mean, dist.logvar], dim=1)
 
