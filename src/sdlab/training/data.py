@@ -51,6 +51,8 @@ METADATA_FILE = "metadata.jsonl"
 _REPEAT_DIR = re.compile(r"^(\d+)_(.*)$")  # kohya DreamBooth folders: "10_sks dog"
 _EXIF_ORIENTATION = 0x0112
 _EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+# Augmentations that draw new pixels each epoch: their images have no latents to cache.
+_PER_EPOCH_PIXELS = ("random_crop", "color_aug")
 
 Size = tuple[int, int]  # (height, width)
 
@@ -144,7 +146,7 @@ class DataConfig:
         if self.seed < 0:
             raise SdlabError(f"seed must be 0 or more, got {self.seed}")
         for name in ("cache_latents", "cache_latents_to_disk"):
-            for aug in ("random_crop", "color_aug"):  # each epoch draws new pixels: nothing to cache
+            for aug in _PER_EPOCH_PIXELS:
                 if getattr(self, name) and getattr(self, aug):
                     raise SdlabError(f"{name} cannot be combined with {aug}: turn one of them off")
 
@@ -804,7 +806,7 @@ def cache_latents(
     Raises:
         SdlabError: random_crop or color_aug is on (each epoch draws new pixels), or there is no cache folder.
     """
-    for aug in ("random_crop", "color_aug"):
+    for aug in _PER_EPOCH_PIXELS:
         if any(getattr(c, aug) for c in dataset.subset_configs):
             raise SdlabError(f"latents cannot be cached with {aug} on (each epoch draws new pixels): "
                              f"turn {aug} off or do not cache")
