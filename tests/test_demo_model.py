@@ -18,6 +18,7 @@ from PIL import Image
 import sdlab
 from sdlab.training.shapes import COLOURS, HELD_OUT, SHAPES, caption_for, classify_colours, classify_shape
 
+from .conftest import CPU_KINDS
 from .tiny import psnr
 
 N_PROMPTS = 24
@@ -61,15 +62,18 @@ def test_main_job_command(tmp_path):
     assert classify_colours(image) == ("red", "blue")
 
 
-def test_default_path_stays_close_to_fp32(demo):
-    """The default CPU path (bf16 UNet and text encoder where the CPU has AVX512-BF16/AMX, else
-    fp32 with their matrices stored as fp16; fp32 VAE, channels-last) against fp32 on the demo
-    model: PSNR >= 30 dB per image."""
+@pytest.mark.parametrize("cpu_defaults", CPU_KINDS, indirect=True)
+def test_default_path_stays_close_to_fp32(cpu_defaults):
+    """The default CPU path of each kind of CPU (bf16 UNet and text encoder, convolution weights
+    packed, where the CPU has AVX512-BF16/AMX, else fp32 with their matrices stored as fp16; fp32
+    VAE, channels-last) against fp32 on the demo model: PSNR >= 30 dB per image."""
     import torch
 
     from sdlab.device import dtype_name
     from sdlab.models.storage import storage_dtype
 
+    demo = sdlab.load(device="cpu")
+    assert (demo.bundle.dtype, storage_dtype(demo.bundle.unet)) == (cpu_defaults.dtype, cpu_defaults.weight_dtype)
     reference = sdlab.load(device="cpu", dtype=torch.float32)
     psnrs = []
     for i, prompt in enumerate(["a red circle on a blue background", "a white star on a green background",

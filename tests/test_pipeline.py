@@ -202,6 +202,10 @@ def test_interrupt_returns_partial_result(tiny_file):
 
     res = pipe.generate(GenerationRequest(PROMPT, steps=10, seed=1, width=32, height=32), stop_at_two)
     assert res.interrupted and len(res.images) == 1
+    # Steps names the schedule; the infotext says the image stopped part-way along it
+    params = parse_infotext(res.infotexts[0])
+    assert params["Steps"] == "10" and params["Interrupted at step"] == "2/10"
+    assert res.images[0].info["parameters"] == res.infotexts[0]
 
 
 def test_infotext_round_trip():
@@ -232,17 +236,31 @@ def test_generate_bad_input(tmp_path, tiny_file, args, words):
 def test_img2img_bad_input(tmp_path, tiny_file):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     _init_image().save(tmp_path / "init.png")
-    Image.new("L", (32, 32)).save(tmp_path / "small_mask.png")
     cases = [
         (["img2img", "x", "--init", str(tmp_path / "broken.png")], "cannot read"),
         (["img2img", "x", "--init", str(tmp_path / "init.png"), "--strength", "1.5"], "between 0 and 1"),
-        (["inpaint", "x", "--init", str(tmp_path / "init.png"), "--mask", str(tmp_path / "small_mask.png")],
-         "same size"),
     ]
     for args, words in cases:
         r = _cli(*args, "-m", str(tiny_file), "-o", str(tmp_path / "o.png"))
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
         assert words in r.stderr, r.stderr
+
+
+def test_a_mask_of_another_size_is_resized_to_the_image():
+    """As the web UI does (painting tools and clients draw masks at another scale): the image is
+    the one the mask resized beforehand gives, and the pixels outside it are the init image's."""
+    pipe = Pipeline(tiny_bundle("sd1"))
+    init = _init_image()
+    small = np.zeros((SIZE // 2, SIZE // 2), np.uint8)
+    small[8:24, 4:20] = 255
+    small_mask = Image.fromarray(small)
+    resized = small_mask.resize(init.size, Image.LANCZOS)
+    params = {"steps": 2, "seed": 1, "mask_blur": 0}
+    got = np.asarray(pipe.inpaint(init, small_mask, PROMPT, **params)[0])
+    want = np.asarray(pipe.inpaint(init, resized, PROMPT, **params)[0])
+    assert got.shape == (SIZE, SIZE, 3) and np.array_equal(got, want)
+    outside = np.asarray(resized) == 0
+    assert np.array_equal(got[outside], np.asarray(init)[outside]) and not np.array_equal(got, np.asarray(init))
 
 
 def test_pipeline_rejects_bad_requests():

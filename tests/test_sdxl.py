@@ -3,6 +3,8 @@ img2img against StableDiffusionXLImg2ImgPipeline, and the base+refiner switch.""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,128 @@ def test_turbo_preset_on_sdxl():
     pipe = Pipeline(tiny_bundle("sdxl"))
     res = pipe.generate(GenerationRequest(PROMPT, seed=1, width=SIZE, height=SIZE, **PRESETS["turbo"]))
     assert "Steps: 1" in res.infotexts[0] and "CFG scale: 1" in res.infotexts[0]
+
+
+# ---------------------------------------------------------------- configs that are not the released ones
+
+
+def _diffusers_tiny_sdxl(folder):
+    """A tiny SDXL pipeline that diffusers writes itself, configured as the tiny pipelines the
+    ecosystem tests with (diffusers' StableDiffusionXLPipelineFastTests components): a size
+    embedding 8 wide (addition_time_embed_dim), one GroupNorm group, attention heads 1 channel
+    wide, sample_size 32 (64 px), both tokenizers padding with <|endoftext|>; and a scheduler
+    trained on other betas than the released models. Weights as diffusers initialises them."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sdlab.text.tokenizer import CLIPTokenizer as OurTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(2, 4), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1)  # 80 = 32 + 6 * 8
+    vae = AutoencoderKL(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, sample_size=128)
+    te_config = CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
+                               intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, vocab_size=49408,
+                               hidden_act="gelu", projection_dim=32)
+    OurTokenizer(pad_token="eos").save(folder.parent / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(folder.parent / "tokenizer")
+    scheduler = EulerDiscreteScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae, CLIPTextModel(te_config), CLIPTextModelWithProjection(te_config), tokenizer,
+                              tokenizer, unet, scheduler).save_pretrained(folder)
+    return folder
+
+
+def test_sdxl_folder_with_other_constants_matches_diffusers(tmp_path):
+    """The issue's case: `sdlab generate` on such a folder, at the size the folder implies,
+    equals StableDiffusionXLPipeline pixel for pixel."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlab.cli import main as cli_main
+
+    folder = _diffusers_tiny_sdxl(tmp_path / "tiny-sdxl")
+    loaded = load_bundle(folder, device="cpu")
+    assert loaded.config.unet.size_embed_dim == 8 and loaded.config.unet.norm_groups == 1
+    fam = loaded.family
+    assert (fam.default_size, fam.beta_start, fam.beta_end) == (64, 0.0001, 0.02)
+    assert [t.pad_token for t in loaded.tokenizers] == ["eos", "eos"]
+
+    theirs = euler_karras(StableDiffusionXLPipeline.from_pretrained(folder))
+    ref = theirs(PROMPT, negative_prompt="blurry", num_inference_steps=4, guidance_scale=6.0,
+                 generator=torch.Generator("cpu").manual_seed(42), output_type="np").images
+    out = tmp_path / "out.png"
+    assert cli_main(["generate", PROMPT, "-n", "blurry", "-m", str(folder), "--steps", "4", "--sampler", "Euler",
+                     "--schedule", "karras", "--cfg", "6", "--seed", "42", "--device", "cpu", "--dtype", "fp32",
+                     "--weight-dtype", "fp32", "-o", str(out)]) == 0
+    ours = as_float_array([Image.open(out).convert("RGB")])
+    assert ours.shape == ref.shape == (1, 64, 64, 3)
+    assert ref.std() > 0.01  # not a flat image, so the comparison means something
+    diff = np.abs(ours - ref).max()
+    assert diff <= 1 / 255, diff
+
+
+def _with_size_embed_dim(family: str, dim: int, seed: int):
+    """The tiny bundle of `family` with SDXL's numbers embedded `dim` wide (y narrower to match)."""
+    from dataclasses import replace
+
+    from sdlab.checkpoints.loader import new_bundle
+
+    from .tiny import tiny_config
+
+    cfg = tiny_config(family)
+    n = cfg.family.size_numbers
+    unet = replace(cfg.unet, size_embed_dim=dim, adm_in_channels=cfg.unet.adm_in_channels - n * (256 - dim))
+    return new_bundle(replace(cfg, unet=unet), seed=seed, init_std=0.05, name=f"tiny-{family}-{dim}")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_size_embedding_width_read_from_a_single_file_and_written_back(tmp_path, family):
+    """A single file does not state the width: it is read off label_emb's shape (less the pooled
+    text width, over 6 numbers, 5 for the refiner); `sdlab convert` writes it into config.json,
+    and diffusers' pipeline on the converted folder equals sdlab on the single file."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from sdlab.cli import main as cli_main
+
+    ref = _with_size_embed_dim(family, 8, seed=5)
+    single = save_native(ref, tmp_path / "m.safetensors")
+    loaded = load_bundle(single, device="cpu")
+    assert loaded.config.unet == ref.config.unet and loaded.config.unet.size_embed_dim == 8
+
+    assert cli_main(["convert", str(single), str(tmp_path / "folder")]) == 0
+    unet_json = json.loads((tmp_path / "folder" / "unet" / "config.json").read_text())
+    assert unet_json["addition_time_embed_dim"] == 8
+    assert unet_json["projection_class_embeddings_input_dim"] == ref.config.unet.adm_in_channels
+
+    generator = torch.Generator("cpu").manual_seed(7)
+    params = dict(negative_prompt="blurry", steps=4, sampler="Euler", schedule="karras", cfg_scale=6.0, seed=7)
+    if family == "sdxl":
+        theirs = euler_karras(StableDiffusionXLPipeline.from_pretrained(tmp_path / "folder"))
+        ref_images = theirs(PROMPT, negative_prompt="blurry", num_inference_steps=4, guidance_scale=6.0, height=SIZE,
+                            width=SIZE, generator=generator, output_type="np").images
+        ours = Pipeline(loaded).txt2img(PROMPT, width=SIZE, height=SIZE, **params)
+    else:
+        theirs = euler_karras(StableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_path / "folder"))
+        init = Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8))
+        ref_images = theirs(PROMPT, image=init, strength=1.0, negative_prompt="blurry", num_inference_steps=4,
+                            guidance_scale=6.0, generator=generator, output_type="np").images
+        ours = Pipeline(loaded).img2img(init, PROMPT, denoising_strength=1.0, **params)
+    diff = np.abs(as_float_array(ours) - ref_images).max()
+    assert diff <= 1 / 255, diff
+
+
+def test_size_embedding_width_that_does_not_divide_is_refused():
+    from sdlab.errors import SdlabError
+    from sdlab.families import model_config
+
+    shapes = {k: tuple(v.shape) for k, v in _with_size_embed_dim("sdxl", 8, seed=0).state_dict().items()}
+    assert model_config(shapes).unet.size_embed_dim == 8
+    out, width = shapes["model.diffusion_model.label_emb.0.0.weight"]
+    shapes["model.diffusion_model.label_emb.0.0.weight"] = (out, width + 1)  # 64 pooled + 49: not 6 equal widths
+    with pytest.raises(SdlabError, match="label_emb.0.0.weight"):
+        model_config(shapes)

@@ -10,19 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__
+from .demo_model import builtin_model, demo_model_path
 
 if TYPE_CHECKING:
     import torch
 
     from .pipeline import Pipeline
-
-
-def demo_model_path() -> Path:
-    """The tiny demo model shipped inside the package (trained by `sdlab train` on shapes)."""
-    from importlib import resources
-
-    return Path(str(resources.files("sdlab") / "demo" / "demo.safetensors"))
 
 
 def load(model: str | Path | None = None, device: str | None = None, dtype: "torch.dtype | None" = None,
@@ -32,7 +26,7 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
 
     Args:
         model: a .safetensors/.ckpt file, a diffusers folder or a hub repo id;
-            None for the built-in demo model.
+            None or "demo" for the built-in demo model (a file or folder named demo wins).
         device: "cpu", "cuda", ... (default: CUDA when available).
         dtype: weight dtype for the UNet and text encoder (default: fp16 on CUDA; on a CPU,
             bf16 where it has AVX512-BF16 or AMX, else fp32).
@@ -51,7 +45,7 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
     from .perf import load_for_inference
     from .pipeline import Pipeline
 
-    if model is None:
+    if model is None or builtin_model(model) is not None:
         model = demo_model_path()
         if not model.exists():
             raise SdlabError("the built-in demo model is missing from this install; give --model PATH")
@@ -59,7 +53,7 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
 
     models = ModelsDir(models_dir) if models_dir is not None else None
     # dtype None: the fastest this machine runs well (fp16 on GPUs; bf16 on CPUs with
-    # AVX512-BF16 or AMX, else fp32), the VAE in fp32 on the CPU (see perf.vae_dtype).
+    # AVX512-BF16 or AMX, else fp32), the VAE in fp32 on the CPU (see device.vae_dtype).
     bundle = load_for_inference(model, device, dtype, prediction=prediction, use_ema=use_ema, compile=compile,
                                 offload=offload, weight_dtype=weight_dtype)
     return Pipeline(bundle, models=models)

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import SdlabError
+from .errors import MissingDependency, SdlabError, UsageError
 
 def _human(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
@@ -107,11 +107,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     dst = Path(args.dst)
     to = args.to or ("single" if dst.suffix in (".safetensors", ".ckpt") else "diffusers")
+    if to == "single" and dst.suffix not in (".safetensors", ".ckpt"):  # before the model loads
+        raise SdlabError(f"{dst}: single-file output must end in .safetensors (or .ckpt, for tools that want one)")
     bundle = load_bundle(args.src, device="cpu", dtype=parse_dtype(args.dtype or "fp32"),
                          prediction=args.prediction, use_ema=not args.no_ema)
     if to == "single":
-        if dst.suffix not in (".safetensors", ".ckpt"):
-            raise SdlabError(f"{dst}: single-file output must end in .safetensors (or .ckpt, for tools that want one)")
         save_checkpoint(bundle, dst)
     else:
         if is_diffusers_folder(Path(args.src)) and to == "diffusers":
@@ -153,18 +153,50 @@ def cmd_merge_lora(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({bundle.family.name}, {len(specs)} LoRA{'s' if len(specs) > 1 else ''} merged)")
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Ends an option's help with its default where the help does not say it already. None is
+    never shown: it means "as the model, the PNG or the preset says", which the help says in words
+    where it matters; nor is a switch's False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of one sub-command: its errors print its own usage (argparse hands unknown
+    arguments up to the top-level parser, whose usage lists only the commands), and its --help
+    shows the options' defaults."""
+
+    def __init__(self, *args, formatter_class: type[argparse.HelpFormatter] = argparse.HelpFormatter, **kwargs):
+        if not issubclass(formatter_class, _ShowDefaults):  # keep a command's own (e.g. raw description)
+            formatter_class = type(f"_ShowDefaults{formatter_class.__name__}", (_ShowDefaults, formatter_class), {})
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace, extra
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdlab", description="Stable Diffusion in Python: generate, fine-tune and serve SD models.",
         epilog="Run 'sdlab COMMAND --help' for the options of one command.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what sdlab is doing")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
 
     p = sub.add_parser("info", help="what a checkpoint (or LoRA) is: family, prediction, sizes, EMA",
                        description="Show a checkpoint's family, prediction type, parameter counts, dtype and EMA; "
                                    "or a LoRA's modules, ranks, alphas and training metadata.")
-    p.add_argument("model", nargs="?", help="a .safetensors/.ckpt file (a model or a LoRA), a diffusers folder or a "
-                                            "hub repo id")
+    p.add_argument("model", nargs="?", help="a .safetensors/.ckpt file (a model or a LoRA), a diffusers folder, a "
+                                            "hub repo id, or demo for the built-in demo model (a file or folder "
+                                            "named demo here wins)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     p.add_argument("--device", nargs="?", const="auto", default=None,
                    help="show the device sdlab would use (or the named one) and the dtype it picks there")
@@ -173,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="single file <-> diffusers folder",
                        description="Convert a checkpoint between a single .safetensors file (the layout the web UIs "
                                    "use) and a diffusers folder.")
-    p.add_argument("src", help="a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("src", help="a .safetensors/.ckpt file, a diffusers folder or demo (the built-in demo model)")
     p.add_argument("dst", help="output: a .safetensors (or .ckpt) file or a new folder")
     p.add_argument("--to", choices=["single", "diffusers"], help="output format (default: from DST's name)")
     p.add_argument("--dtype", help="weight dtype of the output: fp32 (default), fp16, bf16")
@@ -186,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weights and save it as one .safetensors file, as kohya's merge_lora.py does.",
                        epilog="example: sdlab merge-lora model.safetensors style.safetensors:0.8 face.safetensors:0.5 "
                               "-o merged.safetensors --dtype fp16")
-    p.add_argument("model", help="a .safetensors/.ckpt file, a diffusers folder or a hub repo id")
+    p.add_argument("model", help="a .safetensors/.ckpt file, a diffusers folder, a hub repo id or demo (the "
+                                 "built-in demo model)")
     p.add_argument("loras", nargs="+", metavar="LORA[:RATIO]", help="LoRA files, each with its weight (default 1)")
     p.add_argument("-o", "--output", dest="dst", required=True, help="the merged checkpoint (.safetensors)")
     p.add_argument("--dtype", help="weight dtype of the output: fp32 (default), fp16, bf16")
@@ -220,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_threads()  # one thread per physical core unless OMP/MKL_NUM_THREADS say otherwise
     try:
         args.func(args)
+    except (MissingDependency, UsageError) as e:  # cannot run as installed / as asked: a usage error, as argparse's
+        print(f"sdlab: error: {e}", file=sys.stderr)
+        return 2
     except SdlabError as e:
         print(f"sdlab: error: {e}", file=sys.stderr)
         return 1

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import SdlabError
+from .models.layers import cpu_packing_pays, cpu_packing_supported
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,10 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # The same for fp16 (Sapphire Rapids' AVX512-FP16, Granite Rapids' AMX-FP16); sdlab never picks
 # fp16 on a CPU by itself, but a user may ask for it.
 FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16"})
+# VAEs whose fp16 decode overflows (NaN/inf) on ordinary images, so they start in a wider dtype
+# on fp16 devices (diffusers' `force_upcast`). SD 1.x / 2.x VAEs mostly fit fp16 and are guarded
+# per call instead (`perf.decode_latents`).
+UPCAST_VAE_FAMILIES = ("sdxl", "sdxl-inpaint", "sdxl-refiner")
 _CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -153,7 +159,7 @@ def default_dtype(device: torch.device, flags: Iterable[str] | None = None) -> t
     """Weight dtype of the UNet and text encoders when the user gives none.
 
     CUDA and MPS: fp16 (every SD checkpoint is trained to run in it; its VAE is guarded,
-    see `perf.vae_dtype`). CPU: `best_cpu_dtype()`.
+    see `vae_dtype`). CPU: `best_cpu_dtype()`.
     """
     if device.type in ("cuda", "mps"):
         return torch.float16
@@ -171,6 +177,53 @@ def default_weight_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtyp
     if device.type == "cpu" and dtype == torch.float32:
         return torch.float16
     return dtype
+
+
+def vae_dtype(device: torch.device, dtype: torch.dtype, family: str | None = None) -> torch.dtype:
+    """The VAE's dtype when the UNet runs in `dtype` on `device`.
+
+    CPU: fp32, as the pipeline runs it: the VAE runs once per image (about a sixth of a
+    20-step 512x512 image on a bf16 CPU), and fp32 keeps its pixels as the reference gives
+    them. GPU: the UNet's dtype, except fp16 for the SDXL VAEs, which overflow there: bf16
+    where the GPU has it, else fp32.
+    """
+    if device.type == "cpu":
+        return torch.float32
+    if dtype == torch.float16 and family in UPCAST_VAE_FAMILIES:
+        return wider_than_fp16(device)
+    return dtype
+
+
+def wider_than_fp16(device: torch.device) -> torch.dtype:
+    """What a VAE that overflows fp16 runs in instead: bf16 on GPUs that have it, else fp32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def packs_conv_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the UNet's convolution weights are kept pre-packed for oneDNN by default
+    (`perf.prepare_for_inference`): on CPUs where that is faster (`layers.cpu_packing_pays`)."""
+    return device.type == "cpu" and cpu_packing_pays(dtype)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What sdlab runs with on a device when the user names no dtype: every choice that differs
+    from one CPU to another (and between a CPU and a GPU), in one place. `sdlab info --device`
+    prints it; tests force each value rather than relying on the machine's."""
+
+    dtype: torch.dtype  # the UNet's and text encoders' compute dtype (`default_dtype`)
+    weight_dtype: torch.dtype  # their matrices' storage dtype (`default_weight_dtype`)
+    vae_dtype: torch.dtype  # the VAE's (`vae_dtype`; SDXL's differs on fp16 GPUs)
+    pack_weights: bool  # UNet convolution weights pre-packed for oneDNN (`packs_conv_weights`)
+
+
+def defaults(device: torch.device, flags: Iterable[str] | None = None) -> Defaults:
+    """The `Defaults` on `device` (CPU feature `flags`: default read from /proc/cpuinfo)."""
+    dtype = default_dtype(device, flags)
+    return Defaults(dtype, default_weight_dtype(device, dtype), vae_dtype(device, dtype),
+                    packs_conv_weights(device, dtype))
 
 
 def available_memory(device: torch.device) -> int:
@@ -295,13 +348,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 def describe(device: torch.device | None = None) -> str:
     """Several lines for `sdlab info --device`: the device, what the CPU offers and the
     dtypes sdlab would choose."""
-    # Imported here: perf imports this module.
-    from .models.layers import cpu_packing_pays, cpu_packing_supported
-    from .perf import vae_dtype
-
     device = choose_device(device)
     flags = cpu_flags()
-    dtype = default_dtype(device, flags)
+    chosen = defaults(device, flags)
+    dtype = chosen.dtype
     rows = [("device", str(device)), ("torch", torch.__version__)]
     cpu_name = _cpu_model()
     if cpu_name:
@@ -322,13 +372,13 @@ def describe(device: torch.device | None = None) -> str:
     if device.type == "cpu":
         why = " (CPU has AVX512-BF16/AMX)" if dtype == torch.bfloat16 else " (no bf16 in hardware)"
     rows.append(("UNet / text encoder dtype", dtype_name(dtype) + why))
-    weights = default_weight_dtype(device, dtype)
+    weights = chosen.weight_dtype
     if weights != dtype:
         rows.append(("UNet / text encoder weights", f"stored as {dtype_name(weights)}, upcast layer by layer "
                      f"(--weight-dtype {dtype_name(dtype)} keeps them in {dtype_name(dtype)})"))
-    rows.append(("VAE dtype", dtype_name(vae_dtype(device, dtype))))
+    rows.append(("VAE dtype", dtype_name(chosen.vae_dtype)))
     if device.type == "cpu":
-        if cpu_packing_pays(dtype):
+        if chosen.pack_weights:
             packing = "pre-packed for oneDNN"
         elif cpu_packing_supported(dtype):
             packing = "channels-last (oneDNN's pre-packed weights are slower without AVX-512)"

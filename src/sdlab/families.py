@@ -61,6 +61,19 @@ class Family:
     # Trained on the schedule rescaled to zero terminal SNR (NoobAI-XL v-pred, kohya's
     # --zero_terminal_snr): sampled on it too (sampling.schedules.discrete_schedule).
     zero_terminal_snr: bool = False
+    # The ends of the "scaled linear" beta schedule the model was trained on (the LDM yaml's
+    # linear_start / linear_end, a diffusers scheduler's beta_start / beta_end): the same in
+    # every released SD model, but a diffusers folder may state others, and sampling must
+    # use them. Single files cannot say; sdlab's own files keep them in their metadata.
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+    @property
+    def size_numbers(self) -> int:
+        """How many micro-conditioning numbers y embeds after the pooled text: the base model's
+        original size, crop top-left and target size (6); the refiner's original size, crop
+        top-left and aesthetic score (5); 0 without y."""
+        return {"sdxl": 6, "sdxl-refiner": 5}.get(self.added_conditioning, 0)
 
 
 _CLIP_L = TextEncoderSlot("cond_stage_model.transformer.", "openai", "eos")
@@ -100,6 +113,16 @@ class ModelConfig:
     vae: VAEConfig
     text_encoders: tuple[CLIPTextConfig, ...]
 
+    def __post_init__(self) -> None:
+        # SDXL's y is built outside the UNet (pooled text ++ embedded numbers) and read by its
+        # first Linear: a width that does not add up would fail only there, mid-generation.
+        n = self.family.size_numbers
+        if n and self.unet.adm_in_channels is not None and self.text_encoders:
+            pooled = pooled_width(self.text_encoders[-1])
+            if self.unet.adm_in_channels != pooled + n * self.unet.size_embed_dim:
+                raise ValueError(f"the UNet's adm_in_channels {self.unet.adm_in_channels} must be the pooled text "
+                                 f"width {pooled} plus {n} x size_embed_dim {self.unet.size_embed_dim}")
+
     @property
     def prediction(self) -> Prediction:
         return self.family.prediction
@@ -108,6 +131,7 @@ class ModelConfig:
         return json.dumps({"family": self.family.name, "prediction": self.family.prediction,
                            "default_size": self.family.default_size, "latent_scale": self.family.latent_scale,
                            "zero_terminal_snr": self.family.zero_terminal_snr,
+                           "beta_start": self.family.beta_start, "beta_end": self.family.beta_end,
                            "unet": asdict(self.unet), "vae": asdict(self.vae),
                            "text_encoders": [asdict(c) for c in self.text_encoders]})
 
@@ -116,11 +140,16 @@ class ModelConfig:
         d = json.loads(text)
         family = FAMILIES[d["family"]]
         # Our own files may differ from the family's defaults (the demo model is 64x64).
-        family = replace(family, **{k: d[k] for k in ("prediction", "default_size", "latent_scale", "zero_terminal_snr")
-                                    if k in d})
+        family = replace(family, **{k: d[k] for k in ("prediction", "default_size", "latent_scale", "zero_terminal_snr",
+                                                      "beta_start", "beta_end") if k in d})
         return cls(family, _dataclass_from_dict(UNetConfig, d["unet"]),
                    _dataclass_from_dict(VAEConfig, d["vae"]),
                    tuple(_dataclass_from_dict(CLIPTextConfig, c) for c in d["text_encoders"]))
+
+
+def pooled_width(cfg: CLIPTextConfig) -> int:
+    """Width of a text encoder's pooled output (its projection's, if it has one)."""
+    return cfg.projection_dim or cfg.width
 
 
 def _dataclass_from_dict(cls, d: dict):
@@ -189,12 +218,27 @@ def model_config(shapes: Shapes, metadata: Mapping[str, str] | None = None,
                                        num_head_channels=family.unet_head_channels)
         vae = vae_config_from_shapes(_strip(shapes, VAE_PREFIX))
         tes = tuple(clip_config_from_shapes(_strip(shapes, slot.prefix), slot.layout) for slot in family.text_encoders)
+        if family.size_numbers and unet.adm_in_channels is not None:
+            unet = replace(unet, size_embed_dim=size_embed_dim_from_shapes(unet.adm_in_channels, family, tes[-1]))
         cfg = ModelConfig(family, unet, vae, tes)
         if "v_pred" in shapes:
             cfg = with_prediction(cfg, "v")
     if prediction is not None:
         cfg = with_prediction(cfg, prediction)
     return cfg
+
+
+def size_embed_dim_from_shapes(adm_in_channels: int, family: Family, pooled_encoder: CLIPTextConfig) -> int:
+    """The width of each size number's embedding in SDXL's y, which no tensor holds on its own:
+    y (the width of `label_emb.0.0.weight`) is the pooled text followed by `family.size_numbers`
+    embeddings of one width (256 in the released models: (2816 - 1280) / 6, (2560 - 1280) / 5)."""
+    pooled, n = pooled_width(pooled_encoder), family.size_numbers
+    dim, rest = divmod(adm_in_channels - pooled, n)
+    if dim < 1 or rest:
+        raise SdlabError(f"the UNet's vector input (label_emb.0.0.weight) is {adm_in_channels} wide, not the pooled "
+                         f"text width {pooled} plus {n} equal size embeddings: the file is damaged or not a "
+                         f"{family.label} model")
+    return dim
 
 
 def with_prediction(cfg: ModelConfig, prediction: Prediction) -> ModelConfig:

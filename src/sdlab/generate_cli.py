@@ -6,9 +6,17 @@ Python API and the server."""
 from __future__ import annotations
 
 import argparse
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import SdlabError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
 
 PRESETS = {
     # SD-Turbo / SDXL-Turbo: adversarial diffusion distillation, sampled in 1-4 steps
@@ -23,7 +31,14 @@ _INFOTEXT_FIELDS = {
     "Clip skip": ("clip_skip", int), "Variation seed": ("subseed", int),
     "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("denoising_strength", float),
     "CFG rescale phi": ("guidance_rescale", float), "Mask blur": ("mask_blur", float),
+    "Eta": ("eta", float), "Eta DDIM": ("eta", float), "Refiner switch at": ("refiner_switch_at", float),
+    # sdlab's own keys (`Pipeline.replay_infotext`)
+    "sdlab aesthetic score": ("aesthetic_score", float),
+    "sdlab negative aesthetic score": ("negative_aesthetic_score", float),
 }
+# sdlab's own keys whose values are written as the CLI takes them (WxH, LEFTxTOP).
+_INFOTEXT_SIZES = {"sdlab original size": "original_size", "sdlab target size": "target_size",
+                   "sdlab crop": "crop_top_left"}
 
 
 def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> None:
@@ -31,28 +46,38 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
                    help="what to draw; the web UIs' syntax works: (word:1.2), [from:to:when], BREAK")
     p.add_argument("-n", "--negative", dest="negative_prompt", default=None, help="what to avoid")
     p.add_argument("-m", "--model", default=None,
-                   help="checkpoint file, diffusers folder, hub repo id, or a name in the models folder "
-                        "(default: the built-in demo model)")
+                   help="checkpoint file, diffusers folder, hub repo id, a name in the models folder, or demo "
+                        "(default: demo, the built-in demo model; a file, folder or models-folder checkpoint "
+                        "named demo comes first)")
     p.add_argument("--models-dir", default=None, help="models folder (default: $SDLAB_MODELS_DIR or ./models)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
-    p.add_argument("--sampler", default=None, help="sampler name, e.g. 'Euler a', 'DPM++ 2M' (see 'sdlab samplers')")
-    p.add_argument("--schedule", default=None, help="schedule type: automatic, karras, exponential, sgm_uniform, ...")
+    p.add_argument("--sampler", default=None,
+                   help="sampler name, e.g. 'Euler a', 'DPM++ 2M' (see 'sdlab samplers'; default Euler a)")
+    p.add_argument("--schedule", default=None, help="schedule type: automatic, karras, exponential, sgm_uniform, ... "
+                                                    "(default automatic: the sampler's own)")
     p.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="CFG scale (default 7)")
     p.add_argument("--seed", type=int, default=None, help="seed; -1 for a random one (default)")
-    p.add_argument("--variation-seed", dest="subseed", type=int, default=None, help="variation seed")
+    p.add_argument("--variation-seed", dest="subseed", type=int, default=None,
+                   help="variation seed; -1 for a random one (default)")
     p.add_argument("--variation-strength", dest="subseed_strength", type=float, default=None,
-                   help="how much of the variation seed's noise to blend in (0..1)")
-    p.add_argument("-W", "--width", type=int, default=None, help="width in pixels, a multiple of 8")
-    p.add_argument("-H", "--height", type=int, default=None, help="height in pixels, a multiple of 8")
-    p.add_argument("--batch", dest="batch_size", type=int, default=None, help="images per batch")
-    p.add_argument("--count", dest="n_iter", type=int, default=None, help="number of batches")
-    p.add_argument("--clip-skip", type=int, default=None, help="CLIP skip (1 = last layer)")
-    p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi (0..1)")
+                   help="how much of the variation seed's noise to blend in (0..1, default 0)")
+    p.add_argument("-W", "--width", type=int, default=None,
+                   help="width in pixels, a multiple of 8 (default: the model's size, e.g. 512 for SD 1.5, 1024 for "
+                        "SDXL, 64 for the demo model; img2img and inpaint: the init image's)")
+    p.add_argument("-H", "--height", type=int, default=None,
+                   help="height in pixels, a multiple of 8 (default: as for --width)")
+    p.add_argument("--batch", dest="batch_size", type=int, default=None,
+                   help="images per batch, made together (default 1)")
+    p.add_argument("--count", dest="n_iter", type=int, default=None, help="number of batches, one after another "
+                                                                         "(default 1)")
+    p.add_argument("--clip-skip", type=int, default=None, help="CLIP skip (default 1: the last layer)")
+    p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi (0..1, default 0: off)")
     p.add_argument("--rng", choices=["cpu", "nv"], default=None,
                    help="noise source: cpu (default, same on every device) or nv (what CUDA gives for a seed)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="turbo: 1 step, CFG 1, Euler a, SGM uniform (SD-Turbo models)")
-    p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the model's prediction type")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None,
+                   help="override the model's prediction type (default: as its file says, or detected)")
     p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
                    help="sample on the noise schedule rescaled to zero terminal SNR, for models trained on it "
                         "(default: as the model's file says, e.g. NoobAI-XL v-pred's 'ztsnr' marker)")
@@ -81,6 +106,13 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
     p.add_argument("--crop", dest="crop_top_left", type=_size, default=None, metavar="LEFTxTOP",
                    help="SDXL crop conditioning, top-left corner (default 0x0)")
     p.add_argument("--aesthetic-score", type=float, default=None, help="SDXL refiner aesthetic score (default 6)")
+    p.add_argument("--style", dest="styles", action="append", default=None, metavar="NAME",
+                   help="a saved prompt style to merge into the prompts (repeatable; the web UI's styles.csv, see "
+                        "--styles-file)")
+    p.add_argument("--styles-file", default=None,
+                   help="the styles.csv --style names come from (default: styles.csv in the models folder)")
+    p.add_argument("--tiling", action="store_true", default=None,
+                   help="make a seamless image that tiles (circular padding in the UNet and VAE)")
     p.add_argument("--from", dest="from_image", default=None,
                    help="take the parameters from a PNG's infotext (flags given here override them)")
     p.add_argument("-o", "--output", default="outputs", help="a .png file, or a folder (default: ./outputs)")
@@ -114,7 +146,8 @@ def register(sub) -> None:
                                    "(9 input channels) give the best results; ordinary ones work too.")
     _add_common(p, prompt_required=False)
     p.add_argument("--init", required=True, help="the image to repaint")
-    p.add_argument("--mask", required=True, help="same size as the image; white = repaint, black = keep")
+    p.add_argument("--mask", required=True, help="white = repaint, black = keep; resized to the image's size "
+                                                 "when it differs, as the web UI does")
     p.add_argument("--mask-blur", type=float, default=None, help="soften the mask edge by this radius (default 4)")
     p.add_argument("--strength", dest="denoising_strength", type=float, default=None,
                    help="denoising strength 0..1 (default 1)")
@@ -136,12 +169,14 @@ def cmd_samplers(args: argparse.Namespace) -> None:
     from .sampling.schedules import SCHEDULES
 
     print("Samplers:")
+    width = max(len(info.name) for info in SAMPLERS.values())
     for info in SAMPLERS.values():
-        extra = f"  (aliases: {', '.join(info.aliases)})" if info.aliases else ""
-        print(f"  {info.name}{extra}")
-    print("Schedule types:")
+        extra = f"aliases: {', '.join(info.aliases)}" if info.aliases else ""
+        print(f"  {info.name:<{width}}  {extra}".rstrip())
+    print("Schedule types (the name --schedule takes, then the web UI's label):")
+    width = max(len(info.name) for info in SCHEDULES.values())
     for info in SCHEDULES.values():
-        print(f"  {info.name:<14} {info.label}")
+        print(f"  {info.name:<{width}}  {info.label}")
 
 
 def request_fields_from_infotext(text: str) -> dict:
@@ -156,20 +191,74 @@ def request_fields_from_infotext(text: str) -> dict:
                 fields[name] = cast(params[key])
             except ValueError:
                 raise SdlabError(f"the infotext's {key!r} value {params[key]!r} is not a number") from None
+    for key, name in _INFOTEXT_SIZES.items():
+        if key in params:
+            try:
+                fields[name] = _size(params[key])
+            except argparse.ArgumentTypeError:
+                raise SdlabError(f"the infotext's {key!r} value {params[key]!r} is not WIDTHxHEIGHT") from None
     if params.get("Noise Schedule") == "Zero Terminal SNR":  # "Default": as the model says
         fields["zero_terminal_snr"] = True
+    elif params.get("sdlab zero terminal SNR") == "off":  # turned off for a model marked for it
+        fields["zero_terminal_snr"] = False
+    if params.get("Tiling") == "True":  # the web UI writes the key only when on
+        fields["tiling"] = True
     # The web UI's default noise is the GPU's; on NVIDIA cards that is what "nv" reproduces.
     fields["rng"] = {"CPU": "cpu", "NV": "nv", "GPU": "nv"}.get(params.get("RNG", "GPU"), "nv")
     return fields
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What `--from` takes from a PNG besides the request's fields: how the model ran (sdlab's
+    own infotext keys, `Pipeline.replay_infotext`; None where the infotext does not say, as in
+    the web UIs' PNGs) and where the image sat in its batch."""
+
+    dtype: torch.dtype | None = None  # the UNet's and text encoders' compute dtype
+    weight_dtype: torch.dtype | None = None  # their weights' storage, where narrower
+    vae_dtype: torch.dtype | None = None  # where it is not the one the compute dtype gives
+    prediction: str | None = None  # where `--prediction` chose it
+    batch_size: int = 1
+    batch_pos: int = 0
+
+
+def replay_settings(text: str) -> Replay:
+    """The `Replay` an infotext records. Errors name the key whose value is wrong."""
+    from .device import parse_dtype, parse_weight_dtype
+    from .infotext import parse_infotext
+
+    params = parse_infotext(text)
+
+    def read(key: str, parse):
+        if key not in params:
+            return None
+        try:
+            return parse(params[key])
+        except (SdlabError, ValueError):
+            raise SdlabError(f"the infotext's {key!r} value {params[key]!r} is not one sdlab writes; "
+                             f"remove it, or give the setting as a flag") from None
+
+    def prediction(value: str) -> str:
+        if value not in ("eps", "v"):
+            raise ValueError(value)
+        return value
+
+    size, pos = read("sdlab batch size", int), read("sdlab batch pos", int)
+    if size is not None and not 0 <= (pos or 0) < size:
+        raise SdlabError(f"the infotext's 'sdlab batch pos' {pos} is outside its batch of {size}; remove both keys")
+    return Replay(dtype=read("sdlab dtype", parse_dtype), weight_dtype=read("sdlab weights", parse_weight_dtype),
+                  vae_dtype=read("sdlab VAE dtype", parse_dtype), prediction=read("sdlab prediction", prediction),
+                  batch_size=size or 1, batch_pos=pos or 0)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from . import load
     from .device import parse_dtype, parse_weight_dtype
     from .images import open_image
-    from .pipeline import GenerationRequest
+    from .pipeline import GenerationRequest, check_request
 
     fields: dict = {}
+    replay = Replay()
     if args.from_image:
         from .infotext import read_infotext
 
@@ -177,17 +266,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not text:
             raise SdlabError(f"{args.from_image}: has no generation parameters (no 'parameters' text)")
         fields.update(request_fields_from_infotext(text))
+        replay = replay_settings(text)
     if args.preset:
         fields.update(PRESETS[args.preset])
     names = ("prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "seed", "subseed",
              "subseed_strength", "width", "height", "batch_size", "n_iter", "clip_skip", "guidance_rescale", "rng",
              "denoising_strength", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding",
              "inpainting_mask_invert", "refiner_switch_at", "original_size", "target_size", "crop_top_left",
-             "aesthetic_score", "zero_terminal_snr")
+             "aesthetic_score", "zero_terminal_snr", "styles", "tiling")
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
+    # An image made in a batch is made again in that batch and picked out of it, unless flags
+    # ask for other seeds or another batch.
+    pick = None
+    if replay.batch_size > 1 and fields.get("seed", -1) >= replay.batch_pos and all(
+            getattr(args, name) is None for name in ("seed", "subseed", "batch_size", "n_iter")):
+        pick = replay.batch_pos
+        fields.update(batch_size=replay.batch_size, seed=fields["seed"] - pick)
+        if "subseed" in fields:
+            fields["subseed"] -= pick
     if not fields.get("prompt") and not args.from_image:
         raise SdlabError("give a prompt, e.g. sdlab generate \"a red circle on a blue background\"")
     if args.mode in ("img2img", "inpaint"):
@@ -196,45 +295,81 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fields["mask"] = open_image(args.mask, "mask")
         fields.setdefault("denoising_strength", 1.0)
 
+    # Everything that needs no model is checked before one loads, so a typo costs no load.
+    request = GenerationRequest(**fields)
+    models = _models_dir(args)
+    check_request(request, models)
+    model = _resolve_model(args, args.model)
+    refiner_model = _resolve_model(args, args.refiner) if args.refiner else None
+    vae_path = _vae_path(args.vae, models) if args.vae else None
     dtype, weight_dtype = parse_dtype(args.dtype), parse_weight_dtype(args.weight_dtype)
-    pipe = load(_resolve_model(args, args.model), device=args.device, dtype=dtype, prediction=args.prediction,
+    if dtype is None and replay.dtype is not None:
+        # The PNG's precision, unless --dtype names one (which then sets the weights too, as it
+        # does without --from). Not narrow weights with --compile, which cannot trace them.
+        dtype = replay.dtype
+        if weight_dtype is None and not args.compile:
+            weight_dtype = replay.weight_dtype
+        _warn_if_emulated(args, dtype)
+    pipe = load(model, device=args.device, dtype=dtype, prediction=args.prediction or replay.prediction,
                 models_dir=args.models_dir, compile=args.compile, offload=args.offload, weight_dtype=weight_dtype)
-    if args.vae:
+    if args.styles_file:
+        pipe.styles_file = Path(args.styles_file)
+    if vae_path is not None:
         from .models_dir import load_vae_into
 
-        models = pipe.models
-        vae_path = Path(args.vae) if Path(args.vae).expanduser().is_file() else models.resolve_vae(args.vae)
         load_vae_into(pipe.bundle, vae_path)
         pipe.vae_info = {"VAE hash": models.short_hash(vae_path), "VAE": vae_path.stem}
-    if args.refiner:
+    if refiner_model is not None:
         from .models.storage import storage_dtype
         from .perf import load_for_inference
 
-        refiner = load_for_inference(_resolve_model(args, args.refiner), pipe.bundle.device, pipe.bundle.dtype,
+        refiner = load_for_inference(refiner_model, pipe.bundle.device, pipe.bundle.dtype,
                                      compile=args.compile, offload=args.offload,
                                      weight_dtype=storage_dtype(pipe.bundle.unet))
         pipe.set_refiner(refiner)
-        fields["refiner_checkpoint"] = refiner.name
-    request = GenerationRequest(**fields)
+        request = replace(request, refiner_checkpoint=refiner.name)
+    if replay.vae_dtype is not None and args.dtype is None:
+        pipe.bundle.vae.to(dtype=replay.vae_dtype)  # it had overflowed fp16 before this image
     result = _run_with_progress(pipe, request)
+    if pick is not None and pick < len(result.images):
+        result = replace(result, images=[result.images[pick]], infotexts=[result.infotexts[pick]],
+                         seeds=[result.seeds[pick]], subseeds=[result.subseeds[pick]])
     for path in save_images(result, Path(args.output)):
         print(path)
     if result.interrupted:
         raise SdlabError("interrupted; the images so far were saved")
 
 
+def _warn_if_emulated(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """Say why a replay runs in a dtype this CPU emulates (a PNG made on a GPU in fp16, say)."""
+    from .device import choose_device, dtype_name, emulated_cpu_dtype_warning
+
+    if choose_device(args.device).type == "cpu" and emulated_cpu_dtype_warning(dtype) is not None:
+        log.warning("%s was made in %s, which this CPU runs emulated (slowly); --from keeps it for the same "
+                    "pixels: add --dtype fp32 to run faster", args.from_image, dtype_name(dtype))
+
+
 def _resolve_model(args: argparse.Namespace, name: str | None) -> str | None:
+    """A model named on the command line: a file or folder here, a checkpoint in the models
+    folder, `demo` (the built-in model) or a hub repo id, in that order. Anything else fails
+    here, before a model loads."""
+    from .checkpoints.loader import looks_like_repo_id
+    from .demo_model import builtin_model
+
     if name is None or Path(name).expanduser().exists():
         return name
     try:
-        from .models_dir import ModelsDir
-    except ModuleNotFoundError:
-        return args.model
-    models = ModelsDir(args.models_dir) if args.models_dir else ModelsDir()
-    try:
-        return str(models.resolve_checkpoint(name))
-    except SdlabError:
-        return name  # a hub repo id, or a clear "no such file" from the loader
+        return str(_models_dir(args).resolve_checkpoint(name))
+    except SdlabError as e:
+        if builtin_model(name) is not None or looks_like_repo_id(name):
+            return name
+        raise SdlabError(f"{name}: no such file or folder; {e}") from None
+
+
+def _vae_path(name: str, models) -> Path:
+    """--vae: a file, else a name in the models folder's VAE/."""
+    path = Path(name).expanduser()
+    return path if path.is_file() else models.resolve_vae(name)
 
 
 def _models_dir(args: argparse.Namespace):

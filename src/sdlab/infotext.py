@@ -11,6 +11,7 @@ Format (AUTOMATIC1111 `create_infotext`):
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 
@@ -94,6 +95,47 @@ def png_info(infotext: str) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext)
     return info
+
+
+def exif_info(infotext: str) -> Image.Exif:
+    """EXIF with the infotext as its UserComment, as the web UI writes JPEG and WebP files
+    (piexif's `UserComment.dump(text, encoding="unicode")`); `read_infotext` reads it back."""
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + infotext.encode("utf-16-be")  # Exif IFD, UserComment
+    return exif
+
+
+class InfotextImage(Image.Image):
+    """A generated image that keeps its infotext (`info["parameters"]`) when saved: Pillow writes
+    a PNG's text chunks only when handed `pnginfo`, so a plain `image.save("out.png")` would drop
+    it. PNG gets the `parameters` chunk, JPEG and WebP the EXIF UserComment, unless the call
+    gives `pnginfo` / `exif` itself. In every other way an ordinary PIL image; what Pillow makes
+    from it (`copy`, `convert`, `resize`, ...) is a plain one, with the same `info`."""
+
+    def save(self, fp, format: str | None = None, **params) -> None:
+        text = self.info.get("parameters")
+        kind = (format or _format_of(fp) or "").upper()
+        if text and kind == "PNG":
+            params.setdefault("pnginfo", png_info(text))
+        elif text and kind in ("JPEG", "WEBP"):
+            params.setdefault("exif", exif_info(text))
+        super().save(fp, format, **params)
+
+
+def with_infotext(image: Image.Image, infotext: str) -> InfotextImage:
+    """`image` (a plain PIL image; its pixels are shared, not copied) as an InfotextImage."""
+    out = InfotextImage()
+    out.__dict__.update(image.__dict__)  # pixels, mode, size: the state Pillow keeps on the instance
+    out.info = {**image.info, "parameters": infotext}
+    return out
+
+
+def _format_of(fp) -> str | None:
+    """The format Pillow would choose from a file name's extension, as `Image.save` does."""
+    name = fp if isinstance(fp, (str, bytes, os.PathLike)) else getattr(fp, "name", None)
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        return None
+    return Image.registered_extensions().get(os.path.splitext(os.fsdecode(name))[1].lower())
 
 
 def read_infotext(image: Image.Image) -> str | None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import device as devices
 from .errors import SdlabError
-from .models.layers import cpu_packing_pays, pack_conv_weights
+from .models.layers import pack_conv_weights
 from .models.storage import set_dtypes
 from .models.vae import AutoencoderKL, DiagonalGaussian, should_tile
 
@@ -26,34 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# VAEs whose fp16 decode overflows (NaN/inf) on ordinary images, so they start in a wider dtype
-# on fp16 devices (diffusers' `force_upcast`). SD 1.x / 2.x VAEs mostly fit fp16 and are guarded
-# per call instead (`decode_latents`).
-UPCAST_VAE_FAMILIES = ("sdxl", "sdxl-inpaint", "sdxl-refiner")
-
-
-# ---------------------------------------------------------------- dtypes and preparation
-
-
-def vae_dtype(device: torch.device, dtype: torch.dtype, family: str | None = None) -> torch.dtype:
-    """The VAE's dtype when the UNet runs in `dtype` on `device`.
-
-    CPU: fp32, as the pipeline runs it: the VAE runs once per image (about a sixth of a
-    20-step 512x512 image on a bf16 CPU), and fp32 keeps its pixels as the reference gives
-    them. GPU: the UNet's dtype, except fp16 for the SDXL VAEs, which overflow there: bf16
-    where the GPU has it, else fp32.
-    """
-    if device.type == "cpu":
-        return torch.float32
-    if dtype == torch.float16 and family in UPCAST_VAE_FAMILIES:
-        return _wider_than_fp16(device)
-    return dtype
-
-
-def _wider_than_fp16(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+# ---------------------------------------------------------------- preparation
 
 
 def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -62,7 +35,7 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
     """Make a loaded bundle fast to run; returns the same bundle, changed in place.
 
     - UNet and text encoders computing in `dtype` (default: `device.default_dtype`), the VAE
-      in `vae_dtype(...)`, all on `device` (default: where the UNet is), eval mode, no grads.
+      in `device.vae_dtype(...)`, all on `device` (default: where the UNet is), eval mode, no grads.
     - The UNet's and text encoders' matrices stored as `weight_dtype` and upcast layer by
       layer as they run (`models.storage`). Default: `dtype` when it was given, else
       `device.default_weight_dtype` (fp16 on a CPU computing in fp32).
@@ -78,7 +51,7 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
     - `pack_weights` (CPU, without `compile`): keep the UNet's convolution weights in
       oneDNN's blocked layout (`layers.Conv2d.pack_for_cpu`) instead of reordering them on
       every call; same outputs, about 8-10% less time per step at SD 1.5 size on an AVX-512
-      CPU. By default only where that holds (`layers.cpu_packing_pays`): on an AVX2 CPU the
+      CPU. By default only where that holds (`device.packs_conv_weights`): on an AVX2 CPU the
       packed convolutions are slower.
 
     Args:
@@ -107,7 +80,7 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
     for net in (bundle.unet, *bundle.text_encoders):
         # Cast where the weights are, then move: a narrow copy crosses to a GPU in half the time.
         set_dtypes(net, dtype, weight_dtype).to(device=home)
-    bundle.vae.to(device=home, dtype=vae_dtype(device, dtype, bundle.family.name))
+    bundle.vae.to(device=home, dtype=devices.vae_dtype(device, dtype, bundle.family.name))
     if channels_last:
         bundle.unet.to(memory_format=torch.channels_last)
         bundle.vae.to(memory_format=torch.channels_last)
@@ -115,7 +88,7 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
         # Shapes repeat every step, so cuDNN's one-time search for the fastest conv pays off.
         torch.backends.cudnn.benchmark = True
     if pack_weights is None:
-        pack_weights = cpu_packing_pays(dtype)
+        pack_weights = devices.packs_conv_weights(device, dtype)
     if pack_weights and device.type == "cpu" and not compile and not offload and weight_dtype == dtype:
         pack_conv_weights(bundle.unet)
     if home.type == "cpu":
@@ -305,7 +278,11 @@ def _tiling(vae: AutoencoderKL, height: int, width: int, batch: int, tile: bool 
     Band by band on the CPU at every size: for SD's VAE at 512x512 the decode needed 0.6-0.7 GiB
     of temporaries instead of 0.93 GiB and ran in 18-19 s instead of 21 s, the encode peaked at
     0.86-1.06 instead of 1.80 GiB RSS and took 10.4-10.5 s instead of 11.9-12.4 s (2-core CPU);
-    the same images and latents up to rounding (1e-5, 5e-6). Bands of 32 rows at 512 px wide."""
+    the same images and latents up to rounding (1e-5, 5e-6). Bands of 32 rows at 512 px wide.
+
+    A VAE switched to circular padding (seamless images) runs whole: the bands pad with zeros."""
+    if vae.circular():
+        return None
     if tile is None:
         if auto_tile(vae, height, width, batch):
             return {}
@@ -354,7 +331,7 @@ def _guarded(vae: AutoencoderKL, x: Tensor, fn: Callable[[Tensor], Tensor], back
     with torch.no_grad():
         out = fn(x.to(device=device, dtype=dtype))
         if dtype == torch.float16 and not torch.isfinite(out).all():
-            wider = _wider_than_fp16(device)
+            wider = devices.wider_than_fp16(device)
             log.warning("the VAE overflowed in fp16; it now runs in %s", devices.dtype_name(wider))
             vae.to(dtype=wider)
             out = fn(x.to(device=device, dtype=wider))

@@ -10,19 +10,24 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from . import __version__
+from ._version import __version__
 from .checkpoints.loader import Bundle
+from .device import dtype_name, vae_dtype
 from .errors import SdlabError
 from .embeddings import EmbeddingLibrary
+from .families import ModelConfig
 from .images import blur_mask, latent_preview, mask_to_tensor, masked_bbox, to_pil, to_tensor
-from .infotext import create_infotext
+from .infotext import create_infotext, with_infotext
 from .lora import LoraState, lora_specs
+from .models.layers import circular_padding
+from .models.storage import storage_dtype
 from .models.unet import sdxl_size_embedding
 from .models_dir import ModelsDir
 from .perf import decode_latents, encode_images
@@ -31,6 +36,7 @@ from .sampling.rng import ImageRNG, RngSource
 from .sampling.samplers import brownian_tree_noise_sampler, get_sampler_sigmas, resolve_sampler
 from .sampling.schedules import SCHEDULES, DiscreteSchedule, discrete_schedule, resolve_schedule
 from .text.conditioning import TextEncoderRunner, prompt_schedule
+from .styles import STYLES_FILE, apply_styles
 from .text.prompt import extract_extra_networks
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,11 @@ class GenerationRequest:
     # refiner loaded in the pipeline); its name is only recorded in the infotext.
     refiner_switch_at: float | None = 0.8
     refiner_checkpoint: str | None = None
+    # Saved prompt styles by name, merged into the prompts from the pipeline's styles.csv
+    # (`styles.apply_styles`), in this order.
+    styles: list[str] = field(default_factory=list)
+    # Seamless images: the UNet and VAE pad their convolutions circularly (the web UI's "Tiling").
+    tiling: bool = False
 
     @property
     def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
@@ -113,16 +124,12 @@ class GenerationResult:
     interrupted: bool = False
 
 
-def validate(req: GenerationRequest, default_size: int) -> GenerationRequest:
-    """Check a request; fill defaults. Errors are one line that says what to change."""
-    if req.init_image is not None and not (req.width and req.height):
-        # img2img / inpaint default to the init image's own size (rounded down to 8).
-        default_w, default_h = (max(8, v // 8 * 8) for v in req.init_image.size)
-    else:
-        default_w = default_h = default_size
-    width, height = req.width or default_w, req.height or default_h
-    for name, v in (("width", width), ("height", height)):
-        if v < 8 or v % 8:
+def check_request(req: GenerationRequest, models: ModelsDir | None = None) -> None:
+    """Every check of a request that needs no model (`validate` runs them too): the CLI runs
+    them before it loads one, so a typo costs no load. With `models`, the prompt's LoRA tags
+    must name files in that folder. Errors are one line that says what to change."""
+    for name, v in (("width", req.width), ("height", req.height)):
+        if v and (v < 8 or v % 8):  # None or 0: the default size
             raise SdlabError(f"{name} {v} is not a positive multiple of 8; try {max(8, v // 8 * 8)}")
     if req.steps < 1:
         raise SdlabError(f"steps must be at least 1, got {req.steps}")
@@ -140,14 +147,34 @@ def validate(req: GenerationRequest, default_size: int) -> GenerationRequest:
         raise SdlabError(f"clip skip must be at least 1, got {req.clip_skip}")
     if req.mask is not None and req.init_image is None:
         raise SdlabError("a mask needs an init image to inpaint")
-    if req.mask is not None and req.mask.size != req.init_image.size:
-        raise SdlabError(f"the mask is {req.mask.width}x{req.mask.height} but the image is "
-                         f"{req.init_image.width}x{req.init_image.height}; they must be the same size")
     resolve_sampler(req.sampler)
     resolve_schedule(req.schedule)
+    if models is not None:
+        lora_specs(extract_extra_networks(req.prompt)[1], models.resolve_lora)
+
+
+def validate(req: GenerationRequest, default_size: int) -> GenerationRequest:
+    """Check a request (`check_request`); fill defaults. A mask of another size than the init
+    image is resized to it, as the web UI does (clients and painting tools draw masks at
+    another scale)."""
+    check_request(req)
+    if req.init_image is not None and not (req.width and req.height):
+        # img2img / inpaint default to the init image's own size (rounded down to 8).
+        default_w, default_h = (max(8, v // 8 * 8) for v in req.init_image.size)
+    else:
+        default_w = default_h = default_size
+    width, height = req.width or default_w, req.height or default_h
+    mask = req.mask
+    if mask is not None and mask.size != req.init_image.size:
+        mask = mask.convert("L").resize(req.init_image.size, Image.LANCZOS)
     seed = random.randrange(MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
     subseed = random.randrange(MAX_SEED) if req.subseed is None or req.subseed < 0 else int(req.subseed)
-    return replace(req, width=width, height=height, seed=seed, subseed=subseed)
+    return replace(req, width=width, height=height, seed=seed, subseed=subseed, mask=mask)
+
+
+def _wxh(hw: tuple[int, int]) -> str:
+    """(height, width) or (top, left) as the CLI writes it: WxH, LEFTxTOP."""
+    return f"{hw[1]}x{hw[0]}"
 
 
 def text_runners(bundle: Bundle) -> list[TextEncoderRunner]:
@@ -156,10 +183,12 @@ def text_runners(bundle: Bundle) -> list[TextEncoderRunner]:
             for te, tok in zip(bundle.text_encoders, bundle.tokenizers)]
 
 
-def added_conditioning(family, pooled: Tensor, req: GenerationRequest, negative: bool) -> Tensor | None:
+def added_conditioning(config: ModelConfig, pooled: Tensor, req: GenerationRequest, negative: bool) -> Tensor | None:
     """SDXL's vector conditioning y: the pooled text embedding followed by the embedded
     size numbers (original size, crop top-left, then the target size for the base model
-    or the aesthetic score for the refiner), all (height, width) as diffusers orders them."""
+    or the aesthetic score for the refiner), all (height, width) as diffusers orders them,
+    each embedded as wide as the model's UNet says (`UNetConfig.size_embed_dim`)."""
+    family = config.family
     if family.added_conditioning is None:
         return None
     original = req.original_size or (req.height, req.width)
@@ -167,7 +196,7 @@ def added_conditioning(family, pooled: Tensor, req: GenerationRequest, negative:
         numbers = [*original, *req.crop_top_left, *(req.target_size or (req.height, req.width))]
     else:
         numbers = [*original, *req.crop_top_left, req.negative_aesthetic_score if negative else req.aesthetic_score]
-    size = sdxl_size_embedding(torch.tensor([numbers], dtype=torch.float32))
+    size = sdxl_size_embedding(torch.tensor([numbers], dtype=torch.float32), config.unet.size_embed_dim)
     return torch.cat([pooled.float().cpu(), size], dim=-1)
 
 
@@ -175,9 +204,12 @@ class Pipeline:
     """Generation on one loaded model. Keep it around: the model stays loaded and the
     conditioning of an unchanged prompt is cached between requests."""
 
-    def __init__(self, bundle: Bundle, refiner: Bundle | None = None, models: ModelsDir | None = None):
+    def __init__(self, bundle: Bundle, refiner: Bundle | None = None, models: ModelsDir | None = None,
+                 styles_file: str | Path | None = None):
         self.bundle = bundle
-        self.schedules = {ztsnr: discrete_schedule(zero_terminal_snr=ztsnr) for ztsnr in (False, True)}
+        fam = bundle.family
+        self.schedules = {ztsnr: discrete_schedule(fam.beta_start, fam.beta_end, zero_terminal_snr=ztsnr)
+                          for ztsnr in (False, True)}
         self.text = text_runners(bundle)
         self.refiner = refiner
         self.refiner_text = text_runners(refiner) if refiner is not None else []
@@ -186,6 +218,8 @@ class Pipeline:
         self.loras = LoraState()
         self.embeddings = EmbeddingLibrary(self.models.folder("embedding"))
         self.vae_info: dict[str, str] = {}  # "VAE hash" / "VAE" of a separate VAE file, for the infotext
+        # The styles a request names (the web UI's styles.csv); read at each request that names one.
+        self.styles_file = Path(styles_file) if styles_file is not None else self.models.root / STYLES_FILE
 
     def zero_terminal_snr(self, req: GenerationRequest) -> bool:
         """Whether `req` samples on the zero-terminal-SNR schedule."""
@@ -211,7 +245,7 @@ class Pipeline:
     # -- the one generation path ------------------------------------------
 
     def generate(self, req: GenerationRequest, callback: Callable[[Progress], None] | None = None) -> GenerationResult:
-        req = validate(req, self.bundle.family.default_size)
+        req = apply_styles(validate(req, self.bundle.family.default_size), self.styles_file)
         prompt, networks = extract_extra_networks(req.prompt)
         negative, _ = extract_extra_networks(req.negative_prompt)  # the web UIs apply only the prompt's
         specs = lora_specs(networks, self.models.resolve_lora)
@@ -226,6 +260,15 @@ class Pipeline:
         if schedule_name == "automatic":
             schedule_name = sampler.default_schedule or "automatic"
 
+        tiled = (self.bundle.unet, self.bundle.vae, *((self.refiner.unet,) if self.refiner is not None else ()))
+        with circular_padding(*tiled, enabled=req.tiling):
+            images, infotexts, seeds, subseeds, interrupted = self._generate_batches(
+                req, prompt, negative, embeddings, sampler, schedule_name, extras, callback)
+        return GenerationResult(images, infotexts, seeds, subseeds, req, interrupted)
+
+    def _generate_batches(self, req: GenerationRequest, prompt: str, negative: str, embeddings: list[dict], sampler,
+                          schedule_name: str, extras: dict[str, str],
+                          callback: Callable[[Progress], None] | None) -> tuple[list, list, list, list, bool]:
         images, infotexts, seeds, subseeds = [], [], [], []
         interrupted = False
         for batch in range(req.n_iter):
@@ -233,24 +276,29 @@ class Pipeline:
             batch_seeds = [first + i for i in range(req.batch_size)]
             batch_subseeds = [req.subseed + batch * req.batch_size + i for i in range(req.batch_size)]
             try:
-                out, interrupted = self._generate_batch(req, prompt, negative, embeddings, sampler, schedule_name,
-                                                        batch_seeds, batch_subseeds, batch, callback)
+                out, stopped = self._generate_batch(req, prompt, negative, embeddings, sampler, schedule_name,
+                                                    batch_seeds, batch_subseeds, batch, callback)
             except Interrupted:  # stopped before its first step finished: nothing to show for this batch
                 interrupted = True
                 break
+            interrupted = stopped is not None
             for i, img in enumerate(out):
-                info = self.infotext(req, sampler.name, schedule_name, batch_seeds[i], batch_subseeds[i], extras)
-                img.info["parameters"] = info
-                images.append(img)
+                info = self.infotext(req, sampler.name, schedule_name, batch_seeds[i], batch_subseeds[i], extras,
+                                     position=i, stopped=stopped)
+                images.append(with_infotext(img, info))  # `image.save("out.png")` keeps the infotext
                 infotexts.append(info)
             seeds += batch_seeds
             subseeds += batch_subseeds
             if interrupted:
                 break
-        return GenerationResult(images, infotexts, seeds, subseeds, req, interrupted)
+        return images, infotexts, seeds, subseeds, interrupted
 
     def infotext(self, req: GenerationRequest, sampler: str, schedule: str, seed: int, subseed: int,
-                 extras: dict[str, str] | None = None) -> str:
+                 extras: dict[str, str] | None = None, position: int = 0,
+                 stopped: tuple[int, int] | None = None) -> str:
+        """The web UI's infotext of one image (`position` in its batch), then sdlab's own keys
+        for what else decides its pixels (`replay_infotext`). `stopped`: (steps done, steps the
+        sampler had to run) of an image interrupted before its last step."""
         params: dict[str, object] = {
             "Steps": req.steps, "Sampler": sampler, "Schedule type": SCHEDULES[schedule].label,
             "CFG scale": req.cfg_scale, "Seed": seed, "Size": f"{req.width}x{req.height}",
@@ -264,8 +312,13 @@ class Pipeline:
         if req.clip_skip > 1:
             params["Clip skip"] = req.clip_skip
         params["RNG"] = "NV" if req.rng == "nv" else "CPU"
+        if req.tiling:
+            params["Tiling"] = "True"  # the web UI's key and value
         if req.guidance_rescale:
             params["CFG rescale phi"] = req.guidance_rescale
+        default_eta = resolve_sampler(sampler).default_eta
+        if req.eta is not None and default_eta is not None and req.eta != default_eta:
+            params["Eta DDIM" if sampler == "DDIM" else "Eta"] = req.eta  # the web UI's keys
         if self.zero_terminal_snr(req):
             params["Noise Schedule"] = "Zero Terminal SNR"
         if req.mode == "inpaint":
@@ -277,8 +330,57 @@ class Pipeline:
         if self.refiner is not None and req.refiner_switch_at is not None and req.refiner_switch_at < 1.0:
             params["Refiner"] = req.refiner_checkpoint or self.refiner.name
             params["Refiner switch at"] = req.refiner_switch_at
+        params.update(self.replay_infotext(req, position))
+        if stopped is not None and stopped[0] < stopped[1]:  # stopped at the last step: nothing is missing
+            # Steps still names the schedule the image was sampled on; this says it stopped part-way
+            # (the web UI writes nothing, and its unfinished images pass for finished ones).
+            params["Interrupted at step"] = f"{stopped[0]}/{stopped[1]}"
         params["Version"] = f"sdlab {__version__}"
         return create_infotext(req.prompt, req.negative_prompt, params)
+
+    def replay_infotext(self, req: GenerationRequest, position: int = 0) -> dict[str, object]:
+        """sdlab's own infotext keys: what else changes an image's pixels on the same machine and
+        the web UIs' keys do not record, so that `sdlab generate --from` can make it again byte for
+        byte (`generate_cli.replay_settings` reads them back). The web UIs skip keys they do not
+        know. Each is written only when a replay could get it wrong otherwise."""
+        b = self.bundle
+        # The compute dtype always: its default differs between machines (bf16 on AVX512-BF16 / AMX
+        # CPUs, fp32 on others, fp16 on GPUs), and fp32 and bf16 differ by a few levels per pixel.
+        params: dict[str, object] = {"sdlab dtype": dtype_name(b.dtype)}
+        # Weights stored narrower than they compute are rounded, which changes nothing only when
+        # the file already held them that narrow; whether it did is not known here.
+        weights = storage_dtype(b.unet)
+        if weights != b.dtype:
+            params["sdlab weights"] = dtype_name(weights)
+        # The VAE follows the compute dtype (`device.vae_dtype`) until an fp16 VAE overflows and
+        # runs wider from then on (`perf.decode_latents`), for the images after it too.
+        vae = next(b.vae.parameters()).dtype
+        if vae != vae_dtype(b.device, b.dtype, b.family.name):
+            params["sdlab VAE dtype"] = dtype_name(vae)
+        if b.prediction_forced:  # `--prediction`: detection would give the file's own again
+            params["sdlab prediction"] = b.prediction
+        if b.family.zero_terminal_snr and not self.zero_terminal_snr(req):
+            # The web UI's key says only "on"; without this a replay would follow the model's marker.
+            params["sdlab zero terminal SNR"] = "off"
+        if req.batch_size > 1:
+            # An image computed in a batch differs by a level here and there from the same seed
+            # computed alone (the kernels block the work differently): a replay runs the whole batch.
+            params["sdlab batch size"] = req.batch_size
+            params["sdlab batch pos"] = position
+        if b.family.added_conditioning is not None:
+            # SDXL's size and aesthetic conditioning, which the web UIs leave at their defaults.
+            own = (req.height, req.width)
+            if req.original_size not in (None, own):
+                params["sdlab original size"] = _wxh(req.original_size)
+            if req.target_size not in (None, own):
+                params["sdlab target size"] = _wxh(req.target_size)
+            if req.crop_top_left != GenerationRequest.crop_top_left:
+                params["sdlab crop"] = _wxh(req.crop_top_left)
+            if req.aesthetic_score != GenerationRequest.aesthetic_score:
+                params["sdlab aesthetic score"] = req.aesthetic_score
+            if req.negative_aesthetic_score != GenerationRequest.negative_aesthetic_score:
+                params["sdlab negative aesthetic score"] = req.negative_aesthetic_score
+        return params
 
     # -- internals ----------------------------------------------------------
 
@@ -319,7 +421,7 @@ class Pipeline:
 
         def conditioning(encoded, negative: bool) -> Conditioning:
             ctx = encoded.context.to(device=device, dtype=dtype).expand(n, -1, -1)
-            y = added_conditioning(bundle.family, encoded.pooled, req, negative)
+            y = added_conditioning(bundle.config, encoded.pooled, req, negative)
             y = None if y is None else y.to(device=device, dtype=dtype).expand(n, -1)
             return Conditioning(context=ctx, y=y, concat=concat)
 
@@ -340,7 +442,9 @@ class Pipeline:
     def _generate_batch(self, req: GenerationRequest, prompt: str, negative: str, embeddings: list[dict],
                         sampler, schedule_name: str,
                         seeds: list[int], subseeds: list[int], batch: int,
-                        callback: Callable[[Progress], None] | None) -> tuple[list[Image.Image], bool]:
+                        callback: Callable[[Progress], None] | None
+                        ) -> tuple[list[Image.Image], tuple[int, int] | None]:
+        """The batch's images, and (steps done, steps to run) if the callback stopped it part-way."""
         b = self.bundle
         device = b.device
         fam = b.family
@@ -397,7 +501,7 @@ class Pipeline:
             # Denoising strength: steps x strength sampler steps, from the matching sigma.
             t_enc = int(req.steps * req.denoising_strength)
             if t_enc == 0:
-                return self._decode_images(init_latent.expand(n, -1, -1, -1), req, mask_image, crop), False
+                return self._decode_images(init_latent.expand(n, -1, -1, -1), req, mask_image, crop), None
             sigmas = sigmas[-(t_enc + 1):]
             x = init_latent + noise * sigmas[0]
 
@@ -425,7 +529,7 @@ class Pipeline:
             noise_sampler = lambda sigma, sigma_next: rng.draw_like(x)  # noqa: E731
         knobs = {"eta": req.eta} if req.eta is not None and sampler.default_eta is not None else {}
 
-        interrupted = False
+        stopped = None
         try:
             for stage, part in parts:
                 state["stage"] = stage
@@ -441,10 +545,10 @@ class Pipeline:
         except Interrupted:
             if state["step"] == 0:
                 raise
-            x, interrupted = state["x0"], True
+            x, stopped = state["x0"], (state["step"], total)
         if latent_mask is not None:
             x = init_latent.float() * (1 - latent_mask) + x * latent_mask
-        return self._decode_images(x, req, mask_image, crop), interrupted
+        return self._decode_images(x, req, mask_image, crop), stopped
 
     def _vae_dtype(self) -> torch.dtype:
         """The VAE runs in fp32 on the CPU, where fp16/bf16 cost accuracy for little speed;

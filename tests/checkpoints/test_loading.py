@@ -166,6 +166,32 @@ def test_folder_saved_by_diffusers_loads(tmp_path, family):
     _assert_close(_diffusers_outputs(pipe, ref), _outputs(loaded))
 
 
+def test_folder_cast_load_is_the_folder_cast_once(tmp_path):
+    """A folder loaded in bf16 holds exactly its fp32 weights cast once, though each native tensor
+    is made (renamed, q/k/v fused, projection transposed, SD 2.x's identity layer added) only as
+    the loader reads it, cast as it is read; the same from a text encoder in two shards."""
+    from safetensors.torch import load_file, save_file
+
+    ref = tiny_bundle("sd2", seed=5)
+    write_diffusers_folder(ref.state_dict(), ref.config, tmp_path / "folder")
+    want = load_bundle(tmp_path / "folder", device="cpu").state_dict()
+    te = tmp_path / "folder" / "text_encoder"
+    weights = load_file(te / "model.safetensors")
+    keys = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in shards.items():
+        save_file({k: weights[k] for k in part}, te / name)
+    (te / "model.safetensors").unlink()
+    (te / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: name for name, part in shards.items() for k in part}}))
+    got = load_bundle(tmp_path / "folder", device="cpu", dtype=torch.bfloat16).state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        v = v if k.startswith(VAE_PREFIX) or not v.is_floating_point() else v.to(torch.bfloat16)
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
 def test_convert_cli_round_trip(tmp_path):
     ref = tiny_bundle("sd2", seed=4)
     src = save_native(ref, tmp_path / "a.safetensors")

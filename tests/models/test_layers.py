@@ -311,6 +311,43 @@ def test_convs_that_are_not_packed():
     assert pack_conv_weights(nn.Sequential(Conv2d(32, 32, 1), Conv2d(32, 32, 1).requires_grad_(False))) == 1
 
 
+# ---------------------------------------------------------------- circular padding (seamless images)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_circular_padding_wraps_every_padded_conv_for_the_block(packed, stride):
+    """The web UI's Tiling: within the block every padded convolution pads by wrapping around
+    (nn.Conv2d's own padding_mode="circular"), pre-packed ones too; an unpadded one is left alone,
+    and the modes are back on leaving."""
+    if packed and not cpu_packing_supported(torch.float32):
+        pytest.skip("this PyTorch build or CPU has no oneDNN convolutions")
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv2d(32, 32, 3, stride=stride, padding=1), nn.Conv2d(32, 32, 3, padding=1),
+                        Conv2d(32, 32, 1)).requires_grad_(False)
+    x = torch.randn(2, 32, 8, 12)
+
+    def wrapped(x):  # the same layers, padded around by hand
+        for m in net:
+            pad = m.padding[0]
+            x = F.conv2d(F.pad(x, (pad,) * 4, mode="circular") if pad else x, m.weight, m.bias, m.stride)
+        return x
+
+    with torch.no_grad():
+        want = wrapped(x)
+        if packed:
+            assert pack_conv_weights(net) == 2
+        plain = net(x)
+        with layers.circular_padding(net):
+            assert [m.padding_mode for m in net] == ["circular", "circular", "zeros"]
+            got = net(x)
+        assert [m.padding_mode for m in net] == ["zeros"] * 3
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(net(x), plain)
+        with layers.circular_padding(net, enabled=False):
+            assert [m.padding_mode for m in net] == ["zeros"] * 3
+
+
 # ---------------------------------------------------------------- the feed-forward that keeps only its input
 
 

@@ -34,6 +34,11 @@ TINY = {
                           transformer_depth=(0, 2, 0), transformer_depth_middle=2, num_heads=None,
                           num_head_channels=16, context_dim=40, use_linear_in_transformer=True,
                           adm_in_channels=POOLED + 5 * 256, norm_groups=8),
+    # SDXL with another size-embedding width (addition_time_embed_dim 8, as diffusers' tiny SDXL pipelines).
+    "sdxl-size-8": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(0, 1),
+                              transformer_depth_middle=1, num_heads=None, num_head_channels=16, context_dim=32,
+                              use_linear_in_transformer=True, adm_in_channels=POOLED + 6 * 8, size_embed_dim=8,
+                              norm_groups=8),
     # No attention in the middle: a single ResBlock (SSD-1B layout, diffusers' "UNetMidBlock2D").
     "no-mid-attn": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1, 1),
                               transformer_depth_middle=0, num_heads=2, context_dim=32, norm_groups=8),
@@ -65,7 +70,7 @@ def diffusers_config(cfg: UNetConfig) -> dict:
         norm_num_groups=cfg.norm_groups,
     )
     if cfg.adm_in_channels is not None:
-        config.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=cfg.size_embed_dim,
                       projection_class_embeddings_input_dim=cfg.adm_in_channels)
     return config
 
@@ -106,13 +111,13 @@ def compare(cfg: UNetConfig, size: tuple[int, int] = (16, 16)) -> float:
     x, t, context = inputs(cfg, size)
     kwargs, y = {}, None
     if cfg.adm_in_channels is not None:
-        n_ids = (cfg.adm_in_channels - POOLED) // 256
+        n_ids = (cfg.adm_in_channels - POOLED) // cfg.size_embed_dim
         pooled = torch.randn(2, POOLED, generator=torch.Generator().manual_seed(2))
         time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 1344, 64, 32, 832, 1216]])[:, :n_ids]
         if n_ids == 5:  # refiner: the last number is the aesthetic score
             time_ids[:, 4] = torch.tensor([6.0, 2.5])
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-        y = torch.cat([pooled, sdxl_size_embedding(time_ids)], dim=-1)
+        y = torch.cat([pooled, sdxl_size_embedding(time_ids, cfg.size_embed_dim)], dim=-1)
     ours = model(x, t, context, y)
     theirs = reference(x, t, context, **kwargs).sample
     assert ours.shape == theirs.shape == (2, cfg.out_channels, *size)
@@ -141,7 +146,7 @@ def test_feed_forward_in_slices_matches_diffusers(monkeypatch):
 
 
 def test_sdxl_size_embedding_shape():
-    emb = sdxl_size_embedding(torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]))
+    emb = sdxl_size_embedding(torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]), PRESETS["sdxl"].size_embed_dim)
     assert emb.shape == (1, 6 * 256) and emb.dtype == torch.float32
     # 1280 pooled + 6 * 256 = the adm width of SDXL base; 5 numbers for the refiner.
     assert 1280 + emb.shape[1] == PRESETS["sdxl"].adm_in_channels
@@ -198,8 +203,9 @@ def test_config_from_state_dict_round_trip(cfg):
     shapes["first_stage_model.encoder.conv_in.weight"] = (128, 3, 3, 3)  # other parts of the file are ignored
     read = config_from_state_dict(shapes, num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels,
                                   prefix=PREFIX)
-    # norm_groups cannot be read from shapes; real checkpoints all use 32.
-    assert read == UNetConfig(**{**cfg.__dict__, "norm_groups": 32})
+    # norm_groups cannot be read from shapes; real checkpoints all use 32. The size-embedding
+    # width needs the pooled text width as well: families.model_config derives it.
+    assert read == UNetConfig(**{**cfg.__dict__, "norm_groups": 32, "size_embed_dim": 256})
 
 
 def test_config_from_state_dict_errors():

@@ -201,3 +201,32 @@ def test_full_size_sd_vae_on_meta_matches_real_layout_and_diffusers():
     n_params = sum(p.numel() for p in ours.parameters())
     assert n_params == sum(p.numel() for p in ref.parameters())
     assert round(n_params / 1e6, 2) == 83.65
+
+
+def test_circular_padding_makes_the_decoder_wrap_around():
+    """Tiling: with circular padding the decoder is a function on the torus, its upsampling's phase
+    convolutions included: latents moved across the edges decode to the image moved f times as far.
+    The CPU's banded decode pads with zeros, so `decode_latents` decodes such a VAE whole, and
+    `decode_tiled` refuses it."""
+    from sdlab.models.layers import circular_padding
+    from sdlab.perf import decode_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=32))
+    z = torch.randn(1, 4, 6, 8)
+    f = vae.cfg.downsample_factor
+
+    def moved(t: torch.Tensor, by: int) -> torch.Tensor:
+        return torch.roll(t, (by, 3 * by), dims=(-2, -1))
+
+    with torch.no_grad():
+        plain = decode_latents(vae, z)
+        with circular_padding(vae):
+            assert vae.circular()
+            image = decode_latents(vae, z)
+            torch.testing.assert_close(decode_latents(vae, moved(z, 1)), moved(image, f), rtol=1e-4, atol=1e-5)
+            with pytest.raises(ValueError, match="circular"):
+                vae.decode_tiled(z)
+        assert not vae.circular()
+        torch.testing.assert_close(decode_latents(vae, z), plain, rtol=0, atol=0)
+        assert (decode_latents(vae, moved(z, 1)) - moved(plain, f)).abs().max() > 1e-2

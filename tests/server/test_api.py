@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import io
 import json
 import struct
@@ -67,6 +68,22 @@ INFO_KEYS = ["prompt", "all_prompts", "negative_prompt", "all_negative_prompts",
              "index_of_first_image", "infotexts", "styles", "job_timestamp", "clip_skip",
              "is_using_inpainting_conditioning", "version"]
 
+# The listings the web UI's clients read at startup, each with the keys of the web UI's item
+# model (A1111 modules/api/models.py); dict: answered with an object, not a list.
+LISTINGS = {
+    "upscalers": {"name", "model_name", "model_path", "model_url", "scale"},
+    "latent-upscale-modes": {"name"},
+    "sd-vae": {"model_name", "filename"},
+    "prompt-styles": {"name", "prompt", "negative_prompt"},
+    "hypernetworks": {"name", "path"},
+    "face-restorers": {"name", "cmd_dir"},
+    "realesrgan-models": {"name", "path", "scale"},
+    "script-info": {"name", "is_alwayson", "is_img2img", "args"},
+    "extensions": {"name", "remote", "branch", "commit_hash", "version", "commit_date", "enabled"},
+    "loras": {"name", "alias", "path", "metadata"},
+    "scripts": dict, "cmd-flags": dict, "memory": dict, "embeddings": dict,
+}
+
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
@@ -79,13 +96,20 @@ def models_dir(tmp_path_factory) -> Path:
               metadata={"ss_output_name": "shapes-v1", "ss_network_dim": "4"})
     (root / "embeddings").mkdir()
     save_file({"emb_params": torch.zeros(2, 64)}, root / "embeddings" / "mystyle.safetensors")
+    # The web UI's styles.csv, where sdlab looks by default: `{prompt}` takes the prompt's place,
+    # other style text goes after a comma; rows starting with # are comments.
+    (root / "styles.csv").write_text('name,prompt,negative_prompt\n'
+                                     'film,"a photo of {prompt}, film grain",blurry\n'
+                                     'sharp,sharp focus,\n'
+                                     '# unused,x,y\n', encoding="utf-8")
     return root
 
 
 @pytest.fixture(scope="module")
-def client(models_dir):
+def client(models_dir, tmp_path_factory):
     app = create_app(ServerSettings(models_dir=models_dir, model="tiny.safetensors",
-                                    limits=Limits(max_pixels=512 * 512, max_steps=1000, max_batch=8)))
+                                    limits=Limits(max_pixels=512 * 512, max_steps=1000, max_batch=8),
+                                    outputs_dir=tmp_path_factory.mktemp("outputs")))
     with TestClient(app) as c:
         yield c
 
@@ -125,7 +149,7 @@ def test_request_models_have_the_web_ui_field_names_and_defaults(client):
     assert "description" in t2i["steps"] and "description" in t2i["seed"]
     paths = client.get("/openapi.json").json()["paths"]
     for p in ["txt2img", "img2img", "sd-models", "samplers", "schedulers", "loras", "embeddings", "options",
-              "progress", "interrupt", "skip", "png-info", "refresh-checkpoints", "memory"]:
+              "progress", "interrupt", "skip", "png-info", "refresh-checkpoints", "memory", *LISTINGS, "interrogate"]:
         assert f"{API}/{p}" in paths, p
     assert client.get("/docs").status_code == 200
 
@@ -163,13 +187,30 @@ def test_txt2img_same_seed_same_image_and_random_seed_reported(client):
     assert 0 <= info["seed"] < 2**32 and info["all_seeds"] == [info["seed"]]
 
 
-def test_unknown_and_unimplemented_fields_are_ignored_with_a_note(client):
-    _, info = txt2img(client, prompt="x", steps=1, no_such_field=[1, 2], restore_faces=True, enable_hr=True,
-                      alwayson_scripts={"controlnet": {"args": []}}, override_settings={"sd_vae": "x.pt"})
+def test_unknown_fields_and_options_pass_with_a_note(client):
+    """Keys no request model declares, and options sdlab does not have, are dropped as the web UI
+    drops them (clients of newer versions and forks send their own), with a note in info."""
+    _, info = txt2img(client, prompt="x", steps=1, no_such_field=[1, 2], override_settings={"sd_vae": "x.pt"})
     notes = " | ".join(info["notes"])
-    assert "no_such_field" in notes and info["ignored_fields"] == ["no_such_field"]
-    for name in ("restore_faces", "enable_hr", "alwayson_scripts", "sd_vae"):
-        assert name in notes
+    assert "no_such_field" in notes and info["ignored_fields"] == ["no_such_field"] and "sd_vae" in notes
+
+
+def test_hires_fix_and_always_on_scripts_are_refused_naming_the_field(client):
+    """A request for a feature sdlab does not have is a 422 that names the field, never an image
+    made without the feature (issue: enable_hr answered with a first-pass image)."""
+    r = client.post(f"{API}/txt2img", json={**SMALL, "enable_hr": True, "hr_scale": 2})
+    assert r.status_code == 422 and r.json()["error"] == "Unsupported"
+    assert r.json()["detail"].startswith("enable_hr=true: hires fix is not implemented by sdlab; send false")
+    unit = {"args": [{"enabled": True, "module": "canny", "model": "control_v11p_sd15_canny"}]}
+    r = client.post(f"{API}/txt2img", json={**SMALL, "alwayson_scripts": {"controlnet": unit}})
+    # The web UI's own words for a script it does not have, in its status.
+    assert r.status_code == 422 and r.json()["detail"].startswith("always on script controlnet not found")
+    r = client.post(f"{API}/img2img", json={"init_images": [b64_image(_init_image())], **SMALL,
+                                            "script_name": "x/y/z plot", "restore_faces": True})
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "Script 'x/y/z plot' not found" in detail and "restore_faces=true" in detail
+    assert "\n" not in detail
+    txt2img(client, steps=1)  # and the server goes on serving
 
 
 def test_sampler_aliases_old_combined_names_and_sampler_index(client):
@@ -229,6 +270,318 @@ def test_inpaint_keeps_pixels_outside_the_mask(client):
     assert (out[~outside] != np.asarray(init)[~outside]).any()
 
 
+# -- every request field: acted on, or refused unless off --------------------------------------------
+
+# The fields sdlab acts on, each with the test that shows it. Every other field of the request
+# models is in convert.not_acted_on() and refused unless off; the walk below checks that each
+# field of the published schema is in exactly one of the two.
+ACTED_ON = {  # txt2img and img2img
+    "prompt": "test_txt2img_image_carries_the_infotext_of_info",
+    "negative_prompt": "test_a_field_changes_the_image",
+    "seed": "test_txt2img_same_seed_same_image_and_random_seed_reported",
+    "subseed": "test_variation_seed_and_seed_enable_extras",
+    "subseed_strength": "test_variation_seed_and_seed_enable_extras",
+    "seed_enable_extras": "test_variation_seed_and_seed_enable_extras",
+    "sampler_name": "test_sampler_aliases_old_combined_names_and_sampler_index",
+    "sampler_index": "test_sampler_aliases_old_combined_names_and_sampler_index",
+    "scheduler": "test_sampler_aliases_old_combined_names_and_sampler_index",
+    "batch_size": "test_txt2img_image_carries_the_infotext_of_info",
+    "n_iter": "test_skip_ends_the_current_batch_only",
+    "steps": "test_a_field_changes_the_image",
+    "cfg_scale": "test_a_field_changes_the_image",
+    "width": "test_txt2img_image_carries_the_infotext_of_info",
+    "height": "test_txt2img_image_carries_the_infotext_of_info",
+    "eta": "test_a_field_changes_the_image",
+    # As in the web UI's API, save_images alone decides whether images are written; these two change nothing.
+    "do_not_save_samples": "test_save_images_writes_the_web_ui_outputs",
+    "do_not_save_grid": "test_save_images_writes_the_web_ui_outputs",
+    "save_images": "test_save_images_writes_the_web_ui_outputs",
+    "styles": "test_styles_merge_into_the_prompts_as_the_web_ui_does",
+    "tiling": "test_tiling_makes_images_whose_opposite_edges_continue",
+    "override_settings": "test_options_switch_the_model_between_jobs",
+    "disable_extra_networks": "test_disable_extra_networks_drops_the_lora_tags",
+    "send_images": "test_send_images_false_answers_without_images",
+    "infotext": "test_infotext_field_fills_unset_fields",
+}
+IMG2IMG_ACTED_ON = {
+    "init_images": "test_img2img_returns_an_image_of_the_requested_size",
+    "denoising_strength": "test_a_field_changes_the_image",
+    "mask": "test_inpaint_keeps_pixels_outside_the_mask",
+    "mask_blur": "test_mask_blur_and_its_x_y_spellings",
+    "mask_blur_x": "test_mask_blur_and_its_x_y_spellings",
+    "mask_blur_y": "test_mask_blur_and_its_x_y_spellings",
+    "inpainting_fill": "test_inpainting_fill",
+    "inpaint_full_res": "test_a_field_changes_the_image",
+    "inpaint_full_res_padding": "test_a_field_changes_the_image",
+    "inpainting_mask_invert": "test_a_field_changes_the_image",
+    "include_init_images": "test_include_init_images_echoes_them",
+    "image_cfg_scale": "test_image_cfg_scale_does_nothing_as_in_the_web_ui_for_models_not_instruct_pix2pix",
+}
+# A value that turns each refused field on (not one of its "off" values), and one for each switch.
+ON_VALUES = {
+    "seed_resize_from_h": 256, "seed_resize_from_w": 256, "restore_faces": True, "s_min_uncond": 0.5, "s_churn": 1.0, "s_tmin": 0.5, "s_tmax": 10.0, "s_noise": 1.003,
+    "override_settings_restore_afterwards": False, "refiner_checkpoint": "refiner.safetensors",
+    "refiner_switch_at": 0.8, "comments": {"a": "b"}, "force_task_id": "task(1)", "script_name": "x/y/z plot",
+    "script_args": [1, 2], "alwayson_scripts": {"controlnet": {"args": []}},
+    "enable_hr": True, "denoising_strength": 0.5, "firstphase_width": 256, "firstphase_height": 256,
+    "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 10, "hr_resize_x": 1024,
+    "hr_resize_y": 1024, "hr_checkpoint_name": "other.safetensors", "hr_sampler_name": "Euler",
+    "hr_scheduler": "Karras", "hr_prompt": "detailed", "hr_negative_prompt": "blurry", "firstpass_image": "abc",
+    "resize_mode": 1, "initial_noise_multiplier": 0.9, "latent_mask": "abc", "mask_round": False,
+    # switches that sdlab acts on
+    "override_settings": {"CLIP_stop_at_last_layers": 1}, "seed_enable_extras": True,
+}
+
+
+def _mask_b64() -> str:
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    return b64_image(Image.fromarray(mask))
+
+
+ON_VALUES["mask"] = _mask_b64()
+
+
+def _request(endpoint: str, **fields) -> dict:
+    base = {"prompt": "x", **SMALL, "steps": 1, "seed": 1}
+    if endpoint == "img2img":
+        base["init_images"] = [b64_image(_init_image())]
+    return {**base, **fields}
+
+
+def test_every_request_field_is_acted_on_or_refused_unless_off(client):
+    from sdlab.server.convert import not_acted_on
+    from sdlab.server.models import Img2ImgRequest, Txt2ImgRequest
+
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for model, endpoint in ((Txt2ImgRequest, "txt2img"), (Img2ImgRequest, "img2img")):
+        refused = not_acted_on(model)
+        acted_on = {**ACTED_ON, **(IMG2IMG_ACTED_ON if endpoint == "img2img" else {})}
+        properties = schemas[model.__name__]["properties"]
+        for name in properties:
+            assert (name in acted_on) != (name in refused), f"{endpoint}: {name} must be in exactly one list"
+        assert set(refused) <= set(properties)
+        for name, rule in refused.items():
+            default = model.model_fields[name].get_default(call_default_factory=True)
+            assert default in rule.off, f"{name}: its default must pass"
+            assert ON_VALUES[name] not in rule.off
+            # Turned on (with its switch, if it has one) it is refused, by name: the field's own,
+            # or its switch's where the switch is refused itself.
+            switch = rule.only_with
+            body = _request(endpoint, **{name: ON_VALUES[name]}, **({switch: ON_VALUES[switch]} if switch else {}))
+            r = client.post(f"{API}/{endpoint}", json=body)
+            assert r.status_code == 422, (name, r.text)
+            assert r.json()["error"] == "Unsupported"
+            assert (switch if switch in refused else name) in r.json()["detail"], (name, r.json()["detail"])
+        # Every field sent with its default passes; so does every other "off" value, and any value
+        # of a field whose switch is off (it does nothing then, in the web UI too).
+        required = schemas[model.__name__].get("required", [])
+        defaults = {k: model.model_fields[k].get_default(call_default_factory=True)
+                    for k in properties if k not in required}
+        # (the schema leaves out "default": null and the defaults made by a factory)
+        assert all(v["default"] == defaults[k] for k, v in properties.items() if "default" in v)
+        data, _ = txt2img_like(client, endpoint, _request(endpoint, **{**defaults, **SMALL, "steps": 1}))
+        assert len(data["images"]) == 1
+        for i in range(1, max(len(rule.off) for rule in refused.values())):
+            body = {name: rule.off[min(i, len(rule.off) - 1)] for name, rule in refused.items() if not rule.only_with}
+            body |= {name: ON_VALUES[name] for name, rule in refused.items()
+                     if rule.only_with and rule.only_with in refused}
+            body |= {"seed_enable_extras": False, "seed_resize_from_h": 256, "seed_resize_from_w": 256,
+                     "override_settings_restore_afterwards": False, "mask_round": False}
+            txt2img_like(client, endpoint, _request(endpoint, **body))
+    for name, test in {**ACTED_ON, **IMG2IMG_ACTED_ON}.items():
+        assert callable(globals().get(test)), f"{name}: no test {test}"
+
+
+def txt2img_like(client, endpoint: str, body: dict) -> tuple[dict, dict]:
+    r = client.post(f"{API}/{endpoint}", json=body)
+    assert r.status_code == 200, r.text
+    return r.json(), json.loads(r.json()["info"])
+
+
+CHANGES = [  # (endpoint, field, value, other value, other fields): the two images differ
+    ("txt2img", "negative_prompt", "", "blue", {}),
+    ("txt2img", "steps", 2, 3, {}),
+    ("txt2img", "cfg_scale", 7.0, 2.0, {}),
+    ("txt2img", "eta", 1.0, 0.3, {"sampler_name": "Euler a", "steps": 3}),
+    ("img2img", "denoising_strength", 0.5, 0.9, {"steps": 4}),
+    ("inpaint", "inpaint_full_res", True, False, {}),
+    ("inpaint", "inpaint_full_res_padding", 0, 8, {"inpaint_full_res": True}),
+    ("inpaint", "inpainting_mask_invert", 0, 1, {}),
+]
+
+
+@pytest.mark.parametrize("endpoint,field,a,b,extra", CHANGES, ids=[c[1] for c in CHANGES])
+def test_a_field_changes_the_image(client, endpoint, field, a, b, extra):
+    fields = {**extra, "mask": _mask_b64(), "mask_blur": 0, "denoising_strength": 1.0} if endpoint == "inpaint" \
+        else extra
+    endpoint = "img2img" if endpoint == "inpaint" else endpoint
+    first, _ = txt2img_like(client, endpoint, _request(endpoint, **{"steps": 2, **fields, field: a}))
+    again, _ = txt2img_like(client, endpoint, _request(endpoint, **{"steps": 2, **fields, field: a}))
+    other, _ = txt2img_like(client, endpoint, _request(endpoint, **{"steps": 2, **fields, field: b}))
+    assert first["images"] == again["images"] and first["images"] != other["images"]
+    assert [f for f in CHANGES if f[1] == field]  # and ACTED_ON names this test for it
+    assert {**ACTED_ON, **IMG2IMG_ACTED_ON}[field] == "test_a_field_changes_the_image"
+
+
+def test_variation_seed_and_seed_enable_extras(client):
+    plain, _ = txt2img(client, seed=3, subseed=5, subseed_strength=0.0)
+    varied, info = txt2img(client, seed=3, subseed=5, subseed_strength=0.5)
+    other, _ = txt2img(client, seed=3, subseed=6, subseed_strength=0.5)
+    assert varied["images"] != plain["images"] and other["images"] != varied["images"]
+    assert info["all_subseeds"] == [5] and "Variation seed: 5, Variation seed strength: 0.5" in info["infotexts"][0]
+    # The web UI's seed_enable_extras=false turns the variation seed off.
+    off, info = txt2img(client, seed=3, subseed=5, subseed_strength=0.5, seed_enable_extras=False)
+    assert off["images"] == plain["images"] and "Variation seed" not in info["infotexts"][0]
+
+
+def test_save_images_writes_the_web_ui_outputs(client, models_dir, tmp_path, monkeypatch):
+    """save_images=true writes each image as the web UI does: <outputs>/txt2img-images/YYYY-MM-DD/
+    NNNNN-SEED.png (img2img-images/ for img2img), numbered on from the largest number in the day's
+    folder, the infotext in the PNG's parameters chunk, no temporary file left. As in the web UI's
+    API, save_images alone decides: do_not_save_samples / do_not_save_grid change nothing."""
+    outputs = client.app.state.sdlab.outputs_dir
+    monkeypatch.chdir(tmp_path)
+    before, models_before = sorted(outputs.rglob("*")), sorted(models_dir.rglob("*"))
+    txt2img(client, steps=1, do_not_save_samples=False, do_not_save_grid=False, batch_size=2)
+    assert sorted(outputs.rglob("*")) == before and sorted(models_dir.rglob("*")) == models_before
+    assert list(tmp_path.iterdir()) == []
+
+    date = datetime.date.today().isoformat()
+    day = outputs / "txt2img-images" / date
+    day.mkdir(parents=True, exist_ok=True)
+    (day / "00041-999.png").write_bytes(b"")  # made earlier today
+    data, info = txt2img(client, seed=7, steps=2, batch_size=2, save_images=True, do_not_save_samples=True,
+                         do_not_save_grid=True)
+    assert info["saved_images"] == [f"txt2img-images/{date}/00042-7.png", f"txt2img-images/{date}/00043-8.png"]
+    for name, b64, text in zip(info["saved_images"], data["images"], info["infotexts"]):
+        saved = Image.open(outputs / name)
+        assert saved.format == "PNG" and saved.info["parameters"] == text
+        assert np.array_equal(np.asarray(saved), np.asarray(png(b64)))
+    assert not [f for f in day.iterdir() if not f.name.endswith(".png")]
+
+    data, info = txt2img_like(client, "img2img", _request("img2img", seed=5, save_images=True))
+    name = info["saved_images"][0]
+    assert name.startswith(f"img2img-images/{date}/") and name.endswith("-5.png")
+    assert Image.open(outputs / name).info["parameters"] == info["infotexts"][0]
+    assert list(tmp_path.iterdir()) == [] and sorted(models_dir.rglob("*")) == models_before
+
+
+def test_styles_merge_into_the_prompts_as_the_web_ui_does(client):
+    """styles name rows of the server's styles.csv (by default in the models folder; GET
+    prompt-styles lists them). Each merges into the prompts in the order given, into its {prompt}
+    or else after a comma; the infotext and info carry the styled prompts, as the web UI's do,
+    and info the names. A name that is not in the file is refused, not skipped."""
+    styled, info = txt2img(client, prompt="a cat", negative_prompt="ugly", styles=["film", "sharp"], seed=3)
+    assert info["prompt"] == info["all_prompts"][0] == "a photo of a cat, film grain, sharp focus"
+    assert info["negative_prompt"] == "ugly, blurry" and info["styles"] == ["film", "sharp"]
+    assert info["infotexts"][0].startswith("a photo of a cat, film grain, sharp focus\nNegative prompt: ugly, blurry\n")
+    written, _ = txt2img(client, prompt="a photo of a cat, film grain, sharp focus", negative_prompt="ugly, blurry",
+                         seed=3)
+    assert written["images"] == styled["images"]
+    r = client.post(f"{API}/txt2img", json={**SMALL, "prompt": "a cat", "styles": ["film", "nope"]})
+    assert r.status_code == 422 and "no style named 'nope'" in r.json()["detail"] and "'film'" in r.json()["detail"]
+
+
+def test_tiling_makes_images_whose_opposite_edges_continue(client, monkeypatch):
+    """tiling=true pads the UNet's and VAE's convolutions circularly (the web UI's Tiling), so the
+    image is a picture on a torus: its right edge runs on into its left, its bottom into its top.
+    Shown exactly: the same noise moved across the edges (by 2 latents, the UNet's downsampling
+    step) gives the same image moved across the edges; with zero padding it does not. The
+    infotext says "Tiling: True", and the padding is back to zeros for the next request."""
+    from sdlab.sampling.rng import ImageRNG
+    from tests.tiny import TINY_VAE
+
+    body = {"prompt": "bricks", "seed": 5, "steps": 2, "width": 48, "height": 32, "sampler_name": "Euler"}
+    plain, plain_info = txt2img(client, **body)
+    tiled, info = txt2img(client, **body, tiling=True)
+    assert "Tiling: True" in info["infotexts"][0] and "Tiling" not in plain_info["infotexts"][0]
+    assert tiled["images"] != plain["images"]
+
+    first = ImageRNG.first
+    monkeypatch.setattr(ImageRNG, "first", lambda rng: torch.roll(first(rng), (2, 2), dims=(-2, -1)))
+    moved_tiled, _ = txt2img(client, **body, tiling=True)
+    moved_plain, _ = txt2img(client, **body)
+    monkeypatch.undo()
+    shift = 2 * TINY_VAE.downsample_factor
+
+    def moved(data: dict) -> np.ndarray:
+        return np.roll(np.asarray(png(data["images"][0]).convert("RGB")).astype(int), (shift, shift), axis=(0, 1))
+
+    def image(data: dict) -> np.ndarray:
+        return np.asarray(png(data["images"][0]).convert("RGB")).astype(int)
+
+    assert np.abs(moved(tiled) - image(moved_tiled)).max() <= 1  # a level of rounding at most
+    # Zero padding: the edges see zeros, not each other, and a good part of the image changes.
+    assert (np.abs(moved(plain) - image(moved_plain)) > 1).mean() > 0.1
+    again, _ = txt2img(client, **body)
+    assert again["images"] == plain["images"]
+    r = client.post(f"{API}/txt2img", json={"infotext": info["infotexts"][0]})  # "Tiling: True" fills tiling
+    assert r.status_code == 200 and r.json()["images"] == tiled["images"]
+
+
+def test_disable_extra_networks_drops_the_lora_tags(client):
+    r = client.post(f"{API}/txt2img", json={**SMALL, "prompt": "<lora:nope:1> a square", "seed": 2})
+    assert r.status_code == 422 and "nope" in r.json()["detail"]
+    dropped, info = txt2img(client, prompt="<lora:nope:1> a square", seed=2, disable_extra_networks=True)
+    plain, _ = txt2img(client, prompt="a square", seed=2)
+    assert pixels(dropped) == pixels(plain) and info["prompt"].strip() == "a square"
+
+
+def pixels(data: dict) -> list[bytes]:
+    return [np.asarray(png(b64).convert("RGB")).tobytes() for b64 in data["images"]]
+
+
+def test_send_images_false_answers_without_images(client):
+    data, info = txt2img(client, steps=1, send_images=False)
+    assert data["images"] == [] and len(info["infotexts"]) == 1
+
+
+def test_include_init_images_echoes_them(client):
+    init = b64_image(_init_image())
+    data, _ = txt2img_like(client, "img2img", _request("img2img", include_init_images=True))
+    assert data["parameters"]["init_images"] == [init]
+    data, _ = txt2img_like(client, "img2img", _request("img2img"))
+    assert data["parameters"]["init_images"] is None
+
+
+def test_mask_blur_and_its_x_y_spellings(client):
+    def inpaint(**blur):
+        data, info = txt2img_like(client, "img2img", _request("img2img", mask=_mask_b64(), steps=2,
+                                                                denoising_strength=1.0, **blur))
+        return data["images"], info["infotexts"][0]
+
+    sharp, _ = inpaint(mask_blur=0)
+    soft, text = inpaint(mask_blur=8)
+    assert sharp != soft and "Mask blur: 8" in text
+    assert inpaint(mask_blur_x=8, mask_blur_y=8)[0] == soft
+    assert inpaint(mask_blur=8, mask_blur_x=2, mask_blur_y=3)[0] == soft  # mask_blur sets both, as in the web UI
+    r = client.post(f"{API}/img2img", json=_request("img2img", mask=_mask_b64(), mask_blur_x=4, mask_blur_y=8))
+    assert r.status_code == 422 and "mask_blur_x=4, mask_blur_y=8" in r.json()["detail"]
+
+
+def test_inpainting_fill(client):
+    """1 (original) is what sdlab does; 0, the web UI's default, passes with a note; 2 and 3 are refused."""
+    body = _request("img2img", mask=_mask_b64(), steps=2, denoising_strength=0.6)
+    original, info = txt2img_like(client, "img2img", {**body, "inpainting_fill": 1})
+    assert not info["notes"]
+    fill, info = txt2img_like(client, "img2img", {**body, "inpainting_fill": 0})
+    assert fill["images"] == original["images"] and "inpainting_fill=0" in " ".join(info["notes"])
+    for value in (2, 3):
+        r = client.post(f"{API}/img2img", json={**body, "inpainting_fill": value})
+        assert r.status_code == 422 and f"inpainting_fill={value}" in r.json()["detail"]
+    r = client.post(f"{API}/img2img", json={**body, "init_images": body["init_images"] * 2})
+    assert r.status_code == 422 and "init_images: 2 images" in r.json()["detail"]
+
+
+def test_image_cfg_scale_does_nothing_as_in_the_web_ui_for_models_not_instruct_pix2pix(client):
+    """The web UI uses image_cfg_scale with instruct-pix2pix models only and drops it for every
+    other model; sdlab loads no instruct-pix2pix model, so it has no effect (webuiapi sends 1.5)."""
+    without, _ = txt2img_like(client, "img2img", _request("img2img", steps=2))
+    with_it, _ = txt2img_like(client, "img2img", _request("img2img", steps=2, image_cfg_scale=1.5))
+    assert with_it["images"] == without["images"]
+
+
 # -- listings, options, utilities ---------------------------------------------------------------------
 
 def test_listings(client, models_dir):
@@ -254,6 +607,44 @@ def test_listings(client, models_dir):
     assert set(progress) == {"progress", "eta_relative", "state", "current_image", "textinfo"}
     state_keys = {"job", "job_count", "job_no", "sampling_step", "sampling_steps", "interrupted", "skipped"}
     assert state_keys <= set(progress["state"])
+
+
+def test_listing_endpoints_answer_with_the_web_ui_shapes(client, models_dir):
+    """Every listing that web UI clients read at startup answers 200 in the web UI's shape: a list
+    of its items (their published schema has the web UI's keys), empty where sdlab has nothing of
+    the kind, never a 404. scripts is the web UI's {txt2img, img2img}, which webuiapi reads on
+    connecting. interrogate says it is not implemented (501), not that the path is wrong."""
+    openapi = client.get("/openapi.json").json()
+    for path, keys in LISTINGS.items():
+        r = client.get(f"{API}/{path}")
+        assert r.status_code == 200, path
+        if keys is dict:
+            assert isinstance(r.json(), dict), path
+            continue
+        schema = openapi["paths"][f"{API}/{path}"]["get"]["responses"]["200"]["content"]["application/json"]
+        item = openapi["components"]["schemas"][schema["schema"]["items"]["$ref"].rsplit("/", 1)[1]]
+        assert set(item["properties"]) == keys, path
+        assert isinstance(r.json(), list) and all(set(x) == keys for x in r.json()), path
+    get = lambda path: client.get(f"{API}/{path}").json()  # noqa: E731
+    # The web UI always lists "None" (no upscaling); sdlab has no other upscaler, no hires fix to use
+    # latent modes in, no VAE to choose, no hypernetworks, face restorers, scripts or extensions.
+    assert get("upscalers") == [{"name": "None", "model_name": None, "model_path": None, "model_url": None,
+                                 "scale": 4.0}]
+    for path in ("latent-upscale-modes", "sd-vae", "hypernetworks", "face-restorers", "realesrgan-models",
+                 "script-info", "extensions"):
+        assert get(path) == [], path
+    assert get("scripts") == {"txt2img": [], "img2img": []}
+    assert get("prompt-styles") == [
+        {"name": "film", "prompt": "a photo of {prompt}, film grain", "negative_prompt": "blurry"},
+        {"name": "sharp", "prompt": "sharp focus", "negative_prompt": ""}]
+    flags = get("cmd-flags")
+    assert flags["api"] is True and (flags["server_name"], flags["port"], flags["listen"]) == ("127.0.0.1", 7860, False)
+    assert flags["ckpt"] == "tiny.safetensors" and flags["api_auth"] is None
+    assert flags["styles_file"] == [str((models_dir / "styles.csv").resolve())]
+    r = client.post(f"{API}/interrogate", json={"image": b64_image(_init_image()), "model": "clip"})
+    assert r.status_code == 501 and r.json()["error"] == "NotProvided"
+    assert r.json()["detail"].startswith("interrogate (model 'clip') is not implemented by sdlab")
+    assert "\n" not in r.json()["detail"]
 
 
 def test_refresh_checkpoints_finds_new_files(client, models_dir):
@@ -361,10 +752,13 @@ def test_interrupt_stops_within_two_steps_and_the_next_job_runs_normally(client)
     assert r.status_code == 200
     info = json.loads(r.json()["info"])
     assert info["interrupted"] is True and 1 <= info["steps_done"] <= max(at, p["state"]["sampling_step"]) + 2
+    # the image says it is unfinished, in its infotext and its PNG: Steps alone would pass it for a finished one
+    stopped = f"Interrupted at step: {info['steps_done']}/{LONG}"
+    assert stopped in info["infotexts"][0] and stopped in png(r.json()["images"][0]).info["parameters"]
     assert len(r.json()["images"]) == 1 and out["t"] - sent < 10
     after, info = txt2img(client, prompt="after", seed=21)
     assert info["interrupted"] is False and info["steps_done"] == SMALL["steps"]
-    assert after["images"][0] == reference["images"][0]
+    assert after["images"][0] == reference["images"][0] and "Interrupted" not in info["infotexts"][0]
 
 
 def test_skip_ends_the_current_batch_only(client):
@@ -593,6 +987,7 @@ def test_serve_command_defaults_to_loopback_and_parses_auth_and_limits():
 
     s = settings_from_args(build_parser().parse_args(["serve"]))
     assert (s.host, s.port, s.api_auth, s.model) == ("127.0.0.1", 7860, (), None)
+    assert settings_from_args(build_parser().parse_args(["serve", "--listen"])).host == "0.0.0.0"  # the web UI's flag
     s = settings_from_args(build_parser().parse_args(
         ["serve", "--api-auth", "a:b, c:d:e", "--max-pixels", "1000", "--max-steps", "9", "--max-batch", "2",
          "--max-upload-mb", "1.5", "--models-dir", "/srv/models", "--model", "x"]))
@@ -609,3 +1004,75 @@ def test_serve_command_defaults_to_loopback_and_parses_auth_and_limits():
     assert settings_from_args(build_parser().parse_args(args)).weight_dtype == "fp8_e4m3fn"
     with pytest.raises(SdlabError, match="unknown weight dtype 'int4'"):
         settings_from_args(build_parser().parse_args(["serve", "--weight-dtype", "int4"]))
+
+
+def test_serve_says_what_it_serves(models_dir, tmp_path):
+    """`sdlab serve` starts with one block: the model it loads first with its family, the device,
+    the dtypes it will run in, and the addresses of the page and the API docs."""
+    from sdlab.cli import build_parser
+    from sdlab.server.cli import settings_from_args, startup_lines
+    from sdlab.server.state import ServerState
+
+    args = build_parser().parse_args(["serve", "--models-dir", str(models_dir), "--model", "tiny.safetensors",
+                                      "--device", "cpu", "--dtype", "fp32", "--weight-dtype", "bf16", "--port",
+                                      "7861", "--outputs-dir", str(tmp_path / "out"), "--styles-file",
+                                      str(tmp_path / "my.csv")])
+    settings = settings_from_args(args)
+    assert settings.outputs_dir == tmp_path / "out" and settings.styles_path == tmp_path / "my.csv"
+    lines = startup_lines(ServerState(settings))
+    assert lines[0].startswith("sdlab ") and lines[0].endswith("serving the web UI's API (/sdapi/v1) on 127.0.0.1:7861")
+    rows = dict(line.strip().split("  ", 1) for line in lines[1:])
+    rows = {k: v.strip() for k, v in rows.items()}
+    assert rows == {"model": "tiny.safetensors (Stable Diffusion 1.x)", "device": "cpu",
+                    "UNet / text encoder": "fp32, weights stored as bf16", "VAE": "fp32",
+                    "web page": "http://127.0.0.1:7861/", "API docs": "http://127.0.0.1:7861/docs"}
+    # --listen binds every interface; the address to open is this machine's.
+    listen = settings_from_args(build_parser().parse_args(["serve", "--models-dir", str(models_dir), "--listen",
+                                                           "--device", "cpu"]))
+    assert "  web page             http://127.0.0.1:7860/" in startup_lines(ServerState(listen))
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_code_2(models_dir, capsys, monkeypatch):
+    """A port in use is found before anything loads or claims to serve: one line, exit code 2."""
+    import socket
+
+    import sdlab.device
+    from sdlab.cli import main
+
+    monkeypatch.setattr(sdlab.device, "configure_threads", lambda: None)  # main's; leave this process's threads
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--port", str(port), "--models-dir", str(models_dir), "--model", "tiny.safetensors"])
+    out = capsys.readouterr()
+    assert code == 2 and out.out == ""
+    assert out.err == (f"sdlab: error: port {port} on 127.0.0.1 is already in use (another sdlab or web UI?); "
+                       "stop it or choose another with --port\n")
+
+
+# -- sdlab's one addition for its page ---------------------------------------------------------------
+
+def test_model_info_gives_a_checkpoints_native_size(client, models_dir, tmp_path):
+    """GET /sdlab/v1/model-info: the family and native size the page starts its width and height
+    at, read from the checkpoint's header (sdlab's own config first: the demo model's is 64)."""
+    r = client.get("/sdlab/v1/model-info")
+    assert r.status_code == 200
+    selected = client.get(f"{API}/options").json()["sd_model_checkpoint"]
+    assert r.json() == {"title": selected, "family": "sd1", "family_label": "Stable Diffusion 1.x",
+                        "native_size": 512, "error": None}
+    from dataclasses import replace
+
+    bundle = tiny_bundle("sd1")
+    cfg = replace(bundle.config, family=replace(bundle.config.family, default_size=64))
+    small = models_dir / "Stable-diffusion" / "small.safetensors"
+    save_native(bundle, small, metadata={"sdlab.config": cfg.to_json()})
+    try:
+        client.post(f"{API}/refresh-checkpoints")
+        info = client.get("/sdlab/v1/model-info", params={"checkpoint": "small.safetensors"}).json()
+        assert (info["title"].startswith("small.safetensors"), info["native_size"]) == (True, 64)
+    finally:
+        small.unlink()
+        client.post(f"{API}/refresh-checkpoints")
+    r = client.get("/sdlab/v1/model-info", params={"checkpoint": "nothing-here"})
+    assert r.status_code == 404 and "nothing-here" in r.json()["detail"]

@@ -43,7 +43,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "sdlab", "serve", "--models-dir", str(root), "--port", str(port),
-         "--model", "tiny.safetensors", "--max-steps", "5000",
+         "--model", "tiny.safetensors", "--max-steps", "5000", "--outputs-dir", str(tmp_path_factory.mktemp("outputs")),
          # One torch thread: on a busy 2-core machine, two threads of a tiny model spend most of
          # their time waiting for each other.
          "--threads", "1"],
@@ -159,3 +159,20 @@ def test_a_client_that_hangs_up_does_not_leave_the_worker_busy(server):
     assert not state["job"], f"the worker is still running the abandoned job: {state}"
     r = httpx.post(f"{server}/sdapi/v1/txt2img", json=body(0, 0), timeout=60)
     assert r.status_code == 200 and json.loads(r.json()["info"])["steps_done"] == 3
+
+
+def test_a_client_that_hangs_up_still_gets_the_images_it_asked_to_save(server):
+    """With save_images the images have somewhere to go besides the client: the job runs on after
+    its client hangs up, and writes them to the outputs folder (found through cmd-flags)."""
+    outputs = Path(httpx.get(f"{server}/sdapi/v1/cmd-flags").json()["outputs_dir"])
+    kept = {"prompt": "kept", "seed": 77, "width": 32, "height": 32, "steps": 400, "save_images": True}
+    with httpx.Client(base_url=server, timeout=httpx.Timeout(60, read=1.0)) as http:
+        with pytest.raises(httpx.ReadTimeout):  # gives up and closes the connection
+            http.post("/sdapi/v1/txt2img", json=kept)
+    assert httpx.get(f"{server}/sdapi/v1/progress").json()["state"]["job"] == "txt2img"  # still running
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{server}/sdapi/v1/progress").json()["state"]["job"]:
+        assert time.monotonic() < deadline, "the job never finished"
+        time.sleep(0.1)
+    saved = list(outputs.glob("txt2img-images/*/*-77.png"))
+    assert len(saved) == 1 and "Steps: 400" in Image.open(saved[0]).info["parameters"]

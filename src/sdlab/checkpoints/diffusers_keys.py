@@ -5,11 +5,19 @@ Each map is a list of (native prefix, diffusers prefix, kind) built from the
 network's config, used in both directions; `kind` names the renaming applied to
 what follows the prefix. Tensors whose layout differs (VAE attention 1x1 convs,
 OpenCLIP's fused qkv and transposed projection) are reshaped here too.
+
+From diffusers, the conversion is first a plan over the keys and shapes (`unet_plan`,
+`vae_plan`, `clip_plan`: native key -> how to make that tensor from the folder's), so
+that a reader can make each tensor only when a network takes it, from the memory-mapped
+file, and never hold the folder's tensors and their converted copies at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -26,6 +34,64 @@ _VAE_ATTN = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", 
 _SUFFIX_MAPS = {"plain": [], "resnet": _RESNET, "vae_resnet": _VAE_RESNET, "vae_attn": _VAE_ATTN}
 
 KeyMap = list[tuple[str, str, str]]
+_V = TypeVar("_V")
+Shapes = Mapping[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Derived:
+    """How one native tensor is made from tensors of a diffusers file: the first step takes the
+    `sources` (their keys in the file), each later step the result of the one before; with no
+    steps, the one source is the tensor as it is."""
+
+    sources: tuple[str, ...]
+    steps: tuple[Callable[..., Tensor], ...] = ()
+
+    def make(self, tensors: Sequence[Tensor]) -> Tensor:
+        if not self.steps:
+            (out,) = tensors
+            return out
+        out = self.steps[0](*tensors)
+        for step in self.steps[1:]:
+            out = step(out)
+        return out
+
+    def then(self, step: Callable[[Tensor], Tensor]) -> Derived:
+        return Derived(self.sources, (*self.steps, step))
+
+
+Plan = dict[str, Derived]  # native key -> how to make its tensor
+
+
+def apply_plan(plan: Plan, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The native tensors a plan describes, made from the tensors in `sd` at once."""
+    return {k: d.make([sd[s] for s in d.sources]) for k, d in plan.items()}
+
+
+def _shapes(sd: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _renamed(keys: Iterable[str], pairs: KeyMap, what: str) -> Plan:
+    """Diffusers keys renamed to native ones, each tensor taken as it is."""
+    return {k: Derived((src,)) for k, src in _convert({k: k for k in keys}, pairs, False, what).items()}
+
+
+# The steps of the plans: named functions, not lambdas, so that a plan prints readably.
+def _as_conv1x1(w: Tensor) -> Tensor:
+    return w[:, :, None, None]  # diffusers' Linear (C, C) -> the file's 1x1 conv (C, C, 1, 1)
+
+
+def _concat(*parts: Tensor) -> Tensor:
+    return torch.cat(parts, dim=0)
+
+
+def _transposed(w: Tensor) -> Tensor:
+    return w.t().contiguous()
+
+
+def _identity_like(width: int, like: Tensor) -> Tensor:
+    return torch.eye(width, dtype=like.dtype, device=like.device)
 
 
 def unet_key_map(cfg: UNetConfig) -> KeyMap:
@@ -119,7 +185,8 @@ def _rename(key: str, pairs: KeyMap, to_diffusers: bool) -> str | None:
     return dst + rest
 
 
-def _convert(sd: Mapping[str, Tensor], pairs: KeyMap, to_diffusers: bool, what: str) -> dict[str, Tensor]:
+def _convert(sd: Mapping[str, _V], pairs: KeyMap, to_diffusers: bool, what: str) -> dict[str, _V]:
+    """The entries of `sd` under their renamed keys (the values, tensors or anything else, as they are)."""
     out, unknown = {}, []
     for k, v in sd.items():
         new = _rename(k, pairs, to_diffusers)
@@ -137,8 +204,12 @@ def unet_to_diffusers(sd: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str, Te
     return _convert(sd, unet_key_map(cfg), True, "UNet")
 
 
+def unet_plan(shapes: Shapes, cfg: UNetConfig) -> Plan:
+    return _renamed(shapes, unet_key_map(cfg), "diffusers UNet")
+
+
 def unet_from_diffusers(sd: Mapping[str, Tensor], cfg: UNetConfig) -> dict[str, Tensor]:
-    return _convert(sd, unet_key_map(cfg), False, "diffusers UNet")
+    return apply_plan(unet_plan(_shapes(sd), cfg), sd)
 
 
 def _is_vae_attn(key: str) -> bool:
@@ -151,9 +222,14 @@ def vae_to_diffusers(sd: Mapping[str, Tensor], cfg: VAEConfig) -> dict[str, Tens
     return {k: (v.flatten(1) if _is_vae_attn(k) and v.ndim == 4 else v) for k, v in out.items()}
 
 
+def vae_plan(shapes: Shapes, cfg: VAEConfig) -> Plan:
+    plan = _renamed(shapes, vae_key_map(cfg), "diffusers VAE")
+    return {k: (d.then(_as_conv1x1) if _is_vae_attn(k) and len(shapes[d.sources[0]]) == 2 else d)
+            for k, d in plan.items()}
+
+
 def vae_from_diffusers(sd: Mapping[str, Tensor], cfg: VAEConfig) -> dict[str, Tensor]:
-    out = _convert(sd, vae_key_map(cfg), False, "diffusers VAE")
-    return {k: (v[:, :, None, None] if _is_vae_attn(k) and v.ndim == 2 else v) for k, v in out.items()}
+    return apply_plan(vae_plan(_shapes(sd), cfg), sd)
 
 
 def clip_to_diffusers(sd: Mapping[str, Tensor], cfg: CLIPTextConfig, drop_last_layer: bool = False) -> dict[str, Tensor]:
@@ -189,7 +265,7 @@ def _layer_dropped(key: str, layers: int) -> bool:
     return len(parts) > 3 and parts[1] == "encoder" and parts[2] == "layers" and int(parts[3]) >= layers
 
 
-def clip_from_diffusers(sd: Mapping[str, Tensor], layout: str, append_identity_layer: bool = False) -> dict[str, Tensor]:
+def clip_plan(shapes: Shapes, layout: str, append_identity_layer: bool = False) -> Plan:
     """transformers CLIPTextModel(WithProjection) keys -> native text encoder.
 
     `append_identity_layer` restores SD 2.x's 24-layer OpenCLIP layout from a diffusers
@@ -199,34 +275,39 @@ def clip_from_diffusers(sd: Mapping[str, Tensor], layout: str, append_identity_l
     expects the released layout.
     """
     # transformers 5 writes CLIPTextModel keys without the `text_model.` level; files from
-    # earlier versions (and the hub) have it. Accept both.
-    sd = {("text_model." + k if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k): v
-          for k, v in sd.items() if not k.endswith("position_ids")}
+    # earlier versions (and the hub) have it. Accept both: `names` maps the full name to the file's.
+    names = {("text_model." + k if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k): k
+             for k in shapes if not k.endswith("position_ids")}
     if layout == "openai":
-        return sd
-    n_layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
-    width = sd["text_model.embeddings.token_embedding.weight"].shape[1]
+        return {k: Derived((src,)) for k, src in names.items()}
+    n_layers = 1 + max(int(k.split(".")[3]) for k in names if k.startswith("text_model.encoder.layers."))
+    width = shapes[names["text_model.embeddings.token_embedding.weight"]][1]
     cfg = CLIPTextConfig(layout="openclip", width=width, layers=n_layers, heads=max(1, width // 64),
-                         mlp_width=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0], activation="gelu")
-    rest = {k: v for k, v in sd.items() if "self_attn.q_proj" not in k and "self_attn.k_proj" not in k
+                         mlp_width=shapes[names["text_model.encoder.layers.0.mlp.fc1.weight"]][0], activation="gelu")
+    position = names["text_model.embeddings.position_embedding.weight"]
+    rest = {k: src for k, src in names.items() if "self_attn.q_proj" not in k and "self_attn.k_proj" not in k
             and "self_attn.v_proj" not in k and k not in ("text_model.embeddings.position_embedding.weight",
                                                             "text_projection.weight")}
-    out = _convert(rest, openclip_key_map(cfg), False, "diffusers text encoder")
-    out["positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
+    renamed = _convert(rest, openclip_key_map(cfg), False, "diffusers text encoder")
+    plan = {k: Derived((src,)) for k, src in renamed.items()}
+    plan["positional_embedding"] = Derived((position,))
     for i in range(n_layers):
         base = f"text_model.encoder.layers.{i}.self_attn."
         for kind in ("weight", "bias"):
-            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
-                [sd[base + f"{p}_proj.{kind}"] for p in "qkv"], dim=0)
-    if "text_projection.weight" in sd:
-        out["text_projection"] = sd["text_projection.weight"].t().contiguous()
+            plan[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = Derived(
+                tuple(names[base + f"{p}_proj.{kind}"] for p in "qkv"), (_concat,))
+    if "text_projection.weight" in names:
+        plan["text_projection"] = Derived((names["text_projection.weight"],), (_transposed,))
     else:
         # SD 2.x never uses the pooled output; an identity keeps the released key set.
-        out["text_projection"] = torch.eye(width, dtype=out["positional_embedding"].dtype)
+        plan["text_projection"] = Derived((position,), (partial(_identity_like, width),))
     if append_identity_layer:
         src, dst = f"transformer.resblocks.{n_layers - 1}.", f"transformer.resblocks.{n_layers}."
-        for k in [k for k in out if k.startswith(src)]:
-            v = out[k]
+        for k in [k for k in plan if k.startswith(src)]:
             zero = k.endswith(("attn.out_proj.weight", "attn.out_proj.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"))
-            out[dst + k[len(src):]] = torch.zeros_like(v) if zero else v.clone()
-    return out
+            plan[dst + k[len(src):]] = plan[k].then(torch.zeros_like if zero else torch.clone)
+    return plan
+
+
+def clip_from_diffusers(sd: Mapping[str, Tensor], layout: str, append_identity_layer: bool = False) -> dict[str, Tensor]:
+    return apply_plan(clip_plan(_shapes(sd), layout, append_identity_layer), sd)

@@ -16,15 +16,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..demo_model import builtin_model
+from ..device import vae_dtype
 from ..errors import SdlabError
 from ..families import UNET_PREFIX, VAE_PREFIX, ModelConfig, Prediction, model_config, with_prediction
 from ..models.clip import CLIPTextModel
 from ..models.storage import compute_dtype, narrowable, narrowed, set_dtypes
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
-from ..perf import vae_dtype
 from ..text.tokenizer import CLIPTokenizer
-from .diffusers_folder import is_diffusers_folder, read_diffusers_folder
+from .diffusers_folder import is_diffusers_folder, read_diffusers_folder, tokenizer_pad_token
 from .io import StateDict, atomic_write, cast_floating, read_state_dict, save_safetensors
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class Bundle:
     source: Path | None = None
     has_ema: bool = False
     used_ema: bool = False
+    # The caller chose the prediction type (`--prediction`) instead of the file and detection:
+    # the infotext records it then, so that a replay chooses it too.
+    prediction_forced: bool = False
     _hash: str | None = field(default=None, repr=False)
 
     @property
@@ -96,28 +100,34 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def open_model(model: str | Path) -> tuple[StateDict, Path]:
-    """Resolve a path, diffusers folder or hub repo id to a (lazy) native state dict."""
+    """Resolve a path, diffusers folder, `demo` (the built-in model) or hub repo id to a (lazy)
+    native state dict."""
     path = Path(model).expanduser()
     if is_diffusers_folder(path):
         sd, _ = read_diffusers_folder(path)
         return sd, path
     if path.exists():
         return read_state_dict(path), path
-    text = str(model)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.endswith((".safetensors", ".ckpt")):
-        return open_model(_download(text))
+    if (demo := builtin_model(model)) is not None:
+        return open_model(demo)
+    if looks_like_repo_id(str(model)):
+        return open_model(_download(str(model)))
     raise SdlabError(f"{model}: no such file or folder")
 
 
+def looks_like_repo_id(text: str) -> bool:
+    """`owner/name`, as a Hugging Face repo id is written (a missing local file is not one)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.endswith((".safetensors", ".ckpt"))
+
+
 def _download(repo_id: str) -> Path:
+    from ..optional import require
+
+    hub = require("huggingface_hub", extra="hub", otherwise="give a local path",
+                  purpose=f"{repo_id} looks like a Hugging Face repo id; downloading it")
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise SdlabError(f"{repo_id}: looks like a Hugging Face repo id; install huggingface_hub "
-                         "(pip install 'sdlab[hub]') or give a local path") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"],
-                                      ignore_patterns=["*.fp16.*", "*non_ema*", "*ema_only*"]))
+        return Path(hub.snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                                          ignore_patterns=["*.fp16.*", "*non_ema*", "*ema_only*"]))
     except Exception as e:  # network, auth, missing repo: all one message for the user
         raise SdlabError(f"{repo_id}: could not download from the Hugging Face hub ({str(e).splitlines()[0][:160]})") from None
 
@@ -163,7 +173,7 @@ def load_bundle(model: str | Path, device: str | torch.device | None = None, dty
         unet_sd, used_ema = _with_ema(sd, unet_sd)
 
     unet = _build(UNet, cfg.unet, unet_sd, dtype, "UNet", path, weight_dtype)
-    # The VAE loads straight in the dtype it runs in (fp32 on the CPU, see perf.vae_dtype): loaded
+    # The VAE loads straight in the dtype it runs in (fp32 on the CPU, see device.vae_dtype): loaded
     # in `dtype` and upcast later, an fp32 file's VAE would lose its bits to bf16 and briefly be
     # held twice.
     vae = _build(AutoencoderKL, cfg.vae, _take(sd, VAE_PREFIX), vae_dtype(device, dtype, cfg.family.name),
@@ -178,7 +188,7 @@ def load_bundle(model: str | Path, device: str | torch.device | None = None, dty
 
     tokenizers = [_tokenizer_for(path, slot, i) for i, slot in enumerate(cfg.family.text_encoders)]
     bundle = Bundle(cfg, unet, vae, text_encoders, tokenizers, name=path.stem if path.is_file() else path.name,
-                    source=path, has_ema=has_ema, used_ema=used_ema)
+                    source=path, has_ema=has_ema, used_ema=used_ema, prediction_forced=prediction is not None)
     for net in bundle.networks().values():
         net.to(device).eval().requires_grad_(False)
     return bundle
@@ -301,8 +311,16 @@ def looks_like_v_prediction(unet: UNet) -> bool:
 def _tokenizer_for(path: Path, slot, index: int) -> CLIPTokenizer:
     folder = path / slot.tokenizer_folder if path.is_dir() else None
     if folder is not None and (folder / "vocab.json").exists():
-        return CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=slot.pad_token)
-    return CLIPTokenizer(pad_token=slot.pad_token)
+        tok = CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=slot.pad_token)
+    else:
+        tok = CLIPTokenizer(pad_token=slot.pad_token)
+    # Padded as the folder's own pipelines pad, which may differ from the family's rule.
+    pad = tokenizer_pad_token(folder, tok.vocab, slot.pad_token) if folder is not None and folder.is_dir() else None
+    if pad is None or pad == slot.pad_token:
+        return tok
+    if (folder / "vocab.json").exists():
+        return CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=pad)
+    return CLIPTokenizer(pad_token=pad)
 
 
 def save_checkpoint(bundle: Bundle, path: str | Path, dtype: torch.dtype | None = None,

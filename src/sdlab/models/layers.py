@@ -454,11 +454,13 @@ class Conv2d(nn.Conv2d):
         if x.device.type != "cpu" or x.dtype != self.weight.dtype or (torch.is_grad_enabled() and x.requires_grad):
             # Not what packing is for (another device or dtype, or a gradient wanted): the plain
             # convolution, correct if slower.
-            return F.conv2d(x, self.weight.to_dense(), self.bias, self.stride, self.padding, self.dilation,
-                            self.groups)
+            return self._conv_forward(x, self.weight.to_dense(), self.bias)  # honours padding_mode
+        padding = list(self.padding)
+        if self.padding_mode != "zeros":  # switched after packing (`circular_padding`): pad first, as nn.Conv2d does
+            x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), [0, 0]
         if memory_format_of(x) != torch.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's packed path is NHWC
-        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, list(self.padding),
+        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, padding,
                                                        list(self.stride), list(self.dilation), self.groups,
                                                        "none", [], "")
 
@@ -501,6 +503,36 @@ def cpu_packing_pays(dtype: torch.dtype) -> bool:
 def pack_conv_weights(net: nn.Module) -> int:
     """`Conv2d.pack_for_cpu` on every convolution of `net` that allows it; returns how many."""
     return sum(m.pack_for_cpu() for m in net.modules() if isinstance(m, Conv2d))
+
+
+def unpack_conv_weights(net: nn.Module) -> int:
+    """`Conv2d.unpack` on every packed convolution of `net`; returns how many. For code that
+    changes parameters in place (`p.data = ...`), which `Conv2d._apply` does not see."""
+    packed = [m for m in net.modules() if isinstance(m, Conv2d) and m.packed]
+    for m in packed:
+        m.unpack()
+    return len(packed)
+
+
+@contextlib.contextmanager
+def circular_padding(*nets: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, every padded convolution of `nets` pads by wrapping around (the map's
+    opposite edge) instead of with zeros: a UNet and VAE switched so make images that tile
+    seamlessly, the web UI's "Tiling" (`sd_hijack.apply_circular` sets every Conv2d's
+    `padding_mode`; convolutions without padding are left alone here, the same numbers). The
+    modes are restored on leaving; with `enabled` False nothing changes."""
+    switched = []
+    if enabled:
+        for net in nets:
+            for m in net.modules():
+                if isinstance(m, nn.Conv2d) and not isinstance(m.padding, str) and any(m.padding):
+                    switched.append((m, m.padding_mode))
+                    m.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for m, mode in switched:
+            m.padding_mode = mode
 
 
 class _GroupNormSiLU(torch.autograd.Function):

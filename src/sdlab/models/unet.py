@@ -53,6 +53,11 @@ class UNetConfig:
     context_dim: int = 768  # width of the text-encoder tokens that cross-attention reads
     use_linear_in_transformer: bool = False  # proj_in / proj_out are Linear (SD 2.x, SDXL), not 1x1 convs
     adm_in_channels: int | None = None  # width of SDXL's vector conditioning y (pooled text + size embeddings)
+    # Width of the sinusoidal embedding of each number in y (sizes, crop, aesthetic score): SGM's
+    # ConcatTimestepEmbedderND `outdim`, diffusers' `addition_time_embed_dim`. 256 in the released
+    # SDXL models; other widths are real (the tiny SDXL test pipelines have 8), and y is
+    # adm_in_channels = pooled text width + numbers * this. Unused without adm_in_channels.
+    size_embed_dim: int = 256
     norm_groups: int = 32
 
     def __post_init__(self) -> None:
@@ -75,6 +80,8 @@ class UNetConfig:
             raise ValueError("in_channels, out_channels, model_channels, context_dim and norm_groups must be >= 1")
         if self.adm_in_channels is not None and self.adm_in_channels < 1:
             raise ValueError("adm_in_channels must be >= 1 or None")
+        if self.size_embed_dim < 1:
+            raise ValueError("size_embed_dim must be >= 1")
         attended = [w for w, d in zip(self.level_channels, self.transformer_depth) if d]
         if self.transformer_depth_middle:
             attended.append(self.level_channels[-1])
@@ -123,13 +130,15 @@ PRESETS: dict[str, UNetConfig] = {
 # Helpers
 
 
-def sdxl_size_embedding(time_ids: Tensor, dim: int = 256) -> Tensor:
+def sdxl_size_embedding(time_ids: Tensor, dim: int) -> Tensor:
     """Embed SDXL's micro-conditioning numbers, the size part of the vector conditioning y.
 
     Args:
         time_ids: (B, N) floats. SDXL base: original (h, w), crop (top, left), target (h, w), N = 6;
             the refiner: original (h, w), crop (top, left), aesthetic score, N = 5.
-        dim: embedding width per number (256 in both SDXL models).
+        dim: embedding width per number, the UNet's `cfg.size_embed_dim` (256 in the released
+            SDXL models; no default, since a model with another width fails only at the UNet's
+            first Linear).
 
     Returns:
         (B, N * dim) float32; SDXL's y is `torch.cat([pooled_text, this], dim=-1)` (2816 / 2560 wide).

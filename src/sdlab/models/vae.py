@@ -175,14 +175,17 @@ def _upsample_conv(conv: nn.Conv2d, x: Tensor, pad_top: bool = True, pad_bottom:
     """`conv(nearest_x2(x))` for a 3x3 padding-1 conv, as four phase convs (see above).
 
     Without `pad_top` / `pad_bottom`, x's first / last row is a halo row (a real neighbour,
-    used by the tiled paths) and the output covers the rows between.
+    used by the tiled paths) and the output covers the rows between. A conv switched to circular
+    padding (`layers.circular_padding`) wraps the small map instead: the upsampled map's wrapped
+    neighbour row is the small map's, so the phases stay exact (whole maps only).
     """
     b, _, _, w = x.shape
     h = x.shape[-2] + pad_top + pad_bottom - 2  # source rows whose outputs are computed
     o = conv.out_channels
     fmt = memory_format_of(conv.weight)  # the layout the model was put in
     weight = _phase_weights(conv.weight).contiguous(memory_format=fmt)
-    y = F.conv2d(F.pad(x, (1, 1, int(pad_top), int(pad_bottom))), weight,
+    mode = "circular" if conv.padding_mode == "circular" else "constant"
+    y = F.conv2d(F.pad(x, (1, 1, int(pad_top), int(pad_bottom)), mode=mode), weight,
                  conv.bias.repeat(4) if conv.bias is not None else None)  # (B, 4 * O, h + 1, w + 1)
     y = y.unflatten(1, (2, 2, o))  # (B, a, c, O, h + 1, w + 1)
     out = torch.empty(b, o, 2 * h, 2 * w, device=x.device, dtype=y.dtype, memory_format=fmt)
@@ -516,6 +519,10 @@ class AutoencoderKL(nn.Module):
         """
         return self.decoder(self.post_quant_conv(z))
 
+    def circular(self) -> bool:
+        """Whether its convolutions pad circularly (`layers.circular_padding`: seamless images)."""
+        return any(isinstance(m, nn.Conv2d) and m.padding_mode == "circular" for m in self.modules())
+
     def decode_tiled(self, z: Tensor, tile: int = 256, store_dtype: torch.dtype | None = None) -> Tensor:
         """`decode` in bounded memory, for large images; same result up to rounding.
 
@@ -562,6 +569,10 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(self.quant_conv(enc.conv_out(F.silu(enc.norm_out(h)))))
 
     def _streamer(self, x: Tensor, pixels: int, tile: int, store_dtype: torch.dtype | None) -> _Streamer:
+        if self.circular():
+            # A band's edge rows would wrap to its own other edge, not the image's.
+            raise ValueError("the tiled VAE passes pad with zeros; decode / encode a VAE switched to circular "
+                             "padding whole")
         dtype = self.post_quant_conv.weight.dtype
         if store_dtype is None:
             large = pixels * x.shape[0] > FULL_PRECISION_MAP_PIXELS

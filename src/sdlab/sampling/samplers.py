@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from sdlab.errors import SdlabError
+from sdlab.optional import require
 from sdlab.sampling.schedules import (
     SCHEDULES,
     DiscreteSchedule,
@@ -128,12 +129,8 @@ def brownian_tree_noise_sampler(
     batch. The trees live on the CPU, in float32, so results do not depend on the device.
     Requires `pip install torchsde`.
     """
-    try:
-        import torchsde  # optional; only these samplers' web-UI parity needs it
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SdlabError(
-            "Brownian noise for the SDE samplers needs torchsde: pip install torchsde"
-        ) from e
+    # A dependency of sdlab's, but only these samplers import it: a broken install fails here, in one line.
+    torchsde = require("torchsde", extra=None, purpose="Brownian noise for the SDE samplers")
 
     positive = sigmas[sigmas > 0]
     t0, t1 = float(positive.min()), float(sigmas.max())

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from .. import __version__
+from .._version import __version__
 from ..errors import SdlabError
 from .errors import status_of
 from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, ProcessTimeMiddleware

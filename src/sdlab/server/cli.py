@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 from pathlib import Path
+
+from ..errors import SdlabError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -17,15 +21,24 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve the web UI's HTTP API and a web page",
         description="Serve the AUTOMATIC1111-compatible API under /sdapi/v1 (docs at /docs) and a web page at /. "
-                    "Binds to 127.0.0.1 unless --host says otherwise.")
+                    "Binds to 127.0.0.1 unless --host or --listen says otherwise.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--listen", dest="host", action="store_const", const="0.0.0.0",
+                   help="answer on every network interface (--host 0.0.0.0), as the web UI's --listen")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--models-dir", default=os.environ.get("SDLAB_MODELS_DIR", "models"),
                    help="models folder with Stable-diffusion/, Lora/, embeddings/ "
                         "(default $SDLAB_MODELS_DIR or ./models)")
-    p.add_argument("--model", help="checkpoint to load first: a name in the models folder or a file path")
+    p.add_argument("--model", help="checkpoint to load first: a name in the models folder, a file path, or demo for "
+                                   "the built-in demo model (a checkpoint or file named demo comes first; default: "
+                                   "the folder's first checkpoint, else demo)")
     p.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]",
                    help="require HTTP Basic auth with one of these credentials on every route")
+    p.add_argument("--outputs-dir", default="outputs",
+                   help="where requests with save_images write their images, as the web UI: "
+                        "txt2img-images/DATE/NNNNN-SEED.png ... (default ./outputs)")
+    p.add_argument("--styles-file", help="the web UI's styles.csv (columns name,prompt,negative_prompt) that "
+                   "requests' styles name (default: styles.csv in the models folder)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--dtype", help="weight dtype: fp16, bf16, fp32 (default: fp16 on CUDA; on a CPU bf16 where "
                    "it has AVX512-BF16/AMX, else fp32; see sdlab info --device)")
@@ -57,12 +70,17 @@ def settings_from_args(args: argparse.Namespace):
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
     return ServerSettings(models_dir=Path(args.models_dir), model=args.model, host=args.host, port=args.port,
                           api_auth=parse_api_auth(args.api_auth), device=args.device, dtype=args.dtype,
-                          weight_dtype=args.weight_dtype, compile=args.compile, offload=args.offload, limits=limits)
+                          weight_dtype=args.weight_dtype, compile=args.compile, offload=args.offload, limits=limits,
+                          outputs_dir=Path(args.outputs_dir),
+                          styles_file=Path(args.styles_file) if args.styles_file else None)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from ..optional import require
 
+    # Checked before anything else loads, so a missing one is one line, not a traceback.
+    require("fastapi", extra="serve", purpose="sdlab serve")
+    uvicorn = require("uvicorn", extra="serve", purpose="sdlab serve")
     from .app import create_app
 
     settings = settings_from_args(args)
@@ -70,8 +88,71 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_auth:
-        log.warning("serving on %s without --api-auth: anyone who can reach this address can use it", settings.host)
-    app = create_app(settings)
-    print(f"sdlab: serving on http://{settings.host}:{settings.port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
+    # The port first: taken, it is one line and exit code 2 before anything loads or claims to serve.
+    sock = bind_socket(settings.host, settings.port)
+    try:
+        if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_auth:
+            log.warning("serving on %s without --api-auth: anyone who can reach this address can use it",
+                        settings.host)
+        app = create_app(settings)
+        print("\n".join(startup_lines(app.state.sdlab)), flush=True)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for the server to listen on (bound here rather than by uvicorn,
+    so that a port in use is found before the model loads, and nothing can take it in between).
+
+    Raises:
+        UsageError: the port is in use, or the address is not one of this machine's.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As uvicorn binds: a port left in TIME_WAIT by a server just stopped can be taken again.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is already in use (another sdlab or web UI?); stop it or "
+                             f"choose another with --port") from None
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def startup_lines(state) -> list[str]:
+    """What `sdlab serve` says when it starts: the model it loads first and how it will run it,
+    and where the page and the API docs are."""
+    from .._version import __version__
+    from ..checkpoints.loader import config_of, open_model
+    from ..device import choose_device, dtype_name, parse_dtype, parse_weight_dtype, vae_dtype
+    from ..perf import inference_dtypes
+
+    s = state.settings
+    device = choose_device(s.device)
+    dtype, weights = inference_dtypes(device, parse_dtype(s.dtype), parse_weight_dtype(s.weight_dtype), s.compile)
+    entry, family = state.selected, None
+    if entry is None:
+        model = f"none: put a checkpoint in {state.catalog.root / 'Stable-diffusion'}"
+    else:
+        try:
+            family = config_of(open_model(entry.path)[0]).family
+            model = f"{entry.name} ({family.label})"
+        except SdlabError as e:  # the load in the worker will say so again; the server still starts
+            model = f"{entry.name} (unreadable: {e})"
+    dtypes = f"{dtype_name(dtype)}, weights stored as {dtype_name(weights)}" if weights != dtype else dtype_name(dtype)
+    vae = dtype_name(vae_dtype(device, dtype, family.name if family else None))
+    # A wildcard address is not one a browser can open; this machine's loopback serves it too.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(s.host, s.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{s.port}"
+    rows = [("model", model), ("device", str(device)), ("UNet / text encoder", dtypes), ("VAE", vae),
+            ("web page", f"{url}/"), ("API docs", f"{url}/docs")]
+    width = max(len(k) for k, _ in rows)
+    return [f"sdlab {__version__}: serving the web UI's API (/sdapi/v1) on {s.host}:{s.port}",
+            *(f"  {k.ljust(width)}  {v}" for k, v in rows)]

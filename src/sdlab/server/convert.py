@@ -15,34 +15,133 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
-from .. import __version__
+from .._version import __version__
 from ..errors import SdlabError
 from ..infotext import parse_infotext, png_info
 from ..pipeline import GenerationRequest, validate
 from ..sampling.samplers import SAMPLERS, resolve_sampler
 from ..sampling.schedules import SCHEDULES, resolve_schedule
+from ..styles import apply_styles
 from .catalog import CheckpointEntry
-from .errors import BadInput, OverLimit, TooLarge
+from .errors import BadInput, OverLimit, TooLarge, Unsupported
 from .models import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .settings import Limits
 from .state import RANDN_SOURCES, ServerState, clip_skip_value, noise_schedule_value, randn_source_value
 from .worker import JobResult
 
-# Fields sdlab accepts but does not act on, with the value that means "off". A request
-# that sets one to anything else gets a note in `info` saying it was ignored.
-IGNORED_UNLESS_DEFAULT: dict[str, Any] = {
-    "styles": (None, []), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
-    "restore_faces": (None, False), "tiling": (None, False), "s_min_uncond": (None, 0, 0.0),
-    "s_churn": (None, 0, 0.0), "s_tmax": (None,), "s_tmin": (None, 0, 0.0), "s_noise": (None, 1, 1.0),
-    "refiner_checkpoint": (None, "", "None"), "refiner_switch_at": (None,), "script_name": (None, ""),
-    "script_args": ([],), "save_images": (False,), "alwayson_scripts": ({},),
-    # txt2img: hires fix
-    "enable_hr": (False,), "hr_upscaler": (None, ""), "hr_checkpoint_name": (None, ""),
-    "hr_prompt": ("",), "hr_negative_prompt": ("",), "firstpass_image": (None, ""),
-    # img2img
-    "resize_mode": (0,), "image_cfg_scale": (None,), "initial_noise_multiplier": (None, 1, 1.0),
-    "latent_mask": (None, ""),
+
+@dataclass(frozen=True)
+class NotActedOn:
+    """A request field of a feature sdlab does not have (yet). A request that turns it on is
+    refused (422, naming the field): an image made without the feature must never pass for
+    one made with it. Every other field of the request models is acted on, and
+    tests/server/test_api.py's ACTED_ON names the test that shows it."""
+
+    feature: str  # what the client asked for, for the message
+    off: tuple[Any, ...]  # values that mean "off" (the field's default is one): these pass
+    # The field that turns the feature on. Without it this field has no effect in the web UI
+    # either, so any value passes: webuiapi sends hr_upscaler="Latent" with enable_hr false.
+    only_with: str | None = None
+    instead: str | None = None  # a way to get what the client wanted, if there is one
+
+
+NOT_ACTED_ON: dict[str, NotActedOn] = {
+    # The web UI reads these only with seed_enable_extras (its default); -1 and 0 are "off" there.
+    "seed_resize_from_h": NotActedOn("seed resize", (-1, 0), only_with="seed_enable_extras"),
+    "seed_resize_from_w": NotActedOn("seed resize", (-1, 0), only_with="seed_enable_extras"),
+    "restore_faces": NotActedOn("face restoration", (None, False)),
+    "s_min_uncond": NotActedOn("negative guidance minimum sigma", (None, 0)),
+    "s_churn": NotActedOn("sigma churn", (None, 0)),
+    # The web UI reads these two only with churn; s_tmax 0 means "no limit" there.
+    "s_tmin": NotActedOn("sigma churn", (None, 0), only_with="s_churn"),
+    "s_tmax": NotActedOn("sigma churn", (None, 0), only_with="s_churn"),
+    "s_noise": NotActedOn("sigma noise", (None, 1)),
+    "override_settings_restore_afterwards": NotActedOn(
+        "keeping override_settings after the request", (True,), only_with="override_settings",
+        instead="set them with POST /sdapi/v1/options"),
+    "refiner_checkpoint": NotActedOn("the SDXL refiner on the server", (None, "", "None"),
+                                     instead="use sdlab generate --refiner"),
+    "refiner_switch_at": NotActedOn("the SDXL refiner on the server", (None,), only_with="refiner_checkpoint"),
+    "comments": NotActedOn("comments", (None, {})),
+    "force_task_id": NotActedOn("task ids (the web UI's /internal/progress)", (None, ""),
+                                instead="poll GET /sdapi/v1/progress"),
+    "script_name": NotActedOn("scripts", (None, "", "None")),
+    "script_args": NotActedOn("scripts", ([],), only_with="script_name"),
+    "alwayson_scripts": NotActedOn("always-on scripts", ({},)),
 }
+TXT2IMG_NOT_ACTED_ON: dict[str, NotActedOn] = {
+    "enable_hr": NotActedOn("hires fix", (False,),
+                            instead="generate at the final size, or upscale the image and run img2img on it"),
+    # The hires fix settings: they mean nothing while enable_hr is false, in the web UI too.
+    **{name: NotActedOn("hires fix", (Txt2ImgRequest.model_fields[name].default,), only_with="enable_hr")
+       for name in ("denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+                    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+                    "hr_scheduler", "hr_prompt", "hr_negative_prompt", "firstpass_image")},
+}
+IMG2IMG_NOT_ACTED_ON: dict[str, NotActedOn] = {
+    "resize_mode": NotActedOn("resize modes other than 0 (just resize)", (0,),
+                              instead="crop or pad the image to the size first"),
+    "initial_noise_multiplier": NotActedOn("the initial noise multiplier", (None, 1)),
+    "latent_mask": NotActedOn("a separate latent mask", (None, "")),
+    "mask_round": NotActedOn("an unrounded latent mask", (True,), only_with="mask"),
+}
+
+
+def not_acted_on(model: type[GenerationFields]) -> dict[str, NotActedOn]:
+    """The fields of a request model that sdlab refuses unless they are off."""
+    extra = TXT2IMG_NOT_ACTED_ON if issubclass(model, Txt2ImgRequest) else IMG2IMG_NOT_ACTED_ON
+    return {**NOT_ACTED_ON, **extra}
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+def refuse_not_acted_on(body: Txt2ImgRequest | Img2ImgRequest) -> None:
+    """Raise `Unsupported` naming every field that asks for something sdlab does not do."""
+    table = not_acted_on(type(body))
+
+    problems = []
+    for name, rule in table.items():
+        value = getattr(body, name)
+        if value in rule.off:
+            continue
+        # Without its switch the field does nothing, in the web UI too; with a switch that is
+        # refused itself (enable_hr, s_churn, ...), the switch's message says it all.
+        if rule.only_with is not None and (rule.only_with in table or not getattr(body, rule.only_with)):
+            continue
+        if name == "alwayson_scripts":  # worded as the web UI words it, so clients that match on it still do
+            problems += [f"always on script {script} not found (sdlab has no scripts; leave alwayson_scripts "
+                         "empty)" for script in value]
+        elif name == "script_name":
+            problems.append(f"Script {value!r} not found (sdlab has no scripts; leave script_name out)")
+        else:
+            default = type(body).model_fields[name].get_default(call_default_factory=True)
+            problems.append(f"{name}={_json(value)}: {rule.feature} is not implemented by sdlab; send "
+                            f"{_json(default)} or leave it out" + (f" ({rule.instead})" if rule.instead else ""))
+    if isinstance(body, Img2ImgRequest):
+        problems += _img2img_problems(body)
+    if problems:
+        raise Unsupported("; ".join(problems))
+
+
+def _img2img_problems(body: Img2ImgRequest) -> list[str]:
+    """Img2img fields of which sdlab acts on some values only."""
+    problems = []
+    if len(body.init_images) > 1:
+        # The web UI makes one image per init image; sdlab takes one per request.
+        problems.append(f"init_images: {len(body.init_images)} images, but sdlab uses one per request; "
+                        "send one image per request")
+    if body.mask:
+        if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
+            problems.append(f"mask_blur_x={body.mask_blur_x}, mask_blur_y={body.mask_blur_y}: sdlab blurs the mask "
+                            "evenly; send mask_blur (one value for both)")
+        if body.inpainting_fill in (2, 3):
+            problems.append(f"inpainting_fill={body.inpainting_fill}: latent noise / latent nothing is not "
+                            "implemented by sdlab; send 1 (original)")
+    return problems
+
+
 # Options that `override_settings` may carry and what sdlab does with them.
 OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", "sd_noise_schedule")
 
@@ -94,6 +193,9 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
     ignored_fields: list[str] = field(default_factory=list)
     sampler_name: str = ""
+    # The prompts with the request's styles merged in, as the web UI's info reports them.
+    styled_prompt: str = ""
+    styled_negative_prompt: str = ""
 
 
 def _fill_from_infotext(body: GenerationFields) -> GenerationFields:
@@ -102,7 +204,7 @@ def _fill_from_infotext(body: GenerationFields) -> GenerationFields:
     mapping = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "Sampler": "sampler_name",
                "Schedule type": "scheduler", "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width",
                "Size-2": "height", "Variation seed": "subseed", "Variation seed strength": "subseed_strength",
-               "Denoising strength": "denoising_strength"}
+               "Denoising strength": "denoising_strength", "Tiling": "tiling"}
     update = {f: params[k] for k, f in mapping.items() if k in params and f not in body.model_fields_set
               and f in type(body).model_fields and params[k] != ""}
     settings = {"CLIP_stop_at_last_layers": params.get("Clip skip"), "sd_noise_schedule": params.get("Noise Schedule")}
@@ -149,12 +251,12 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     if body.infotext:
         body = _fill_from_infotext(body)
     check_limits(body, limits)
+    refuse_not_acted_on(body)
+    # Keys no model declares pass with a note, as the web UI drops them silently: clients of
+    # newer web UI versions and forks send fields of their own.
     notes, ignored = [], sorted(body.model_extra or {})
     for name in ignored:
         notes.append(f"unknown field {name!r} ignored")
-    for name, off in IGNORED_UNLESS_DEFAULT.items():
-        if name in type(body).model_fields and getattr(body, name) not in off:
-            notes.append(f"{name} is not implemented by sdlab; ignored")
 
     # Options: the server's, then this request's override_settings.
     checkpoint = state.selected
@@ -183,10 +285,14 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     gen = GenerationRequest(
         prompt=prompt, negative_prompt=negative, width=body.width, height=body.height, steps=body.steps,
         sampler=sampler, schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, subseed=body.subseed,
-        subseed_strength=body.subseed_strength, batch_size=body.batch_size, n_iter=body.n_iter,
+        # Without the seed extras the web UI sets the variation strength to 0.
+        subseed_strength=body.subseed_strength if body.seed_enable_extras else 0.0,
+        batch_size=body.batch_size, n_iter=body.n_iter,
         clip_skip=clip_skip, rng=RANDN_SOURCES[randn], eta=body.eta,
         # "Default" leaves it to the model (its ztsnr marker), as the web UI does.
         zero_terminal_snr=True if noise_schedule == "Zero Terminal SNR" else None,
+        # None is the web UI's "as the tiling setting says", off unless set; sdlab has no such setting.
+        styles=list(body.styles or []), tiling=bool(body.tiling),
     )
     if isinstance(body, Img2ImgRequest):
         gen = _img2img_fields(body, gen, limits, notes)
@@ -194,24 +300,23 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     gen = validate(gen, 512)
     sampler_info = resolve_sampler(sampler)
     resolve_schedule(schedule)
-    return Prepared(gen, checkpoint, notes, ignored, sampler_info.name)
+    # The pipeline merges the styles in; merged here too, so that a style missing from the file is
+    # refused before the request waits in the queue, and for the info.
+    styled = apply_styles(gen, state.styles_file)
+    return Prepared(gen, checkpoint, notes, ignored, sampler_info.name, styled.prompt, styled.negative_prompt)
 
 
 def _img2img_fields(body: Img2ImgRequest, gen: GenerationRequest, limits: Limits,
                     notes: list[str]) -> GenerationRequest:
     init = decode_image(body.init_images[0], "init_images[0]", limits)
-    if len(body.init_images) > 1:
-        notes.append("only the first of init_images is used")
     mask = decode_image(body.mask, "mask", limits) if body.mask else None
     if mask is not None and mask.size != init.size:
         # Clients send masks drawn at another scale; the web UI resizes them to the image.
         mask = mask.convert("L").resize(init.size, Image.LANCZOS)
-    if mask is not None and body.inpainting_fill != 1:
-        notes.append(f"inpainting_fill={body.inpainting_fill} is not implemented; sdlab starts from the "
-                     "original content (1)")
-    blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
-    if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
-        notes.append("mask_blur_x and mask_blur_y differ; sdlab blurs evenly by mask_blur_x")
+    if mask is not None and body.inpainting_fill == 0:
+        # The web UI's default, so it cannot be refused; 2 and 3 are (refuse_not_acted_on).
+        notes.append("inpainting_fill=0 (fill) is not implemented; sdlab starts from the original content (1)")
+    blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x  # x == y, or refused
     gen.init_image = init
     gen.mask = mask
     gen.denoising_strength = body.denoising_strength
@@ -239,10 +344,10 @@ def info_json(done: JobResult, prep: Prepared) -> str:
     n = len(res.images)
     bundle_name = done.checkpoint.model_name
     obj = {
-        "prompt": req.prompt,
-        "all_prompts": [req.prompt] * n,
-        "negative_prompt": req.negative_prompt,
-        "all_negative_prompts": [req.negative_prompt] * n,
+        "prompt": prep.styled_prompt,
+        "all_prompts": [prep.styled_prompt] * n,
+        "negative_prompt": prep.styled_negative_prompt,
+        "all_negative_prompts": [prep.styled_negative_prompt] * n,
         "seed": res.seeds[0] if res.seeds else req.seed,
         "all_seeds": res.seeds,
         "subseed": res.subseeds[0] if res.subseeds else req.subseed,
@@ -266,7 +371,7 @@ def info_json(done: JobResult, prep: Prepared) -> str:
         "extra_generation_params": _extra_params(req),
         "index_of_first_image": 0,
         "infotexts": res.infotexts,
-        "styles": [],
+        "styles": list(req.styles),
         "job_timestamp": prep_timestamp(),
         "clip_skip": req.clip_skip,
         "is_using_inpainting_conditioning": False,
@@ -275,8 +380,10 @@ def info_json(done: JobResult, prep: Prepared) -> str:
         "scheduler": SCHEDULES[resolve_schedule(req.schedule).name].label,
         "interrupted": done.interrupted,
         "steps_done": done.steps_done,
-        "notes": prep.notes,
+        "notes": prep.notes + done.notes,
         "ignored_fields": prep.ignored_fields,
+        # save_images: the files written, relative to the server's outputs folder.
+        "saved_images": done.saved,
     }
     return json.dumps(obj)
 

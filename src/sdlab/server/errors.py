@@ -6,7 +6,7 @@ Each is an `SdlabError`, so a message written for the CLI reads the same over HT
 
 from __future__ import annotations
 
-from ..errors import SdlabError
+from ..errors import MissingDependency, SdlabError
 from .catalog import NotFound
 
 
@@ -22,6 +22,16 @@ class OverLimit(SdlabError):
     """A request over a configured limit (size, steps, batch): 422."""
 
 
+class Unsupported(SdlabError):
+    """A request that turns on a feature sdlab does not have (hires fix, scripts, ...): 422,
+    the status the web UI answers for a script it does not have."""
+
+
+class NotProvided(SdlabError):
+    """An endpoint of the web UI for something sdlab has no model for (interrogate): 501, which
+    tells a client the server cannot do it, where a 404 would say the path is wrong."""
+
+
 class NoModel(SdlabError):
     """Nothing to generate with: no checkpoint in the folder and none named: 503."""
 
@@ -35,6 +45,9 @@ STATUS = (  # checked in order: subclasses first
     (BadInput, 400),
     (TooLarge, 413),
     (OverLimit, 422),
+    (Unsupported, 422),
+    (MissingDependency, 500),  # a package the server's installation lacks: not the client's doing
+    (NotProvided, 501),
     (NoModel, 503),
     (ModelLoadError, 500),
     (SdlabError, 422),  # any other user-facing error is a request the pipeline refused

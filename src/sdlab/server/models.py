@@ -2,10 +2,12 @@
 
 Field names and defaults are AUTOMATIC1111's (`modules/processing.py`'s
 `StableDiffusionProcessingTxt2Img` / `...Img2Img` plus the API-only keys of
-`modules/api/models.py`), so clients written against it work unchanged. Fields sdlab
-does not implement are still declared, so their presence is no error; a request that
-sets one to something other than its default gets a note in the response's `info`.
-Keys no model declares are accepted too (`extra="allow"`) and reported the same way.
+`modules/api/models.py`), so clients written against it work unchanged. Fields of
+features sdlab does not have are declared too: sent with a value that means "off" (their
+default, or what clients send for it) they pass, and a request that turns one on is
+refused with 422 naming the field (`convert.NOT_ACTED_ON`), never answered with an image
+made without it. Keys no model declares pass with a note in the response's `info`
+(`extra="allow"`), as the web UI drops them silently.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ class GenerationFields(BaseModel):
     prompt: str = Field("",
                         description="What to draw. Web UI syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:1>.")
     negative_prompt: str = Field("", description="What to steer away from.")
-    styles: list[str] | None = Field(None, description="Saved prompt styles (not implemented; ignored).")
+    styles: list[str] | None = Field(None,
+        description="Saved prompt styles by name (the server's styles.csv, GET /sdapi/v1/prompt-styles), merged into "
+                    "the prompts in this order; a name not in the file is refused.")
     seed: int = Field(-1, ge=-1, le=MAX_SEED,
                       description="Seed of the first image; -1 picks one at random. Image i of a batch uses seed + i.")
     subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="Variation seed; -1 picks one at random.")
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
                                     description="How far to move toward the variation seed's noise (0 = none).")
-    seed_resize_from_h: int = Field(-1, description="Seed resize from height (not implemented; ignored).")
-    seed_resize_from_w: int = Field(-1, description="Seed resize from width (not implemented; ignored).")
+    seed_resize_from_h: int = Field(-1, description="Seed resize from height (not implemented; refused unless off).")
+    seed_resize_from_w: int = Field(-1, description="Seed resize from width (not implemented; refused unless off).")
+    seed_enable_extras: bool = Field(True,
+        description="false: the variation seed (subseed_strength) and seed resize are not used.")
     sampler_name: str | None = Field(None,
         description="Sampler, e.g. 'Euler a', 'DPM++ 2M'; the pre-1.9 combined names ('DPM++ 2M Karras') work too. "
                     "See GET /sdapi/v1/samplers.")
@@ -47,35 +53,43 @@ class GenerationFields(BaseModel):
     cfg_scale: float = Field(7.0, ge=0.0, allow_inf_nan=False, description="Classifier-free guidance scale.")
     width: int = Field(512, ge=8, description="Image width in pixels, a multiple of 8.")
     height: int = Field(512, ge=8, description="Image height in pixels, a multiple of 8.")
-    restore_faces: bool | None = Field(None, description="Face restoration (not implemented; ignored).")
-    tiling: bool | None = Field(None, description="Tileable images (not implemented; ignored).")
+    restore_faces: bool | None = Field(None, description="Face restoration (not implemented; refused unless off).")
+    tiling: bool | None = Field(None,
+        description="Seamless images that tile: the UNet's and VAE's convolutions pad circularly. Infotext 'Tiling: "
+                    "True'.")
     do_not_save_samples: bool = Field(False,
-        description="sdlab's server never saves images to disk; accepted for compatibility.")
-    do_not_save_grid: bool = Field(False, description="sdlab's server never saves grids; accepted for compatibility.")
+        description="No effect: as in the web UI's API, save_images alone decides whether images are saved.")
+    do_not_save_grid: bool = Field(False,
+        description="No effect: as in the web UI's API, save_images alone decides (sdlab saves no grids).")
     eta: float | None = Field(None, ge=0.0, allow_inf_nan=False,
                               description="Noise multiplier of ancestral / SDE samplers (None: the sampler's default).")
-    s_min_uncond: float | None = Field(None, description="Negative guidance minimum sigma (not implemented; ignored).")
-    s_churn: float | None = Field(None, description="Sigma churn (not implemented; ignored).")
-    s_tmax: float | None = Field(None, description="Sigma tmax (not implemented; ignored).")
-    s_tmin: float | None = Field(None, description="Sigma tmin (not implemented; ignored).")
-    s_noise: float | None = Field(None, description="Sigma noise (not implemented; ignored).")
+    s_min_uncond: float | None = Field(None,
+        description="Negative guidance minimum sigma (not implemented; refused unless off).")
+    s_churn: float | None = Field(None, description="Sigma churn (not implemented; refused unless off).")
+    s_tmax: float | None = Field(None, description="Sigma tmax (used with s_churn only).")
+    s_tmin: float | None = Field(None, description="Sigma tmin (used with s_churn only).")
+    s_noise: float | None = Field(None, description="Sigma noise (not implemented; refused unless off).")
     override_settings: dict[str, Any] = Field(default_factory=dict,
         description="Options for this request only: sd_model_checkpoint, CLIP_stop_at_last_layers, randn_source, "
                     "sd_noise_schedule.")
     override_settings_restore_afterwards: bool = Field(True,
-        description="sdlab always restores; overrides apply to this request only.")
-    refiner_checkpoint: str | None = Field(None, description="SDXL refiner (not implemented; ignored).")
-    refiner_switch_at: float | None = Field(None, description="SDXL refiner switch point (not implemented; ignored).")
+        description="Overrides apply to this request only; false is not implemented (refused).")
+    refiner_checkpoint: str | None = Field(None, description="SDXL refiner (not implemented; refused unless off).")
+    refiner_switch_at: float | None = Field(None,
+        description="SDXL refiner switch point (used with refiner_checkpoint only).")
     disable_extra_networks: bool = Field(False, description="Ignore <lora:...> tags in the prompt.")
-    comments: dict[str, Any] | None = Field(None, description="Free-form comments (ignored).")
+    comments: dict[str, Any] | None = Field(None,
+        description="Free-form comments (not implemented; refused unless off).")
     force_task_id: str | None = Field(None,
-                                      description="Task id to report in progress (accepted; sdlab makes its own).")
-    script_name: str | None = Field(None, description="Web UI script (not implemented; ignored).")
-    script_args: list[Any] = Field(default_factory=list, description="Arguments of script_name (ignored).")
+        description="Task id for the web UI's /internal/progress (not implemented; refused unless off).")
+    script_name: str | None = Field(None, description="Web UI script (sdlab has none; refused).")
+    script_args: list[Any] = Field(default_factory=list, description="Arguments of script_name.")
     send_images: bool = Field(True, description="Return the images in the response.")
-    save_images: bool = Field(False, description="Save images on the server (not implemented; ignored).")
+    save_images: bool = Field(False,
+        description="Also write the images to the server's outputs folder as the web UI does: "
+                    "txt2img-images/YYYY-MM-DD/NNNNN-SEED.png (img2img-images/ for img2img), infotext included.")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict,
-        description="Extension scripts such as ControlNet (not implemented; ignored).")
+        description="Extension scripts such as ControlNet (sdlab has none: any entry is refused).")
     infotext: str | None = Field(None,
         description="Infotext (PNG parameters) whose values fill every field the request leaves unset.")
 
@@ -83,48 +97,53 @@ class GenerationFields(BaseModel):
 class Txt2ImgRequest(GenerationFields):
     """POST /sdapi/v1/txt2img (`StableDiffusionProcessingTxt2Img`)."""
 
-    enable_hr: bool = Field(False, description="Hires fix (not implemented; ignored).")
+    enable_hr: bool = Field(False, description="Hires fix (not implemented; refused unless off).")
     denoising_strength: float | None = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False,
-                                             description="Hires fix denoising strength (hires fix is not implemented).")
-    firstphase_width: int = Field(0, description="Hires fix (ignored).")
-    firstphase_height: int = Field(0, description="Hires fix (ignored).")
-    hr_scale: float = Field(2.0, description="Hires fix (ignored).")
-    hr_upscaler: str | None = Field(None, description="Hires fix (ignored).")
-    hr_second_pass_steps: int = Field(0, description="Hires fix (ignored).")
-    hr_resize_x: int = Field(0, description="Hires fix (ignored).")
-    hr_resize_y: int = Field(0, description="Hires fix (ignored).")
-    hr_checkpoint_name: str | None = Field(None, description="Hires fix (ignored).")
-    hr_sampler_name: str | None = Field(None, description="Hires fix (ignored).")
-    hr_scheduler: str | None = Field(None, description="Hires fix (ignored).")
-    hr_prompt: str = Field("", description="Hires fix (ignored).")
-    hr_negative_prompt: str = Field("", description="Hires fix (ignored).")
-    firstpass_image: str | None = Field(None, description="Hires fix (ignored).")
+                                             description="Hires fix denoising strength (used with enable_hr only).")
+    firstphase_width: int = Field(0, description="Hires fix (used with enable_hr only).")
+    firstphase_height: int = Field(0, description="Hires fix (used with enable_hr only).")
+    hr_scale: float = Field(2.0, description="Hires fix (used with enable_hr only).")
+    hr_upscaler: str | None = Field(None, description="Hires fix (used with enable_hr only).")
+    hr_second_pass_steps: int = Field(0, description="Hires fix (used with enable_hr only).")
+    hr_resize_x: int = Field(0, description="Hires fix (used with enable_hr only).")
+    hr_resize_y: int = Field(0, description="Hires fix (used with enable_hr only).")
+    hr_checkpoint_name: str | None = Field(None, description="Hires fix (used with enable_hr only).")
+    hr_sampler_name: str | None = Field(None, description="Hires fix (used with enable_hr only).")
+    hr_scheduler: str | None = Field(None, description="Hires fix (used with enable_hr only).")
+    hr_prompt: str = Field("", description="Hires fix (used with enable_hr only).")
+    hr_negative_prompt: str = Field("", description="Hires fix (used with enable_hr only).")
+    firstpass_image: str | None = Field(None, description="Hires fix (used with enable_hr only).")
 
 
 class Img2ImgRequest(GenerationFields):
     """POST /sdapi/v1/img2img (`StableDiffusionProcessingImg2Img`); a mask makes it inpainting."""
 
     init_images: list[str] = Field(..., min_length=1,
-        description="Base64 images (PNG/JPEG/WebP; a data: URL prefix is fine). The first is used.")
-    resize_mode: int = Field(0, ge=0, le=3, description="0: just resize (others not implemented).")
+        description="One base64 image (PNG/JPEG/WebP; a data: URL prefix is fine).")
+    resize_mode: int = Field(0, ge=0, le=3, description="0: just resize (others not implemented; refused).")
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False,
                                       description="How much to change the image: 0 keeps it, 1 replaces it.")
-    image_cfg_scale: float | None = Field(None, description="Instruct-pix2pix image CFG (not implemented; ignored).")
+    image_cfg_scale: float | None = Field(None,
+        description="Instruct-pix2pix image CFG; as in the web UI, no effect on other models (sdlab loads no "
+                    "instruct-pix2pix model).")
     mask: str | None = Field(None, description="Base64 mask, white = repaint; makes the request inpainting.")
     mask_blur_x: int = Field(4, ge=0,
-                             description="Mask blur, horizontal (sdlab blurs evenly: it uses mask_blur, else this).")
+                             description="Mask blur, horizontal (sdlab blurs evenly: mask_blur, else this; a different "
+                                         "mask_blur_y is refused).")
     mask_blur_y: int = Field(4, ge=0, description="Mask blur, vertical.")
     mask_blur: int | None = Field(None, ge=0, description="Mask blur in pixels for both directions.")
-    mask_round: bool = Field(True, description="Round the mask to 0/1 in latent space (accepted).")
+    mask_round: bool = Field(True,
+        description="Round the mask to 0/1 in latent space; false is not implemented (refused).")
     inpainting_fill: int = Field(0, ge=0, le=3,
         description="Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing. sdlab starts from the "
-                    "original (1).")
+                    "original (1) for 0 too (with a note); 2 and 3 are refused.")
     inpaint_full_res: bool | int = Field(True,
         description="Inpaint area 'Only masked': work on the padded box around the mask at full resolution.")
     inpaint_full_res_padding: int = Field(0, ge=0, description="Padding around the mask for 'Only masked', in pixels.")
     inpainting_mask_invert: int | bool = Field(0, ge=0, le=1, description="1: repaint what the mask leaves black.")
-    initial_noise_multiplier: float | None = Field(None, description="Not implemented; ignored.")
-    latent_mask: str | None = Field(None, description="Not implemented; ignored.")
+    initial_noise_multiplier: float | None = Field(None,
+        description="Initial noise multiplier (not implemented; refused unless off).")
+    latent_mask: str | None = Field(None, description="A separate latent mask (not implemented; refused unless off).")
     include_init_images: bool = Field(False, description="Echo init_images back in 'parameters'.")
 
 
@@ -214,3 +233,84 @@ class PNGInfoResponse(BaseModel):
 class MemoryResponse(BaseModel):
     ram: dict[str, Any] = Field(description="System memory in bytes: free, used (this process), total.")
     cuda: dict[str, Any] = Field(description="GPU memory in bytes, or {'error': 'unavailable'}.")
+
+
+# -- listings the web UI's clients read at startup (A1111 modules/api/models.py) --------------------
+
+class UpscalerItem(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    model_name: str | None
+    model_path: str | None
+    model_url: str | None
+    scale: float | None
+
+
+class LatentUpscalerModeItem(BaseModel):
+    name: str
+
+
+class SDVaeItem(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    filename: str
+
+
+class HypernetworkItem(BaseModel):
+    name: str
+    path: str | None
+
+
+class FaceRestorerItem(BaseModel):
+    name: str
+    cmd_dir: str | None
+
+
+class RealesrganItem(BaseModel):
+    name: str
+    path: str | None
+    scale: int | None
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str | None
+    negative_prompt: str | None
+
+
+class ScriptsList(BaseModel):
+    txt2img: list[str] = Field(description="Titles of the txt2img scripts (sdlab has none).")
+    img2img: list[str] = Field(description="Titles of the img2img scripts (sdlab has none).")
+
+
+class ScriptArg(BaseModel):
+    label: str | None = None
+    value: Any | None = None
+    minimum: Any | None = None
+    maximum: Any | None = None
+    step: Any | None = None
+    choices: list[str] | None = None
+
+
+class ScriptInfo(BaseModel):
+    name: str | None = None
+    is_alwayson: bool | None = None
+    is_img2img: bool | None = None
+    args: list[ScriptArg]
+
+
+class ExtensionItem(BaseModel):
+    name: str
+    remote: str
+    branch: str
+    commit_hash: str
+    version: str
+    commit_date: str
+    enabled: bool
+
+
+class InterrogateRequest(BaseModel):
+    image: str = Field("", description="Base64 image.")
+    model: str = Field("clip", description="'clip' or 'deepdanbooru' in the web UI; sdlab has neither.")

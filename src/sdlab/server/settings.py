@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SdlabError
+from ..styles import STYLES_FILE
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,13 @@ class ServerSettings:
     compile: bool = False  # torch.compile the UNet
     offload: bool = False  # model CPU offload (GPU only)
     limits: Limits = field(default_factory=Limits)
+    # Where save_images writes (txt2img-images/, img2img-images/ below it, as the web UI's ./outputs).
+    outputs_dir: Path = Path("outputs")
+    styles_file: Path | None = None  # the web UI's styles.csv; None: styles.csv in the models folder
+
+    @property
+    def styles_path(self) -> Path:
+        return self.styles_file if self.styles_file is not None else self.models_dir / STYLES_FILE
 
     def check_credentials(self, user: str, password: str) -> bool:
         # compare_digest on every pair, so the time taken does not tell which part was wrong

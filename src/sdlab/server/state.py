@@ -11,8 +11,9 @@ from typing import Any
 
 from fastapi import Request
 
+from ..demo_model import builtin_model, demo_model_path
 from ..errors import SdlabError
-from .catalog import CheckpointEntry, ModelCatalog
+from .catalog import CheckpointEntry, ModelCatalog, NotFound
 from .settings import ServerSettings
 from .worker import Worker
 
@@ -25,6 +26,9 @@ FP8_STORAGE = ("Disable", "Enable for SDXL", "Enable")  # the web UI's "FP8 weig
 class ServerState:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
+        # Resolved once: a relative folder means the one the server was started in.
+        self.outputs_dir = settings.outputs_dir.expanduser().resolve()
+        self.styles_file = settings.styles_path.expanduser().resolve()
         extra = self._extra_checkpoint(settings)
         self.catalog = ModelCatalog(settings.models_dir, extra)
         self.selected: CheckpointEntry | None = self._initial_checkpoint(settings, extra)
@@ -47,17 +51,27 @@ class ServerState:
         if settings.model is not None:
             if extra is not None:
                 return next(e for e in self.catalog.checkpoints() if e.path == extra.resolve())
-            return self.catalog.find_checkpoint(settings.model)
-        entry = self.catalog.default_checkpoint()
-        if entry is None:
-            from .. import demo_model_path
+            try:
+                return self.catalog.find_checkpoint(settings.model)
+            except NotFound:
+                if builtin_model(settings.model) is None:
+                    raise
+            # `--model demo`, and the folder has no checkpoint of that name: the built-in one.
+            entry = self._list_demo_model()
+            if entry is None:
+                raise SdlabError("the built-in demo model is missing from this install; give --model PATH")
+            return entry
+        return self.catalog.default_checkpoint() or self._list_demo_model()
 
-            demo = demo_model_path()
-            if demo.is_file():
-                self.catalog.extra_checkpoint = demo.resolve()
-                self.catalog.refresh()
-                entry = self.catalog.default_checkpoint()
-        return entry
+    def _list_demo_model(self) -> CheckpointEntry | None:
+        """Add the built-in demo model to the listing (as the extra checkpoint); its entry, or None
+        where this install lacks the file."""
+        demo = demo_model_path().resolve()
+        if not demo.is_file():
+            return None
+        self.catalog.extra_checkpoint = demo
+        self.catalog.refresh()
+        return next(e for e in self.catalog.checkpoints() if e.path == demo)
 
     def _load_pipeline(self, entry: CheckpointEntry):
         import torch
@@ -74,7 +88,7 @@ class ServerState:
             sha = self.catalog.sha256(entry)
             # The bundle would hash the file again for its infotext; hand it the hash we have.
             bundle._hash = sha[:10]
-        return Pipeline(bundle, models=self.catalog.models)
+        return Pipeline(bundle, models=self.catalog.models, styles_file=self.styles_file)
 
     def _fp8_weights(self, entry: CheckpointEntry) -> bool:
         """Whether the fp8_storage option asks for fp8 weights for this model (the web UI's rule:

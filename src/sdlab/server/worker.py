@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
 
 from ..errors import SdlabError
+from ..outputs import samples_folder, save_image
 from ..pipeline import GenerationRequest, GenerationResult, Interrupted, Pipeline, Progress
 from .catalog import CheckpointEntry, ModelCatalog
 from .errors import ModelLoadError, NoModel
@@ -40,6 +42,9 @@ class Job:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: str = ""
+    # save_images: the outputs folder to write each finished batch's images to, as the web UI
+    # does (`outputs.save_image`); None: nothing is written.
+    save_to: Path | None = None
 
     def cancel(self) -> None:
         """The client is gone: drop the job if it waits, stop it at the next step if it runs."""
@@ -53,6 +58,8 @@ class JobResult:
     checkpoint: CheckpointEntry
     interrupted: bool
     steps_done: int  # sampling steps of the last batch that ran (== total unless stopped early)
+    saved: list[str] = field(default_factory=list)  # files written (save_to), relative to save_to
+    notes: list[str] = field(default_factory=list)  # what the client should know (an image not saved)
 
 
 @dataclass
@@ -241,6 +248,7 @@ class Worker:
         # as the web UI's skip does; seeds continue exactly as one call would number them.
         images, infotexts, seeds, subseeds = [], [], [], []
         interrupted = False
+        saved, notes = [], []
         for batch in range(req.n_iter):
             with self._lock:
                 self._state.job_no, self._state.sampling_step, self._state.skipped = batch, 0, False
@@ -251,13 +259,31 @@ class Worker:
             infotexts += part.infotexts
             seeds += part.seeds
             subseeds += part.subseeds
+            # Saved batch by batch, so a client that goes away later loses nothing already made. A
+            # batch stopped early (interrupt, skip) is not saved, as the web UI's default
+            # (save_incomplete_images off) has it.
+            if job.save_to is not None and not part.interrupted:
+                self._save(job.save_to, part, saved, notes)
             with self._lock:
                 stopped_by_user = self._state.interrupted
             if job.cancelled.is_set() or stopped_by_user:
                 interrupted = True
                 break
         result = GenerationResult(images, infotexts, seeds, subseeds, req, interrupted)
-        return JobResult(result, entry, interrupted, steps_done)
+        return JobResult(result, entry, interrupted, steps_done, saved, notes)
+
+    @staticmethod
+    def _save(outputs: Path, part: GenerationResult, saved: list[str], notes: list[str]) -> None:
+        folder = samples_folder(outputs, part.request.mode)
+        for image, text, seed in zip(part.images, part.infotexts, part.seeds):
+            try:
+                path = save_image(image, folder, seed, text)
+            except OSError as e:  # a full disk must not cost the client the images it is about to receive
+                log.error("save_images: cannot write to %s: %s", folder, e)
+                notes.append(f"save_images: cannot write to {folder} ({e.strerror or e}); this batch's images "
+                             "were not saved")
+                return
+            saved.append(path.relative_to(outputs).as_posix())
 
 
 def _empty_device_cache() -> None:

@@ -6,20 +6,21 @@ import argparse
 
 # Flags for the options people change most (type, help); anything else goes through --set KEY=VALUE.
 _FLAGS = {
-    "mode": (str, "lora, finetune or scratch"),
+    "mode": (str, "lora, finetune or scratch (required, here or in the config)"),
     "base_model": (str, "the model to train on: a .safetensors/.ckpt file or a diffusers folder "
-                        "(SD 1.x, SD 2.x or SDXL)"),
+                        "(SD 1.x, SD 2.x or SDXL), or demo (the built-in demo model)"),
     "output_dir": (str, "where the result, states and samples go (default output)"),
     "output_name": (str, "file name of the result, without .safetensors (default model)"),
     "steps": (int, "optimizer steps (default 1000)"),
-    "epochs": (int, "passes over the data instead of --steps (kohya's max_train_epochs)"),
+    "epochs": (int, "passes over the data instead of --steps (kohya's max_train_epochs; default: --steps)"),
     "batch_size": (int, "images per step and process (default 1)"),
     "grad_accum": (int, "batches accumulated into one optimizer step (default 1)"),
     "lr": (float, "learning rate (default 1e-4)"),
     "lr_scheduler": (str, "constant, linear, cosine, cosine_with_restarts or polynomial (default constant)"),
     "mixed_precision": (str, "no, bf16 or fp16 (default no)"),
     "seed": (int, "seeds the data order, augmentation, noise and new weights (default 0)"),
-    "save_every_n_steps": (int, "also save the result and a --resume state every N steps"),
+    "save_every_n_steps": (int, "also save the result and a --resume state every N steps (default: only at the "
+                                "end)"),
     "dataset_config": (str, "kohya's dataset config (.toml: [general], [[datasets]], [[datasets.subsets]]) "
                             "instead of --data"),
 }

@@ -44,6 +44,7 @@ from ..models.clip import CLIPTextConfig
 from ..models.storage import set_dtypes
 from ..models.unet import UNetConfig, sdxl_size_embedding
 from ..models.vae import DiagonalGaussian, VAEConfig
+from ..optional import require
 from ..sampling.schedules import discrete_schedule, rescale_zero_terminal_snr
 from ..text.conditioning import caption_ids
 from .config import ModelSpec, TrainConfig, parse_sample_prompt
@@ -127,7 +128,8 @@ class Denoising(nn.Module):
         (regularization images: `prior_loss_weight`). `mask`: (B, 1, H, W) pixel weights (masked_loss).
         `weighting_alphas_cumprod`: see `diffusion_loss` (zero terminal SNR)."""
         context, pooled = self.conditioning(tokens)
-        y = None if size_ids is None else torch.cat([pooled, sdxl_size_embedding(size_ids.float())], dim=-1)
+        y = None if size_ids is None else torch.cat(
+            [pooled, sdxl_size_embedding(size_ids.float(), self.unet.cfg.size_embed_dim)], dim=-1)
         a = alphas_cumprod[timesteps].to(latents.dtype)
         mixed = noise if input_noise is None else input_noise
         noisy = a.view(-1, 1, 1, 1).sqrt() * latents + (1 - a).view(-1, 1, 1, 1).sqrt() * mixed
@@ -244,6 +246,7 @@ class Trainer:
     """Build with a TrainConfig, call `train()`. Tests drive it step by step."""
 
     def __init__(self, cfg: TrainConfig, accelerator=None, progress_bar: bool = True):
+        require("accelerate", extra="train", purpose="training")  # one line, not a traceback, without it
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -279,7 +282,8 @@ class Trainer:
             config = self.bundle.config
             self.bundle.config = replace(config, family=replace(config.family, zero_terminal_snr=True))
         self.prediction = self.bundle.prediction
-        self.alphas_cumprod = discrete_schedule().alphas_cumprod.to(self.device)
+        fam = self.bundle.family  # the schedule the model was trained on (a diffusers folder may state its betas)
+        self.alphas_cumprod = discrete_schedule(fam.beta_start, fam.beta_end).alphas_cumprod.to(self.device)
         self.weighting_alphas_cumprod = None
         if cfg.zero_terminal_snr:
             if self.prediction != "v":
@@ -461,11 +465,8 @@ class Trainer:
         cfg = self.cfg
         kw = {"betas": tuple(cfg.adam_betas), "weight_decay": cfg.weight_decay, **cfg.optimizer_args}
         if cfg.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise SdlabError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes "
-                                 "(or use optimizer = \"adamw\")") from None
+            bnb = require("bitsandbytes", extra=None, purpose="optimizer adamw8bit",
+                          otherwise='use optimizer = "adamw"')
             return bnb.optim.AdamW8bit(groups, **kw)
         if cfg.optimizer == "adamw":
             return adamw(groups, **kw)

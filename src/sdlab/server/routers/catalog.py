@@ -1,4 +1,7 @@
-"""Listings: checkpoints, samplers, schedules, LoRAs, embeddings; and the folder rescan."""
+"""Listings: checkpoints, samplers, schedules, LoRAs, embeddings, prompt styles; the folder rescan;
+and the web UI's listings of what sdlab does not have (upscalers, VAEs, hypernetworks, face
+restorers, Real-ESRGAN models), answered with the web UI's shapes: clients read them at startup
+and expect lists."""
 
 from __future__ import annotations
 
@@ -7,7 +10,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from ...sampling.samplers import SAMPLERS
 from ...sampling.schedules import SCHEDULES
-from ..models import EmbeddingItem, EmbeddingsResponse, LoraItem, SamplerItem, SchedulerItem, SDModelItem
+from ...styles import read_styles
+from ..models import (EmbeddingItem, EmbeddingsResponse, FaceRestorerItem, HypernetworkItem, LatentUpscalerModeItem,
+                      LoraItem, PromptStyleItem, RealesrganItem, SamplerItem, SchedulerItem, SDModelItem, SDVaeItem,
+                      UpscalerItem)
 from ..state import ServerState, get_state
 
 router = APIRouter(prefix="/sdapi/v1", tags=["models"])
@@ -69,6 +75,50 @@ async def embeddings(state: ServerState = Depends(get_state)):
         return EmbeddingsResponse(loaded=loaded, skipped={})
 
     return await run_in_threadpool(scan)
+
+
+@router.get("/prompt-styles", response_model=list[PromptStyleItem], summary="Saved prompt styles (styles.csv)")
+async def prompt_styles(state: ServerState = Depends(get_state)):
+    """The styles a request's `styles` may name, from the server's styles.csv (read afresh: an
+    edited file needs no restart)."""
+    styles = await run_in_threadpool(read_styles, state.styles_file)
+    return [PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt) for s in styles.values()]
+
+
+# What sdlab does not have is listed empty (or as its bare "no upscaling"), never answered 404:
+# clients fill their menus from these lists, and an entry would be a choice the server then refuses.
+
+@router.get("/upscalers", response_model=list[UpscalerItem], summary="Upscalers")
+async def upscalers():
+    # Only the web UI's "None" (no upscaling), which it always lists first: sdlab has no upscaler
+    # (hires fix and the extras endpoints are not implemented).
+    return [UpscalerItem(name="None", model_name=None, model_path=None, model_url=None, scale=4)]
+
+
+@router.get("/latent-upscale-modes", response_model=list[LatentUpscalerModeItem],
+            summary="Latent upscale modes of hires fix")
+async def latent_upscale_modes():
+    return []  # hires fix is not implemented, so no mode can be used
+
+
+@router.get("/sd-vae", response_model=list[SDVaeItem], summary="VAE files to choose from")
+async def sd_vae():
+    return []  # the server uses each checkpoint's own VAE; its sd_vae option chooses nothing
+
+
+@router.get("/hypernetworks", response_model=list[HypernetworkItem], summary="Hypernetworks")
+async def hypernetworks():
+    return []  # sdlab loads no hypernetworks
+
+
+@router.get("/face-restorers", response_model=list[FaceRestorerItem], summary="Face restoration models")
+async def face_restorers():
+    return []  # no face restoration (restore_faces is refused)
+
+
+@router.get("/realesrgan-models", response_model=list[RealesrganItem], summary="Real-ESRGAN upscalers")
+async def realesrgan_models():
+    return []
 
 
 def _embedding_shape(path) -> tuple[int | None, int | None]:

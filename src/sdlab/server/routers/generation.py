@@ -26,7 +26,8 @@ class ClientGone(Exception):
 
 async def run_job(job: Job, state: ServerState, request: Request) -> JobResult:
     """Queue a job and wait for it; if the client hangs up, cancel the job so the worker
-    does not spend minutes on an image nobody will receive."""
+    does not spend minutes on an image nobody will receive. A job that saves its images
+    (save_images) runs on: they still have somewhere to go, as in the web UI."""
     state.worker.submit(job)
     waiter = asyncio.wrap_future(job.future)
     try:
@@ -38,10 +39,12 @@ async def run_job(job: Job, state: ServerState, request: Request) -> JobResult:
                 except asyncio.CancelledError:  # the worker was stopped (server shutting down)
                     raise NoModel("the server is shutting down; the request was not run") from None
             if await request.is_disconnected():
-                job.cancel()
+                if job.save_to is None:
+                    job.cancel()
                 raise ClientGone()
     except asyncio.CancelledError:
-        job.cancel()
+        if job.save_to is None:
+            job.cancel()
         raise
 
 
@@ -52,7 +55,9 @@ async def _generate(body: Txt2ImgRequest | Img2ImgRequest, kind: str, state: Ser
         raise NoModel(f"no model to generate with: put a checkpoint in {state.catalog.root / 'Stable-diffusion'} "
                       "or start the server with --model")
     try:
-        done = await run_job(Job(kind, prep.checkpoint, prep.request), state, request)
+        # save_images decides alone, as in the web UI's API (it sets do_not_save_samples to its opposite).
+        save_to = state.outputs_dir if body.save_images else None
+        done = await run_job(Job(kind, prep.checkpoint, prep.request, save_to=save_to), state, request)
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 

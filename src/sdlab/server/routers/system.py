@@ -1,16 +1,20 @@
-"""POST /sdapi/v1/png-info and GET /sdapi/v1/memory."""
+"""POST /sdapi/v1/png-info, GET /sdapi/v1/memory and /cmd-flags, the web UI's script and extension
+listings (empty: sdlab has neither), and POST /sdapi/v1/interrogate (501: no captioning model)."""
 
 from __future__ import annotations
 
 import os
 import resource
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from ...infotext import parse_infotext, read_infotext
 from ..convert import decode_image
-from ..models import MemoryResponse, PNGInfoRequest, PNGInfoResponse
+from ..errors import NotProvided
+from ..models import (ExtensionItem, InterrogateRequest, MemoryResponse, PNGInfoRequest, PNGInfoResponse, ScriptInfo,
+                      ScriptsList)
 from ..state import ServerState, get_state
 
 router = APIRouter(prefix="/sdapi/v1", tags=["utilities"])
@@ -25,6 +29,47 @@ async def png_info(body: PNGInfoRequest, state: ServerState = Depends(get_state)
         return PNGInfoResponse(info=info, items=items, parameters=parse_infotext(info) if info else {})
 
     return await run_in_threadpool(read)
+
+
+@router.post("/interrogate", summary="Caption an image (not implemented: 501)",
+             responses={501: {"description": "sdlab has no interrogation model"}})
+async def interrogate(body: InterrogateRequest):
+    raise NotProvided(f"interrogate (model {body.model!r}) is not implemented by sdlab: it has no CLIP interrogator "
+                      "or DeepDanbooru model to caption images with")
+
+
+@router.get("/cmd-flags", response_model=dict[str, Any], summary="The flags the server was started with")
+async def cmd_flags(state: ServerState = Depends(get_state)):
+    """Under the web UI's flag names where sdlab has the same setting, then sdlab's own."""
+    s = state.settings
+    models = state.catalog.models
+    return {
+        "api": True, "nowebui": False, "api_server_stop": False,
+        "listen": s.host == "0.0.0.0", "server_name": s.host, "port": s.port,
+        # Whether there is a login, never the credentials (the web UI's own answer carries them).
+        "api_auth": "***" if s.api_auth else None,
+        "ckpt": s.model, "ckpt_dir": str(models.folder("checkpoint")), "lora_dir": str(models.folder("lora")),
+        "embeddings_dir": str(models.folder("embedding")), "vae_dir": str(models.folder("vae")),
+        "styles_file": [str(state.styles_file)],
+        "models_dir": str(state.catalog.root), "outputs_dir": str(state.outputs_dir),
+        "device": s.device, "dtype": s.dtype, "weight_dtype": s.weight_dtype, "compile": s.compile,
+        "offload": s.offload,
+    }
+
+
+@router.get("/scripts", response_model=ScriptsList, summary="Script titles")
+async def scripts():
+    return ScriptsList(txt2img=[], img2img=[])  # sdlab has no scripts; webuiapi reads both keys at startup
+
+
+@router.get("/script-info", response_model=list[ScriptInfo], summary="Scripts and their arguments")
+async def script_info():
+    return []
+
+
+@router.get("/extensions", response_model=list[ExtensionItem], summary="Installed extensions")
+async def extensions():
+    return []
 
 
 @router.get("/memory", response_model=MemoryResponse, summary="Memory use")

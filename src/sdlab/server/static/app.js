@@ -1,37 +1,154 @@
-// sdlab's web page: a plain script over the same /sdapi/v1 API that scripts and plug-ins use.
+// sdlab's web page: a plain script over the same /sdapi/v1 API that scripts and plug-ins use,
+// plus /sdlab/v1/model-info for the one thing that API does not say (a model's native size).
 "use strict";
 
 const API = "/sdapi/v1";
 const $ = (id) => document.getElementById(id);
+const GENERATE_TABS = ["txt2img", "img2img", "inpaint"];
+
+function emptyResult() {
+  return { images: [], infotexts: [], seeds: [], subseeds: [], subseedStrength: 0, selected: 0 };
+}
 
 const ui = {
-  mode: "txt2img",          // txt2img | img2img | inpaint | pnginfo
+  mode: "txt2img",          // txt2img | img2img | inpaint | pnginfo | settings
   busy: false,
-  lastSeeds: [],            // all_seeds of the last result
-  lastInfotexts: [],
-  selected: 0,              // index of the selected gallery image
+  // Each generating tab keeps its own results: txt2img never shows the last inpaint.
+  results: Object.fromEntries(GENERATE_TABS.map((t) => [t, emptyResult()])),
   initImage: null,          // HTMLImageElement loaded into the img2img / inpaint canvas
   pngParams: null,          // parsed parameters from the PNG Info tab
+  model: null,              // /sdlab/v1/model-info of the selected checkpoint
+  options: {},              // GET /options, as last read
+  lightbox: false,
 };
+
+// -- the form's numbers: what each field must hold, and its name in the API -----------------------
+
+const FIELDS = {
+  steps: { label: "Sampling steps", api: "steps", integer: true, min: 1 },
+  cfg: { label: "CFG Scale", api: "cfg_scale", min: 0 },
+  width: { label: "Width", api: "width", integer: true, min: 8, multipleOf: 8 },
+  height: { label: "Height", api: "height", integer: true, min: 8, multipleOf: 8 },
+  "n-iter": { label: "Batch count", api: "n_iter", integer: true, min: 1 },
+  "batch-size": { label: "Batch size", api: "batch_size", integer: true, min: 1 },
+  seed: { label: "Seed", api: "seed", integer: true, min: -1, exact: true },
+  subseed: { label: "Variation seed", api: "subseed", integer: true, min: -1, exact: true },
+  "subseed-strength": { label: "Variation strength", api: "subseed_strength", min: 0, max: 1 },
+  "clip-skip": { label: "CLIP skip", integer: true, min: 1, max: 12 },
+  denoising: { label: "Denoising strength", api: "denoising_strength", min: 0, max: 1 },
+  "mask-blur": { label: "Mask blur", api: "mask_blur", integer: true, min: 0 },
+  padding: { label: "Only masked padding", api: "inpaint_full_res_padding", integer: true, min: 0 },
+};
+const FIELD_OF_API = Object.fromEntries(Object.entries(FIELDS).filter(([, f]) => f.api).map(([id, f]) => [f.api, id]));
+
+// An error that belongs to form fields: [{id, message}], each shown on its field too.
+class FieldErrors extends Error {
+  constructor(problems) {
+    super(problems.map((p) => p.message).join("; "));
+    this.fields = problems;
+  }
+}
+
+// A number from a field, or a problem: never a silent 0 for an empty or unreadable field.
+function readField(id, problems) {
+  const el = $(id), f = FIELDS[id];
+  const raw = el.value.trim();
+  let msg = null, value = null;
+  if (el.validity && el.validity.badInput) msg = "is not a number";
+  else if (raw === "") msg = "is empty: enter a number";
+  else {
+    value = Number(raw);
+    if (!Number.isFinite(value)) msg = "is not a number";
+    else if (f.integer && !/^-?\d+$/.test(raw)) msg = "must be a whole number";
+    else if (f.min !== undefined && value < f.min) msg = `must be at least ${f.min}`;
+    else if (f.max !== undefined && value > f.max) msg = `must be at most ${f.max}`;
+    else if (f.multipleOf && value % f.multipleOf) {
+      const near = Math.max(f.multipleOf, Math.round(value / f.multipleOf) * f.multipleOf);
+      msg = `must be a multiple of ${f.multipleOf}; try ${near}`;
+    }
+  }
+  if (msg) { problems.push({ id, message: `${f.label} ${msg}` }); return null; }
+  // Seeds past 2^53 lose digits as JS numbers: send the digits, and let the API check the range.
+  if (f.exact && !Number.isSafeInteger(value)) return raw;
+  return value;
+}
+
+function markFields(problems) {
+  for (const { id, message } of problems) {
+    const el = $(id);
+    if (!el) continue;
+    el.classList.add("invalid");
+    el.setAttribute("aria-invalid", "true");
+    let note = $(id + "-error");
+    if (!note) {
+      note = document.createElement("span");
+      note.id = id + "-error";
+      note.className = "field-error";
+      el.insertAdjacentElement("afterend", note);
+    }
+    note.textContent = message;
+  }
+  if (problems.length && $(problems[0].id)) $(problems[0].id).focus();
+}
+
+function clearField(id) {
+  const el = $(id);
+  el.classList.remove("invalid");
+  el.removeAttribute("aria-invalid");
+  const note = $(id + "-error");
+  if (note) note.remove();
+}
+
+function clearFields() { for (const id of Object.keys(FIELDS)) clearField(id); }
 
 // -- HTTP -------------------------------------------------------------------------------
 
 async function api(path, options = {}) {
+  const url = path.startsWith("/sdlab/") ? path : API + path;
   const init = { method: options.body === undefined ? "GET" : "POST", headers: {} };
   if (options.body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(options.body);
   }
-  const res = await fetch(API + path, init);
+  const res = await fetch(url, init);
   const text = await res.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (e) { data = text; }
-  if (!res.ok) {
-    let detail = data && data.detail !== undefined ? data.detail : text;
-    if (Array.isArray(detail)) detail = detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ");
-    throw new Error(`${res.status}: ${detail}`);
-  }
+  if (!res.ok) throw apiError(res.status, data, text);
   return data;
+}
+
+// The API's answer as one line a person reads: sdlab's own message as it is, pydantic's list
+// of problems in the page's words, anything else (a proxy's error page) as its first line.
+function apiError(status, data, text) {
+  const detail = data && typeof data === "object" && data.detail !== undefined ? data.detail : null;
+  if (typeof detail === "string") return new Error(detail);
+  if (Array.isArray(detail)) {
+    const problems = detail.map((d) => {
+      const loc = (d.loc || []).filter((x) => x !== "body");
+      const id = FIELD_OF_API[loc[0]];
+      const name = id ? FIELDS[id].label : loc.join(".") || "the request";
+      return { id, message: `${name} ${friendlyMessage(d)}` };
+    });
+    return new FieldErrors(problems);
+  }
+  const line = String(typeof data === "string" ? data : text || "").split("\n")[0].slice(0, 200);
+  return new Error(line ? `the server answered ${status}: ${line}` : `the server answered ${status} with no message`);
+}
+
+function friendlyMessage(d) {
+  const m = String(d.msg || "");
+  const rules = [
+    [/^Input should be greater than or equal to (.+)$/, "must be at least $1"],
+    [/^Input should be less than or equal to (.+)$/, "must be at most $1"],
+    [/^Input should be greater than (.+)$/, "must be more than $1"],
+    [/^Input should be less than (.+)$/, "must be less than $1"],
+    [/valid integer/, "must be a whole number"],
+    [/valid number/, "must be a number"],
+    [/^Field required$/, "is required"],
+  ];
+  for (const [re, out] of rules) if (re.test(m)) return m.replace(re, out);
+  return m.charAt(0).toLowerCase() + m.slice(1);
 }
 
 function showError(err) {
@@ -39,16 +156,18 @@ function showError(err) {
   if (!err) { box.hidden = true; box.textContent = ""; return; }
   box.hidden = false;
   box.textContent = String(err.message || err);
+  if (err.fields) markFields(err.fields.filter((p) => p.id));
 }
 
-// -- lists: models, samplers, schedules, LoRAs ----------------------------------------------
+// -- lists: models, samplers, schedules, LoRAs, embeddings, styles ---------------------------------
 
 function fillSelect(select, items, current) {
   select.innerHTML = "";
-  for (const { value, label } of items) {
+  for (const { value, label, title } of items) {
     const opt = document.createElement("option");
     opt.value = value;
     opt.textContent = label;
+    if (title) opt.title = title;
     select.appendChild(opt);
   }
   if (current !== undefined && current !== null) select.value = current;
@@ -56,48 +175,137 @@ function fillSelect(select, items, current) {
 
 async function loadModels() {
   const [models, options] = await Promise.all([api("/sd-models"), api("/options")]);
+  ui.options = options;
   const current = options.sd_model_checkpoint;
   const items = models.map((m) => ({ value: m.title, label: m.title }));
   if (current && !items.some((i) => i.value === current)) items.unshift({ value: current, label: current });
   fillSelect($("model"), items, current);
-  $("fp8").value = options.fp8_storage;
+  fillSelect($("refiner"), [{ value: "", label: "None" }, ...items]);
+  return options;
+}
+
+// The form's fields that are options too start at the server's values.
+function syncFormFromOptions(options) {
+  if (options.CLIP_stop_at_last_layers !== undefined) $("clip-skip").value = options.CLIP_stop_at_last_layers;
+  if (options.sd_noise_schedule) $("noise-schedule").value = options.sd_noise_schedule;
 }
 
 async function loadLists() {
-  const [samplers, schedulers, loras] = await Promise.all([api("/samplers"), api("/schedulers"), api("/loras")]);
+  const [samplers, schedulers] = await Promise.all([api("/samplers"), api("/schedulers")]);
   fillSelect($("sampler"), samplers.map((s) => ({ value: s.name, label: s.name })), "Euler a");
   fillSelect($("scheduler"), schedulers.map((s) => ({ value: s.label, label: s.label })), "Automatic");
-  if (loras.length) fillSelect($("lora"), loras.map((l) => ({ value: l.name, label: l.alias || l.name })));
 }
 
-// Options that load the model (again): the checkpoint, and how its weights are stored.
-async function setModelOption(body) {
-  $("model").disabled = $("fp8").disabled = true;
-  $("model-status").textContent = "loading…";
-  try {
-    await api("/options", { body });
-    $("model-status").textContent = "";
-  } catch (e) {
-    $("model-status").textContent = "";
-    showError(e);
-  } finally {
-    $("model").disabled = $("fp8").disabled = false;
-    await loadModels();
+async function loadNetworks() {
+  const [loras, embeddings] = await Promise.all([api("/loras").catch(() => []),
+                                                 api("/embeddings").catch(() => ({ loaded: {} }))]);
+  if (loras.length) fillSelect($("lora"), loras.map((l) => ({ value: l.name, label: l.alias || l.name })));
+  const names = Object.keys(embeddings.loaded || {}).sort();
+  if (names.length) {
+    fillSelect($("embedding"), names.map((n) => {
+      const e = embeddings.loaded[n];
+      return { value: n, label: e.vectors ? `${n} (${e.vectors} vector${e.vectors > 1 ? "s" : ""})` : n };
+    }));
   }
 }
 
-function insertLora() {
-  const name = $("lora").value;
-  if (!name) return;
+async function loadStyles() {
+  let styles;
+  try { styles = await api("/prompt-styles"); } catch (e) { return; } // a server without styles
+  if (!Array.isArray(styles) || !styles.length) return;
+  const list = $("styles-list");
+  const on = new Set(selectedStyles());
+  list.innerHTML = "";
+  for (const s of styles) {
+    const label = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.value = s.name;
+    box.checked = on.has(s.name);
+    box.onchange = updateStylesCount;
+    label.title = [s.prompt, s.negative_prompt && "Negative: " + s.negative_prompt].filter(Boolean).join("\n");
+    label.append(box, " " + s.name);
+    list.appendChild(label);
+  }
+  $("styles-box").hidden = false;
+}
+
+function selectedStyles() { return [...document.querySelectorAll("#styles-list input:checked")].map((b) => b.value); }
+function updateStylesCount() {
+  const n = selectedStyles().length;
+  $("styles-count").textContent = n ? `(${n} on)` : "";
+}
+
+// -- the model: switching, and its native size ---------------------------------------------------
+
+// Options that load the model (again): the checkpoint, and how its weights are stored.
+async function setModelOption(body) {
+  $("model").disabled = true;
+  $("model-status").textContent = "loading…";
+  let failed = null;
+  try {
+    await api("/options", { body });
+  } catch (e) {
+    failed = e;
+  } finally {
+    $("model").disabled = false;
+    await loadModels().catch(showError);
+    await loadModelInfo(false);
+  }
+  if (failed) { showError(failed); throw failed; }
+}
+
+async function loadModelInfo(initial) {
+  let info;
+  try { info = await api("/sdlab/v1/model-info"); } catch (e) { info = null; }
+  const before = ui.model;
+  ui.model = info;
+  const n = info && info.native_size;
+  $("model-status").textContent = n ? `${info.family_label}, ${n}×${n}` : "";
+  if (n && initial) setSize(n, n);
+  else if (n && before && before.native_size && before.native_size !== n) followSize(n);
+  updateSizeHint();
+}
+
+const round8 = (v) => Math.max(8, Math.round(v / 8) * 8);
+
+function setSize(w, h) {
+  $("width").value = w;
+  $("height").value = h;
+  clearField("width");
+  clearField("height");
+}
+
+// A new model with another native size: its native area, in the shape (aspect) the fields had.
+function followSize(native) {
+  const w = Number($("width").value), h = Number($("height").value);
+  const aspect = w > 0 && h > 0 ? w / h : 1;
+  setSize(round8(native * Math.sqrt(aspect)), round8(native / Math.sqrt(aspect)));
+}
+
+function updateSizeHint() {
+  const n = ui.model && ui.model.native_size;
+  const w = Number($("width").value), h = Number($("height").value);
+  const ratio = (w * h) / (n * n);
+  if (!n || !(w > 0 && h > 0) || (ratio < 2 && ratio > 0.25)) { $("size-hint").hidden = true; return; }
+  const name = ui.model.title.replace(/ \[[0-9a-f]+\]$/, "");
+  const effect = ratio >= 2 ? "expect repeated or broken shapes, and a slower image" : "expect blurred or broken images";
+  $("size-hint-text").textContent = `${name} was trained at ${n}×${n}; at ${w}×${h} ${effect}.`;
+  $("size-native").textContent = `Use ${n}×${n}`;
+  $("size-hint").hidden = false;
+}
+
+// -- the prompt box ---------------------------------------------------------------------------
+
+function insertAtCursor(text) {
   const box = $("prompt");
-  const tag = `<lora:${name}:1>`;
   const start = box.selectionStart ?? box.value.length;
   const end = box.selectionEnd ?? box.value.length;
   const before = box.value.slice(0, start);
   const sep = before && !/[\s,]$/.test(before) ? ", " : "";
-  box.value = before + sep + tag + box.value.slice(end);
+  box.value = before + sep + text + box.value.slice(end);
   box.focus();
-  const pos = (before + sep + tag).length;
+  const pos = (before + sep + text).length;
   box.setSelectionRange(pos, pos);
 }
 
@@ -107,14 +315,17 @@ function setTab(tab) {
   ui.mode = tab;
   for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === tab);
   document.body.className = "mode-" + tab;
-  $("generate-view").hidden = tab === "pnginfo";
+  $("generate-view").hidden = !GENERATE_TABS.includes(tab);
   $("pnginfo-view").hidden = tab !== "pnginfo";
+  $("settings-view").hidden = tab !== "settings";
   if (tab === "inpaint" && $("denoising").dataset.touched !== "1") $("denoising").value = "1";
   if (tab === "img2img" && $("denoising").dataset.touched !== "1") $("denoising").value = "0.75";
   if (tab === "inpaint") sizeMaskCanvas();
+  if (GENERATE_TABS.includes(tab)) showResults();
+  if (tab === "settings") loadSettings();
 }
 
-// -- the init image and the mask brush -------------------------------------------------------
+// -- the init image and the mask --------------------------------------------------------------
 
 function loadImageFile(file) {
   return new Promise((resolve, reject) => {
@@ -122,7 +333,7 @@ function loadImageFile(file) {
     reader.onload = () => {
       const img = new Image();
       img.onload = () => resolve({ img, dataUrl: reader.result });
-      img.onerror = () => reject(new Error("not an image the browser can read"));
+      img.onerror = () => reject(new Error(`${file.name} is not an image the browser can read`));
       img.src = reader.result;
     };
     reader.onerror = () => reject(reader.error);
@@ -139,8 +350,8 @@ function setInitImage(img) {
   const m = $("mask-canvas");
   m.width = img.naturalWidth;
   m.height = img.naturalHeight;
-  $("width").value = Math.max(64, Math.round(img.naturalWidth / 8) * 8);
-  $("height").value = Math.max(64, Math.round(img.naturalHeight / 8) * 8);
+  setSize(round8(img.naturalWidth), round8(img.naturalHeight));
+  updateSizeHint();
   $("dropzone-init").querySelector(".hint").hidden = true;
   $("canvas-wrap").hidden = false;
 }
@@ -176,6 +387,32 @@ function setupBrush() {
   $("mask-clear").onclick = () => m.getContext("2d").clearRect(0, 0, m.width, m.height);
 }
 
+// An uploaded mask (white = repaint) becomes the brush layer, greys kept as partial strokes.
+async function uploadMask(file) {
+  if (!ui.initImage) throw new Error("drop the image first, then its mask");
+  const { img } = await loadImageFile(file);
+  const m = $("mask-canvas");
+  const tmp = document.createElement("canvas");
+  tmp.width = m.width;
+  tmp.height = m.height;
+  const t = tmp.getContext("2d");
+  t.drawImage(img, 0, 0, m.width, m.height);
+  const d = t.getImageData(0, 0, m.width, m.height);
+  for (let i = 0; i < d.data.length; i += 4) {
+    const [r, g, b, a] = [d.data[i], d.data[i + 1], d.data[i + 2], d.data[i + 3]];
+    d.data[i] = d.data[i + 1] = d.data[i + 2] = 255;
+    d.data[i + 3] = Math.round((0.299 * r + 0.587 * g + 0.114 * b) * a / 255);
+  }
+  m.getContext("2d").putImageData(d, 0, 0);
+}
+
+function maskIsEmpty() {
+  const m = $("mask-canvas");
+  const d = m.getContext("2d").getImageData(0, 0, m.width, m.height).data;
+  for (let i = 3; i < d.length; i += 4) if (d[i] > 0) return false;
+  return true;
+}
+
 function maskDataUrl() {
   // White strokes on black, at the image's own size: what the API's `mask` means.
   const m = $("mask-canvas");
@@ -203,36 +440,51 @@ function setupDropzone(zone, input, onFile) {
 
 // -- generation ------------------------------------------------------------------------------------
 
-function num(id) { return Number($(id).value); }
-
-function buildPayload() {
+function buildPayload(mode) {
+  const problems = [];
+  const n = (id) => readField(id, problems);
   const body = {
     prompt: $("prompt").value,
     negative_prompt: $("negative").value,
     sampler_name: $("sampler").value,
     scheduler: $("scheduler").value,
-    steps: num("steps"),
-    cfg_scale: num("cfg"),
-    width: num("width"),
-    height: num("height"),
-    n_iter: num("n-iter"),
-    batch_size: num("batch-size"),
-    seed: num("seed"),
-    // The web UI's option, per request; "Default" leaves it to the model's file (its ztsnr marker).
-    override_settings: { sd_noise_schedule: $("noise-schedule").value },
+    steps: n("steps"),
+    cfg_scale: n("cfg"),
+    width: n("width"),
+    height: n("height"),
+    n_iter: n("n-iter"),
+    batch_size: n("batch-size"),
+    seed: n("seed"),
+    // The web UI's options, per request; "Default" leaves the schedule to the model's file.
+    override_settings: { sd_noise_schedule: $("noise-schedule").value, CLIP_stop_at_last_layers: n("clip-skip") },
   };
-  if (ui.mode === "img2img" || ui.mode === "inpaint") {
+  const styles = selectedStyles();
+  if (styles.length) body.styles = styles;
+  if ($("seed-extras").checked) {
+    body.subseed = n("subseed");
+    body.subseed_strength = n("subseed-strength");
+  }
+  if (mode !== "txt2img") {
+    body.denoising_strength = n("denoising");
+    body.resize_mode = Number($("resize-mode").value);
+  }
+  if (mode === "inpaint") {
+    body.mask_blur = n("mask-blur");
+    body.inpainting_mask_invert = Number($("mask-mode").value);
+    body.inpainting_fill = Number($("inpainting-fill").value);
+    body.inpaint_full_res = $("inpaint-area").value === "masked";
+    body.inpaint_full_res_padding = n("padding");
+  }
+  if (problems.length) throw new FieldErrors(problems);
+  if (mode !== "txt2img") {
     if (!ui.initImage) throw new Error("drop an image into the image box first");
     body.init_images = [$("image-canvas").toDataURL("image/png")];
-    body.denoising_strength = num("denoising");
   }
-  if (ui.mode === "inpaint") {
+  if (mode === "inpaint") {
+    if (body.inpainting_mask_invert === 0 && maskIsEmpty()) {
+      throw new Error("paint over the part of the image to repaint (or upload a mask) first");
+    }
     body.mask = maskDataUrl();
-    body.mask_blur = num("mask-blur");
-    body.inpainting_mask_invert = $("mask-invert").checked ? 1 : 0;
-    body.inpaint_full_res = $("only-masked").checked;
-    body.inpaint_full_res_padding = num("padding");
-    body.inpainting_fill = 1;
   }
   return body;
 }
@@ -267,18 +519,23 @@ async function pollProgress() {
 
 async function generate() {
   if (ui.busy) { await api("/interrupt", { body: {} }).catch(showError); return; }
+  if (!GENERATE_TABS.includes(ui.mode)) return;
   showError(null);
+  clearFields();
+  const mode = ui.mode;
   let body;
-  try { body = buildPayload(); } catch (e) { showError(e); return; }
-  const endpoint = ui.mode === "txt2img" ? "/txt2img" : "/img2img";
+  try { body = buildPayload(mode); } catch (e) { showError(e); return; }
   setBusy(true);
   pollProgress();
   try {
-    const res = await api(endpoint, { body });
+    const res = await api(mode === "txt2img" ? "/txt2img" : "/img2img", { body });
     const info = JSON.parse(res.info);
-    ui.lastSeeds = info.all_seeds || [];
-    ui.lastInfotexts = info.infotexts || [];
-    showGallery(res.images);
+    // The results belong to the tab that asked, even if the user has moved to another meanwhile.
+    ui.results[mode] = {
+      images: res.images, infotexts: info.infotexts || [], seeds: info.all_seeds || [],
+      subseeds: info.all_subseeds || [], subseedStrength: info.subseed_strength || 0, selected: 0,
+    };
+    if (ui.mode === mode) showResults();
     if (info.notes && info.notes.length) showError("Note: " + info.notes.join("; "));
   } catch (e) {
     showError(e);
@@ -287,36 +544,134 @@ async function generate() {
   }
 }
 
-function showGallery(images) {
+// -- results --------------------------------------------------------------------------------------
+
+const pngUrl = (b64) => "data:image/png;base64," + b64;
+
+// "Interrupted at step: 10/20" in an infotext: the image is the state after step 10.
+function stoppedAt(infotext) {
+  const m = /(?:^|, )Interrupted at step: (\d+)\/(\d+)/m.exec(infotext || "");
+  return m ? { done: Number(m[1]), total: Number(m[2]) } : null;
+}
+
+function currentResult() { return ui.results[ui.mode] || emptyResult(); }
+
+function showResults() {
+  const r = currentResult();
   const g = $("gallery");
   g.innerHTML = "";
-  images.forEach((b64, i) => {
+  r.images.forEach((b64, i) => {
+    const wrap = document.createElement("div");
+    wrap.className = "thumb";
     const img = document.createElement("img");
-    img.src = "data:image/png;base64," + b64;
+    img.src = pngUrl(b64);
     img.alt = `result ${i + 1}`;
     img.dataset.index = i;
     img.onclick = () => selectImage(i);
-    g.appendChild(img);
+    img.ondblclick = () => showLightbox(i);
+    wrap.appendChild(img);
+    if (stoppedAt(r.infotexts[i])) {
+      wrap.classList.add("interrupted");
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.textContent = "interrupted";
+      wrap.appendChild(badge);
+    }
+    g.appendChild(wrap);
   });
-  selectImage(0);
-  $("send-img2img").disabled = $("send-inpaint").disabled = images.length === 0;
+  selectImage(Math.min(r.selected, Math.max(r.images.length - 1, 0)));
+}
+
+function downloadName(r, i) {
+  const seed = r.seeds[i] ?? "image";
+  return r.subseedStrength && r.subseeds[i] !== undefined ? `sdlab-${seed}-${r.subseeds[i]}.png` : `sdlab-${seed}.png`;
+}
+
+function setDownload(a, r, i) {
+  if (r.images[i] === undefined) {
+    a.removeAttribute("href");
+    a.setAttribute("aria-disabled", "true");
+    return;
+  }
+  a.href = pngUrl(r.images[i]);
+  a.download = downloadName(r, i);
+  a.setAttribute("aria-disabled", "false");
+}
+
+function markSmall(img) {
+  // Small images (the demo model's 64 px) are scaled up with hard pixels, not blurred.
+  const mark = () => img.classList.toggle("small", img.naturalWidth > 0 && img.naturalWidth < 256);
+  if (img.complete) mark(); else img.onload = mark;
 }
 
 function selectImage(i) {
-  ui.selected = i;
+  const r = currentResult();
+  r.selected = i;
   document.querySelectorAll("#gallery img").forEach((el, j) => el.classList.toggle("selected", j === i));
-  $("infotext").textContent = ui.lastInfotexts[i] || "";
+  const has = r.images[i] !== undefined;
+  const view = $("result-image");
+  view.hidden = !has;
+  $("result-empty").hidden = has;
+  if (has) { view.src = pngUrl(r.images[i]); markSmall(view); } else view.removeAttribute("src");
+  $("infotext").textContent = r.infotexts[i] || "";
+  const stop = has ? stoppedAt(r.infotexts[i]) : null;
+  $("result-note").hidden = !stop;
+  if (stop) {
+    $("result-note").textContent = `Interrupted at step ${stop.done} of ${stop.total}: this image is not finished ` +
+      "(Steps in its parameters is the schedule it was sampled on).";
+  }
+  setDownload($("download"), r, i);
+  $("send-img2img").disabled = $("send-inpaint").disabled = !has;
+  if (ui.lightbox) showLightbox(i);
+}
+
+function showLightbox(i) {
+  const r = currentResult();
+  if (r.images[i] === undefined) return;
+  r.selected = i;
+  ui.lightbox = true;
+  const img = $("lightbox-image");
+  img.src = pngUrl(r.images[i]);
+  markSmall(img);
+  const stop = stoppedAt(r.infotexts[i]);
+  $("lightbox-caption").textContent = `${i + 1} / ${r.images.length}` +
+    (stop ? ` — interrupted at step ${stop.done} of ${stop.total}` : "");
+  $("lightbox-prev").disabled = $("lightbox-next").disabled = r.images.length < 2;
+  setDownload($("lightbox-download"), r, i);
+  $("lightbox").hidden = false;
+}
+
+function closeLightbox() {
+  ui.lightbox = false;
+  $("lightbox").hidden = true;
+  selectImage(currentResult().selected);
+}
+
+function stepLightbox(delta) {
+  const r = currentResult();
+  if (!r.images.length) return;
+  showLightbox((r.selected + delta + r.images.length) % r.images.length);
 }
 
 function sendTo(tab) {
-  const img = document.querySelectorAll("#gallery img")[ui.selected];
-  if (!img) return;
+  const r = currentResult();
+  if (r.images[r.selected] === undefined) return;
   const copy = new Image();
   copy.onload = () => { setInitImage(copy); setTab(tab); };
-  copy.src = img.src;
+  copy.src = pngUrl(r.images[r.selected]);
+}
+
+function reuseSeed(id, key) {
+  const r = currentResult();
+  const seeds = r[key];
+  if (seeds.length) $(id).value = seeds[r.selected] ?? seeds[0];
+  clearField(id);
 }
 
 // -- PNG Info --------------------------------------------------------------------------------------
+
+// Keys the API's parser adds for its own use, not in the infotext itself.
+const DERIVED_KEYS = new Set(["Size-1", "Size-2"]);
 
 async function readPngInfo(file) {
   showError(null);
@@ -330,6 +685,7 @@ async function readPngInfo(file) {
     const table = $("png-table");
     table.innerHTML = "";
     for (const [k, v] of Object.entries(res.parameters || {})) {
+      if (DERIVED_KEYS.has(k)) continue;
       const tr = table.insertRow();
       tr.insertCell().textContent = k;
       tr.insertCell().textContent = v;
@@ -344,18 +700,129 @@ async function readPngInfo(file) {
 function sendParamsToTxt2img() {
   const p = ui.pngParams;
   if (!p) return;
-  const set = (id, key) => { if (p[key] !== undefined && p[key] !== "") $(id).value = p[key]; };
-  set("prompt", "Prompt");
-  set("negative", "Negative prompt");
+  const set = (id, key) => { if (p[key] !== undefined && p[key] !== "") { $(id).value = p[key]; clearField(id); } };
+  $("prompt").value = p["Prompt"] ?? "";
+  $("negative").value = p["Negative prompt"] ?? "";
   set("steps", "Steps");
   set("cfg", "CFG scale");
   set("seed", "Seed");
-  set("width", "Size-1");
-  set("height", "Size-2");
+  const size = /^(\d+)x(\d+)$/.exec(p["Size"] || "");
+  if (size) setSize(size[1], size[2]);
+  $("clip-skip").value = p["Clip skip"] || 1;
+  const variation = p["Variation seed strength"] !== undefined;
+  $("seed-extras").checked = variation;
+  $("variation-row").hidden = !variation;
+  if (variation) { set("subseed", "Variation seed"); set("subseed-strength", "Variation seed strength"); }
   if (p["Sampler"]) $("sampler").value = p["Sampler"];
   if (p["Schedule type"]) $("scheduler").value = p["Schedule type"];
   $("noise-schedule").value = p["Noise Schedule"] === "Zero Terminal SNR" ? "Zero Terminal SNR" : "Default";
   setTab("txt2img");
+  updateSizeHint();
+}
+
+// -- Settings --------------------------------------------------------------------------------------
+
+// The options sdlab acts on, as the web UI's Settings page names them; any other option the
+// server lists is shown read-only.
+const OPTION_UI = {
+  CLIP_stop_at_last_layers: { label: "Clip skip", min: 1, max: 12,
+    help: "Stop at this layer from the end of the text encoder (the form's CLIP skip starts here)." },
+  randn_source: { label: "Random number generator source", choices: ["GPU", "CPU", "NV"],
+    help: "sdlab draws noise on the CPU for GPU too, so a seed gives the same image everywhere; NV matches NVIDIA GPUs." },
+  sd_noise_schedule: { label: "Noise schedule for sampling", choices: ["Default", "Zero Terminal SNR"],
+    help: "Default follows the model's file (the form's Noise schedule starts here)." },
+  fp8_storage: { label: "FP8 weight", choices: ["Disable", "Enable for SDXL", "Enable"],
+    help: "Keep the model's matrices in fp8: half the memory of fp16, slightly different images. Loads the model again." },
+};
+const READONLY_LABELS = {
+  sd_model_checkpoint: "Checkpoint (choose it at the top of the page)",
+  sd_checkpoint_hash: "Checkpoint SHA-256",
+  samples_format: "Image format",
+  sd_vae: "VAE",
+};
+
+async function loadSettings() {
+  $("settings-status").textContent = "";
+  let options;
+  try { options = await api("/options"); } catch (e) { settingsStatus(e.message, true); return; }
+  ui.options = options;
+  const form = $("settings-form");
+  form.innerHTML = "";
+  const keys = [...Object.keys(OPTION_UI).filter((k) => k in options),
+                ...Object.keys(options).filter((k) => !(k in OPTION_UI))];
+  for (const key of keys) {
+    const spec = OPTION_UI[key];
+    const label = document.createElement("label");
+    label.title = key;
+    label.append(spec ? spec.label : READONLY_LABELS[key] || key);
+    if (!spec) {
+      const v = document.createElement("span");
+      v.className = "readonly";
+      v.textContent = options[key] === null ? "—" : typeof options[key] === "object" ? JSON.stringify(options[key]) : String(options[key]);
+      label.append(v);
+    } else {
+      let input;
+      if (spec.choices) {
+        input = document.createElement("select");
+        fillSelect(input, spec.choices.map((c) => ({ value: c, label: c })), String(options[key]));
+      } else {
+        input = document.createElement("input");
+        input.type = "number";
+        input.min = spec.min;
+        input.max = spec.max;
+        input.value = options[key];
+      }
+      input.id = "opt-" + key;
+      input.dataset.key = key;
+      label.append(input);
+      const help = document.createElement("span");
+      help.className = "muted";
+      help.textContent = spec.help;
+      label.append(help);
+    }
+    form.appendChild(label);
+  }
+}
+
+function settingsStatus(text, isError) {
+  const s = $("settings-status");
+  s.textContent = text;
+  s.className = isError ? "field-error" : "muted";
+}
+
+async function applySettings() {
+  const changed = {};
+  for (const input of document.querySelectorAll("#settings-form [data-key]")) {
+    const key = input.dataset.key;
+    let value = input.value;
+    if (input.type === "number") {
+      const spec = OPTION_UI[key];
+      if (!/^\d+$/.test(value.trim()) || Number(value) < spec.min || Number(value) > spec.max) {
+        settingsStatus(`${spec.label} must be a whole number from ${spec.min} to ${spec.max}`, true);
+        input.classList.add("invalid");
+        input.focus();
+        return;
+      }
+      input.classList.remove("invalid");
+      value = Number(value);
+    }
+    if (String(value) !== String(ui.options[key])) changed[key] = value;
+  }
+  if (!Object.keys(changed).length) { settingsStatus("Nothing changed.", false); return; }
+  const names = Object.keys(changed).map((k) => OPTION_UI[k].label).join(", ");
+  $("settings-apply").disabled = true;
+  settingsStatus("fp8_storage" in changed ? "Applying (loading the model again)…" : "Applying…", false);
+  try {
+    await api("/options", { body: changed });
+    const options = await loadModels();
+    syncFormFromOptions(options);
+    await loadSettings();
+    settingsStatus(`Applied: ${names}.`, false);
+  } catch (e) {
+    settingsStatus(String(e.message || e), true);
+  } finally {
+    $("settings-apply").disabled = false;
+  }
 }
 
 // -- wiring ------------------------------------------------------------------------------------------
@@ -364,23 +831,55 @@ function init() {
   for (const b of document.querySelectorAll("#tabs button")) b.onclick = () => setTab(b.dataset.tab);
   $("generate").onclick = generate;
   $("skip").onclick = () => api("/skip", { body: {} }).catch(showError);
-  $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) generate(); });
-  $("model").onchange = () => setModelOption({ sd_model_checkpoint: $("model").value });
-  $("fp8").onchange = () => setModelOption({ fp8_storage: $("fp8").value });
-  $("refresh-models").onclick = async () => { await api("/refresh-checkpoints", { body: {} }); await loadModels(); };
-  $("lora-insert").onclick = insertLora;
-  $("seed-random").onclick = () => { $("seed").value = -1; };
-  $("seed-reuse").onclick = () => { if (ui.lastSeeds.length) $("seed").value = ui.lastSeeds[ui.selected] ?? ui.lastSeeds[0]; };
+  for (const id of ["prompt", "negative"]) {
+    $(id).addEventListener("keydown", (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) generate(); });
+  }
+  $("model").onchange = () => setModelOption({ sd_model_checkpoint: $("model").value }).catch(() => {});
+  $("refresh-models").onclick = async () => {
+    await api("/refresh-checkpoints", { body: {} }).catch(showError);
+    await loadModels().catch(showError);
+    await Promise.all([loadNetworks(), loadStyles()]);
+  };
+  $("lora-insert").onclick = () => { if ($("lora").value) insertAtCursor(`<lora:${$("lora").value}:1>`); };
+  $("embedding-insert").onclick = () => { if ($("embedding").value) insertAtCursor($("embedding").value); };
+  $("seed-random").onclick = () => { $("seed").value = -1; clearField("seed"); };
+  $("seed-reuse").onclick = () => reuseSeed("seed", "seeds");
+  $("subseed-random").onclick = () => { $("subseed").value = -1; clearField("subseed"); };
+  $("subseed-reuse").onclick = () => reuseSeed("subseed", "subseeds");
+  $("seed-extras").onchange = () => { $("variation-row").hidden = !$("seed-extras").checked; };
+  for (const id of Object.keys(FIELDS)) $(id).addEventListener("input", () => clearField(id));
+  for (const id of ["width", "height"]) $(id).addEventListener("input", updateSizeHint);
+  $("size-native").onclick = () => { const n = ui.model.native_size; setSize(n, n); updateSizeHint(); };
   $("denoising").addEventListener("input", () => { $("denoising").dataset.touched = "1"; });
+  $("result-image").onclick = () => showLightbox(currentResult().selected);
+  $("lightbox-image").onclick = closeLightbox;
+  $("lightbox").onclick = (ev) => { if (ev.target === $("lightbox")) closeLightbox(); };
+  $("lightbox-close").onclick = closeLightbox;
+  $("lightbox-prev").onclick = () => stepLightbox(-1);
+  $("lightbox-next").onclick = () => stepLightbox(1);
+  document.addEventListener("keydown", (ev) => {
+    if (!ui.lightbox) return;
+    if (ev.key === "Escape") closeLightbox();
+    else if (ev.key === "ArrowLeft") stepLightbox(-1);
+    else if (ev.key === "ArrowRight") stepLightbox(1);
+  });
   $("send-img2img").onclick = () => sendTo("img2img");
   $("send-inpaint").onclick = () => sendTo("inpaint");
   $("png-send").onclick = sendParamsToTxt2img;
+  $("settings-apply").onclick = applySettings;
+  $("settings-reload").onclick = loadSettings;
   setupDropzone($("dropzone-init"), $("init-file"), async (f) => {
     try { setInitImage((await loadImageFile(f)).img); } catch (e) { showError(e); }
   });
+  $("mask-file").addEventListener("change", async () => {
+    const f = $("mask-file").files[0];
+    $("mask-file").value = "";
+    if (f) { try { await uploadMask(f); showError(null); } catch (e) { showError(e); } }
+  });
   setupDropzone($("dropzone-png"), $("png-file"), readPngInfo);
   setupBrush();
-  Promise.all([loadModels(), loadLists()]).catch(showError);
+  const models = loadModels().then((options) => { syncFormFromOptions(options); return loadModelInfo(true); });
+  Promise.all([models, loadLists(), loadNetworks(), loadStyles()]).catch(showError);
 }
 
 init();
