@@ -12,10 +12,7 @@ import io
 import json
 import os
 import shutil
-import socket
 import tempfile
-import threading
-import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +35,8 @@ from sdlab.server.app import create_app  # noqa: E402
 from sdlab.server.settings import Limits, ServerSettings  # noqa: E402
 from tests.tiny import save_native, tiny_bundle  # noqa: E402
 
+from .live import serving  # noqa: E402
+
 # The models folder's checkpoints: the same tiny weights, one saved with sdlab's config
 # saying it was trained at 64 px (as the demo model is) and listed first, so selected at
 # start; the other a plain single file, which SD 1.x's 512 px applies to.
@@ -52,12 +51,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
 TIMEOUT_MS = 60_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +70,8 @@ def base_url(tmp_path_factory):
     (root / "styles.csv").write_text('name,prompt,negative_prompt\nvivid,"{prompt}, vivid colours",dull\n'
                                      'framed,with a frame,\n')
     app = create_app(ServerSettings(models_dir=root, limits=Limits(max_steps=5000)))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(15)
+    with serving(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

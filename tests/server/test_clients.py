@@ -3,9 +3,6 @@ every field with the client's own defaults (hr_upscaler="Latent", image_cfg_scal
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -19,11 +16,7 @@ from sdlab.server.app import create_app  # noqa: E402
 from sdlab.server.settings import ServerSettings, parse_api_auth  # noqa: E402
 from tests.tiny import save_native, tiny_bundle  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .live import serving  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +27,8 @@ def port(tmp_path_factory):
     (root / "styles.csv").write_text("name,prompt,negative_prompt\nfilm,film grain,blurry\n")
     app = create_app(ServerSettings(models_dir=root, api_auth=parse_api_auth("alice:s3cret"),
                                     outputs_dir=tmp_path_factory.mktemp("outputs")))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(15)
+    with serving(app) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

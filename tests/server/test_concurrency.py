@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,14 +22,10 @@ from PIL import Image  # noqa: E402
 
 from tests.tiny import save_native, tiny_bundle  # noqa: E402
 
+from .live import free_port  # noqa: E402
+
 CLIENTS, REQUESTS_PER_CLIENT = 8, 3
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
