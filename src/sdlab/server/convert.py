@@ -142,9 +142,6 @@ def _img2img_problems(body: Img2ImgRequest) -> list[str]:
     return problems
 
 
-# Options that `override_settings` may carry and what sdlab does with them.
-OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", "sd_noise_schedule")
-
 _DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.I)
 
 
@@ -310,9 +307,6 @@ def _img2img_fields(body: Img2ImgRequest, gen: GenerationRequest, limits: Limits
                     notes: list[str]) -> GenerationRequest:
     init = decode_image(body.init_images[0], "init_images[0]", limits)
     mask = decode_image(body.mask, "mask", limits) if body.mask else None
-    if mask is not None and mask.size != init.size:
-        # Clients send masks drawn at another scale; the web UI resizes them to the image.
-        mask = mask.convert("L").resize(init.size, Image.LANCZOS)
     if mask is not None and body.inpainting_fill == 0:
         # The web UI's default, so it cannot be refused; 2 and 3 are (refuse_not_acted_on).
         notes.append("inpainting_fill=0 (fill) is not implemented; sdlab starts from the original content (1)")
