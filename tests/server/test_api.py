@@ -270,6 +270,25 @@ def test_inpaint_keeps_pixels_outside_the_mask(client):
     assert (out[~outside] != np.asarray(init)[~outside]).any()
 
 
+
+def test_a_mask_of_another_size_is_resized_to_the_image(client):
+    """Clients send masks drawn at another scale; the web UI resizes them to the image, and so does
+    the pipeline under every face: the same image as with the mask sent at the image's size."""
+    init = _init_image()
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    small = Image.fromarray(mask).resize((16, 16), Image.NEAREST)
+    fields = {"init_images": [b64_image(init)], "width": 32, "height": 32, "steps": 3, "seed": 5,
+              "denoising_strength": 1.0, "mask_blur": 0, "inpainting_fill": 1}
+    images = []
+    for m in (small, small.convert("L").resize((32, 32), Image.LANCZOS)):
+        r = client.post(f"{API}/img2img", json={**fields, "mask": b64_image(m)})
+        assert r.status_code == 200, r.text
+        images.append(np.asarray(png(r.json()["images"][0]).convert("RGB")))
+    assert np.array_equal(images[0], images[1])
+    # outside the mask and the reach of the resize's filter (3 source pixels), the init image's pixels
+    assert (images[0][:2] == np.asarray(init)[:2]).all()
+
 # -- every request field: acted on, or refused unless off --------------------------------------------
 
 # The fields sdlab acts on, each with the test that shows it. Every other field of the request
