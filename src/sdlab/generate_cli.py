@@ -401,19 +401,15 @@ def _run_with_progress(pipe, request):
 
 def save_images(result, output: Path) -> list[Path]:
     """Write PNGs (atomically) with their infotext: to `output` if it names a .png and there
-    is one image, else into the folder as NNNNN-SEED.png, numbered after what is there."""
+    is one image, else into the folder as NNNNN-SEED.png, numbered after what is there (the
+    server's `save_images` naming, `outputs.save_image`)."""
     from .checkpoints.io import atomic_write
     from .infotext import png_info
+    from .outputs import save_image
 
-    paths = []
     if output.suffix.lower() == ".png" and len(result.images) == 1:
-        targets = [output]
-    else:
-        folder = output.with_suffix("") if output.suffix.lower() == ".png" else output
-        folder.mkdir(parents=True, exist_ok=True)
-        start = 1 + max((int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")), default=-1)
-        targets = [folder / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(result.seeds)]
-    for image, text, target in zip(result.images, result.infotexts, targets):
-        atomic_write(target, lambda tmp, image=image, text=text: image.save(tmp, format="PNG", pnginfo=png_info(text)))
-        paths.append(target)
-    return paths
+        image, text = result.images[0], result.infotexts[0]
+        atomic_write(output, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(text)))
+        return [output]
+    folder = output.with_suffix("") if output.suffix.lower() == ".png" else output
+    return [save_image(image, folder, seed, text) for image, text, seed in zip(result.images, result.infotexts, result.seeds)]
