@@ -224,3 +224,82 @@ def test_size_embedding_width_that_does_not_divide_is_refused():
     shapes["model.diffusion_model.label_emb.0.0.weight"] = (out, width + 1)  # 64 pooled + 49: not 6 equal widths
     with pytest.raises(SdlabError, match="label_emb.0.0.weight"):
         model_config(shapes)
+
+
+def _refiner_pipeline(tmp_path):
+    from sdlab.models_dir import ModelsDir
+
+    base, refiner = tiny_bundle("sdxl", seed=1), tiny_bundle("sdxl-refiner", seed=2)
+    models = ModelsDir(tmp_path)
+    for kind in ("embedding", "lora"):
+        models.folder(kind).mkdir(parents=True)
+    return Pipeline(base, refiner=refiner, models=models)
+
+
+def test_refiner_reads_the_embeddings_of_the_prompt(tmp_path):
+    """An SDXL embedding's clip_g vectors reach the refiner's encoder (SDXL's second) too."""
+    from safetensors.torch import save_file
+
+    from sdlab.recipes import webui
+    from sdlab.request import validate
+    from sdlab.sampling.samplers import resolve_sampler
+
+    pipe = _refiner_pipeline(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    vectors = {"clip_l": torch.randn(2, 64, generator=g), "clip_g": torch.randn(2, 64, generator=g)}
+    save_file(vectors, str(pipe.models.folder("embedding") / "xlstyle.safetensors"))
+    req = GenerationRequest("a circle in xlstyle", steps=4, seed=3, width=SIZE, height=SIZE, refiner_switch_at=0.5)
+    prompt, negative = req.prompt, req.negative_prompt
+    embeddings = pipe._embeddings(prompt, negative)
+    assert [list(e) for e in embeddings[1]] == [["xlstyle"]]
+    torch.testing.assert_close(embeddings[1][0]["xlstyle"], vectors["clip_g"])
+    run = webui.prepare(pipe, validate(req, SIZE), prompt, negative, resolve_sampler("Euler"), "karras", embeddings)
+    refiner_context = run.refiner.prompts[0].at(0).context
+    runner = pipe.refiner_text[0]
+    chunks = runner.chunks(prompt, {"xlstyle": vectors["clip_g"]})
+    expected = runner.encode(chunks, 1, {"xlstyle": vectors["clip_g"]}).context
+    torch.testing.assert_close(refiner_context, expected)
+    as_words = runner.encode(runner.chunks(prompt), 1).context
+    assert not torch.allclose(refiner_context, as_words)
+    result = pipe.generate(req)
+    assert 'TI hashes: "xlstyle: ' in result.infotexts[0]
+
+
+def test_refiner_gets_the_loras_of_the_prompt_where_they_fit(tmp_path):
+    """A base-model LoRA's bigG modules (lora_te2_) reach the refiner's encoder; its UNet modules
+    are applied where the refiner has a layer of that name and shape, skipped where not."""
+    from safetensors.torch import save_file
+
+    from sdlab.lora import kohya_name
+
+    pipe = _refiner_pipeline(tmp_path)
+    base_g, refiner_g = pipe.bundle.text_encoders[1], pipe.refiner.text_encoders[0]
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    layer = "transformer.resblocks.0.mlp.c_fc"
+    fc = base_g.get_submodule(layer)
+    name = kohya_name(layer, "te2")
+    sd[f"{name}.lora_down.weight"] = torch.randn(2, fc.in_features, generator=g)
+    sd[f"{name}.lora_up.weight"] = torch.randn(fc.out_features, 2, generator=g)
+    sd[f"{name}.alpha"] = torch.tensor(2.0)
+    # The base UNet's output layer fits the refiner's; its first attention block exists only in the base.
+    for path in ("out.2", "output_blocks.0.1.proj_in"):
+        m = pipe.bundle.unet.get_submodule(path)
+        unet_name = kohya_name(path, "unet", pipe.bundle.unet.cfg)
+        shape_in = (m.in_channels, *m.kernel_size) if isinstance(m, torch.nn.Conv2d) else (m.in_features,)
+        out = m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+        sd[f"{unet_name}.lora_down.weight"] = torch.randn(2, *shape_in, generator=g)
+        sd[f"{unet_name}.lora_up.weight"] = torch.randn(out, 2, *([1, 1] if len(shape_in) == 3 else []), generator=g)
+        sd[f"{unet_name}.alpha"] = torch.tensor(2.0)
+    save_file(sd, str(pipe.models.folder("lora") / "xl.safetensors"))
+    weight = refiner_g.get_submodule(layer).weight
+    original_g, original_out = weight.detach().clone(), pipe.refiner.unet.get_submodule("out.2").weight.detach().clone()
+    req = GenerationRequest("a circle <lora:xl:1>", steps=2, seed=3, width=SIZE, height=SIZE, refiner_switch_at=0.5)
+    pipe.generate(req)
+    expected = original_g + sd[f"{name}.lora_up.weight"] @ sd[f"{name}.lora_down.weight"]
+    torch.testing.assert_close(refiner_g.get_submodule(layer).weight, expected)
+    assert not torch.equal(pipe.refiner.unet.get_submodule("out.2").weight, original_out)
+    # A request without it restores the refiner exactly.
+    pipe.generate(GenerationRequest("a circle", steps=2, seed=3, width=SIZE, height=SIZE, refiner_switch_at=0.5))
+    assert torch.equal(refiner_g.get_submodule(layer).weight, original_g)
+    assert torch.equal(pipe.refiner.unet.get_submodule("out.2").weight, original_out)

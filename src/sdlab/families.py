@@ -38,6 +38,12 @@ class TextEncoderSlot:
     pad_token: Literal["eos", "zero"]  # SD1's tokenizer pads with end-of-text, OpenCLIP's with 0
     diffusers_folder: str = "text_encoder"
     tokenizer_folder: str = "tokenizer"
+    # Which of SDXL's two encoders this is, for the files made for it: a LoRA's `lora_te1_` /
+    # `lora_te2_` modules ("te0" / "te1"; SD 1.x/2.x's only encoder is "te0") and an
+    # embedding's `clip_l` / `clip_g` vectors (None: the file's only vectors). The refiner's one
+    # encoder is SDXL's second, so the base model's LoRAs and embeddings reach it too.
+    lora_net: Literal["te0", "te1"] = "te0"
+    embedding_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,13 @@ class Family:
     prediction: Prediction
     default_size: int
     inpaint: bool = False
+    # The latent space the denoiser works in is `(z - latent_shift) * latent_scale` of the VAE's z.
     latent_scale: float = 0.18215
+    latent_shift: float = 0.0
+    # How the text encoders' outputs are combined (`text.conditioning.COMBINE_RULES`).
+    text_combine: str = "concat"
+    # Image sizes must be multiples of this (the VAE's factor times what the denoiser needs).
+    size_multiple: int = 8
     clip_skip: int = 1  # the layer the family conditions on: SD2 uses the penultimate one
     unet_num_heads: int | None = None  # heads are not in the shapes: the family's rule
     unet_head_channels: int | None = None
@@ -78,9 +90,11 @@ class Family:
 
 _CLIP_L = TextEncoderSlot("cond_stage_model.transformer.", "openai", "eos")
 _OPENCLIP_H = TextEncoderSlot("cond_stage_model.model.", "openclip", "zero")
-_SDXL_L = TextEncoderSlot("conditioner.embedders.0.transformer.", "openai", "eos")
-_SDXL_G = TextEncoderSlot("conditioner.embedders.1.model.", "openclip", "zero", "text_encoder_2", "tokenizer_2")
-_REFINER_G = TextEncoderSlot("conditioner.embedders.0.model.", "openclip", "zero", "text_encoder_2", "tokenizer_2")
+_SDXL_L = TextEncoderSlot("conditioner.embedders.0.transformer.", "openai", "eos", embedding_key="clip_l")
+_SDXL_G = TextEncoderSlot("conditioner.embedders.1.model.", "openclip", "zero", "text_encoder_2", "tokenizer_2",
+                          lora_net="te1", embedding_key="clip_g")
+_REFINER_G = TextEncoderSlot("conditioner.embedders.0.model.", "openclip", "zero", "text_encoder_2", "tokenizer_2",
+                             lora_net="te1", embedding_key="clip_g")
 _SDXL = dict(latent_scale=0.13025, clip_skip=2, unet_head_channels=64, text_final_norm=False)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (

@@ -255,7 +255,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from . import load
     from .device import parse_dtype, parse_weight_dtype
     from .images import open_image
-    from .pipeline import GenerationRequest, check_request
+    from .request import GenerationRequest, check_request
 
     fields: dict = {}
     replay = Replay()
@@ -315,10 +315,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.styles_file:
         pipe.styles_file = Path(args.styles_file)
     if vae_path is not None:
-        from .models_dir import load_vae_into
-
-        load_vae_into(pipe.bundle, vae_path)
-        pipe.vae_info = {"VAE hash": models.short_hash(vae_path), "VAE": vae_path.stem}
+        pipe.use_vae(vae_path)
     if refiner_model is not None:
         from .models.storage import storage_dtype
         from .perf import load_for_inference

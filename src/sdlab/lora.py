@@ -108,7 +108,8 @@ def _te_aliases(module_path: str) -> tuple[str, ...]:
     return module_path, hf, hf.removeprefix("text_model.")
 
 
-def _index(unet: nn.Module, unet_cfg: UNetConfig, text_encoders: Sequence[nn.Module]) -> dict[tuple[str, str], _Slot]:
+def _index(unet: nn.Module, unet_cfg: UNetConfig, text_encoders: Sequence[nn.Module],
+           te_nets: Sequence[Net]) -> dict[tuple[str, str], _Slot]:
     """(net, name) -> slot, for every name a LoRA file may use: the native and the diffusers /
     transformers dotted paths, and the same with dots replaced by underscores (kohya)."""
     index: dict[tuple[str, str], _Slot] = {}
@@ -122,8 +123,7 @@ def _index(unet: nn.Module, unet_cfg: UNetConfig, text_encoders: Sequence[nn.Mod
     for native, diffusers in _unet_diffusers_paths(layers, unet_cfg).items():
         add(_Slot("unet", native, native + ".weight"), native, diffusers)
 
-    for i, te in enumerate(text_encoders):
-        net: Net = "te0" if i == 0 else "te1"
+    for te, net in zip(text_encoders, te_nets, strict=True):
         for name, m in te.named_modules():
             if isinstance(m, nn.Linear):
                 add(_Slot(net, name, name + ".weight"), *_te_aliases(name))
@@ -140,7 +140,12 @@ def _index(unet: nn.Module, unet_cfg: UNetConfig, text_encoders: Sequence[nn.Mod
 
 
 def _bundle_index(bundle: Bundle) -> dict[tuple[str, str], _Slot]:
-    return _index(bundle.unet, bundle.unet.cfg, bundle.text_encoders)
+    return _index(bundle.unet, bundle.unet.cfg, bundle.text_encoders, _te_nets(bundle.family))
+
+
+def _te_nets(family) -> list[Net]:
+    """The LoRA name of each text encoder of a family (`TextEncoderSlot.lora_net`)."""
+    return [slot.lora_net for slot in family.text_encoders]
 
 
 @functools.lru_cache(maxsize=4)
@@ -152,7 +157,7 @@ def _config_index(cfg: ModelConfig) -> dict[tuple[str, str], _Slot]:
     with torch.device("meta"):
         unet = UNet(cfg.unet)
         tes = [CLIPTextModel(c) for c in cfg.text_encoders]
-    return _index(unet, cfg.unet, tes)
+    return _index(unet, cfg.unet, tes, _te_nets(cfg.family))
 
 
 def kohya_name(module_path: str, part: Literal["unet", "te", "te1", "te2"] = "unet",
@@ -189,8 +194,9 @@ def as_kohya_tensors(lora: LoraFile, bundle: Bundle, original_unet_names: bool =
     (LoHa, LoKr, full diffs) and names that match no layer.
     """
     index = _bundle_index(bundle)
-    parts = {"unet": "unet", "te0": "te", "te1": "te2"} if len(bundle.text_encoders) == 1 else \
-        {"unet": "unet", "te0": "te1", "te1": "te2"}
+    # SD 1.x/2.x's one encoder is `lora_te_`; SDXL's two (and the refiner's, its second) te1 / te2.
+    sdxl = any(slot.lora_net == "te1" for slot in bundle.family.text_encoders)
+    parts = {"unet": "unet", "te0": "te1" if sdxl else "te", "te1": "te2"}
     unet_config = None if original_unet_names else bundle.unet.cfg
     out, left_out = {}, list(lora.unsupported)
     for m in lora.modules:
@@ -606,12 +612,15 @@ def _family_hint(lora: LoraFile) -> str:
 _Item = tuple[tuple[int, int] | None, LoraModule, float, int | None]  # rows, module, multiplier * scale, dyn_dim
 
 
-def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLoras:
+def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple], strict: bool = True) -> AppliedLoras:
     """Merge LoRAs into the bundle's UNet and text encoders: `W += multiplier * scale * dW`.
 
     Args:
         bundle: the loaded model.
         loras: `LoraUse(lora_file, te_multiplier, unet_multiplier[, dyn_dim])` or plain tuples.
+        strict: False for a model the LoRAs were not made for but partly fit (SDXL's refiner
+            given the base model's LoRAs, as the web UI applies them): modules whose shape does
+            not fit are skipped like unmatched keys, and a LoRA of which nothing fits is no error.
 
     Every module of every LoRA is matched and shape-checked first; only then is any
     weight changed, so an error leaves the model exactly as it was. Keys that match no
@@ -623,7 +632,7 @@ def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLora
     """
     uses = tuple(u if isinstance(u, LoraUse) else LoraUse(*u) for u in loras)
     nets: dict[str, nn.Module] = {"unet": bundle.unet}
-    nets.update({"te0" if i == 0 else "te1": te for i, te in enumerate(bundle.text_encoders)})
+    nets.update(zip(_te_nets(bundle.family), bundle.text_encoders))
     index = _bundle_index(bundle)
     label = bundle.family.label
 
@@ -643,6 +652,10 @@ def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLora
             param = nets[m.net].get_parameter(slot.param)
             region = param.shape if slot.rows is None else (slot.rows[1] - slot.rows[0], *param.shape[1:])
             shape = m.delta_shape(use.dyn_dim)
+            if not _fits(shape, region) and not strict:
+                matched -= 1
+                missing.append(m.key)
+                continue
             if not _fits(shape, region):
                 raise SdlabError(
                     f"LoRA {lora.name}: {m.key} has shape {tuple(shape)} but this model's {slot.module} is "
@@ -654,7 +667,7 @@ def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple]) -> AppliedLora
             owner = nets[m.net].get_submodule(slot.param.rpartition(".")[0])
             plan.setdefault(id(param), (param, owner, []))[2].append((slot.rows, m, multiplier * m.scale, use.dyn_dim))
             touched.add("unet" if m.net == "unet" else "te")
-        if matched == 0:
+        if matched == 0 and strict:
             raise SdlabError(
                 f"LoRA {lora.name}: none of its {len(lora.modules)} modules match a layer of this {label} model "
                 f"(first: {lora.modules[0].key}); it was made for another model family{_family_hint(lora)}")
@@ -749,7 +762,7 @@ class LoraState:
         self._files[path] = (signature, lora)
         return lora
 
-    def set(self, bundle: Bundle, requested: Sequence[LoraSpec]) -> AppliedLoras | None:
+    def set(self, bundle: Bundle, requested: Sequence[LoraSpec], strict: bool = True) -> AppliedLoras | None:
         """Make exactly `requested` be the LoRAs merged into `bundle`.
 
         Returns the applied set (with `.unmatched`), or None when no LoRA is requested.
@@ -760,7 +773,7 @@ class LoraState:
         for spec, path in zip(requested, paths):
             if not path.is_file():
                 raise SdlabError(f"LoRA {spec.name}: {path} is not a file")
-        key = (id(bundle),) + tuple(
+        key = (id(bundle), strict) + tuple(
             (str(p), p.stat().st_size, p.stat().st_mtime_ns, s.te_multiplier, s.unet_multiplier, s.dyn_dim)
             for s, p in zip(requested, paths))
         if key == self._key:
@@ -769,7 +782,7 @@ class LoraState:
         self.clear()
         if requested:
             uses = [LoraUse(f, s.te_multiplier, s.unet_multiplier, s.dyn_dim) for f, s in zip(files, requested)]
-            self.applied = apply_loras(bundle, uses)
+            self.applied = apply_loras(bundle, uses, strict)
             self.te_version += self.applied.touched_text_encoders
             self.unet_version += self.applied.touched_unet
         self._key = key

@@ -1,17 +1,16 @@
 """txt2img, img2img and inpainting on a loaded Bundle.
 
-Every face of sdlab (Python, CLI, HTTP, web page) builds one `GenerationRequest`
-and calls `Pipeline.generate`; none holds generation logic of its own.
+Every face of sdlab (Python, CLI, HTTP, web page) builds one `GenerationRequest` and calls
+`Pipeline.generate` (or `Pipeline.batches`); none holds generation logic of its own. The
+pipeline holds what stays loaded between requests (the model, its refiner, LoRAs, embeddings,
+styles) and runs the web UI's recipe (`recipes.webui`) over the generation steps.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
 
 import torch
 from PIL import Image
@@ -20,157 +19,23 @@ from torch import Tensor
 from ._version import __version__
 from .checkpoints.loader import Bundle
 from .device import dtype_name, vae_dtype
-from .errors import SdlabError
 from .embeddings import EmbeddingLibrary
-from .families import ModelConfig
-from .images import blur_mask, latent_preview, mask_to_tensor, masked_bbox, to_pil, to_tensor
 from .infotext import create_infotext, with_infotext
-from .lora import LoraState, lora_specs
+from .lora import LoraSpec, LoraState, lora_specs
 from .models.layers import circular_padding
 from .models.storage import storage_dtype
-from .models.unet import sdxl_size_embedding
 from .models_dir import ModelsDir
-from .perf import decode_latents, encode_images
-from .sampling.denoiser import CFGDenoiser, Conditioning, DiscreteDenoiser
-from .sampling.rng import ImageRNG, RngSource
-from .sampling.samplers import brownian_tree_noise_sampler, get_sampler_sigmas, resolve_sampler
-from .sampling.schedules import SCHEDULES, DiscreteSchedule, discrete_schedule, resolve_schedule
-from .text.conditioning import TextEncoderRunner, prompt_schedule
+from .recipes import webui
+from .request import GenerationRequest, GenerationResult, Interrupted, Progress, validate
+from .sampling.samplers import resolve_sampler
+from .sampling.schedules import SCHEDULES, resolve_schedule
 from .styles import STYLES_FILE, apply_styles
+from .text.conditioning import TextEncoderRunner
 from .text.prompt import extract_extra_networks
 
+__all__ = ["GenerationRequest", "GenerationResult", "Interrupted", "Pipeline", "Progress", "text_runners"]
+
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**32 - 1
-
-
-@dataclass
-class GenerationRequest:
-    """One request, as the web UIs' API fields name its parts (A1111 names in comments)."""
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    width: int | None = None  # None: the family's default size
-    height: int | None = None
-    steps: int = 20
-    sampler: str = "Euler a"  # sampler_name
-    schedule: str = "automatic"  # scheduler
-    cfg_scale: float = 7.0
-    seed: int = -1  # -1: random
-    subseed: int = -1  # variation seed
-    subseed_strength: float = 0.0
-    batch_size: int = 1
-    n_iter: int = 1  # batch count
-    clip_skip: int = 1
-    guidance_rescale: float = 0.0
-    rng: RngSource = "cpu"
-    eta: float | None = None
-    # The noise schedule rescaled to zero terminal SNR (the web UI's "Noise schedule for
-    # sampling"); None: as the model says (its file's `ztsnr` marker, Family.zero_terminal_snr).
-    zero_terminal_snr: bool | None = None
-    # img2img / inpaint
-    init_image: Image.Image | None = None
-    denoising_strength: float = 0.75
-    mask: Image.Image | None = None  # white = repaint
-    mask_blur: float = 4
-    inpaint_full_res: bool = False  # "only masked"
-    inpaint_full_res_padding: int = 32
-    inpainting_mask_invert: bool = False
-    # SDXL size conditioning, (height, width); None: the generation size. The refiner's
-    # aesthetic scores (diffusers' defaults).
-    original_size: tuple[int, int] | None = None
-    crop_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None
-    aesthetic_score: float = 6.0
-    negative_aesthetic_score: float = 2.5
-    # SDXL refiner: the fraction of the steps after which the refiner takes over (with a
-    # refiner loaded in the pipeline); its name is only recorded in the infotext.
-    refiner_switch_at: float | None = 0.8
-    refiner_checkpoint: str | None = None
-    # Saved prompt styles by name, merged into the prompts from the pipeline's styles.csv
-    # (`styles.apply_styles`), in this order.
-    styles: list[str] = field(default_factory=list)
-    # Seamless images: the UNet and VAE pad their convolutions circularly (the web UI's "Tiling").
-    tiling: bool = False
-
-    @property
-    def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
-        if self.init_image is None:
-            return "txt2img"
-        return "inpaint" if self.mask is not None else "img2img"
-
-
-@dataclass
-class Progress:
-    step: int  # steps done in the current batch
-    total: int
-    batch: int  # index of the current batch (0 .. n_iter-1)
-    batches: int
-    latents: Tensor  # current denoised estimate
-    preview: Callable[[], Image.Image | None] = field(repr=False, default=lambda: None)
-
-
-class Interrupted(Exception):
-    """Raised by a progress callback to stop generation; the images so far are returned."""
-
-
-@dataclass
-class GenerationResult:
-    images: list[Image.Image]
-    infotexts: list[str]
-    seeds: list[int]
-    subseeds: list[int]
-    request: GenerationRequest
-    interrupted: bool = False
-
-
-def check_request(req: GenerationRequest, models: ModelsDir | None = None) -> None:
-    """Every check of a request that needs no model (`validate` runs them too): the CLI runs
-    them before it loads one, so a typo costs no load. With `models`, the prompt's LoRA tags
-    must name files in that folder. Errors are one line that says what to change."""
-    for name, v in (("width", req.width), ("height", req.height)):
-        if v and (v < 8 or v % 8):  # None or 0: the default size
-            raise SdlabError(f"{name} {v} is not a positive multiple of 8; try {max(8, v // 8 * 8)}")
-    if req.steps < 1:
-        raise SdlabError(f"steps must be at least 1, got {req.steps}")
-    if req.batch_size < 1 or req.n_iter < 1:
-        raise SdlabError("batch size and batch count must be at least 1")
-    if not 0.0 <= req.denoising_strength <= 1.0:
-        raise SdlabError(f"denoising strength must be between 0 and 1, got {req.denoising_strength}")
-    if req.cfg_scale < 0:
-        raise SdlabError(f"CFG scale must not be negative, got {req.cfg_scale}")
-    if req.rng not in ("cpu", "nv"):
-        raise SdlabError(f"unknown RNG source {req.rng!r}; choose cpu or nv")
-    if req.refiner_switch_at is not None and not 0.0 <= req.refiner_switch_at <= 1.0:
-        raise SdlabError(f"refiner switch must be between 0 and 1, got {req.refiner_switch_at}")
-    if req.clip_skip < 1:
-        raise SdlabError(f"clip skip must be at least 1, got {req.clip_skip}")
-    if req.mask is not None and req.init_image is None:
-        raise SdlabError("a mask needs an init image to inpaint")
-    resolve_sampler(req.sampler)
-    resolve_schedule(req.schedule)
-    if models is not None:
-        lora_specs(extract_extra_networks(req.prompt)[1], models.resolve_lora)
-
-
-def validate(req: GenerationRequest, default_size: int) -> GenerationRequest:
-    """Check a request (`check_request`); fill defaults. A mask of another size than the init
-    image is resized to it, as the web UI does (clients and painting tools draw masks at
-    another scale)."""
-    check_request(req)
-    if req.init_image is not None and not (req.width and req.height):
-        # img2img / inpaint default to the init image's own size (rounded down to 8).
-        default_w, default_h = (max(8, v // 8 * 8) for v in req.init_image.size)
-    else:
-        default_w = default_h = default_size
-    width, height = req.width or default_w, req.height or default_h
-    mask = req.mask
-    if mask is not None and mask.size != req.init_image.size:
-        mask = mask.convert("L").resize(req.init_image.size, Image.LANCZOS)
-    seed = random.randrange(MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
-    subseed = random.randrange(MAX_SEED) if req.subseed is None or req.subseed < 0 else int(req.subseed)
-    return replace(req, width=width, height=height, seed=seed, subseed=subseed, mask=mask)
-
 
 def _wxh(hw: tuple[int, int]) -> str:
     """(height, width) or (top, left) as the CLI writes it: WxH, LEFTxTOP."""
@@ -183,43 +48,38 @@ def text_runners(bundle: Bundle) -> list[TextEncoderRunner]:
             for te, tok in zip(bundle.text_encoders, bundle.tokenizers)]
 
 
-def added_conditioning(config: ModelConfig, pooled: Tensor, req: GenerationRequest, negative: bool) -> Tensor | None:
-    """SDXL's vector conditioning y: the pooled text embedding followed by the embedded
-    size numbers (original size, crop top-left, then the target size for the base model
-    or the aesthetic score for the refiner), all (height, width) as diffusers orders them,
-    each embedded as wide as the model's UNet says (`UNetConfig.size_embed_dim`)."""
-    family = config.family
-    if family.added_conditioning is None:
-        return None
-    original = req.original_size or (req.height, req.width)
-    if family.added_conditioning == "sdxl":
-        numbers = [*original, *req.crop_top_left, *(req.target_size or (req.height, req.width))]
-    else:
-        numbers = [*original, *req.crop_top_left, req.negative_aesthetic_score if negative else req.aesthetic_score]
-    size = sdxl_size_embedding(torch.tensor([numbers], dtype=torch.float32), config.unet.size_embed_dim)
-    return torch.cat([pooled.float().cpu(), size], dim=-1)
-
-
 class Pipeline:
     """Generation on one loaded model. Keep it around: the model stays loaded and the
-    conditioning of an unchanged prompt is cached between requests."""
+    conditioning of an unchanged prompt is cached between requests.
+
+    Args:
+        bundle: the loaded model.
+        refiner: an SDXL refiner for the last part of the steps.
+        models: the models folder where LoRAs and embeddings are found by name (web UI layout).
+        styles_file: the web UI's styles.csv; by default the models folder's.
+        vae_info: the infotext's "VAE hash" / "VAE" of a separate VAE file the bundle was loaded with.
+    """
 
     def __init__(self, bundle: Bundle, refiner: Bundle | None = None, models: ModelsDir | None = None,
-                 styles_file: str | Path | None = None):
+                 styles_file: str | Path | None = None, vae_info: dict[str, str] | None = None):
         self.bundle = bundle
-        fam = bundle.family
-        self.schedules = {ztsnr: discrete_schedule(fam.beta_start, fam.beta_end, zero_terminal_snr=ztsnr)
-                          for ztsnr in (False, True)}
         self.text = text_runners(bundle)
-        self.refiner = refiner
-        self.refiner_text = text_runners(refiner) if refiner is not None else []
-        # LoRAs and embeddings are found by name in the models folder (web UI layout).
         self.models = models if models is not None else ModelsDir()
         self.loras = LoraState()
         self.embeddings = EmbeddingLibrary(self.models.folder("embedding"))
-        self.vae_info: dict[str, str] = {}  # "VAE hash" / "VAE" of a separate VAE file, for the infotext
+        self.vae_info = dict(vae_info or {})
         # The styles a request names (the web UI's styles.csv); read at each request that names one.
         self.styles_file = Path(styles_file) if styles_file is not None else self.models.root / STYLES_FILE
+        _vae_in_fp32_on_cpu(bundle)
+        self.set_refiner(refiner)
+
+    def use_vae(self, path: Path) -> None:
+        """Decode and encode with a separate VAE file (the web UI's "SD VAE"), named in the infotext."""
+        from .models_dir import load_vae_into
+
+        load_vae_into(self.bundle, path)
+        _vae_in_fp32_on_cpu(self.bundle)
+        self.vae_info = {"VAE hash": self.models.short_hash(path), "VAE": path.stem}
 
     def zero_terminal_snr(self, req: GenerationRequest) -> bool:
         """Whether `req` samples on the zero-terminal-SNR schedule."""
@@ -229,6 +89,17 @@ class Pipeline:
         """Use (or stop using) an SDXL refiner for the last part of the steps."""
         self.refiner = refiner
         self.refiner_text = text_runners(refiner) if refiner is not None else []
+        # The LoRAs of a request reach the refiner too, as far as they fit it (the web UI's way).
+        self.refiner_loras = LoraState()
+
+    def models_in_use(self, req: GenerationRequest, embeddings: list[list[dict]]
+                      ) -> list[tuple[Bundle, list[TextEncoderRunner], list[dict]]]:
+        """(model, its text encoders, their embeddings) of each sampling pass of `req`: the model,
+        then the refiner when one is loaded and the request switches to it."""
+        out = [(self.bundle, self.text, embeddings[0])]
+        if self.refiner is not None and req.refiner_switch_at is not None and req.refiner_switch_at < 1.0:
+            out.append((self.refiner, self.refiner_text, embeddings[1]))
+        return out
 
     # -- the Python API --------------------------------------------------
 
@@ -245,53 +116,47 @@ class Pipeline:
     # -- the one generation path ------------------------------------------
 
     def generate(self, req: GenerationRequest, callback: Callable[[Progress], None] | None = None) -> GenerationResult:
-        req = apply_styles(validate(req, self.bundle.family.default_size), self.styles_file)
+        """All the request's images (`n_iter` batches); a callback that raises `Interrupted`
+        stops the generation with the images so far."""
+        parts = []
+        for part in self.batches(req, callback):
+            parts.append(part)
+            if part.interrupted:
+                break
+        req = parts[0].request
+        return GenerationResult([i for p in parts for i in p.images], [t for p in parts for t in p.infotexts],
+                                [s for p in parts if p.images for s in p.seeds],
+                                [s for p in parts if p.images for s in p.subseeds], req,
+                                any(p.interrupted for p in parts))
+
+    def batches(self, req: GenerationRequest, callback: Callable[[Progress], None] | None = None
+                ) -> Iterator[GenerationResult]:
+        """The request's batches one by one, each as its own result (with `interrupted` when the
+        callback stopped it). A caller may go on after a stopped batch, as the web UI's "skip"
+        does; seeds continue as one run numbers them."""
+        req = apply_styles(validate(req, self.bundle.family.default_size, self.bundle.family.size_multiple),
+                           self.styles_file)
         prompt, networks = extract_extra_networks(req.prompt)
         negative, _ = extract_extra_networks(req.negative_prompt)  # the web UIs apply only the prompt's
         specs = lora_specs(networks, self.models.resolve_lora)
         embeddings = self._embeddings(prompt, negative)
-        # Merged into the weights (and restored exactly when a later request drops them).
-        self.loras.set(self.bundle, specs)
-        for runner in self.text:
-            runner.weights_version = self.loras.te_version
+        self._set_loras(specs)
         extras = self._extra_infotext(specs, prompt + " " + negative)
         sampler = resolve_sampler(req.sampler)
-        schedule_name = resolve_schedule(req.schedule).name
-        if schedule_name == "automatic":
-            schedule_name = sampler.default_schedule or "automatic"
-
-        tiled = (self.bundle.unet, self.bundle.vae, *((self.refiner.unet,) if self.refiner is not None else ()))
+        schedule = resolve_schedule(req.schedule).name
+        if schedule == "automatic":
+            schedule = sampler.default_schedule or "automatic"
+        run = webui.prepare(self, req, prompt, negative, sampler, schedule, embeddings)
+        tiled = [b.unet for b, _, _ in self.models_in_use(req, embeddings)] + [self.bundle.vae]
         with circular_padding(*tiled, enabled=req.tiling):
-            images, infotexts, seeds, subseeds, interrupted = self._generate_batches(
-                req, prompt, negative, embeddings, sampler, schedule_name, extras, callback)
-        return GenerationResult(images, infotexts, seeds, subseeds, req, interrupted)
-
-    def _generate_batches(self, req: GenerationRequest, prompt: str, negative: str, embeddings: list[dict], sampler,
-                          schedule_name: str, extras: dict[str, str],
-                          callback: Callable[[Progress], None] | None) -> tuple[list, list, list, list, bool]:
-        images, infotexts, seeds, subseeds = [], [], [], []
-        interrupted = False
-        for batch in range(req.n_iter):
-            first = req.seed + batch * req.batch_size
-            batch_seeds = [first + i for i in range(req.batch_size)]
-            batch_subseeds = [req.subseed + batch * req.batch_size + i for i in range(req.batch_size)]
-            try:
-                out, stopped = self._generate_batch(req, prompt, negative, embeddings, sampler, schedule_name,
-                                                    batch_seeds, batch_subseeds, batch, callback)
-            except Interrupted:  # stopped before its first step finished: nothing to show for this batch
-                interrupted = True
-                break
-            interrupted = stopped is not None
-            for i, img in enumerate(out):
-                info = self.infotext(req, sampler.name, schedule_name, batch_seeds[i], batch_subseeds[i], extras,
-                                     position=i, stopped=stopped)
-                images.append(with_infotext(img, info))  # `image.save("out.png")` keeps the infotext
-                infotexts.append(info)
-            seeds += batch_seeds
-            subseeds += batch_subseeds
-            if interrupted:
-                break
-        return images, infotexts, seeds, subseeds, interrupted
+            for batch in webui.batches(self, run, callback):
+                infotexts = [self.infotext(req, sampler.name, schedule, seed, subseed, extras, position=i,
+                                           stopped=batch.stopped)
+                             for i, (seed, subseed) in enumerate(zip(batch.seeds, batch.subseeds))]
+                # `image.save("out.png")` keeps the infotext.
+                images = [with_infotext(img, info) for img, info in zip(batch.images, infotexts)]
+                yield GenerationResult(images, infotexts[:len(images)], batch.seeds, batch.subseeds, req,
+                                       batch.stopped is not None)
 
     def infotext(self, req: GenerationRequest, sampler: str, schedule: str, seed: int, subseed: int,
                  extras: dict[str, str] | None = None, position: int = 0,
@@ -384,17 +249,32 @@ class Pipeline:
 
     # -- internals ----------------------------------------------------------
 
-    def _embeddings(self, prompt: str, negative: str) -> list[dict[str, Tensor]]:
-        """Textual-inversion vectors for each text encoder (SDXL files hold clip_l and clip_g)."""
+    def _embeddings(self, prompt: str, negative: str) -> list[list[dict[str, Tensor]]]:
+        """Textual-inversion vectors for each text encoder of the model and of the refiner (SDXL
+        files hold clip_l and clip_g vectors; each encoder takes its own)."""
         self.embeddings.refresh()
-        names = [None] if len(self.text) == 1 else ["clip_l", "clip_g"]
         out = []
-        for runner, encoder in zip(self.text, names):
-            width = runner.encoder.cfg.width
-            for text in (prompt, negative):
-                self.embeddings.check_prompt(text, runner.tokenizer, width, encoder)
-            out.append(self.embeddings.tensors(width, encoder))
+        for bundle, runners in ((self.bundle, self.text), (self.refiner, self.refiner_text)):
+            slots = bundle.family.text_encoders if bundle is not None else ()
+            per_encoder = []
+            for runner, slot in zip(runners, slots, strict=True):
+                width = runner.encoder.cfg.width
+                for text in (prompt, negative):
+                    self.embeddings.check_prompt(text, runner.tokenizer, width, slot.embedding_key)
+                per_encoder.append(self.embeddings.tensors(width, slot.embedding_key))
+            out.append(per_encoder)
         return out
+
+    def _set_loras(self, specs: list[LoraSpec]) -> None:
+        """Merge the request's LoRAs into the weights (and restore them exactly when a later
+        request drops them); the text encoders' caches follow the weights' version."""
+        self.loras.set(self.bundle, specs)
+        for runner in self.text:
+            runner.weights_version = self.loras.te_version
+        if self.refiner is not None:
+            self.refiner_loras.set(self.refiner, specs, strict=False)
+            for runner in self.refiner_text:
+                runner.weights_version = self.refiner_loras.te_version
 
     def _extra_infotext(self, specs, text: str) -> dict[str, str]:
         extras = {}
@@ -406,185 +286,9 @@ class Pipeline:
                                             for e in used)
         return extras
 
-    def _stage(self, bundle: Bundle, runners: list[TextEncoderRunner], req: GenerationRequest, prompt: str,
-               negative: str, concat: Tensor | None, schedule: DiscreteSchedule,
-               embeddings=None) -> Callable[[int], CFGDenoiser]:
-        """The guided denoiser of one model for each step (prompt editing changes it)."""
-        cond_sched, uncond_sched = prompt_schedule(runners, [prompt, negative], req.steps, req.clip_skip,
-                                                   embeddings)
-        device, dtype, n = bundle.device, bundle.dtype, req.batch_size
-        unet = bundle.unet
-        # The copy: a UNet compiled with CUDA graphs (--compile on a GPU) hands out buffers that its
-        # next call overwrites, and samplers keep results across calls.
-        model = DiscreteDenoiser(lambda x_in, t, context, y=None: unet(x_in, t, context, y).clone(), schedule,
-                                 bundle.prediction)
 
-        def conditioning(encoded, negative: bool) -> Conditioning:
-            ctx = encoded.context.to(device=device, dtype=dtype).expand(n, -1, -1)
-            y = added_conditioning(bundle.config, encoded.pooled, req, negative)
-            y = None if y is None else y.to(device=device, dtype=dtype).expand(n, -1)
-            return Conditioning(context=ctx, y=y, concat=concat)
-
-        current: dict = {"encoded": None, "cfg": None}
-
-        def at(step: int) -> CFGDenoiser:
-            encoded = (cond_sched.at(step), uncond_sched.at(step))
-            if current["encoded"] != encoded:
-                uncond = conditioning(encoded[1], True) if req.cfg_scale != 1.0 else None
-                current["cfg"] = CFGDenoiser(model, conditioning(encoded[0], False), uncond, req.cfg_scale,
-                                             req.guidance_rescale)
-                current["encoded"] = encoded
-            return current["cfg"]
-
-        return at
-
-    @torch.no_grad()
-    def _generate_batch(self, req: GenerationRequest, prompt: str, negative: str, embeddings: list[dict],
-                        sampler, schedule_name: str,
-                        seeds: list[int], subseeds: list[int], batch: int,
-                        callback: Callable[[Progress], None] | None
-                        ) -> tuple[list[Image.Image], tuple[int, int] | None]:
-        """The batch's images, and (steps done, steps to run) if the callback stopped it part-way."""
-        b = self.bundle
-        device = b.device
-        fam = b.family
-        vae_dtype = self._vae_dtype()
-        factor = b.config.vae.downsample_factor
-        latent_shape = (b.config.vae.latent_channels, req.height // factor, req.width // factor)
-        rng = ImageRNG(latent_shape, seeds, req.rng, subseeds, req.subseed_strength)
-
-        # The region we generate: the whole image, or the padded box around the mask.
-        init_image, mask_image, crop = req.init_image, req.mask, None
-        if mask_image is not None:
-            mask_image = mask_image.convert("L")
-            if req.inpainting_mask_invert:
-                mask_image = Image.eval(mask_image, lambda v: 255 - v)
-        if mask_image is not None and req.inpaint_full_res:
-            crop = masked_bbox(mask_image, req.inpaint_full_res_padding, req.width, req.height)
-            init_image, mask_image = init_image.crop(crop), mask_image.crop(crop)
-        if init_image is not None:
-            init_image = init_image.convert("RGB")
-            if init_image.size != (req.width, req.height):
-                init_image = init_image.resize((req.width, req.height), Image.LANCZOS)
-            if mask_image is not None and mask_image.size != (req.width, req.height):
-                mask_image = mask_image.resize((req.width, req.height), Image.LANCZOS)
-
-        schedule = self.schedules[self.zero_terminal_snr(req)]
-        sigmas = get_sampler_sigmas(sampler, schedule_name, req.steps, schedule)
-
-        # Random draws happen in diffusers' order (image latent, initial noise, masked-image
-        # latent), so the same seed gives the same image as its pipelines.
-        scale = fam.latent_scale
-        n = req.batch_size
-        inpaint_unet = b.config.unet.in_channels == 9
-        init_latent = concat = latent_mask = mask = None
-        if init_image is not None:
-            pixels = to_tensor(init_image).to(device=device, dtype=vae_dtype)
-            # 9-channel models at full strength start from pure noise: the image enters only
-            # through the masked-image channels.
-            if not (inpaint_unet and mask_image is not None and req.denoising_strength >= 1.0):
-                init_latent = self._encode(pixels, rng) * scale
-        noise = rng.first().to(device=device, dtype=torch.float32)  # (B, C, h, w), drawn on the CPU
-        if mask_image is not None:
-            mask = mask_to_tensor(mask_image).to(device)
-            if inpaint_unet:
-                mask = (mask >= 0.5).float()
-                masked_latent = self._encode(pixels * (mask < 0.5).to(pixels.dtype), rng) * scale
-                small = torch.nn.functional.interpolate(mask, size=latent_shape[1:])
-                concat = torch.cat([small, masked_latent], dim=1).expand(n, -1, -1, -1)
-            else:
-                latent_mask = torch.nn.functional.interpolate(mask, size=latent_shape[1:])
-
-        if init_latent is None:
-            x = noise * sigmas[0]
-        else:
-            # Denoising strength: steps x strength sampler steps, from the matching sigma.
-            t_enc = int(req.steps * req.denoising_strength)
-            if t_enc == 0:
-                return self._decode_images(init_latent.expand(n, -1, -1, -1), req, mask_image, crop), None
-            sigmas = sigmas[-(t_enc + 1):]
-            x = init_latent + noise * sigmas[0]
-
-        # With a refiner, the base model samples the first part of the steps and the refiner the rest.
-        total = len(sigmas) - 1
-        offset = req.steps - total  # img2img starts part-way; prompt editing counts requested steps
-        parts = [(self._stage(self.bundle, self.text, req, prompt, negative, concat, schedule, embeddings), sigmas)]
-        if self.refiner is not None and req.refiner_switch_at is not None and req.refiner_switch_at < 1.0:
-            switch = min(max(int(req.steps * req.refiner_switch_at) - offset, 0), total)
-            refiner = self._stage(self.refiner, self.refiner_text, req, prompt, negative, concat, schedule)
-            parts = [(parts[0][0], sigmas[:switch + 1]), (refiner, sigmas[switch:])]
-            parts = [(stage, part) for stage, part in parts if len(part) > 1]
-        state = {"step": 0, "x0": x, "stage": parts[0][0]}
-
-        def denoise(x_t: Tensor, sigma: Tensor) -> Tensor:
-            x0 = state["stage"](state["step"] + offset)(x_t, sigma)
-            if latent_mask is not None:
-                # Ordinary UNet inpainting: keep the original outside the mask at every step.
-                x0 = init_latent * (1 - latent_mask) + x0 * latent_mask
-            return x0
-
-        if sampler.brownian_noise:
-            noise_sampler = brownian_tree_noise_sampler(x, sigmas, seeds)
-        else:
-            noise_sampler = lambda sigma, sigma_next: rng.draw_like(x)  # noqa: E731
-        knobs = {"eta": req.eta} if req.eta is not None and sampler.default_eta is not None else {}
-
-        stopped = None
-        try:
-            for stage, part in parts:
-                state["stage"] = stage
-                done = state["step"]
-
-                def on_step(i: int, n_steps: int, x_t: Tensor, denoised: Tensor, done=done) -> None:
-                    state["step"], state["x0"] = done + i + 1, denoised
-                    if callback is not None:
-                        callback(Progress(done + i + 1, total, batch, req.n_iter, denoised,
-                                          lambda d=denoised: latent_preview(d)))
-
-                x = sampler.function(denoise, x, part, callback=on_step, noise_sampler=noise_sampler, **knobs)
-        except Interrupted:
-            if state["step"] == 0:
-                raise
-            x, stopped = state["x0"], (state["step"], total)
-        if latent_mask is not None:
-            x = init_latent.float() * (1 - latent_mask) + x * latent_mask
-        return self._decode_images(x, req, mask_image, crop), stopped
-
-    def _vae_dtype(self) -> torch.dtype:
-        """The VAE runs in fp32 on the CPU, where fp16/bf16 cost accuracy for little speed;
-        a VAE loaded in half precision is upcast here, once, at its first use."""
-        vae = self.bundle.vae
-        if self.bundle.device.type == "cpu" and next(vae.parameters()).dtype != torch.float32:
-            vae.float()
-        return next(vae.parameters()).dtype
-
-    def _encode(self, pixels: Tensor, rng: ImageRNG) -> Tensor:
-        """A sample of the image's latent distribution, drawn from the first image's generator."""
-        dist = encode_images(self.bundle.vae, pixels)  # tiled when large; fp16 overflow guarded
-        eps = rng.draw(rng.generators[0], tuple(dist.mean.shape)).to(dist.mean.device, dist.mean.dtype)
-        return (dist.mean + dist.std * eps).float()
-
-    def _decode_images(self, x: Tensor, req: GenerationRequest, mask_image: Image.Image | None,
-                       crop) -> list[Image.Image]:
-        vae = self.bundle.vae
-        vae_dtype = self._vae_dtype()
-        decoded = decode_latents(vae, (x / self.bundle.family.latent_scale).to(vae_dtype))
-        images = to_pil(decoded)
-        if mask_image is None:
-            return images
-        # Paste the result over the original with the (blurred) mask as alpha, so the
-        # pixels outside the mask come back unchanged.
-        alpha = blur_mask(mask_image, req.mask_blur)
-        original = req.init_image.convert("RGB")
-        out = []
-        for img in images:
-            if crop is not None:
-                img = img.resize((crop[2] - crop[0], crop[3] - crop[1]), Image.LANCZOS)
-                a = alpha.resize(img.size, Image.LANCZOS)
-                full = original.copy()
-                full.paste(Image.composite(img, original.crop(crop), a), crop[:2])
-                out.append(full)
-            else:
-                base = original if original.size == img.size else original.resize(img.size, Image.LANCZOS)
-                out.append(Image.composite(img, base, alpha))
-        return out
+def _vae_in_fp32_on_cpu(bundle: Bundle) -> None:
+    """The VAE runs in fp32 on the CPU, where fp16/bf16 cost accuracy for little speed."""
+    vae = bundle.vae
+    if bundle.device.type == "cpu" and next(vae.parameters()).dtype != torch.float32:
+        vae.float()

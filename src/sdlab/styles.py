@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .errors import SdlabError
 
 if TYPE_CHECKING:
-    from .pipeline import GenerationRequest
+    from .request import GenerationRequest
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sdlab.errors import SdlabError
+from sdlab.sampling.model_sampling import Flow, discrete
 from sdlab.sampling.schedules import (
     SCHEDULES,
     ZTSNR_TERMINAL_ALPHA_CUMPROD,
@@ -17,6 +18,7 @@ from sdlab.sampling.schedules import (
     discrete_schedule,
     get_sigmas,
     resolve_schedule,
+    sigma_at_index,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -264,3 +266,39 @@ def test_unknown_schedule_lists_the_valid_ones(sd: DiscreteSchedule) -> None:
         get_sigmas("cosine", 10, sd)
     with pytest.raises(SdlabError, match="steps"):
         get_sigmas("karras", 0, sd)
+
+
+# ---------------------------------------------------------------------------------------
+# Any ModelSampling: discrete eps/v give the schedule's sigmas bit for bit; flow its own
+
+
+@pytest.mark.parametrize("ztsnr", [False, True])
+def test_model_sampling_gives_the_schedules_sigmas(ztsnr: bool) -> None:
+    schedule = discrete_schedule(zero_terminal_snr=ztsnr)
+    index = torch.tensor([0.0, 0.25, 17.5, 998.9, 999.0])
+    assert torch.equal(sigma_at_index(schedule, index), schedule.t_to_sigma(index))
+    for prediction in ("eps", "v"):
+        ms = discrete(schedule, prediction)
+        for name in SCHEDULES:
+            for steps in (1, 4, 9):
+                assert torch.equal(get_sigmas(name, steps, ms), get_sigmas(name, steps, schedule)), (name, steps)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("steps", [1, 2, 9, 28])
+def test_every_schedule_is_well_formed_on_flow(name: str, steps: int) -> None:
+    ms = Flow()
+    sig = get_sigmas(name, steps, ms)
+    assert sig.dtype == torch.float32 and sig.ndim == 1 and float(sig[-1]) == 0.0
+    assert len(sig) == steps + 1 or (name == "ddim_uniform" and len(sig) == steps + 2)
+    assert torch.all(sig[1:] < sig[:-1])
+    assert float(sig[0]) <= 1.0 and float(sig[-2]) >= ms.sigma_min * (1 - 1e-6)
+
+
+def test_flow_automatic_spaces_the_table_index() -> None:
+    # k-diffusion's DiscreteSchedule over the flow table (A1111's SD3 denoiser): indices
+    # 999, 666, 333, 0, i.e. table entries 1000, 667, 334, 1 (timestep = index + 1).
+    ms = Flow()
+    expected = torch.cat([ms.sigmas[[999, 666, 333, 0]], torch.zeros(1)])
+    torch.testing.assert_close(get_sigmas("automatic", 4, ms), expected, atol=0, rtol=1e-6)
+    torch.testing.assert_close(get_sigmas("uniform", 4, ms), expected, atol=0, rtol=1e-6)

@@ -582,7 +582,7 @@ def test_long_captions_are_read_in_chunks_as_prompts_are_at_sampling(tmp_path, s
     context, pooled = t.acc.unwrap_model(t.module).conditioning(tokens)
     runners = text_runners(t.bundle)
     for i, text in enumerate(captions):
-        expected = encode_all(runners, runners[0].chunks(text), clip_skip=1)
+        expected = encode_all(runners, [r.chunks(text) for r in runners], clip_skip=1)
         n = expected.context.shape[1]
         assert n == (154 if text == long else 77)  # the short caption's second chunk is an empty one, as padded prompts
         assert torch.allclose(context[i, :n], expected.context[0], atol=1e-5)

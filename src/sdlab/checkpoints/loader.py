@@ -49,7 +49,8 @@ class Bundle:
     # The caller chose the prediction type (`--prediction`) instead of the file and detection:
     # the infotext records it then, so that a replay chooses it too.
     prediction_forced: bool = False
-    _hash: str | None = field(default=None, repr=False)
+    # The file's SHA-256, when whoever loaded it already knows it (else computed when first asked).
+    sha256: str | None = field(default=None, repr=False)
 
     @property
     def family(self):
@@ -73,9 +74,9 @@ class Bundle:
     @property
     def short_hash(self) -> str | None:
         """The web UIs' model hash: the first 10 hex digits of the file's SHA-256."""
-        if self._hash is None and self.source is not None and self.source.is_file():
-            self._hash = file_sha256(self.source)[:10]
-        return self._hash
+        if self.sha256 is None and self.source is not None and self.source.is_file():
+            self.sha256 = file_sha256(self.source)
+        return self.sha256[:10] if self.sha256 is not None else None
 
     def networks(self) -> dict[str, nn.Module]:
         nets = {"unet": self.unet, "vae": self.vae}

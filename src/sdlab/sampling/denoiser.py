@@ -1,24 +1,27 @@
 """Denoisers: a network of any parameterisation seen as `x0 = denoiser(x, sigma)`.
 
-Samplers work in k-diffusion's "sigma space": `x = x0 + sigma * noise`, and only ever
-ask for the denoised estimate x0. The wrappers here turn a UNet trained on discrete
-timesteps (eps or v prediction) into that function, and add classifier-free guidance
-as one more wrapper, so no sampler knows about either.
+Samplers work in k-diffusion's "sigma space" and only ever ask for the denoised estimate
+x0. A `NetDenoiser` turns a network into that function through its `ModelSampling` (what
+the net sees at sigma, at which timestep, and how its output becomes x0), so eps, v and
+flow networks look the same to every sampler; `CFGDenoiser` adds classifier-free guidance
+as one more wrapper. `model.py` holds the adapter of each architecture.
 
 References: k-diffusion `k_diffusion/external.py` (`DiscreteEpsDDPMDenoiser`,
-`CompVisVDenoiser`), diffusers `rescale_noise_cfg` (guidance rescale).
+`CompVisVDenoiser`), ComfyUI `comfy/model_base.py` (`BaseModel.apply_model`), diffusers
+`rescale_noise_cfg` (guidance rescale).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from sdlab.models.storage import compute_dtype
+from sdlab.sampling.model_sampling import ModelSampling, discrete
 from sdlab.sampling.schedules import DiscreteSchedule
 
 __all__ = [
@@ -26,12 +29,8 @@ __all__ = [
     "ConditionalDenoiser",
     "Conditioning",
     "DiscreteDenoiser",
-    "Prediction",
-    "prediction_to_x0",
-    "x0_to_prediction",
+    "NetDenoiser",
 ]
-
-Prediction = Literal["eps", "v"]
 
 # `unet(x, timesteps, context, y=None)`: the forward signature of our UNet.
 UNetForward = Callable[..., Tensor]
@@ -49,45 +48,43 @@ class Conditioning:
 
 
 class ConditionalDenoiser(Protocol):
-    """What `CFGDenoiser` wraps: `denoiser(x, sigma, cond) -> x0`."""
+    """What `CFGDenoiser` wraps: `denoiser(x, sigma, cond) -> x0`, with its model sampling."""
+
+    sampling: ModelSampling
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor: ...
 
 
-def _append_dims(v: Tensor, ndim: int) -> Tensor:
-    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+class NetDenoiser:
+    """A network as a conditional denoiser in sigma space: `x0 = denoiser(x, sigma, cond)`.
+
+    The net sees `sampling.calculate_input(sigma, x)` (with the inpainting channels, which are
+    not noise-scaled, concatenated after it) at the timestep `sampling.sigma_to_t(sigma)`, and
+    its output becomes x0 by `sampling.to_x0`. Subclasses say how the net is called (`apply`).
+    x and x0 are float32; the net runs in `dtype`. The timestep stays float32: half precision
+    cannot hold fractional timesteps near 1000, and the timestep embedding upcasts anyway.
+    """
+
+    def __init__(self, sampling: ModelSampling, dtype: torch.dtype):
+        self.sampling = sampling
+        self.dtype = dtype
+
+    def apply(self, x_in: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """The network's raw output (eps, v, ...) for its input `x_in` at timesteps `t`."""
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        x = x.float()
+        sigma = sigma.to(x.device, torch.float32)
+        x_in = self.sampling.calculate_input(sigma, x)
+        if cond.concat is not None:
+            x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
+        out = self.apply(x_in, self.sampling.sigma_to_t(sigma), cond).float()
+        return self.sampling.to_x0(sigma, out, x)
 
 
-def _v_scalings(sigma: Tensor) -> tuple[Tensor, Tensor]:
-    # x0 = c_skip * x + c_out * v for x = x0 + sigma * eps (k-diffusion CompVisVDenoiser).
-    c_skip = 1.0 / (sigma**2 + 1.0)
-    c_out = -sigma / (sigma**2 + 1.0) ** 0.5
-    return c_skip, c_out
-
-
-def prediction_to_x0(prediction: Prediction, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
-    """The denoised x0 from a network output of the given type; `sigma` is (B,)."""
-    s = _append_dims(sigma, x.ndim)
-    if prediction == "eps":
-        return x - s * out
-    c_skip, c_out = _v_scalings(s)
-    return c_skip * x + c_out * out
-
-
-def x0_to_prediction(prediction: Prediction, x0: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
-    """The network output of the given type that gives `x0`; the inverse of `prediction_to_x0`."""
-    s = _append_dims(sigma, x.ndim)
-    if prediction == "eps":
-        return (x - x0) / s
-    c_skip, c_out = _v_scalings(s)
-    return (x0 - c_skip * x) / c_out
-
-
-class DiscreteDenoiser:
-    """A UNet trained on discrete DDPM timesteps, as a denoiser in sigma space.
-
-    The network sees `x / sqrt(sigma**2 + 1)` (the DDPM-scaled sample) at the fractional
-    timestep `schedule.sigma_to_t(sigma)`; its eps or v output is turned into x0.
+class DiscreteDenoiser(NetDenoiser):
+    """A UNet-shaped callable trained on discrete DDPM timesteps, as a denoiser in sigma space.
 
     Args:
         model: `model(x_in, t, context, y) -> Tensor`, e.g. our UNet's forward.
@@ -97,34 +94,16 @@ class DiscreteDenoiser:
             parameter (float32 for a plain callable). x0 is always returned in float32.
     """
 
-    def __init__(
-        self,
-        model: UNetForward,
-        schedule: DiscreteSchedule,
-        prediction: Prediction = "eps",
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    def __init__(self, model: UNetForward, schedule: DiscreteSchedule, prediction: str = "eps",
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(discrete(schedule, prediction), dtype if dtype is not None else _model_dtype(model))
         self.model = model
         self.schedule = schedule
-        self.prediction: Prediction = prediction
-        self.dtype = dtype if dtype is not None else _model_dtype(model)
+        self.prediction = prediction
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        x = x.float()
-        sigma = sigma.to(x.device, torch.float32)
-        c_in = _append_dims((sigma**2 + 1.0) ** -0.5, x.ndim)
-        x_in = x * c_in
-        if cond.concat is not None:
-            # The inpainting UNet's extra channels are not noise-scaled: they go in as is.
-            x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
-        # The timestep stays float32: half precision cannot hold fractional timesteps
-        # near 1000, and the timestep embedding upcasts anyway.
-        t = self.schedule.sigma_to_t(sigma)
+    def apply(self, x_in: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         y = cond.y.to(self.dtype) if cond.y is not None else None
-        out = self.model(x_in.to(self.dtype), t, cond.context.to(self.dtype), y).float()
-        return prediction_to_x0(self.prediction, out, x, sigma)
+        return self.model(x_in.to(self.dtype), t, cond.context.to(self.dtype), y)
 
 
 def _model_dtype(model: object) -> torch.dtype:
@@ -162,13 +141,14 @@ class CFGDenoiser:
     unconditional pass is skipped entirely (the Turbo/LCM models are sampled that way).
 
     Guidance rescale (Lin et al. 2023, "phi") is applied, as diffusers'
-    `rescale_noise_cfg`, to the network's own output (eps or v, per the wrapped
-    denoiser's `prediction`; "eps" if it has none) so pipelines agree with diffusers:
+    `rescale_noise_cfg`, to the network's own output (eps, v or flow velocity, as the
+    wrapped denoiser's `sampling` says) so pipelines agree with diffusers:
     `out = phi * out_cfg * std(out_cond) / std(out_cfg) + (1 - phi) * out_cfg`, with
     the standard deviations taken per sample.
 
     Args:
-        denoiser: `denoiser(x, sigma, cond) -> x0`, e.g. a `DiscreteDenoiser`.
+        denoiser: `denoiser(x, sigma, cond) -> x0`, e.g. a `DiscreteDenoiser`; guidance rescale
+            reads its `sampling` (the model sampling of the network).
         cond: the prompt's conditioning, batch B.
         uncond: the negative prompt's conditioning, same shapes as `cond`; may be None
             when `scale == 1`.
@@ -188,6 +168,9 @@ class CFGDenoiser:
             raise ValueError("uncond is needed unless scale == 1")
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"rescale must be in [0, 1], got {rescale}")
+        if rescale > 0.0 and not hasattr(denoiser, "sampling"):
+            # Rescale works on the net's own output; guessing its type would guide the wrong thing.
+            raise ValueError("guidance rescale needs a denoiser with a `sampling` (its model sampling)")
         self.denoiser = denoiser
         self.cond = cond
         self.scale = float(scale)
@@ -209,10 +192,10 @@ class CFGDenoiser:
         return x0
 
     def _rescale(self, x: Tensor, sigma: Tensor, x0_cfg: Tensor, x0_cond: Tensor) -> Tensor:
-        prediction = getattr(self.denoiser, "prediction", "eps")
-        out_cfg = x0_to_prediction(prediction, x0_cfg, x, sigma)
-        out_cond = x0_to_prediction(prediction, x0_cond, x, sigma)
+        sampling = self.denoiser.sampling
+        out_cfg = sampling.from_x0(sigma, x0_cfg, x)
+        out_cond = sampling.from_x0(sigma, x0_cond, x)
         dims = list(range(1, x.ndim))
         rescaled = out_cfg * (out_cond.std(dim=dims, keepdim=True) / out_cfg.std(dim=dims, keepdim=True))
         out = self.rescale * rescaled + (1.0 - self.rescale) * out_cfg
-        return prediction_to_x0(prediction, out, x, sigma)
+        return sampling.to_x0(sigma, out, x)

@@ -15,6 +15,17 @@ again without any reset.
 `callback(i, total, x, denoised)` is called once per step, after the step's first
 denoiser call; whatever it raises propagates, which is how the pipeline cancels.
 
+Noise goes back into the sample through `model_sampling` (a `model_sampling.ModelSampling`;
+None is k-diffusion's sigma space, `x = x0 + sigma * noise`, what discrete eps/v models
+use): ancestral samplers (Euler a, DPM2 a, DPM++ 2S a, DDIM with eta) take its
+`ancestral_step` and `renoise`, LCM its `noise_scaling`, and the exponential-integrator
+SDE samplers its `alpha` and `ve_sigma`, so that on a flow model (SD3) each takes the
+flow-correct step of ComfyUI's `*_RF` samplers and half-log-SNR SDE samplers. The ODE
+samplers need nothing from it: dx/dsigma = (x - x0) / sigma holds for flow sigmas too.
+A sampler never asks which family runs. `SamplerInfo.flow` marks a sampler that cannot run
+on flow models (none today) and `check_sampler` refuses it; the one knob whose noise holds in
+sigma space only, `s_churn` > 0 (Euler, Heun, DPM2), raises where the signal is scaled.
+
 Randomness comes only from `noise_sampler(sigma, sigma_next) -> Tensor` (shaped like x).
 The pipeline passes `default_noise_sampler(x, generators)` with one seeded CPU generator
 per batch item, so each image depends only on its own seed; for the samplers flagged
@@ -39,10 +50,11 @@ from torch import Tensor
 
 from sdlab.errors import SdlabError
 from sdlab.optional import require
+from sdlab.sampling.model_sampling import SIGMA_SPACE, ModelSampling
 from sdlab.sampling.schedules import (
     SCHEDULES,
-    DiscreteSchedule,
     ScheduleInfo,
+    SigmaTable,
     _normalise,
     resolve_schedule,
 )
@@ -51,6 +63,7 @@ __all__ = [
     "SAMPLERS",
     "SamplerInfo",
     "brownian_tree_noise_sampler",
+    "check_sampler",
     "default_noise_sampler",
     "get_sampler_sigmas",
     "resolve_sampler",
@@ -173,15 +186,21 @@ def _denoise(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
     return denoiser(x, torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device))
 
 
-def _ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
-    """The noise level to step down to (sigma_down) and the noise to add back (sigma_up)."""
-    if not eta:
-        return sigma_to, 0.0
-    sigma_up = min(
-        sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    )
-    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-    return sigma_down, sigma_up
+# Sigma-space ancestral step (k-diffusion `get_ancestral_step`): DPM++ SDE takes it between
+# the sigma-space images of its sigmas, whatever the model.
+_ancestral_step = SIGMA_SPACE.ancestral_step
+
+
+def _sampling(model_sampling: ModelSampling | None) -> ModelSampling:
+    return SIGMA_SPACE if model_sampling is None else model_sampling  # type: ignore[return-value]
+
+
+def _offset_first_sigma(sig: list[float], ms: ModelSampling) -> list[float]:
+    # A first sigma with no signal left (flow at sigma 1) has an infinite half-log-SNR; the
+    # SDE samplers start just below it, as ComfyUI's `offset_first_sigma_for_snr`.
+    if sig and ms.alpha(sig[0]) <= 0:
+        sig = [ms.percent_to_sigma(1e-4)] + sig[1:]
+    return sig
 
 
 def _churn(
@@ -194,11 +213,15 @@ def _churn(
     s_tmin: float,
     s_tmax: float,
     s_noise: float,
+    ms: ModelSampling,
 ) -> tuple[Tensor, float]:
     # Karras et al. (2022), Algorithm 2: raise the noise level by gamma before the step.
     gamma = min(s_churn / steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
     if gamma > 0:
+        if ms.alpha(sigma) != 1.0:
+            # Churn adds noise on top of an unscaled signal: only right in sigma space.
+            raise SdlabError("s_churn > 0 does not work on flow models (SD3); set s_churn to 0")
         noise_sampler = noise_sampler or default_noise_sampler(x)
         x = x + noise_sampler(sigma, sigma_next) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
     return x, sigma_hat
@@ -216,16 +239,18 @@ def sample_euler(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
 ) -> Tensor:
     """Euler steps of the probability-flow ODE, Karras et al. (2022) Algorithm 2."""
+    ms = _sampling(model_sampling)
     sig = _sigma_list(sigmas)
     n = len(sig) - 1
     for i in range(n):
-        x, sigma_hat = _churn(x, sig[i], sig[i + 1], n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churn(x, sig[i], sig[i + 1], n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise, ms)
         denoised = _denoise(denoiser, x, sigma_hat)
         if callback is not None:
             callback(i, n, x, denoised)
@@ -242,10 +267,13 @@ def sample_euler_ancestral(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> Tensor:
-    """Ancestral sampling with Euler steps (k-diffusion "Euler a")."""
+    """Ancestral sampling with Euler steps (k-diffusion "Euler a"; on flow models ComfyUI's
+    `sample_euler_ancestral_RF`)."""
+    ms = _sampling(model_sampling)
     sig = _sigma_list(sigmas)
     n = len(sig) - 1
     noise_sampler = noise_sampler or default_noise_sampler(x)
@@ -253,11 +281,11 @@ def sample_euler_ancestral(
         denoised = _denoise(denoiser, x, sig[i])
         if callback is not None:
             callback(i, n, x, denoised)
-        sigma_down, sigma_up = _ancestral_step(sig[i], sig[i + 1], eta)
+        sigma_down, sigma_up = ms.ancestral_step(sig[i], sig[i + 1], eta)
         d = (x - denoised) / sig[i]
         x = x + d * (sigma_down - sig[i])
         if sig[i + 1] > 0:
-            x = x + noise_sampler(sig[i], sig[i + 1]) * s_noise * sigma_up
+            x = ms.renoise(x, sigma_down, sig[i + 1], noise_sampler(sig[i], sig[i + 1]) * s_noise, sigma_up)
     return x
 
 
@@ -269,16 +297,18 @@ def sample_heun(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
 ) -> Tensor:
     """Heun's second-order method, Karras et al. (2022) Algorithm 2 (Euler on the last step)."""
+    ms = _sampling(model_sampling)
     sig = _sigma_list(sigmas)
     n = len(sig) - 1
     for i in range(n):
-        x, sigma_hat = _churn(x, sig[i], sig[i + 1], n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churn(x, sig[i], sig[i + 1], n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise, ms)
         denoised = _denoise(denoiser, x, sigma_hat)
         if callback is not None:
             callback(i, n, x, denoised)
@@ -302,16 +332,18 @@ def sample_dpm_2(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver-2 (Lu et al. 2022) steps on Karras et al.'s Algorithm 2 (k-diffusion "DPM2")."""
+    ms = _sampling(model_sampling)
     sig = _sigma_list(sigmas)
     n = len(sig) - 1
     for i in range(n):
-        x, sigma_hat = _churn(x, sig[i], sig[i + 1], n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churn(x, sig[i], sig[i + 1], n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise, ms)
         denoised = _denoise(denoiser, x, sigma_hat)
         if callback is not None:
             callback(i, n, x, denoised)
@@ -336,10 +368,13 @@ def sample_dpm_2_ancestral(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> Tensor:
-    """Ancestral sampling with DPM-Solver-2 steps (k-diffusion "DPM2 a")."""
+    """Ancestral sampling with DPM-Solver-2 steps (k-diffusion "DPM2 a"; on flow models
+    ComfyUI's `sample_dpm_2_ancestral_RF`)."""
+    ms = _sampling(model_sampling)
     sig = _sigma_list(sigmas)
     n = len(sig) - 1
     noise_sampler = noise_sampler or default_noise_sampler(x)
@@ -347,7 +382,7 @@ def sample_dpm_2_ancestral(
         denoised = _denoise(denoiser, x, sig[i])
         if callback is not None:
             callback(i, n, x, denoised)
-        sigma_down, sigma_up = _ancestral_step(sig[i], sig[i + 1], eta)
+        sigma_down, sigma_up = ms.ancestral_step(sig[i], sig[i + 1], eta)
         d = (x - denoised) / sig[i]
         if sigma_down == 0:
             x = x + d * (sigma_down - sig[i])
@@ -357,7 +392,7 @@ def sample_dpm_2_ancestral(
             denoised_2 = _denoise(denoiser, x_2, sigma_mid)
             d_2 = (x_2 - denoised_2) / sigma_mid
             x = x + d_2 * (sigma_down - sig[i])
-            x = x + noise_sampler(sig[i], sig[i + 1]) * s_noise * sigma_up
+            x = ms.renoise(x, sigma_down, sig[i + 1], noise_sampler(sig[i], sig[i + 1]) * s_noise, sigma_up)
     return x
 
 
@@ -388,6 +423,7 @@ def sample_lms(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     order: int = 4,
 ) -> Tensor:
     """Linear multistep (Adams-Bashforth) in sigma, k-diffusion "LMS"."""
@@ -415,10 +451,13 @@ def sample_dpmpp_2s_ancestral(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> Tensor:
-    """Ancestral sampling with DPM-Solver++(2S) second-order steps (Lu et al. 2022)."""
+    """Ancestral sampling with DPM-Solver++(2S) second-order steps (Lu et al. 2022); on flow
+    models ComfyUI's `sample_dpmpp_2s_ancestral_RF`."""
+    ms = _sampling(model_sampling)
     sig = _sigma_list(sigmas)
     n = len(sig) - 1
     noise_sampler = noise_sampler or default_noise_sampler(x)
@@ -426,20 +465,27 @@ def sample_dpmpp_2s_ancestral(
         denoised = _denoise(denoiser, x, sig[i])
         if callback is not None:
             callback(i, n, x, denoised)
-        sigma_down, sigma_up = _ancestral_step(sig[i], sig[i + 1], eta)
+        sigma_down, sigma_up = ms.ancestral_step(sig[i], sig[i + 1], eta)
         if sigma_down == 0:
             d = (x - denoised) / sig[i]
             x = x + d * (sigma_down - sig[i])
         else:
-            # In t = -log sigma, with the intermediate point at the midpoint r = 1/2.
-            t, t_next = -math.log(sig[i]), -math.log(sigma_down)
+            # In t = -log(ve_sigma), the half-log-SNR (-log sigma in sigma space), with the
+            # intermediate point at the midpoint r = 1/2.
+            t, t_next = -math.log(ms.ve_sigma(sig[i])), -math.log(ms.ve_sigma(sigma_down))
             h = t_next - t
-            sigma_s = math.exp(-(t + 0.5 * h))
-            x_2 = (sigma_s / sig[i]) * x - math.expm1(-0.5 * h) * denoised
+            if math.isinf(t):
+                # No signal at sig[i] (flow at sigma 1): the midpoint in t is undefined;
+                # ComfyUI takes 0.9999 of the way, and exp(-0.5 h) is 0.
+                sigma_s = 0.9999 * sig[i]
+                x_2 = (sigma_s / sig[i]) * x + ms.alpha(sigma_s) * denoised
+            else:
+                sigma_s = ms.sigma_from_ve(math.exp(-(t + 0.5 * h)))
+                x_2 = (sigma_s / sig[i]) * x - (ms.alpha(sigma_s) * math.expm1(-0.5 * h)) * denoised
             denoised_2 = _denoise(denoiser, x_2, sigma_s)
-            x = (sigma_down / sig[i]) * x - math.expm1(-h) * denoised_2
+            x = (sigma_down / sig[i]) * x - (ms.alpha(sigma_down) * math.expm1(-h)) * denoised_2
         if sig[i + 1] > 0:
-            x = x + noise_sampler(sig[i], sig[i + 1]) * s_noise * sigma_up
+            x = ms.renoise(x, sigma_down, sig[i + 1], noise_sampler(sig[i], sig[i + 1]) * s_noise, sigma_up)
     return x
 
 
@@ -451,6 +497,7 @@ def sample_dpmpp_sde(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
     r: float = 0.5,
@@ -462,7 +509,8 @@ def sample_dpmpp_sde(
     independent draws the samples come out too narrow (std 0.456 instead of 0.5 on a
     Gaussian test problem at 30 steps).
     """
-    sig = _sigma_list(sigmas)
+    ms = _sampling(model_sampling)
+    sig = _offset_first_sigma(_sigma_list(sigmas), ms)
     n = len(sig) - 1
     noise_sampler = noise_sampler or default_noise_sampler(x)
     fac = 1 / (2 * r)
@@ -474,21 +522,28 @@ def sample_dpmpp_sde(
             d = (x - denoised) / sig[i]
             x = x + d * (sig[i + 1] - sig[i])
             continue
-        t, t_next = -math.log(sig[i]), -math.log(sig[i + 1])
+        # The steps are taken in sigma space (x / alpha at ve_sigma) and scaled back by the
+        # alphas: ComfyUI's half-log-SNR form. In sigma space itself alpha is 1.
+        s, s_next = ms.ve_sigma(sig[i]), ms.ve_sigma(sig[i + 1])
+        a = ms.alpha(sig[i])
+        t, t_next = -math.log(s), -math.log(s_next)
         h = t_next - t
-        sigma_s = math.exp(-(t + h * r))
+        s_mid = math.exp(-(t + h * r))
+        sigma_s = ms.sigma_from_ve(s_mid)
         # Stage 1: to the intermediate point s.
-        sd, su = _ancestral_step(sig[i], sigma_s, eta)
+        a_s = ms.alpha(sigma_s)
+        sd, su = _ancestral_step(s, s_mid, eta)
         t_s = -math.log(sd)
-        x_2 = (sd / sig[i]) * x - math.expm1(t - t_s) * denoised
-        x_2 = x_2 + noise_sampler(sig[i], sigma_s) * s_noise * su
+        x_2 = (a_s * (sd / s) / a) * x - (a_s * math.expm1(t - t_s)) * denoised
+        x_2 = x_2 + noise_sampler(sig[i], sigma_s) * s_noise * (a_s * su)
         denoised_2 = _denoise(denoiser, x_2, sigma_s)
         # Stage 2: the full step with the combined estimate.
-        sd, su = _ancestral_step(sig[i], sig[i + 1], eta)
+        a_next = ms.alpha(sig[i + 1])
+        sd, su = _ancestral_step(s, s_next, eta)
         t_next_ = -math.log(sd)
         denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (sd / sig[i]) * x - math.expm1(t - t_next_) * denoised_d
-        x = x + noise_sampler(sig[i], sig[i + 1]) * s_noise * su
+        x = (a_next * (sd / s) / a) * x - (a_next * math.expm1(t - t_next_)) * denoised_d
+        x = x + noise_sampler(sig[i], sig[i + 1]) * s_noise * (a_next * su)
     return x
 
 
@@ -500,6 +555,7 @@ def sample_dpmpp_2m(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M), the second-order multistep solver of Lu et al. (2022)."""
     sig = _sigma_list(sigmas)
@@ -531,6 +587,7 @@ def sample_dpmpp_2m_sde(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
     solver_type: str = "midpoint",
@@ -538,7 +595,8 @@ def sample_dpmpp_2m_sde(
     """DPM-Solver++(2M) SDE (Lu et al. 2022), k-diffusion "DPM++ 2M SDE"."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError("solver_type must be 'midpoint' or 'heun'")
-    sig = _sigma_list(sigmas)
+    ms = _sampling(model_sampling)
+    sig = _offset_first_sigma(_sigma_list(sigmas), ms)
     n = len(sig) - 1
     noise_sampler = noise_sampler or default_noise_sampler(x)
     old_denoised: Tensor | None = None
@@ -550,17 +608,19 @@ def sample_dpmpp_2m_sde(
         if sig[i + 1] == 0:
             x = denoised
         else:
-            h = math.log(sig[i] / sig[i + 1])
+            # h in half-log-SNR; the x0 terms scaled by alpha (ComfyUI's form; 1 in sigma space).
+            h = math.log(ms.ve_sigma(sig[i]) / ms.ve_sigma(sig[i + 1]))
+            a_next = ms.alpha(sig[i + 1])
             eta_h = eta * h
             phi = -math.expm1(-h - eta_h)
-            x = (sig[i + 1] / sig[i] * math.exp(-eta_h)) * x + phi * denoised
+            x = (sig[i + 1] / sig[i] * math.exp(-eta_h)) * x + (a_next * phi) * denoised
             if old_denoised is not None and h_last is not None:
                 r = h_last / h
                 if solver_type == "heun":
                     coeff = (phi / (-h - eta_h) + 1) / r
                 else:
                     coeff = 0.5 * phi / r
-                x = x + coeff * (denoised - old_denoised)
+                x = x + (a_next * coeff) * (denoised - old_denoised)
             if eta:
                 noise = noise_sampler(sig[i], sig[i + 1])
                 x = x + noise * (sig[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise)
@@ -577,13 +637,14 @@ def sample_dpmpp_2m_sde_heun(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE with the Heun-type second-order term (A1111 "DPM++ 2M SDE Heun")."""
     return sample_dpmpp_2m_sde(
         denoiser, x, sigmas, callback=callback, noise_sampler=noise_sampler,
-        eta=eta, s_noise=s_noise, solver_type="heun",
+        model_sampling=model_sampling, eta=eta, s_noise=s_noise, solver_type="heun",
     )
 
 
@@ -595,11 +656,13 @@ def sample_dpmpp_3m_sde(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(3M) SDE, k-diffusion "DPM++ 3M SDE" (with eta=0, DPM-Solver++(3M))."""
-    sig = _sigma_list(sigmas)
+    ms = _sampling(model_sampling)
+    sig = _offset_first_sigma(_sigma_list(sigmas), ms)
     n = len(sig) - 1
     noise_sampler = noise_sampler or default_noise_sampler(x)
     denoised_1: Tensor | None = None
@@ -614,9 +677,11 @@ def sample_dpmpp_3m_sde(
         if sig[i + 1] == 0:
             x = denoised
         else:
-            h = math.log(sig[i] / sig[i + 1])
+            # h in half-log-SNR; alpha scales (ComfyUI's form; 1 in sigma space).
+            h = math.log(ms.ve_sigma(sig[i]) / ms.ve_sigma(sig[i + 1]))
+            a, a_next = ms.alpha(sig[i]), ms.alpha(sig[i + 1])
             h_eta = h * (eta + 1)
-            x = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * denoised
+            x = (a_next / a * math.exp(-h_eta)) * x + (a_next * -math.expm1(-h_eta)) * denoised
             phi_2 = math.expm1(-h_eta) / h_eta + 1
             if h_2 is not None and h_1 is not None and denoised_1 is not None and denoised_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
@@ -625,10 +690,10 @@ def sample_dpmpp_3m_sde(
                 d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
+                x = x + (a_next * phi_2) * d1 - (a_next * phi_3) * d2
             elif h_1 is not None and denoised_1 is not None:
                 d = (denoised - denoised_1) / (h_1 / h)
-                x = x + phi_2 * d
+                x = x + (a_next * phi_2) * d
             if eta:
                 noise = noise_sampler(sig[i], sig[i + 1])
                 x = x + noise * (sig[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise)
@@ -645,14 +710,17 @@ def sample_ddim(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     eta: float = 0.0,
 ) -> Tensor:
     """DDIM (Song et al. 2021) in sigma space.
 
     With eta=0 this is the Euler step (Karras et al. 2022, sec. 3); DDIM's eta noise splits
-    sigma_next exactly as an ancestral step does. Pair it with the "ddim_uniform" schedule
+    sigma_next exactly as an ancestral step does (the model sampling's: on flow models the
+    rectified-flow one). Pair it with the "ddim_uniform" schedule
     for the original DDIM timesteps.
     """
+    ms = _sampling(model_sampling)
     sig = _sigma_list(sigmas)
     n = len(sig) - 1
     if eta:
@@ -664,11 +732,11 @@ def sample_ddim(
         if sig[i + 1] == 0:
             x = denoised
             continue
-        sigma_down, sigma_up = _ancestral_step(sig[i], sig[i + 1], eta)
+        sigma_down, sigma_up = ms.ancestral_step(sig[i], sig[i + 1], eta)
         eps = (x - denoised) / sig[i]
         x = denoised + sigma_down * eps
         if sigma_up > 0 and noise_sampler is not None:
-            x = x + noise_sampler(sig[i], sig[i + 1]) * sigma_up
+            x = ms.renoise(x, sigma_down, sig[i + 1], noise_sampler(sig[i], sig[i + 1]), sigma_up)
     return x
 
 
@@ -680,6 +748,7 @@ def sample_lcm(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
 ) -> Tensor:
     """Latent Consistency Model multistep sampling (Luo et al. 2023): jump to x0, re-noise.
 
@@ -687,6 +756,7 @@ def sample_lcm(
     condition c_skip = 0.25 / ((10 t)^2 + 0.25); for the usual LCM timesteps (t >= 250)
     that weight is below 1e-7, and we leave it out as k-diffusion and ComfyUI's sampler do.
     """
+    ms = _sampling(model_sampling)
     sig = _sigma_list(sigmas)
     n = len(sig) - 1
     noise_sampler = noise_sampler or default_noise_sampler(x)
@@ -696,7 +766,7 @@ def sample_lcm(
             callback(i, n, x, denoised)
         x = denoised
         if sig[i + 1] > 0:
-            x = x + sig[i + 1] * noise_sampler(sig[i], sig[i + 1])
+            x = ms.noise_scaling(sig[i + 1], noise_sampler(sig[i], sig[i + 1]), x)
     return x
 
 
@@ -771,6 +841,7 @@ def sample_unipc(
     *,
     callback: Callback | None = None,
     noise_sampler: NoiseSampler | None = None,
+    model_sampling: ModelSampling | None = None,
     order: int = 2,
     variant: str = "bh2",
     lower_order_final: bool = True,
@@ -840,6 +911,8 @@ class SamplerInfo:
     # The sampler's `eta` knob and its default (A1111: "Eta" 1.0 for ancestral/SDE samplers,
     # "Eta for DDIM" 0.0); None: the sampler takes no eta.
     default_eta: float | None = None
+    # Runs on flow models (SD3): False for a sampler whose noise maths holds in sigma space only.
+    flow: bool = True
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -938,25 +1011,47 @@ def resolve_sampler(name: str) -> SamplerInfo:
     raise SdlabError(f"unknown sampler {name!r}; choose one of: {valid}")
 
 
+def check_sampler(sampler: SamplerInfo | str, model_sampling: object) -> SamplerInfo:
+    """The sampler, if it can run on the model; SdlabError (one line) if it cannot.
+
+    Args:
+        sampler: a `SamplerInfo` or a name `resolve_sampler` accepts.
+        model_sampling: the model's `ModelSampling` (or a `DiscreteSchedule`, which is
+            sigma space: every sampler runs on it).
+    """
+    info = resolve_sampler(sampler) if isinstance(sampler, str) else sampler
+    if getattr(model_sampling, "prediction", None) == "flow" and not info.flow:
+        valid = ", ".join(name for name, other in SAMPLERS.items() if other.flow)
+        raise SdlabError(f"sampler {info.name!r} does not work on flow models (SD3); choose one of: {valid}")
+    return info
+
+
 def get_sampler_sigmas(
     sampler: SamplerInfo | str,
     schedule: str,
     steps: int,
-    model_schedule: DiscreteSchedule,
+    model_sampling: SigmaTable,
 ) -> Tensor:
     """The sigmas a sampler walks for `steps` steps, as the web UIs compute them.
 
     "automatic" becomes the sampler's `default_schedule` (k-diffusion's spacing if it has
     none), and for samplers flagged `discard_next_to_last_sigma` one more sigma is made and
     the next-to-last dropped, so the sampler still takes `steps` steps.
+
+    Args:
+        sampler: a `SamplerInfo` or a name `resolve_sampler` accepts.
+        schedule: a schedule name `resolve_schedule` accepts, or "automatic".
+        steps: number of sampling steps.
+        model_sampling: the model's `ModelSampling`, or a `DiscreteSchedule`. A sampler
+            that cannot run on it (`check_sampler`) raises SdlabError.
     """
-    info = resolve_sampler(sampler) if isinstance(sampler, str) else sampler
+    info = check_sampler(sampler, model_sampling)
     schedule_info = resolve_schedule(schedule)
     if schedule_info.name == "automatic" and info.default_schedule is not None:
         schedule_info = resolve_schedule(info.default_schedule)
     if steps < 1:
         raise SdlabError(f"steps must be at least 1, got {steps}")
     if info.discard_next_to_last_sigma:
-        sigmas = schedule_info.function(steps + 1, model_schedule)
+        sigmas = schedule_info.function(steps + 1, model_sampling)
         return torch.cat([sigmas[:-2], sigmas[-1:]])
-    return schedule_info.function(steps, model_schedule)
+    return schedule_info.function(steps, model_sampling)

@@ -2,8 +2,18 @@
 
 Everything here is a pure function of its arguments. A sampler walks a decreasing
 sequence of noise levels `sigmas` (float32, on the CPU, ending with a trailing 0);
-`get_sigmas(name, steps, model_schedule)` builds one by the name the web UIs use
+`get_sigmas(name, steps, model_sampling)` builds one by the name the web UIs use
 ("karras", "exponential", "sgm_uniform", ...).
+
+Every schedule reads the model through the few members of `SigmaTable`: a
+`DiscreteSchedule`, or any `model_sampling.ModelSampling` (discrete eps/v, rectified flow).
+Two notions of "timestep" meet here, the same for discrete models and not for flow. The
+table index (0 .. T-1) is what "automatic" and "uniform" space evenly (k-diffusion's
+`DiscreteSchedule.get_sigmas`, which A1111 also runs for SD3). The model's own timestep
+(`sigma_to_t`: sigma * 1000 for flow) is what "normal" and "sgm_uniform" space evenly, as
+ComfyUI does; for flow "normal" is then the double-shifted linspace of the SD3 reference
+and diffusers' `FlowMatchEulerDiscreteScheduler`. (A1111 spaces these by table index for
+SD3 too; we follow ComfyUI and the reference.) "simple" picks table entries as ComfyUI.
 
 The definitions follow the references exactly, so that the same name and step count
 give the same sigmas as there:
@@ -21,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -31,6 +42,7 @@ __all__ = [
     "DiscreteSchedule",
     "SCHEDULES",
     "ScheduleInfo",
+    "SigmaTable",
     "ZTSNR_TERMINAL_ALPHA_CUMPROD",
     "beta_ppf",
     "discrete_schedule",
@@ -42,6 +54,7 @@ __all__ = [
     "sigmas_exponential",
     "sigmas_karras",
     "sigmas_normal",
+    "sigma_at_index",
     "sigmas_polyexponential",
     "sigmas_sgm_uniform",
     "sigmas_simple",
@@ -111,11 +124,40 @@ class DiscreteSchedule:
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """The sigma of each (fractional) timestep, interpolating log sigma (k-diffusion)."""
-        t = t.to(torch.float32)
-        log_sigmas = self.log_sigmas.to(t.device)
-        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
-        log_sigma = (1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]
-        return log_sigma.exp()
+        return _interp_log_sigma(self.log_sigmas, t)
+
+
+def _interp_log_sigma(log_sigmas: Tensor, index: Tensor) -> Tensor:
+    # k-diffusion `DiscreteSchedule.t_to_sigma`: log sigma linear between table entries.
+    index = index.to(torch.float32)
+    log_sigmas = log_sigmas.to(index.device)
+    low_idx, high_idx, w = index.floor().long(), index.ceil().long(), index.frac()
+    log_sigma = (1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]
+    return log_sigma.exp()
+
+
+class SigmaTable(Protocol):
+    """What the schedules read of a model: a `DiscreteSchedule` or any `ModelSampling`."""
+
+    sigmas: Tensor  # (T,) float32, increasing: the training sigma table
+    sigma_min: float
+    sigma_max: float
+    num_timesteps: int
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor: ...  # the model's own timestep
+    def t_to_sigma(self, t: Tensor) -> Tensor: ...
+
+
+def sigma_at_index(table: SigmaTable, index: Tensor) -> Tensor:
+    """The sigma at each fractional index into the table (0 .. T-1), interpolating log sigma.
+
+    For a discrete model the index is its timestep, so this is `t_to_sigma`, bit for bit;
+    for a flow model (timestep sigma * 1000) it is not.
+    """
+    log_sigmas = getattr(table, "log_sigmas", None)
+    if log_sigmas is None:
+        log_sigmas = table.sigmas.to(torch.float32).log()
+    return _interp_log_sigma(log_sigmas, index)
 
 
 def discrete_schedule(
@@ -171,22 +213,25 @@ def _append_zero(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas, sigmas.new_zeros([1])])
 
 
-def sigmas_automatic(steps: int, schedule: DiscreteSchedule) -> Tensor:
-    """Timesteps evenly spaced from T-1 down to 0 (k-diffusion `DiscreteSchedule.get_sigmas`).
+def sigmas_automatic(steps: int, schedule: SigmaTable) -> Tensor:
+    """Table indices evenly spaced from T-1 down to 0 (k-diffusion `DiscreteSchedule.get_sigmas`).
 
     What A1111 runs for "Automatic" with a sampler that has no schedule of its own, and
     for "Uniform"; for step counts where the timesteps are integers it equals diffusers'
-    "linspace" timestep spacing.
+    "linspace" timestep spacing. Flow models get the same index spacing of their table
+    (as A1111's SD3 denoiser, a k-diffusion `DiscreteSchedule` over the flow sigmas).
     """
     t = torch.linspace(schedule.num_timesteps - 1, 0, steps)
-    return _append_zero(schedule.t_to_sigma(t))
+    return _append_zero(sigma_at_index(schedule, t))
 
 
-def sigmas_normal(steps: int, schedule: DiscreteSchedule) -> Tensor:
-    """Timesteps evenly spaced between those of sigma_max and sigma_min (A1111/ComfyUI "normal").
+def sigmas_normal(steps: int, schedule: SigmaTable) -> Tensor:
+    """Model timesteps evenly spaced between those of sigma_max and sigma_min (A1111/ComfyUI "normal").
 
-    Mathematically the same timesteps as `sigmas_automatic`; it differs only by the
-    float32 round trip through `sigma_to_t`, exactly as in the web UIs.
+    For discrete models mathematically the same timesteps as `sigmas_automatic`; it differs
+    only by the float32 round trip through `sigma_to_t`, exactly as in the web UIs. For flow
+    models it is `linspace(1000, 1000 * sigma_min, steps)` shifted, the schedule of the SD3
+    reference and diffusers (sigma_min, already shifted, is shifted again).
     """
     start = schedule.sigma_to_t(torch.tensor(schedule.sigma_max))
     end = schedule.sigma_to_t(torch.tensor(schedule.sigma_min))
@@ -194,7 +239,7 @@ def sigmas_normal(steps: int, schedule: DiscreteSchedule) -> Tensor:
     return _append_zero(schedule.t_to_sigma(t))
 
 
-def sigmas_sgm_uniform(steps: int, schedule: DiscreteSchedule) -> Tensor:
+def sigmas_sgm_uniform(steps: int, schedule: SigmaTable) -> Tensor:
     """`steps + 1` evenly spaced timesteps from sigma_max to sigma_min, the last dropped
     (SGM's discretisation, A1111/ComfyUI "sgm_uniform").
 
@@ -210,7 +255,7 @@ def sigmas_sgm_uniform(steps: int, schedule: DiscreteSchedule) -> Tensor:
 
 
 def sigmas_karras(
-    steps: int, schedule: DiscreteSchedule, rho: float = 7.0
+    steps: int, schedule: SigmaTable, rho: float = 7.0
 ) -> Tensor:
     """The schedule of Karras et al. (2022), eq. 5: evenly spaced in sigma**(1/rho)."""
     # float64 then float32, as diffusers `_convert_to_karras` (k-diffusion uses float32).
@@ -220,7 +265,7 @@ def sigmas_karras(
     return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
-def sigmas_exponential(steps: int, schedule: DiscreteSchedule) -> Tensor:
+def sigmas_exponential(steps: int, schedule: SigmaTable) -> Tensor:
     """Evenly spaced in log sigma (k-diffusion `get_sigmas_exponential`)."""
     log_sigmas = torch.linspace(
         math.log(schedule.sigma_max), math.log(schedule.sigma_min), steps, dtype=torch.float64
@@ -229,7 +274,7 @@ def sigmas_exponential(steps: int, schedule: DiscreteSchedule) -> Tensor:
 
 
 def sigmas_polyexponential(
-    steps: int, schedule: DiscreteSchedule, rho: float = 1.0
+    steps: int, schedule: SigmaTable, rho: float = 1.0
 ) -> Tensor:
     """A polynomial in log sigma (k-diffusion `get_sigmas_polyexponential`); rho=1 is exponential."""
     ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
@@ -237,14 +282,14 @@ def sigmas_polyexponential(
     return _append_zero(torch.exp(ramp * (log_max - log_min) + log_min))
 
 
-def sigmas_simple(steps: int, schedule: DiscreteSchedule) -> Tensor:
+def sigmas_simple(steps: int, schedule: SigmaTable) -> Tensor:
     """Training sigmas taken at an even stride from the top (ComfyUI/A1111 "simple")."""
     stride = schedule.num_timesteps / steps
     index = [schedule.num_timesteps - 1 - int(i * stride) for i in range(steps)]
     return _append_zero(schedule.sigmas[index])
 
 
-def sigmas_ddim_uniform(steps: int, schedule: DiscreteSchedule) -> Tensor:
+def sigmas_ddim_uniform(steps: int, schedule: SigmaTable) -> Tensor:
     """The timesteps of the original DDIM sampler: 1, 1+k, 1+2k, ... with k = T // steps
     (A1111 "DDIM" schedule, ComfyUI "ddim_uniform").
 
@@ -258,7 +303,7 @@ def sigmas_ddim_uniform(steps: int, schedule: DiscreteSchedule) -> Tensor:
 
 
 def sigmas_beta(
-    steps: int, schedule: DiscreteSchedule, alpha: float = 0.6, beta: float = 0.6
+    steps: int, schedule: SigmaTable, alpha: float = 0.6, beta: float = 0.6
 ) -> Tensor:
     """Sigmas at the quantiles of a Beta(alpha, beta) distribution, linear between
     sigma_min and sigma_max (Lee et al. 2024, "Beta Sampling is All You Need"; as A1111's
@@ -346,11 +391,11 @@ def beta_ppf(q: float, alpha: float, beta: float) -> float:
 
 @dataclass(frozen=True)
 class ScheduleInfo:
-    """A named sigma schedule: `function(steps, model_schedule) -> sigmas`."""
+    """A named sigma schedule: `function(steps, model_sampling) -> sigmas`."""
 
     name: str  # the canonical name, as A1111's `Scheduler.name`
     label: str  # what the web UI shows and writes in the infotext ("Schedule type")
-    function: Callable[[int, DiscreteSchedule], Tensor]
+    function: Callable[[int, SigmaTable], Tensor]
     aliases: tuple[str, ...] = ()
 
 
@@ -387,15 +432,16 @@ def resolve_schedule(name: str) -> ScheduleInfo:
     raise SdlabError(f"unknown schedule {name!r}; choose one of: {valid}")
 
 
-def get_sigmas(schedule_name: str, steps: int, model_schedule: DiscreteSchedule) -> Tensor:
+def get_sigmas(schedule_name: str, steps: int, model_sampling: SigmaTable) -> Tensor:
     """The sigmas of the named schedule for `steps` steps, with a trailing 0 (float32, CPU).
 
     Args:
         schedule_name: a name, label or alias from `SCHEDULES` ("karras", "SGM Uniform", ...).
         steps: number of sampling steps (denoiser calls for a first-order sampler).
-        model_schedule: the model's training schedule; sets sigma_min and sigma_max.
+        model_sampling: the model's `ModelSampling` or training `DiscreteSchedule`; its
+            sigma table, sigma_min and sigma_max.
     """
     info = resolve_schedule(schedule_name)
     if steps < 1:
         raise SdlabError(f"steps must be at least 1, got {steps}")
-    return info.function(steps, model_schedule)
+    return info.function(steps, model_sampling)

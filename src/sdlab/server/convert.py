@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from .._version import __version__
 from ..errors import SdlabError
 from ..infotext import parse_infotext, png_info
-from ..pipeline import GenerationRequest, validate
+from ..request import GenerationRequest, validate
 from ..sampling.samplers import SAMPLERS, resolve_sampler
 from ..sampling.schedules import SCHEDULES, resolve_schedule
 from ..styles import apply_styles

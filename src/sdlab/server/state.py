@@ -87,7 +87,7 @@ class ServerState:
         if entry.path.is_file():
             sha = self.catalog.sha256(entry)
             # The bundle would hash the file again for its infotext; hand it the hash we have.
-            bundle._hash = sha[:10]
+            bundle.sha256 = sha
         return Pipeline(bundle, models=self.catalog.models, styles_file=self.styles_file)
 
     def _fp8_weights(self, entry: CheckpointEntry) -> bool:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -244,21 +244,17 @@ class Worker:
             if stop or job.cancelled.is_set():
                 raise Interrupted()
 
-        # Batches run as separate calls so "skip" can end one batch and go on with the next,
-        # as the web UI's skip does; seeds continue exactly as one call would number them.
+        # Batch by batch, so "skip" can end one batch and go on with the next, as the web UI's
+        # skip does (`Pipeline.batches` numbers the seeds as one run).
         images, infotexts, seeds, subseeds = [], [], [], []
         interrupted = False
         saved, notes = [], []
-        for batch in range(req.n_iter):
-            with self._lock:
-                self._state.job_no, self._state.sampling_step, self._state.skipped = batch, 0, False
-            offset = batch * req.batch_size
-            part = pipeline.generate(replace(req, n_iter=1, seed=req.seed + offset, subseed=req.subseed + offset),
-                                     callback)
+        for batch, part in enumerate(pipeline.batches(req, callback)):
             images += part.images
             infotexts += part.infotexts
-            seeds += part.seeds
-            subseeds += part.subseeds
+            if part.images:
+                seeds += part.seeds
+                subseeds += part.subseeds
             # Saved batch by batch, so a client that goes away later loses nothing already made. A
             # batch stopped early (interrupt, skip) is not saved, as the web UI's default
             # (save_incomplete_images off) has it.
@@ -266,6 +262,7 @@ class Worker:
                 self._save(job.save_to, part, saved, notes)
             with self._lock:
                 stopped_by_user = self._state.interrupted
+                self._state.job_no, self._state.sampling_step, self._state.skipped = batch + 1, 0, False
             if job.cancelled.is_set() or stopped_by_user:
                 interrupted = True
                 break

@@ -5,7 +5,7 @@ and alternation as a per-step schedule, CLIP skip, textual inversion."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,30 +126,45 @@ def caption_ids(captions: Sequence[str], tokenizers: Sequence[CLIPTokenizer], ma
     return ids, cut
 
 
-def encode_all(runners: Sequence[TextEncoderRunner], chunks: Sequence[PromptChunk], clip_skip: int,
-               embeddings: Sequence[Mapping[str, Tensor]] | None = None) -> EncodedPrompt:
-    """Encode with every text encoder of the model: hidden states concatenated on the
-    feature axis (SDXL: CLIP-L 768 + bigG 1280 = 2048), pooled output of the last one.
-    `embeddings` holds one name -> vectors mapping per encoder."""
-    per_encoder = embeddings or [{} for _ in runners]
-    encoded = [r.encode(chunks, clip_skip, e) for r, e in zip(runners, per_encoder)]
+def concat_features(encoded: Sequence[EncodedPrompt]) -> EncodedPrompt:
+    """SD 1.x / 2.x / SDXL: the encoders' hidden states concatenated on the feature axis (SDXL:
+    CLIP-L 768 + bigG 1280 = 2048); the pooled output of the last (SDXL's bigG)."""
     if len(encoded) == 1:
         return encoded[0]
     return EncodedPrompt(torch.cat([e.context for e in encoded], dim=-1), encoded[-1].pooled)
 
 
+# How each family combines what its text encoders give (`Family.text_combine`).
+COMBINE_RULES: dict[str, Callable[[Sequence[EncodedPrompt]], EncodedPrompt]] = {"concat": concat_features}
+
+
+def encode_all(runners: Sequence[TextEncoderRunner], chunks: Sequence[Sequence[PromptChunk]], clip_skip: int,
+               embeddings: Sequence[Mapping[str, Tensor]] | None = None, combine: str = "concat") -> EncodedPrompt:
+    """Encode with every text encoder of the model (`chunks[i]` made by encoder i's tokenizer) and
+    combine them by the family's rule. `embeddings` holds one name -> vectors mapping per encoder."""
+    per_encoder = embeddings or [{} for _ in runners]
+    encoded = [r.encode(c, clip_skip, e) for r, c, e in zip(runners, chunks, per_encoder, strict=True)]
+    return COMBINE_RULES[combine](encoded)
+
+
 def prompt_schedule(runners: Sequence[TextEncoderRunner], prompts: Sequence[str], steps: int, clip_skip: int,
-                    embeddings: Sequence[Mapping[str, Tensor]] | None = None) -> list[PromptSchedule]:
-    """Encode several prompts (e.g. positive and negative) with their editing schedules,
-    every variant padded to the same number of chunks so they batch together. All
-    encoders share CLIP's vocabulary, so the chunks are made once."""
-    first = runners[0]
+                    embeddings: Sequence[Mapping[str, Tensor]] | None = None, combine: str = "concat"
+                    ) -> list[PromptSchedule]:
+    """Encode several prompts (e.g. positive and negative) with their editing schedules. Each
+    encoder chunks the text with its own tokenizer, and every variant is padded to the same number
+    of chunks so they batch together."""
     schedules = [get_prompt_schedule(p, steps) for p in prompts]
-    chunked = [[first.chunks(text, embeddings[0] if embeddings else None) for _, text in sched] for sched in schedules]
-    flat = [c for per_prompt in chunked for c in per_prompt]
-    padded = iter(pad_chunks(*flat, pad_id=first.tokenizer.eos_id))
-    out = []
+    texts = [text for sched in schedules for _, text in sched]
+    per_runner = []  # per runner: the padded chunks of every variant, in order
+    for i, runner in enumerate(runners):
+        chunked = [runner.chunks(text, embeddings[i] if embeddings else None) for text in texts]
+        per_runner.append(pad_chunks(*chunked, pad_id=runner.tokenizer.eos_id))
+    out, k = [], 0
     for sched in schedules:
-        entries = [(end, encode_all(runners, next(padded), clip_skip, embeddings)) for end, _ in sched]
+        entries = []
+        for end, _ in sched:
+            entries.append((end, encode_all(runners, [chunks[k] for chunks in per_runner], clip_skip, embeddings,
+                                            combine)))
+            k += 1
         out.append(PromptSchedule(tuple(entries)))
     return out

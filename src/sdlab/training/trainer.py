@@ -45,8 +45,9 @@ from ..models.storage import set_dtypes
 from ..models.unet import UNetConfig, sdxl_size_embedding
 from ..models.vae import DiagonalGaussian, VAEConfig
 from ..optional import require
-from ..sampling.schedules import discrete_schedule, rescale_zero_terminal_snr
-from ..text.conditioning import caption_ids
+from ..sampling.model_sampling import ModelSampling, discrete
+from ..sampling.schedules import DiscreteSchedule, discrete_schedule, rescale_zero_terminal_snr
+from ..text.conditioning import COMBINE_RULES, EncodedPrompt, caption_ids
 from .config import ModelSpec, TrainConfig, parse_sample_prompt
 from .data import BucketBatchSampler, CaptionedImageDataset, cache_latents, collate
 from .losses import LossOptions, diffusion_loss, pyramid_noise
@@ -95,28 +96,33 @@ class Denoising(nn.Module):
     DDP sees every trained parameter (UNet, text encoder, LoRA) in one place."""
 
     def __init__(self, unet: nn.Module, text_encoders: list[nn.Module], lora: nn.Module | None, loss: LossOptions,
-                 train_text_encoder: bool, text_skip: int = 1, text_final_norm: bool = True):
+                 train_text_encoder: bool, text_skip: int = 1, text_final_norm: bool = True,
+                 text_combine: str = "concat", sampling: ModelSampling | None = None):
         """`text_skip`, `text_final_norm`: the text encoder layer the UNet is conditioned on, as in
         `CLIPTextModel.forward` (SD 2.x: 2, the penultimate, then the final norm; SDXL: 2 without
-        it), so that training sees the conditioning that sampling gives."""
+        it), so that training sees the conditioning that sampling gives; `text_combine`: the
+        family's rule for combining its encoders (`text.conditioning.COMBINE_RULES`); `sampling`:
+        the model sampling on the training schedule, which noises the latents (by default SD's)."""
         super().__init__()
         self.unet, self.text_encoders, self.lora = unet, nn.ModuleList(text_encoders), lora
         self.loss, self.train_text_encoder = loss, train_text_encoder
-        self.text_skip, self.text_final_norm = text_skip, text_final_norm
+        self.text_skip, self.text_final_norm, self.text_combine = text_skip, text_final_norm, text_combine
+        self.sampling = sampling if sampling is not None else discrete(discrete_schedule(), "eps")
 
     def conditioning(self, tokens: list[Tensor]) -> tuple[Tensor, Tensor]:
         """(context, pooled) for one (B, chunks, 77) id tensor per text encoder, as sampling encodes a
         prompt (`text.conditioning.encode_all`): each 77-token chunk encoded alone and the chunks'
-        states concatenated; the encoders' states side by side on the feature axis (SDXL: CLIP-L
-        768 + bigG 1280); the last encoder's pooled output of the first chunk."""
-        contexts = []
+        states concatenated, each encoder's pooled output of the first chunk, the encoders combined
+        by the family's rule (SDXL: states side by side on the feature axis, bigG's pooled)."""
+        encoded = []
         for te, ids in zip(self.text_encoders, tokens, strict=True):
             b, chunks, length = ids.shape
             with nullcontext() if self.train_text_encoder else torch.no_grad():
                 out = te(ids.reshape(b * chunks, length), skip=self.text_skip, final_norm=self.text_final_norm)
-            contexts.append(out.hidden.reshape(b, chunks * length, -1))
-            pooled = out.pooled.reshape(b, chunks, -1)[:, 0]
-        return torch.cat(contexts, dim=-1), pooled
+            encoded.append(EncodedPrompt(out.hidden.reshape(b, chunks * length, -1),
+                                         out.pooled.reshape(b, chunks, -1)[:, 0]))
+        combined = COMBINE_RULES[self.text_combine](encoded)
+        return combined.context, combined.pooled
 
     def forward(self, latents: Tensor, tokens: list[Tensor], noise: Tensor, timesteps: Tensor,
                 alphas_cumprod: Tensor, size_ids: Tensor | None = None, input_noise: Tensor | None = None,
@@ -130,9 +136,9 @@ class Denoising(nn.Module):
         context, pooled = self.conditioning(tokens)
         y = None if size_ids is None else torch.cat(
             [pooled, sdxl_size_embedding(size_ids.float(), self.unet.cfg.size_embed_dim)], dim=-1)
-        a = alphas_cumprod[timesteps].to(latents.dtype)
         mixed = noise if input_noise is None else input_noise
-        noisy = a.view(-1, 1, 1, 1).sqrt() * latents + (1 - a).view(-1, 1, 1, 1).sqrt() * mixed
+        # Noised as sampling mixes noise in: the model's ModelSampling, on the training schedule.
+        noisy = self.sampling.training_input(timesteps, mixed, latents)
         pred = self.unet(noisy, timesteps.float(), context, None if y is None else y.to(context.dtype))
         loss = diffusion_loss(pred, latents, noise, timesteps, alphas_cumprod, self.loss, mask, weighting_alphas_cumprod)
         return (loss if loss_weights is None else loss * loss_weights.to(loss)).mean()
@@ -431,7 +437,9 @@ class Trainer:
                                min_snr_gamma=cfg.min_snr_gamma,
                                scale_v_pred_loss_like_noise_pred=cfg.scale_v_pred_loss_like_noise_pred,
                                debiased_estimation_loss=cfg.debiased_estimation_loss)
-            module = Denoising(b.unet, b.text_encoders, self.lora, loss, train_te, skip, b.family.text_final_norm)
+            sampling = discrete(DiscreteSchedule.from_alphas_cumprod(self.alphas_cumprod), b.family.prediction)
+            module = Denoising(b.unet, b.text_encoders, self.lora, loss, train_te, skip, b.family.text_final_norm,
+                               b.family.text_combine, sampling)
             total = self.diffusion_steps
         self.trained = [p for g in groups for p in g["params"]]
         self.optimizer = self._make_optimizer(groups)
