@@ -3,12 +3,14 @@ single-file converter (which proves the key layout of real checkpoints), plus th
 full-size SD key set and parameter count on the meta device."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from sdlab.models.vae import PRESETS, AutoencoderKL, DiagonalGaussian, VAEConfig
+from sdlab.errors import SdlabError
+from sdlab.models.vae import PRESETS, AutoencoderKL, DiagonalGaussian, VAEConfig, config_from_state_dict
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
@@ -31,6 +33,8 @@ def diffusers_config(cfg: VAEConfig) -> dict:
         "latent_channels": cfg.latent_channels,
         "norm_num_groups": cfg.norm_groups,
         "sample_size": 32,
+        "use_quant_conv": cfg.use_quant_conv,
+        "use_post_quant_conv": cfg.use_quant_conv,
     }
 
 
@@ -230,3 +234,79 @@ def test_circular_padding_makes_the_decoder_wrap_around():
         assert not vae.circular()
         torch.testing.assert_close(decode_latents(vae, z), plain, rtol=0, atol=0)
         assert (decode_latents(vae, moved(z, 1)) - moved(plain, f)).abs().max() > 1e-2
+
+
+# ---- SD3's VAE: 16 latent channels, no quant_conv / post_quant_conv
+
+TINY_SD3 = VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, latent_channels=16,
+                     use_quant_conv=False)
+
+
+@pytest.fixture(scope="module")
+def sd3_models() -> tuple[AutoencoderKL, nn.Module]:
+    torch.manual_seed(0)
+    ours = AutoencoderKL(TINY_SD3).eval()
+    with torch.no_grad():
+        for module in ours.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.weight.add_(0.1 * torch.randn_like(module.weight))
+                module.bias.add_(0.1 * torch.randn_like(module.bias))
+    ref = diffusers.AutoencoderKL(**diffusers_config(TINY_SD3)).eval()
+    ref.load_state_dict(to_diffusers(ours, TINY_SD3), strict=True)
+    return ours, ref
+
+
+@torch.no_grad()
+def test_sd3_vae_matches_diffusers(sd3_models, images):
+    ours, ref = sd3_models
+    assert not any("quant_conv" in k for k in ours.state_dict())
+    post = ours.encode(images)
+    ref_post = ref.encode(images).latent_dist
+    assert post.mean.shape == (2, 16, 8, 8)
+    assert max_diff(post.mean, ref_post.mean) < ATOL
+    assert max_diff(post.logvar, ref_post.logvar) < ATOL
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert max_diff(ours.decode(z), ref.decode(z).sample) < ATOL
+
+
+@torch.no_grad()
+def test_sd3_vae_tiled_passes_match_whole(sd3_models, images):
+    ours, _ = sd3_models
+    z = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert max_diff(ours.decode_tiled(z, tile=16), ours.decode(z)) < ATOL
+    assert max_diff(ours.encode_tiled(images[:1], tile=16).mean, ours.encode(images[:1]).mean) < ATOL
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_SD3, PRESETS["sd"], PRESETS["sd3"]])
+def test_config_from_state_dict(cfg):
+    with torch.device("meta"):
+        sd = AutoencoderKL(replace(cfg, norm_groups=32)).state_dict()
+    shapes = {f"first_stage_model.{k}": tuple(v.shape) for k, v in sd.items()}
+    shapes["model.diffusion_model.pos_embed"] = (1, 4, 8)  # other networks' keys are ignored
+    assert config_from_state_dict(shapes, "first_stage_model.") == replace(cfg, norm_groups=32)
+
+
+def test_config_from_state_dict_errors():
+    with pytest.raises(SdlabError, match="no VAE"):
+        config_from_state_dict({"encoder.conv_in.weight": (128, 3, 3, 3)})
+    with pytest.raises(SdlabError, match="missing first_stage_model.decoder.conv_out.weight"):
+        config_from_state_dict({"first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
+                                "first_stage_model.decoder.conv_in.weight": (512, 16, 3, 3)}, "first_stage_model.")
+
+
+def test_full_size_sd3_vae_on_meta_matches_diffusers():
+    cfg = PRESETS["sd3"]
+    with torch.device("meta"):
+        ours = AutoencoderKL(cfg)
+        ref = diffusers.AutoencoderKL(**diffusers_config(cfg))
+    sd = ours.state_dict()
+    assert set(sd) == {k for k in real_sd_vae_keys() if "quant_conv" not in k}
+    assert tuple(sd["encoder.conv_out.weight"].shape) == (32, 512, 3, 3)
+    assert tuple(sd["decoder.conv_in.weight"].shape) == (512, 16, 3, 3)
+    converted = to_diffusers(ours, cfg)
+    ref_sd = ref.state_dict()
+    assert set(converted) == set(ref_sd)
+    assert all(converted[k].shape == ref_sd[k].shape for k in ref_sd)
+    n_params = sum(p.numel() for p in ours.parameters())
+    assert n_params == sum(p.numel() for p in ref.parameters())
+    assert round(n_params / 1e6, 2) == 83.82

@@ -6,8 +6,9 @@ and `DiagonalGaussianDistribution` in `ldm/modules/distributions/distributions.p
 Attribute names equal the single-file checkpoint keys after `first_stage_model.`
 is stripped, so loading is `load_state_dict(strict=True, assign=True)`.
 
-The latent scale (0.18215 for SD1/SD2, 0.13025 for SDXL) is *not* applied here:
-it belongs to the model family, which knows which one to use.
+The latent scale (0.18215 for SD1/SD2, 0.13025 for SDXL; SD3's shift and scale,
+`(z - 0.0609) * 1.5305`) is *not* applied here: it belongs to the model family, which
+knows which one to use.
 
 Large images go through `decode_tiled` / `encode_tiled`, which give the same result
 as `decode` / `encode` in bounded memory; see "Tiled encode and decode" below.
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdlab.errors import SdlabError
 from sdlab.models.layers import GroupNorm32, attention, memory_format_of, native_group_norm_layout
 
 
@@ -34,6 +36,9 @@ class VAEConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # width of level i is base_channels * channel_mult[i]
     num_res_blocks: int = 2  # per encoder level; the decoder has one more per level
     norm_groups: int = 32  # GroupNorm groups; must divide every width
+    # The 1x1 `quant_conv` / `post_quant_conv` around the latent (LDM's, diffusers' use_quant_conv
+    # and use_post_quant_conv). SD3's 16-channel VAE has neither.
+    use_quant_conv: bool = True
 
     def __post_init__(self) -> None:
         counts = ("in_channels", "out_channels", "latent_channels", "base_channels", "num_res_blocks", "norm_groups")
@@ -53,7 +58,40 @@ class VAEConfig:
 
 
 # SD1.x, SD2.x and SDXL VAEs share one shape; only their weights and latent scale differ.
-PRESETS: Mapping[str, VAEConfig] = MappingProxyType({"sd": VAEConfig()})
+# SD3 / SD3.5: the same network with 16 latent channels and no quant convs.
+PRESETS: Mapping[str, VAEConfig] = MappingProxyType({
+    "sd": VAEConfig(),
+    "sd3": VAEConfig(latent_channels=16, use_quant_conv=False),
+})
+
+
+def config_from_state_dict(shapes: Mapping[str, Any], prefix: str = "") -> VAEConfig:
+    """Read the VAE config off a state dict's tensor shapes (norm_groups is 32 in every released VAE).
+
+    Args:
+        shapes: key -> tensor or shape, of the whole file or of the VAE alone.
+        prefix: the VAE's key prefix in `shapes`, e.g. "first_stage_model.".
+
+    Raises:
+        SdlabError: no VAE under the prefix, or an incomplete one.
+    """
+    s = {k[len(prefix):]: tuple(v.shape if isinstance(v, Tensor) else v) for k, v in shapes.items()
+         if k.startswith(prefix)}
+    if "encoder.conv_in.weight" not in s or "decoder.conv_in.weight" not in s:
+        raise SdlabError(f"no VAE under the prefix {prefix!r}: 'encoder.conv_in.weight' or 'decoder.conv_in.weight' "
+                         "is missing")
+    try:
+        base, in_channels = s["encoder.conv_in.weight"][:2]
+        levels = len({k.split(".")[2] for k in s if k.startswith("encoder.down.")})
+        blocks = len({k.split(".")[4] for k in s if k.startswith("encoder.down.0.block.")})
+        mult = tuple(s[f"encoder.down.{i}.block.0.conv2.weight"][0] // base for i in range(levels))
+        return VAEConfig(in_channels=in_channels, out_channels=s["decoder.conv_out.weight"][0],
+                         latent_channels=s["decoder.conv_in.weight"][1], base_channels=base, channel_mult=mult,
+                         num_res_blocks=blocks, use_quant_conv="post_quant_conv.weight" in s)
+    except KeyError as e:
+        raise SdlabError(f"the VAE weights are incomplete (missing {prefix}{e.args[0]})") from None
+    except ValueError as e:
+        raise SdlabError(f"the VAE shapes give an invalid config: {e}") from e
 
 
 def _norm(channels: int, groups: int) -> GroupNorm32:
@@ -496,8 +534,13 @@ class AutoencoderKL(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        if cfg.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        else:
+            # Identities keep one code path (and the modules `perf.ModelOffload` hooks); no weights.
+            self.quant_conv = nn.Identity()
+            self.post_quant_conv = nn.Identity()
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Encode images (B, C, H, W) in [-1, 1], H and W multiples of `downsample_factor`.
@@ -573,7 +616,7 @@ class AutoencoderKL(nn.Module):
             # A band's edge rows would wrap to its own other edge, not the image's.
             raise ValueError("the tiled VAE passes pad with zeros; decode / encode a VAE switched to circular "
                              "padding whole")
-        dtype = self.post_quant_conv.weight.dtype
+        dtype = self.decoder.conv_in.weight.dtype
         if store_dtype is None:
             large = pixels * x.shape[0] > FULL_PRECISION_MAP_PIXELS
             store_dtype = torch.bfloat16 if dtype == torch.float32 and large else dtype
