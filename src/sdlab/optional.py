@@ -2,8 +2,8 @@
 says how to install it (the CLI exits with 2), never a ModuleNotFoundError traceback.
 
 The extras are pyproject.toml's [project.optional-dependencies]: `serve` (fastapi, uvicorn),
-`hub` (huggingface_hub), `train` (accelerate). A few features need a package that no extra
-pulls in (bitsandbytes for the 8-bit optimizer); for those `extra` is None.
+`hub` (huggingface_hub), `train` (accelerate), `upscale` (spandrel), `controlnet` (opencv). A few features need a
+package that no extra pulls in (bitsandbytes for the 8-bit optimizer); for those `extra` is None.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Literal
 
 from .errors import MissingDependency
 
-Extra = Literal["serve", "hub", "train"]
+Extra = Literal["serve", "hub", "train", "upscale", "controlnet"]
 
 
 def install_command(extra: Extra | None, package: str) -> str:

@@ -126,6 +126,34 @@ PRESETS: dict[str, UNetConfig] = {
 }
 
 
+@dataclass(frozen=True)
+class ControlResiduals:
+    """What ControlNets add to the UNet (cldm's ControlledUnetModel): one tensor per input block,
+    added to that block's output where the up path takes it as a skip (the down path itself is
+    unchanged), and one added to the middle block's output.
+
+    `skips[i]` has the shape of `input_blocks[i]`'s output; `middle` the middle block's. Several
+    ControlNets are summed (`a + b`); `scaled` applies a unit's weight (or soft weights).
+    """
+
+    skips: tuple[Tensor, ...]
+    middle: Tensor
+
+    def __add__(self, other: "ControlResiduals") -> "ControlResiduals":
+        if len(self.skips) != len(other.skips):
+            raise ValueError(f"cannot add residuals for {len(self.skips)} and {len(other.skips)} skips")
+        return ControlResiduals(tuple(a + b for a, b in zip(self.skips, other.skips)), self.middle + other.middle)
+
+    def scaled(self, weights: float | Sequence[float]) -> "ControlResiduals":
+        """Every residual times one weight, or skip i times weights[i] and the middle times
+        weights[-1] (len(skips) + 1 weights, the order of the original's 13 control scales)."""
+        if isinstance(weights, (int, float)):
+            weights = [float(weights)] * (len(self.skips) + 1)
+        if len(weights) != len(self.skips) + 1:
+            raise ValueError(f"{len(weights)} weights for {len(self.skips)} skips and the middle")
+        return ControlResiduals(tuple(t * w for t, w in zip(self.skips, weights)), self.middle * weights[-1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
@@ -543,7 +571,8 @@ class UNet(nn.Module):
             return checkpoint(block, h, emb, context, out_size, use_reentrant=False)
         return block(h, emb, context, out_size)
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None, *,
+                control: ControlResiduals | None = None) -> Tensor:
         """Predict the network's target (eps or v) for a batch.
 
         Args:
@@ -552,6 +581,8 @@ class UNet(nn.Module):
             context: (B, T, context_dim) text-encoder tokens.
             y: (B, adm_in_channels) SDXL vector conditioning, given exactly when the config has
                 adm_in_channels; see `sdxl_size_embedding`.
+            control: ControlNet residuals (`models.controlnet.ControlNet`'s output), one per input
+                block plus the middle; None (the default) runs the plain UNet.
 
         Returns:
             (B, out_channels, H, W) in x's dtype. Inputs are cast to the dtype the network computes
@@ -574,6 +605,13 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, context)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if control is not None:
+            if len(control.skips) != len(skips):
+                raise ValueError(f"control has {len(control.skips)} skip residuals; this UNet has {len(skips)} "
+                                 "input blocks (a ControlNet made for another model family?)")
+            # Added to what the up path reads, as cldm's ControlledUnetModel: the encoder ran without them.
+            skips = [s + c.to(dtype) for s, c in zip(skips, control.skips)]
+            h = h + control.middle.to(dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
