@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMAND_MODULES = ("sdlab.generate_cli", "sdlab.models_dir", "sdlab.training.cli", "sdlab.server.cli")
+COMMAND_MODULES = ("sdlab.generate_cli", "sdlab.models_dir", "sdlab.training.cli", "sdlab.server.cli",
+                   "sdlab.upscale_cli", "sdlab.merge_cli")
 
 
 def main(argv: list[str] | None = None) -> int:

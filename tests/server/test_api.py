@@ -645,11 +645,13 @@ def test_listing_endpoints_answer_with_the_web_ui_shapes(client, models_dir):
         assert set(item["properties"]) == keys, path
         assert isinstance(r.json(), list) and all(set(x) == keys for x in r.json()), path
     get = lambda path: client.get(f"{API}/{path}").json()  # noqa: E731
-    # The web UI always lists "None" (no upscaling); sdlab has no other upscaler, no hires fix to use
-    # latent modes in, no VAE to choose, no hypernetworks, face restorers, scripts or extensions.
-    assert get("upscalers") == [{"name": "None", "model_name": None, "model_path": None, "model_url": None,
-                                 "scale": 4.0}]
-    for path in ("latent-upscale-modes", "sd-vae", "hypernetworks", "face-restorers", "realesrgan-models",
+    # The web UI's built-in upscalers, first and in its order (this models folder has no upscaler
+    # model files; tests/server/test_extras.py has them), and its six latent modes. No VAE to choose,
+    # no hypernetworks, face restorers, scripts or extensions.
+    assert get("upscalers") == [{"name": name, "model_name": None, "model_path": None, "model_url": None,
+                                 "scale": 4.0} for name in ("None", "Lanczos", "Nearest")]
+    assert [m["name"] for m in get("latent-upscale-modes")][:2] == ["Latent", "Latent (antialiased)"]
+    for path in ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models",
                  "script-info", "extensions"):
         assert get(path) == [], path
     assert get("scripts") == {"txt2img": [], "img2img": []}

@@ -70,7 +70,8 @@ def test_the_listings_the_client_reads(api):
                 api.get_hypernetworks, api.get_face_restorers, api.get_realesrgan_models, api.get_loras,
                 api.get_samplers, api.get_schedulers, api.get_sd_models):
         assert isinstance(get(), list), get.__name__
-    assert [u["name"] for u in api.get_upscalers()] == ["None"] and api.get_latent_upscale_modes() == []
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]
+    assert len(api.get_latent_upscale_modes()) == 6
     assert api.get_prompt_styles() == [{"name": "film", "prompt": "film grain", "negative_prompt": "blurry"}]
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
     api.check_extensions()

@@ -14,7 +14,7 @@ from .._version import __version__
 from ..errors import SdlabError
 from .errors import status_of
 from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, ProcessTimeMiddleware
-from .routers import catalog, generation, jobs, options, page, system
+from .routers import catalog, extras, generation, jobs, options, page, system
 from .routers.page import STATIC_DIR
 from .settings import ServerSettings
 from .state import ServerState
@@ -61,7 +61,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {str(exc)[:300]}",
                              "error": type(exc).__name__}, status_code=500)
 
-    for module in (generation, jobs, catalog, options, system, page):
+    for module in (generation, jobs, catalog, extras, options, system, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

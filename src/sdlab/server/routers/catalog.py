@@ -1,7 +1,7 @@
 """Listings: checkpoints, samplers, schedules, LoRAs, embeddings, prompt styles; the folder rescan;
-and the web UI's listings of what sdlab does not have (upscalers, VAEs, hypernetworks, face
-restorers, Real-ESRGAN models), answered with the web UI's shapes: clients read them at startup
-and expect lists."""
+and the web UI's listings of what sdlab does not have (VAEs, hypernetworks, face restorers,
+Real-ESRGAN models), answered with the web UI's shapes: clients read them at startup and expect
+lists. The upscalers are listed by routers/extras.py."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from fastapi.concurrency import run_in_threadpool
 from ...sampling.samplers import SAMPLERS
 from ...sampling.schedules import SCHEDULES
 from ...styles import read_styles
-from ..models import (EmbeddingItem, EmbeddingsResponse, FaceRestorerItem, HypernetworkItem, LatentUpscalerModeItem,
-                      LoraItem, PromptStyleItem, RealesrganItem, SamplerItem, SchedulerItem, SDModelItem, SDVaeItem,
-                      UpscalerItem)
+from ..models import (EmbeddingItem, EmbeddingsResponse, FaceRestorerItem, HypernetworkItem, LoraItem,
+                      PromptStyleItem, RealesrganItem, SamplerItem, SchedulerItem, SDModelItem, SDVaeItem)
 from ..state import ServerState, get_state
 
 router = APIRouter(prefix="/sdapi/v1", tags=["models"])
@@ -85,21 +84,8 @@ async def prompt_styles(state: ServerState = Depends(get_state)):
     return [PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt) for s in styles.values()]
 
 
-# What sdlab does not have is listed empty (or as its bare "no upscaling"), never answered 404:
+# What sdlab does not have is listed empty, never answered 404:
 # clients fill their menus from these lists, and an entry would be a choice the server then refuses.
-
-@router.get("/upscalers", response_model=list[UpscalerItem], summary="Upscalers")
-async def upscalers():
-    # Only the web UI's "None" (no upscaling), which it always lists first: sdlab has no upscaler
-    # (hires fix and the extras endpoints are not implemented).
-    return [UpscalerItem(name="None", model_name=None, model_path=None, model_url=None, scale=4)]
-
-
-@router.get("/latent-upscale-modes", response_model=list[LatentUpscalerModeItem],
-            summary="Latent upscale modes of hires fix")
-async def latent_upscale_modes():
-    return []  # hires fix is not implemented, so no mode can be used
-
 
 @router.get("/sd-vae", response_model=list[SDVaeItem], summary="VAE files to choose from")
 async def sd_vae():
