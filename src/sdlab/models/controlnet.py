@@ -26,6 +26,7 @@ from sdlab.models.unet import (
     SpatialTransformer,
     TimestepEmbedSequential,
     UNetConfig,
+    down_path,
 )
 
 
@@ -112,26 +113,7 @@ def config_from_state_dict(shapes: Mapping[str, Sequence[int]], *, num_heads: in
     hint_block_channels = (convs[0][0], *(c[0] for c in convs[2:-1:2]))
 
     model_channels, in_channels = s["input_blocks.0.0.weight"][:2]
-    channel_mult: list[int] = []
-    depths: list[list[int]] = [[]]
-    i = 1
-    while True:
-        if f"input_blocks.{i}.0.op.weight" in s:
-            depths.append([])
-        elif f"input_blocks.{i}.0.in_layers.0.weight" in s:
-            width = s[f"input_blocks.{i}.0.out_layers.3.weight"][0]
-            if not depths[-1]:
-                channel_mult.append(width // model_channels)
-            depth = _count(s, f"input_blocks.{i}.1.transformer_blocks.")
-            if depth == 0 and f"input_blocks.{i}.1.proj_in.weight" in s:
-                raise SdlabError(f"input block {i} has a SpatialTransformer without transformer blocks; "
-                                 "this ControlNet layout is not supported")
-            depths[-1].append(depth)
-        else:
-            break
-        i += 1
-    if not all(depths) or len(depths) != len(channel_mult):
-        raise SdlabError("the ControlNet has a level without ResBlocks (a truncated or damaged file?)")
+    channel_mult, depths, i = down_path(s, "ControlNet")
     for level, d in enumerate(depths):
         if len(set(d)) != 1:
             raise SdlabError(f"ControlNet level {level} has transformer depths {d} that differ from block to block; "

@@ -182,6 +182,38 @@ def _transformer_depth(shapes: Mapping[str, Sequence[int]], prefix: str) -> int:
     return depth
 
 
+def down_path(s: Mapping[str, Sequence[int]], what: str) -> tuple[list[int], list[list[int]], int]:
+    """Walk the down path (`input_blocks`) of a UNet or of a ControlNet's copy of it, keys without
+    prefix: a Downsample (`op`) closes a level; each ResBlock's output width gives the level's
+    multiplier, its SpatialTransformer (if any) the block's depth. Returns the multipliers, the
+    depths of each level's blocks and the number of input blocks. `what` names the network in errors."""
+    model_channels = s["input_blocks.0.0.weight"][0]
+    channel_mult: list[int] = []
+    depths: list[list[int]] = [[]]
+    i = 1
+    while True:
+        if f"input_blocks.{i}.0.op.weight" in s:
+            depths.append([])
+        elif f"input_blocks.{i}.0.in_layers.0.weight" in s:
+            width = s[f"input_blocks.{i}.0.out_layers.3.weight"][0]
+            if len(depths[-1]) == 0:
+                channel_mult.append(width // model_channels)
+            elif width != model_channels * channel_mult[-1]:
+                raise SdlabError(f"{what} level {len(channel_mult) - 1} changes width inside the level; "
+                                 "this layout is not supported")
+            depth = _transformer_depth(s, f"input_blocks.{i}.1.")
+            if depth == 0 and f"input_blocks.{i}.1.proj_in.weight" in s:
+                raise SdlabError(f"{what} input block {i} has a SpatialTransformer without transformer blocks; "
+                                 "this layout is not supported")
+            depths[-1].append(depth)
+        else:
+            break
+        i += 1
+    if not all(depths) or len(depths) != len(channel_mult):
+        raise SdlabError(f"the {what} has a level without ResBlocks (a truncated or damaged file?)")
+    return channel_mult, depths, i
+
+
 def config_from_state_dict(shapes: Mapping[str, Sequence[int]], *, num_heads: int | None = None,
                            num_head_channels: int | None = None, prefix: str = "") -> UNetConfig:
     """Read the UNet config off a state dict's tensor shapes (ComfyUI's `detect_unet_config` idea).
@@ -204,28 +236,7 @@ def config_from_state_dict(shapes: Mapping[str, Sequence[int]], *, num_heads: in
         raise SdlabError(f"no LDM UNet under the prefix {prefix!r}: 'input_blocks.0.0.weight' or 'out.2.weight' "
                          "is missing; check that the file is a Stable Diffusion checkpoint")
     model_channels, in_channels = s["input_blocks.0.0.weight"][:2]
-
-    # Walk the down path: a Downsample (`op`) closes a level; each ResBlock's output width gives
-    # the level's multiplier, its SpatialTransformer (if any) the level's depth.
-    channel_mult: list[int] = []
-    depths: list[list[int]] = [[]]
-    i = 1
-    while True:
-        if f"input_blocks.{i}.0.op.weight" in s:
-            depths.append([])
-        elif f"input_blocks.{i}.0.in_layers.0.weight" in s:
-            width = s[f"input_blocks.{i}.0.out_layers.3.weight"][0]
-            if len(depths[-1]) == 0:
-                channel_mult.append(width // model_channels)
-            elif width != model_channels * channel_mult[-1]:
-                raise SdlabError(f"UNet level {len(channel_mult) - 1} changes width inside the level; "
-                                 "this layout is not supported")
-            depths[-1].append(_transformer_depth(s, f"input_blocks.{i}.1."))
-        else:
-            break
-        i += 1
-    if not all(depths):
-        raise SdlabError("the UNet has a level without ResBlocks (a truncated or damaged file?)")
+    channel_mult, depths, _ = down_path(s, "UNet")
     num_res_blocks = [len(d) for d in depths]
     transformer_depth = [d[0] for d in depths]
 
