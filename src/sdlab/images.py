@@ -9,6 +9,9 @@ from torch import Tensor
 
 from .errors import SdlabError
 
+# The image files a folder of training images (or a data set beside them) may hold.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 # Pixels allowed in one decoded image: checked from the header before decoding, so a
 # decompression bomb is refused without being expanded.
 MAX_IMAGE_PIXELS = 8192 * 8192

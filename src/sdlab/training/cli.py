@@ -55,7 +55,7 @@ def cmd_make_dataset(args: argparse.Namespace) -> None:
         raise SdlabError(f"--size must be at least 8, got {args.size}")
     paths = make_shapes_dataset(Path(args.dir), args.count, size=args.size, seed=args.seed, layout=args.layout,
                                 hold_out=args.hold_out)
-    print(f"wrote {len(paths)} images to {args.dir}")
+    print(f"wrote {args.count} images to {paths[0] if args.layout == 'parquet' else args.dir}")
 
 
 def register(sub) -> None:
@@ -72,7 +72,8 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest state in OUTPUT_DIR/state")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lr=1e-4 --set lora.rank=8 (repeatable)")
-    p.add_argument("--data", help="the image folder (data.folder)")
+    p.add_argument("--data", help="the image folder, or a Hugging Face data set: a .parquet file or a folder of "
+                                  "parquet / save_to_disk Arrow files (data.folder)")
     for name, (typ, text) in _FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
     p.set_defaults(func=cmd_train)
@@ -84,8 +85,10 @@ def register(sub) -> None:
     p.add_argument("--count", type=int, default=1000, help="number of images (default 1000)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--seed", type=int, default=0, help="images are a pure function of (seed, index)")
-    p.add_argument("--layout", choices=["kohya", "jsonl"], default="kohya",
-                   help="kohya: NAME.png + NAME.txt; jsonl: images + metadata.jsonl (default kohya)")
+    p.add_argument("--layout", choices=["kohya", "jsonl", "parquet"], default="kohya",
+                   help="kohya: NAME.png + NAME.txt; jsonl: images + metadata.jsonl; parquet: "
+                        "DIR/data/train-00000-of-00001.parquet with image and text columns, as the Hub publishes "
+                        "data sets (needs pyarrow) (default kohya)")
     p.add_argument("--hold-out", action="store_true",
                    help="leave out the fixed combinations in sdlab.training.shapes.HELD_OUT, so an evaluation "
                         "can ask for captions the model never saw (the demo recipe does this)")

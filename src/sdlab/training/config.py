@@ -43,12 +43,33 @@ class ModelSpec:
     text_encoder: dict = field(default_factory=dict)
 
 
+NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
+# kohya's --network_args names -> LoRAConfig fields (and the type their strings are read as)
+_NETWORK_ARGS = {"conv_dim": ("conv_rank", int), "conv_rank": ("conv_rank", int), "conv_alpha": ("conv_alpha", float),
+                 "algo": ("algo", str), "factor": ("factor", int), "dropout": ("dropout", float),
+                 "rank_dropout": ("rank_dropout", float), "module_dropout": ("module_dropout", float),
+                 **{k: (k, str) for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
+                                          "down_lr_weight", "mid_lr_weight", "up_lr_weight")},
+                 **{k: (k, float) for k in ("block_lr_zero_threshold", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                                            "loraplus_text_encoder_lr_ratio")}}
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     rank: int = 16  # kohya's network_dim
     alpha: float = 1.0  # kohya's network_alpha: the update is scaled by alpha / rank
-    conv_rank: int = 0  # > 0: LoCon / C3Lier, LoRA on the 3x3 convs of the ResBlocks and resamplers too
-    conv_alpha: float = 1.0
+    # "networks.lora" (kohya's LoRA, LoCon with conv_rank) or "lycoris.kohya" (the LyCORIS package's
+    # network, with `algo`): the layers trained and the file written are those of that module.
+    network_module: str = "networks.lora"
+    algo: str = "lora"  # lycoris.kohya: "locon" (= "lora"), "loha" or "lokr"
+    factor: int = -1  # LoKr: split each dimension at this factor (-1: as near a square as divides)
+    # kohya's --network_args as it writes them, e.g. ["algo=loha", "conv_dim=4", "conv_alpha=1"]; they
+    # set the fields of the same meaning (conv_dim is conv_rank) over what the table says.
+    network_args: tuple[str, ...] = ()
+    # > 0: LoCon / C3Lier, LoRA on the 3x3 convs of the ResBlocks and resamplers too. lycoris.kohya
+    # always trains them (0: at `rank`, as LyCORIS's conv_dim defaults to network_dim).
+    conv_rank: int = 0
+    conv_alpha: float | None = None  # default: 1 (kohya's); lycoris.kohya: `alpha` (LyCORIS's default)
     train_unet: bool = True
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # default: the main lr
@@ -79,6 +100,24 @@ class LoRAConfig:
     loraplus_text_encoder_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
+        given = set()
+        for arg in self.network_args:
+            key, sep, value = str(arg).partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or key not in _NETWORK_ARGS:
+                raise SdlabError(f"lora.network_args {arg!r}: expected key=value with a key sdlab knows "
+                                 f"({', '.join(sorted(_NETWORK_ARGS))})")
+            name, kind = _NETWORK_ARGS[key]
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                raise SdlabError(f"lora.network_args {arg!r}: {value!r} is not a {kind.__name__}") from None
+            given.add(name)
+        lycoris = self.network_module == "lycoris.kohya"
+        if self.conv_alpha is None:  # LyCORIS's conv_alpha defaults to network_alpha, kohya's to 1
+            object.__setattr__(self, "conv_alpha", float(self.alpha) if lycoris else 1.0)
+        if lycoris and not self.conv_rank:
+            object.__setattr__(self, "conv_rank", self.rank)
         # kohya's network_args are strings ("2,4,4,..."): read them as the lists TOML gives.
         for name, kind in (("block_dims", int), ("block_alphas", float), ("conv_block_dims", int),
                            ("conv_block_alphas", float), ("mid_lr_weight", float), ("down_lr_weight", float),
@@ -314,6 +353,25 @@ class TrainConfig:
             for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
                 if getattr(lc, name) is not None and not getattr(lc, name) > 0:
                     raise bad(f"lora.{name} must be positive, got {getattr(lc, name)}")
+            if lc.network_module not in NETWORK_MODULES:
+                raise bad(f"lora.network_module must be one of {', '.join(NETWORK_MODULES)}, got {lc.network_module!r}")
+            from .lora_network import ALGOS
+
+            if lc.network_module == "lycoris.kohya":
+                if lc.algo not in ALGOS:
+                    raise bad(f"lora.algo {lc.algo!r}: the LyCORIS algorithms sdlab trains are {', '.join(ALGOS)} "
+                              "(locon is lora)")
+                if any(getattr(lc, k) is not None for k in ("block_dims", "conv_block_dims", "down_lr_weight",
+                                                              "mid_lr_weight", "up_lr_weight")):
+                    raise bad("block-wise ranks and learning rates are kohya's networks.lora options, not lycoris.kohya's")
+                if lc.algo in ("loha", "lokr") and any(getattr(lc, k) is not None for k in (
+                        "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")):
+                    raise bad("LoRA+ scales LoRA's up weights; LoHa and LoKr have none")
+                if lc.factor == 0 or lc.factor < -1:
+                    raise bad(f"lora.factor must be -1 or a positive number, got {lc.factor}")
+            elif lc.algo != "lora":
+                raise bad(f"lora.algo = {lc.algo!r} needs lora.network_module = \"lycoris.kohya\" "
+                          "(or network_args = [\"algo=...\"] with it)")
         if self.validation.every_n_steps < 0 or self.validation.every_n_epochs < 0:
             raise bad("validation.every_n_steps and every_n_epochs must be 0 or more")
         if self.validation.prompts and not self.validation.seeds:

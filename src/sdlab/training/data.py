@@ -43,10 +43,11 @@ from tqdm.auto import tqdm
 
 from sdlab.checkpoints.io import atomic_path
 from sdlab.errors import SdlabError
+from sdlab.images import IMAGE_EXTENSIONS
+from sdlab.training.hf_dataset import Row, TableImages, open_image_bytes, table_files
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 _REPEAT_DIR = re.compile(r"^(\d+)_(.*)$")  # kohya DreamBooth folders: "10_sks dog"
 _EXIF_ORIENTATION = 0x0112
@@ -102,8 +103,13 @@ class DataConfig:
     alpha_mask: bool = False  # items carry the image's alpha channel as `mask`, for masked_loss
     cache_latents: bool = False  # encode each image once and keep its latents in memory (kohya's)
     cache_latents_to_disk: bool = False  # ... and in files, for the next run too
-    latent_cache_dir: Path | None = None  # default: `<folder>/.latent_cache`
+    latent_cache_dir: Path | None = None  # default: `<folder>/.latent_cache` (beside a parquet file)
     seed: int = 0
+    # A Hugging Face data set (`folder` a .parquet / .arrow file or a folder of them, `hf_dataset`):
+    # the columns of the encoded images and of the captions, and which split of a folder to read.
+    image_column: str = "image"
+    caption_column: str = "text"
+    split: str = "train"
     # kohya's dataset-config subsets (`kohya_dataset.dataset_fields`): image folders, each
     # with its repeats and own caption and augmentation options. Given, they replace `folder`'s
     # images (`folder` stays where a latent cache goes by default).
@@ -193,27 +199,35 @@ class ImageRecord:
     size: Size  # (height, width) after EXIF orientation
     regularization: bool = False  # a class image for prior preservation
     subset: int = 0  # whose options apply: 0 the data config's, i the i-th of its `subsets`
+    row: Row | None = None  # a row of a parquet / Arrow data set (then `path` is its file)
 
 
-def _check_image(path: Path) -> Size:
-    """Size of a readable image; raises on a corrupt or truncated file.
+def _check_image(path: Path | bytes) -> Size:
+    """Size of a readable image (a file, or its encoded bytes); raises on a corrupt or truncated one.
 
     `verify()` checks PNG chunk CRCs without decoding, but it passes a truncated JPEG,
     so a JPEG without its end-of-image marker is decoded in full to be sure (some valid
     files carry trailing data after the marker, so the marker alone cannot decide).
     """
-    with Image.open(path) as im:
+    def source():
+        return open_image_bytes(path) if isinstance(path, bytes) else Image.open(path)
+
+    with source() as im:
         im.verify()  # must come first: it leaves the image unusable, hence the second open below
-    with Image.open(path) as im:
+    with source() as im:
         width, height = im.size
         fmt = im.format
         orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     if fmt == "JPEG":
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 2))
-            if f.read(2) != b"\xff\xd9":
-                with Image.open(path) as im:
-                    im.load()
+        if isinstance(path, bytes):
+            tail = path[-2:]
+        else:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 2))
+                tail = f.read(2)
+        if tail != b"\xff\xd9":
+            with source() as im:
+                im.load()
     if width <= 0 or height <= 0:
         raise OSError("image has no pixels")
     return (width, height) if orientation in _EXIF_TRANSPOSED else (height, width)
@@ -304,6 +318,35 @@ def scan_folder(folder: Path, caption_extension: str = ".txt", num_repeats: int 
             f"no readable images in {folder}: expected {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files with "
             f"{caption_extension} captions beside them or a {METADATA_FILE}, there or in repeat folders like 10_name/"
         )
+    return records
+
+
+def scan_table(table: TableImages, num_repeats: int = 1) -> list[ImageRecord]:
+    """The rows of a parquet / Arrow data set as records (`hf_dataset`): streamed a batch of rows
+    at a time, each image's header read for its size; rows that do not decode are skipped by index
+    with a warning.
+
+    Raises:
+        SdlabError: no row holds a readable image.
+    """
+    records, bad = [], []
+    for row, caption, data, where in tqdm(table.scan(), desc="scanning rows", unit="row", disable=None, leave=False):
+        if data is None:
+            bad.append(where)
+            continue
+        try:
+            size = _check_image(data)
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad data
+            logger.warning("skipping %s: its image does not decode (%s)", where, e)
+            bad.append(where)
+            continue
+        records.append(ImageRecord(table.files[row.file], caption, num_repeats, size, row=row))
+    if bad:
+        logger.warning("%d rows skipped (no readable image): %s", len(bad),
+                       ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
+    if not records:
+        raise SdlabError(f"no readable images in {', '.join(str(f) for f in table.files[:3])} "
+                         f"(column {table.image_column!r})")
     return records
 
 
@@ -611,8 +654,14 @@ class CaptionedImageDataset(Dataset):
         self.config = config
         # The options of each record's images: the config's own, then each subset's.
         self.subset_configs: tuple[DataConfig, ...] = (config, *(config.for_subset(s) for s in config.subsets))
-        records = _scan_subsets(config, self.subset_configs) if config.subsets else scan_folder(
-            config.folder, config.caption_extension, config.num_repeats, config.enable_wildcard)
+        self.table: TableImages | None = None
+        files = None if config.subsets else table_files(config.folder, config.split)
+        if files is not None:  # a Hugging Face data set: parquet / Arrow files
+            self.table = TableImages(files, config.image_column, config.caption_column)
+            records = scan_table(self.table, config.num_repeats)
+        else:
+            records = _scan_subsets(config, self.subset_configs) if config.subsets else scan_folder(
+                config.folder, config.caption_extension, config.num_repeats, config.enable_wildcard)
         if config.reg_folder is not None:
             reg = scan_folder(config.reg_folder, config.caption_extension, config.num_repeats, config.enable_wildcard)
             records += balance_regularization(reg, sum(r.repeats for r in records))
@@ -633,7 +682,8 @@ class CaptionedImageDataset(Dataset):
         self.latent_memory: dict[str, dict[str, Tensor]] | None = None
         self.latent_cache_dir: Path | None = None
         if config.cache_latents_to_disk:
-            self.latent_cache_dir = config.latent_cache_dir or config.folder / ".latent_cache"
+            folder = config.folder.parent if config.folder.is_file() else config.folder  # a .parquet file
+            self.latent_cache_dir = config.latent_cache_dir or folder / ".latent_cache"
         self.epoch = 0
         self._content_hashes: dict[int, str] = {}
         logger.info(
@@ -706,9 +756,11 @@ class CaptionedImageDataset(Dataset):
         return self.subset_configs[self.records[r].subset]
 
     def _open(self, r: int) -> Image.Image:
-        path = self.records[r].path
+        path, row = self.records[r].path, self.records[r].row
+        if row is not None:
+            path = f"{path} row {self.table.row_number(row)}"
         try:
-            with Image.open(path) as im:
+            with (Image.open(path) if row is None else open_image_bytes(self.table.image(row))) as im:
                 im = ImageOps.exif_transpose(im)
                 im.load()
                 return im
@@ -748,9 +800,12 @@ class CaptionedImageDataset(Dataset):
     def _content_hash(self, r: int) -> str:
         if r not in self._content_hashes:
             h = hashlib.blake2b(digest_size=16)
-            with open(self.records[r].path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
+            if (row := self.records[r].row) is not None:
+                h.update(self.table.image(row))
+            else:
+                with open(self.records[r].path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
             self._content_hashes[r] = h.hexdigest()
         return self._content_hashes[r]
 

@@ -11,6 +11,13 @@ ResBlocks and resamplers (LoCon / C3Lier: 3x3 convs at `conv_rank`, their Linear
 fused q, k, v projection as three LoRAs on its rows, as in the transformers layout). Names
 are kohya's: `lora_unet_` + the diffusers module path (SDXL: the original one), `lora_te_`
 (SDXL: `lora_te1_`, `lora_te2_`) + the transformers one, dots replaced by underscores.
+
+LyCORIS (kohya's `network_module = "lycoris.kohya"`, the `lycoris-lora` package's `kohya.py` with
+its default preset "full"): the same names, on the layers that preset targets (the transformer
+blocks, ResBlocks and resamplers, every Linear and convolution in them, plus for SD 1.x / 2.x the
+input and output convolutions and the time embedding's Linears), with `algo` = "locon" (the LoRA
+module above), "loha" (`LoHaModule`: `hada_w1_a` ... `hada_w2_b`) or "lokr" (`LoKrModule`:
+`lokr_w1`, `lokr_w2` or `lokr_w2_a` / `lokr_w2_b`), initialised as LyCORIS initialises them.
 """
 
 from __future__ import annotations
@@ -144,10 +151,149 @@ class _AddLowRank(torch.autograd.Function):
         return grad, grad_h, grad_up, None
 
 
-def _unet_targets(unet: UNet, conv: bool) -> Iterator[tuple[str, nn.Module, bool]]:
-    """(native module path, layer, is_3x3_conv) of the UNet layers kohya puts LoRA on."""
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS's split of a LoKr dimension into (m, n), m <= n, m * n = dimension: m = `factor`
+    when it divides, else the divisor pair closest to a square with m not above `factor`
+    (`lycoris.functional.general.factorization`)."""
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (n, m) if m > n else (m, n)
+    if factor < 0:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+class _WeightDeltaModule(nn.Module):
+    """A LyCORIS module whose update is a full weight delta built from its factors (LoHa, LoKr):
+    the hooked layer's output gets `op(x, dW * alpha / rank * multiplier)`, `op` being the layer's
+    own linear map or convolution, as LyCORIS's modules compute it. In training, as theirs:
+    `module_dropout` skips the whole update, `rank_dropout` zeroes output rows of dW. (They have
+    no plain dropout.)"""
+
+    def __init__(self, base: nn.Linear | FusedProjection | nn.Conv2d, rank: int, alpha: float,
+                 rows: tuple[int, int] | None = None, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+        super().__init__()
+        self.rows = rows
+        if isinstance(base, nn.Conv2d):
+            self.shape = (base.out_channels, base.in_channels // base.groups, *base.kernel_size)
+            self.conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+        else:
+            out = base.out_features if rows is None else rows[1] - rows[0]
+            self.shape, self.conv = (out, base.in_features), None
+        alpha = float(alpha) or float(rank)  # LyCORIS: alpha 0 or None means alpha = rank (scale 1)
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.rank, self.scale, self.multiplier = rank, alpha / rank, 1.0
+        self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
+
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha.fill_(alpha)
+        self.scale = alpha / self.rank
+
+    def weight(self) -> Tensor:
+        """dW without its scale, in the layer's weight shape."""
+        raise NotImplementedError
+
+    def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        if self.training and self.module_dropout and torch.rand(1) < self.module_dropout:
+            return output
+        w = self.weight() * (self.scale * self.multiplier)
+        if self.training and self.rank_dropout:
+            drop = (torch.rand(w.size(0)) > self.rank_dropout).to(w)
+            w = w * drop.view(-1, *[1] * (w.ndim - 1))
+        x = inputs[0]
+        if autocast_dtype(x.device.type) is None:
+            x = x.to(w.dtype)
+        delta = F.linear(x, w) if self.conv is None else F.conv2d(x, w, None, **self.conv)
+        if self.rows is not None:
+            lo, hi = self.rows
+            delta = F.pad(delta, (lo, output.shape[-1] - hi))
+        return output + delta.to(output.dtype)
+
+    @torch.no_grad()
+    def merged_weight_delta(self) -> Tensor:
+        return self.weight().float() * self.scale
+
+
+class LoHaModule(_WeightDeltaModule):
+    """LyCORIS's LoHa: dW = (w1_a @ w1_b) * (w2_a @ w2_b), elementwise, the `_b` factors over the
+    layer's flattened input (in x kh x kw). Initialised as LyCORIS's `LohaModule`: w1_b ~ N(0, 1),
+    w1_a ~ N(0, 0.1), w2_b ~ N(0, 1) and w2_a = 0, in that order (dW starts at 0)."""
+
+    def __init__(self, base, rank: int, alpha: float, **kw):
+        super().__init__(base, rank, alpha, **kw)
+        out, flat_in = self.shape[0], math.prod(self.shape[1:])
+        self.hada_w1_a = nn.Parameter(torch.empty(out, rank))
+        self.hada_w1_b = nn.Parameter(torch.empty(rank, flat_in))
+        self.hada_w2_a = nn.Parameter(torch.empty(out, rank))
+        self.hada_w2_b = nn.Parameter(torch.empty(rank, flat_in))
+        nn.init.normal_(self.hada_w1_b, std=1)
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.normal_(self.hada_w2_b, std=1)
+        nn.init.constant_(self.hada_w2_a, 0)
+
+    def weight(self) -> Tensor:
+        return ((self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)).reshape(self.shape)
+
+    def factors(self) -> dict[str, Tensor]:
+        return {k: getattr(self, k) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+
+
+class LoKrModule(_WeightDeltaModule):
+    """LyCORIS's LoKr: dW = kron(w1, w2). out = a * b and in = c * d are split by `factorization`
+    (`factor`); w1 is (a, c), whole; w2 is (b, d [x kh x kw]), whole when the rank is at least half
+    its larger side (then alpha is ignored: scale 1, as LyCORIS does), else w2_a @ w2_b of that rank
+    (a convolution's kernel in w2_b's columns). Initialised as LyCORIS's `LokrModule`: w2_a (or w2)
+    Kaiming-uniform, then w2_b = 0 (or w2 = 0), then w1 Kaiming-uniform."""
+
+    def __init__(self, base, rank: int, alpha: float, factor: int = -1, **kw):
+        super().__init__(base, rank, alpha, **kw)
+        out, inp, *kernel = self.shape
+        (a, b), (c, d) = factorization(out, factor), factorization(inp, factor)
+        self.lokr_w1 = nn.Parameter(torch.empty(a, c))
+        self.full_w2 = rank >= max(b, d) / 2
+        if self.full_w2:
+            self.lokr_w2 = nn.Parameter(torch.empty(b, d, *kernel))
+            self.set_alpha(float(rank))  # LyCORIS: both factors whole, so scale 1
+            nn.init.constant_(self.lokr_w2, 0)
+        else:
+            self.lokr_w2_a = nn.Parameter(torch.empty(b, rank))
+            self.lokr_w2_b = nn.Parameter(torch.empty(rank, d * math.prod(kernel)))
+            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+            nn.init.constant_(self.lokr_w2_b, 0)
+        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
+
+    def weight(self) -> Tensor:
+        w2 = self.lokr_w2 if self.full_w2 else self.lokr_w2_a @ self.lokr_w2_b
+        if w2.ndim == 2:
+            return torch.kron(self.lokr_w1, w2).reshape(self.shape)
+        return torch.kron(self.lokr_w1[:, :, None, None], w2)
+
+    def factors(self) -> dict[str, Tensor]:
+        names = ("lokr_w1", "lokr_w2") if self.full_w2 else ("lokr_w1", "lokr_w2_a", "lokr_w2_b")
+        return {k: getattr(self, k) for k in names}
+
+
+ALGOS = ("lora", "locon", "loha", "lokr")
+
+
+def _unet_targets(unet: UNet, conv: bool, extra: Sequence[str] = ()) -> Iterator[tuple[str, nn.Module, bool]]:
+    """(native module path, layer, is_3x3_conv) of the UNet layers kohya puts LoRA on; `extra`:
+    paths of single layers targeted too (LyCORIS's input / output convolutions, time embedding)."""
     from ..models.unet import Downsample, ResBlock, SpatialTransformer, Upsample
 
+    for path in extra:
+        layer = unet.get_submodule(path)
+        yield path, layer, isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
     kinds = (SpatialTransformer, ResBlock, Downsample, Upsample) if conv else (SpatialTransformer,)
     for parent_name, parent in unet.named_modules():
         if not isinstance(parent, kinds):
@@ -198,7 +344,8 @@ class LoRANetwork(nn.Module):
     def __init__(self, unet: UNet | None, text_encoders: Sequence[CLIPTextModel] | None, rank: int, alpha: float,
                  conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, only: str | None = None,
                  unet_names: str = "diffusers", text_layers: Sequence[int] | None = None,
-                 rank_dropout: float = 0.0, module_dropout: float = 0.0, blocks: BlockRanks | None = None):
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, blocks: BlockRanks | None = None,
+                 algo: str = "lora", factor: int = -1, lycoris: bool = False):
         """`text_encoders`: the model's text encoders to train too (named `lora_te_`, or SDXL's two
         `lora_te1_` and `lora_te2_`), none, or None. `text_layers`: for each, how many of its first
         layers get LoRA (the layers after the one the UNet reads change nothing; SD 2.x's diffusers
@@ -208,8 +355,13 @@ class LoRANetwork(nn.Module):
         `unet_names`: "diffusers" or "original", how the UNet's modules are spelled (`unet_kohya_names`).
         `dropout`, `rank_dropout`, `module_dropout`: kohya's, see `LoRAModule`.
         `blocks`: kohya's block-wise ranks and learning rates for the UNet (`lora_blocks`); they
-        replace `rank` / `conv_rank` there, and a block of rank 0 gets no LoRA."""
+        replace `rank` / `conv_rank` there, and a block of rank 0 gets no LoRA.
+        `lycoris`: the layers of LyCORIS's kohya network (preset "full"; see the module's doc), with
+        `algo` "lora" / "locon" (LoRA modules), "loha" or "lokr" (`factor`: LoKr's split)."""
         super().__init__()
+        if algo not in ALGOS:
+            raise SdlabError(f"LyCORIS algo {algo!r} is not one sdlab trains; use one of {', '.join(ALGOS)}")
+        self.algo, self.factor = algo, factor
         self._only = re.compile(only) if only else None
         self.rank, self.alpha, self.conv_rank, self.conv_alpha = rank, alpha, conv_rank, conv_alpha
         self._dropouts = dict(dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
@@ -221,7 +373,11 @@ class LoRANetwork(nn.Module):
         self._handles: list = []
         if unet is not None:
             conv = conv_rank > 0 if blocks is None else blocks.conv_dims is not None
-            targets = list(_unet_targets(unet, conv))
+            # LyCORIS's names "conv_in", "conv_out", "time_embedding.linear_1/2" exist only in the
+            # diffusers spelling (kohya's SD 1.x / 2.x UNet), not in its SDXL one.
+            extra = ("input_blocks.0.0", "time_embed.0", "time_embed.2", "out.2") if (
+                lycoris and unet_names == "diffusers") else ()
+            targets = list(_unet_targets(unet, conv, extra))
             names = unet_kohya_names(unet, [p for p, _, _ in targets], unet_names)
             for path, layer, is_conv3 in targets:
                 if blocks is not None:
@@ -248,8 +404,13 @@ class LoRANetwork(nn.Module):
         if self._only is not None and not self._only.search(name):
             return
         weight = layer.weight if weight is None else weight
-        self.loras[name] = LoRAModule(layer, rank, alpha, rows=rows, **self._dropouts).to(device=weight.device,
-                                                                                         dtype=torch.float32)
+        if self.algo in ("loha", "lokr"):
+            drops = {k: v for k, v in self._dropouts.items() if k != "dropout"}
+            module = (LoHaModule(layer, rank, alpha, rows=rows, **drops) if self.algo == "loha"
+                      else LoKrModule(layer, rank, alpha, self.factor, rows=rows, **drops))
+        else:
+            module = LoRAModule(layer, rank, alpha, rows=rows, **self._dropouts)
+        self.loras[name] = module.to(device=weight.device, dtype=torch.float32)
         self._targets[name] = layer
         self._weights[name] = (weight, rows)
 
@@ -289,6 +450,11 @@ class LoRANetwork(nn.Module):
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         sd = {}
         for name, m in self.loras.items():
+            if not isinstance(m, LoRAModule):  # LoHa / LoKr: LyCORIS's factor names
+                for k, w in m.factors().items():
+                    sd[f"{name}.{k}"] = w.detach().to(dtype) if dtype is not None else w.detach()
+                sd[f"{name}.alpha"] = m.alpha.detach().to(dtype or torch.float32)
+                continue
             for part in ("lora_down", "lora_up"):
                 w = getattr(m, part).weight.detach()
                 sd[f"{name}.{part}.weight"] = w.to(dtype) if dtype is not None else w
@@ -305,8 +471,22 @@ class LoRANetwork(nn.Module):
             SdlabError: a module of another rank, or of another shape (a LoRA for another model).
         """
         in_file = {k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")}
+        for name in sorted(set(self.loras) - in_file):
+            m = self.loras[name]
+            if isinstance(m, LoRAModule) or not all(f"{name}.{k}" in tensors for k in m.factors()):
+                continue
+            in_file.add(name)  # LoHa / LoKr: the same factors, shape for shape
+            for k, w in m.factors().items():
+                if tensors[f"{name}.{k}"].shape != w.shape:
+                    raise SdlabError(f"{name}.{k}: the file's is {tuple(tensors[f'{name}.{k}'].shape)}, this run's "
+                                     f"{tuple(w.shape)}: another rank, factor or model")
+                w.copy_(tensors[f"{name}.{k}"])
+            if f"{name}.alpha" in tensors:
+                m.set_alpha(float(tensors[f"{name}.alpha"]))
         for name in sorted(in_file & set(self.loras)):
             m = self.loras[name]
+            if not isinstance(m, LoRAModule):
+                continue
             down, up = tensors[f"{name}.lora_down.weight"], tensors.get(f"{name}.lora_up.weight")
             if down.shape[0] != m.rank:
                 raise SdlabError(f"{name}: the file's LoRA has rank {down.shape[0]}, this run's {m.rank}; set "

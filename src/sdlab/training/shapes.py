@@ -129,7 +129,7 @@ def make_shapes_dataset(
     count: int,
     size: int = 64,
     seed: int = 0,
-    layout: Literal["kohya", "jsonl"] = "kohya",
+    layout: Literal["kohya", "jsonl", "parquet"] = "kohya",
     hold_out: bool = False,
 ) -> list[Path]:
     """Write `count` captioned images of coloured shapes to `out_dir`.
@@ -140,17 +140,35 @@ def make_shapes_dataset(
         size: side of the square images in pixels.
         seed: images are a pure function of `(seed, index)`.
         layout: "kohya" writes `000000.png` + `000000.txt`; "jsonl" writes the images and one
-            `metadata.jsonl` with `file_name` and `text` (Hugging Face imagefolder).
+            `metadata.jsonl` with `file_name` and `text` (Hugging Face imagefolder); "parquet" one
+            `data/train-00000-of-00001.parquet` as the Hub publishes data sets (an `image` column
+            of the `datasets` Image feature's PNG bytes and a `text` column; needs pyarrow).
         hold_out: leave the combinations in `HELD_OUT` out (images that would have drawn one
             draw another combination instead; the others are unchanged).
 
     Returns:
-        The image paths, in index order.
+        The image paths, in index order (parquet: the one file).
     """
-    if layout not in ("kohya", "jsonl"):
-        raise ValueError(f"layout must be 'kohya' or 'jsonl', got {layout!r}")
+    if layout not in ("kohya", "jsonl", "parquet"):
+        raise ValueError(f"layout must be 'kohya', 'jsonl' or 'parquet', got {layout!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if layout == "parquet":
+        import io
+
+        from .hf_dataset import write_parquet
+
+        def rows():
+            for i in tqdm(range(count), desc="shapes", unit="img", disable=count < _PROGRESS_MIN):
+                shape, colour, background, geometry = _sample(seed, i, size, hold_out)
+                buf = io.BytesIO()
+                render_shape(shape, colour, background, size, **geometry).save(buf, format="PNG")
+                yield buf.getvalue(), f"{i:06d}.png", caption_for(shape, colour, background)
+
+        path = out_dir / "data" / "train-00000-of-00001.parquet"
+        write_parquet(rows(), path)
+        logger.info("wrote %d shape images to %s", count, path)
+        return [path]
     paths: list[Path] = []
     records: list[dict[str, str]] = []
     for i in tqdm(range(count), desc="shapes", unit="img", disable=count < _PROGRESS_MIN):

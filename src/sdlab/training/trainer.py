@@ -347,10 +347,13 @@ class Trainer:
     def _start_from(self, path: str) -> None:
         """Load `lora.network_weights` (kohya in either UNet spelling, or diffusers/PEFT) into the
         fresh LoRA."""
+        from ..checkpoints.io import read_state_dict
         from ..lora import as_kohya_tensors, load_lora
 
         tensors, left_out = as_kohya_tensors(load_lora(path), self.bundle,
                                              original_unet_names=bool(self.bundle.family.added_conditioning))
+        if self.cfg.lora.algo in ("loha", "lokr"):  # LyCORIS factors, by the names this run writes
+            tensors, left_out = dict(read_state_dict(path)), []
         unmatched, missing = self.lora.load_kohya_weights(tensors)
         unmatched += left_out
         if len(missing) == len(self.lora.loras):
@@ -412,7 +415,11 @@ class Trainer:
                                             unet_names="original" if sdxl else "diffusers",
                                             text_layers=self._text_layers_read(skip),
                                             rank_dropout=lc.rank_dropout, module_dropout=lc.module_dropout,
-                                            blocks=blocks).to(self.device)
+                                            blocks=blocks, algo=lc.algo, factor=lc.factor,
+                                            lycoris=lc.network_module == "lycoris.kohya").to(self.device)
+                    if lc.dropout and lc.algo in ("loha", "lokr"):
+                        log.warning("lora.dropout: LyCORIS's LoHa and LoKr have no plain dropout (its modules "
+                                    "ignore it too); rank_dropout and module_dropout apply")
                     if lc.network_weights:
                         self._start_from(lc.network_weights)
                 self.lora.apply()
@@ -928,7 +935,7 @@ class Trainer:
         cfg, lc = self.cfg, self.cfg.lora
         height, width = cfg.data.size
         meta = {
-            "ss_network_module": "networks.lora",
+            "ss_network_module": lc.network_module,
             "ss_network_dim": str(lc.rank),
             "ss_network_alpha": str(float(lc.alpha)),
             "ss_network_args": json.dumps(_network_args(lc)),
@@ -1013,6 +1020,9 @@ def _network_args(lc) -> dict[str, str]:
     """kohya's `ss_network_args`: the `--network_args` a run gave, as strings (lists comma-separated,
     as they are written on kohya's command line)."""
     args = {"conv_dim": str(lc.conv_rank), "conv_alpha": str(float(lc.conv_alpha))} if lc.conv_rank else {}
+    if lc.network_module == "lycoris.kohya":  # what LyCORIS's create_network reads: the algorithm first
+        args = {"algo": lc.algo, **args, **({"factor": str(lc.factor)} if lc.algo == "lokr" else {}),
+                **({"dropout": str(lc.dropout)} if lc.dropout else {})}
     for name in ("rank_dropout", "module_dropout", "block_dims", "block_alphas", "conv_block_dims",
                  "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
                  "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
