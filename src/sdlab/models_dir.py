@@ -50,13 +50,14 @@ class KindInfo:
     suffixes: tuple[str, ...]
     label: str  # for messages
     hash_digits: int  # how many hex digits the web UI's infotext shows
+    comfy_folder: str = ""  # ComfyUI's name of the same folder, used where the web UI's is absent
 
 
 KINDS: dict[ModelKind, KindInfo] = {
-    "checkpoint": KindInfo("Stable-diffusion", (".safetensors", ".ckpt"), "checkpoint", 10),
-    "lora": KindInfo("Lora", (".safetensors", ".pt", ".ckpt"), "LoRA", 12),
-    "embedding": KindInfo("embeddings", (".pt", ".bin", ".safetensors"), "embedding", 12),
-    "vae": KindInfo("VAE", (".safetensors", ".pt", ".ckpt"), "VAE", 10),
+    "checkpoint": KindInfo("Stable-diffusion", (".safetensors", ".ckpt"), "checkpoint", 10, "checkpoints"),
+    "lora": KindInfo("Lora", (".safetensors", ".pt", ".ckpt"), "LoRA", 12, "loras"),
+    "embedding": KindInfo("embeddings", (".pt", ".bin", ".safetensors"), "embedding", 12, "embeddings"),
+    "vae": KindInfo("VAE", (".safetensors", ".pt", ".ckpt"), "VAE", 10, "vae"),
 }
 
 
@@ -83,7 +84,15 @@ class ModelsDir:
         return f"ModelsDir({str(self.root)!r})"
 
     def folder(self, kind: ModelKind) -> Path:
-        return self.root / KINDS[kind].folder
+        """The kind's folder: the web UI's name (`Stable-diffusion/`), or ComfyUI's
+        (`checkpoints/`) when only that one exists, so either install's models folder works."""
+        info = KINDS[kind]
+        own = self.root / info.folder
+        if info.comfy_folder and not own.is_dir():
+            comfy = self.root / info.comfy_folder
+            if comfy.is_dir():
+                return comfy
+        return own
 
     # -- listing -------------------------------------------------------------
 

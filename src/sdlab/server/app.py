@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .._version import __version__
 from ..errors import SdlabError
+from .comfy.routes import make_router as make_comfy_router
 from .errors import status_of
 from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, ProcessTimeMiddleware
 from .routers import catalog, extras, generation, jobs, options, page, system
@@ -48,7 +49,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         state.worker.stop()
 
     app = FastAPI(title="sdlab", version=__version__, lifespan=lifespan,
-                  description="Stable Diffusion in Python: the web UI's API (/sdapi/v1) and a web page (/).")
+                  description="Stable Diffusion in Python: the web UI's API (/sdapi/v1), ComfyUI's API "
+                              "(/prompt, /ws, ... and /api/...) and a web page (/).")
     app.state.sdlab = state
 
     @app.exception_handler(SdlabError)
@@ -63,6 +65,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     for module in (generation, jobs, catalog, extras, options, system, page):
         app.include_router(module.router)
+    # ComfyUI's API: at the root for its clients and under /api for its editor, as ComfyUI does.
+    comfy_routes = make_comfy_router()
+    app.include_router(comfy_routes)
+    app.include_router(comfy_routes, prefix="/api")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     # Added last = outermost: time everything, then authenticate, then limit the body.

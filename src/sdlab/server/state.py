@@ -37,6 +37,10 @@ class ServerState:
                                          "sd_noise_schedule": "Default", "fp8_storage": "Disable"}
         # A model is loaded again when fp8_storage changes what its weights are stored as.
         self.worker = Worker(self.catalog, self._load_pipeline, load_key=lambda: self.option("fp8_storage"))
+        # ComfyUI's face (its queue records, history, websockets), whose jobs share the worker.
+        from .comfy.state import ComfyState
+
+        self.comfy = ComfyState(self)
 
     @staticmethod
     def _extra_checkpoint(settings: ServerSettings) -> Path | None:

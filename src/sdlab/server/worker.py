@@ -31,7 +31,7 @@ from .errors import ModelLoadError, NoModel
 
 log = logging.getLogger(__name__)
 
-JobKind = Literal["txt2img", "img2img", "load"]
+JobKind = Literal["txt2img", "img2img", "load", "graph", "extras", "merge"]
 
 
 @dataclass
@@ -45,6 +45,9 @@ class Job:
     # save_images: the outputs folder to write each finished batch's images to, as the web UI
     # does (`outputs.save_image`); None: nothing is written.
     save_to: Path | None = None
+    # A "graph" job (ComfyUI's face): what runs in the worker thread, given a `TaskContext`;
+    # its return value is the job's result.
+    task: Callable[[TaskContext], Any] | None = None
 
     def cancel(self) -> None:
         """The client is gone: drop the job if it waits, stop it at the next step if it runs."""
@@ -181,7 +184,12 @@ class Worker:
             if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                result = self._load_job(job) if job.kind == "load" else self._generate_job(job)
+                if job.kind == "load":
+                    result = self._load_job(job)
+                elif job.task is not None:  # a graph (ComfyUI), an upscale (extras), a merge
+                    result = self._task_job(job)
+                else:
+                    result = self._generate_job(job)
             except BaseException as e:  # noqa: BLE001 - every failure goes back to the waiting client
                 if not isinstance(e, SdlabError):
                     log.exception("job %s failed", job.id)
@@ -226,6 +234,11 @@ class Worker:
     def _load_job(self, job: Job) -> CheckpointEntry:
         self._begin(job, 1, 0, f"Loading {job.checkpoint.name if job.checkpoint else ''}")
         return self._ensure_model(job.checkpoint)[1]
+
+    def _task_job(self, job: Job) -> Any:
+        self._begin(job, 1, 0, {"graph": "Running a graph", "extras": "Upscaling", "merge": "Merging checkpoints"}
+                    .get(job.kind, job.kind))
+        return job.task(TaskContext(self, job))
 
     def _generate_job(self, job: Job) -> JobResult:
         req = job.request
@@ -281,6 +294,44 @@ class Worker:
                              "were not saved")
                 return
             saved.append(path.relative_to(outputs).as_posix())
+
+
+class TaskContext:
+    """What a graph job (`Job.task`) sees of the worker: the model it asks for, loaded by the
+    worker (switching checkpoints as any job does), and progress reports that also stop it on
+    interrupt (raising `Interrupted`)."""
+
+    def __init__(self, worker: Worker, job: Job):
+        self._worker = worker
+        self.job = job
+
+    def pipeline(self, entry: CheckpointEntry | None) -> Pipeline:
+        return self._worker._ensure_model(entry)[0]
+
+    @property
+    def loaded(self) -> CheckpointEntry | None:
+        return self._worker.loaded
+
+    def progress(self, step: int, total: int, textinfo: str | None = None,
+                 preview: Callable[[], Image.Image | None] | None = None) -> None:
+        """Report a sampling step for GET /sdapi/v1/progress; raises `Interrupted` when the job
+        was interrupted or cancelled."""
+        with self._worker._lock:
+            s = self._worker._state
+            s.sampling_step, s.sampling_steps = step, total
+            s.preview = preview
+            s.textinfo = textinfo or f"Sampling step {step}/{total}"
+            stop = s.interrupted
+        self.check()
+        if stop:
+            raise Interrupted()
+
+    def check(self) -> None:
+        """Raise `Interrupted` if the job was interrupted or cancelled."""
+        with self._worker._lock:
+            stop = self._worker._state.interrupted
+        if stop or self.job.cancelled.is_set():
+            raise Interrupted()
 
 
 def _empty_device_cache() -> None:

@@ -10,8 +10,8 @@ has no merge route).
   API either, and are accepted.
 - POST /sdapi/v1/merge: `sdlab.merge` with the web UI's `run_modelmerger` argument names.
 
-Upscales and merges run in a thread of their own, beside the generation worker, one of each at
-a time.
+Upscales and merges are jobs in the server's one queue (`worker.Job` with a task), between the
+generations: GET /sdapi/v1/progress reports them and they never compete with a generation.
 """
 
 from __future__ import annotations
@@ -204,8 +204,17 @@ def _run(images: list[tuple[str, Image.Image]], body: ExtrasBaseRequest, upscale
     return out, text
 
 
+async def _queued(kind: str, work, state: ServerState, request: Request):
+    """Run `work` in the worker's queue, one job among the generations (one queue for the whole
+    server: /progress reports it, and it never competes with a generation for the cores)."""
+    from ..worker import Job
+    from .generation import run_job
+
+    return await run_job(Job(kind, None, task=lambda context: work()), state, request)
+
+
 @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse, summary="Upscale one image (Extras)")
-async def extra_single_image(body: ExtrasSingleImageRequest, state: ServerState = Depends(get_state),
+async def extra_single_image(body: ExtrasSingleImageRequest, request: Request, state: ServerState = Depends(get_state),
                              upscalers: Upscalers = Depends(get_upscalers)):
     _refuse_face_restoration(body)
     if not body.image:
@@ -216,11 +225,11 @@ async def extra_single_image(body: ExtrasSingleImageRequest, state: ServerState 
         encoded, text = _run([("", image)], body, upscalers)
         return ExtrasSingleImageResponse(html_info=_html(text), image=encoded[0])
 
-    return await run_in_threadpool(work)
+    return await _queued("extras", work, state, request)
 
 
 @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse, summary="Upscale images (Extras)")
-async def extra_batch_images(body: ExtrasBatchImagesRequest, state: ServerState = Depends(get_state),
+async def extra_batch_images(body: ExtrasBatchImagesRequest, request: Request, state: ServerState = Depends(get_state),
                              upscalers: Upscalers = Depends(get_upscalers)):
     _refuse_face_restoration(body)
     if len(body.imageList) > state.settings.limits.max_batch:
@@ -233,13 +242,13 @@ async def extra_batch_images(body: ExtrasBatchImagesRequest, state: ServerState 
         encoded, text = _run(images, body, upscalers)
         return ExtrasBatchImagesResponse(html_info=_html(text), images=encoded)
 
-    return await run_in_threadpool(work)
+    return await _queued("extras", work, state, request)
 
 
 # -- the merger ------------------------------------------------------------------------------
 
 @router.post("/merge", response_model=MergeResponse, summary="Merge checkpoints (sdlab's; the web UI has no route)")
-async def merge(body: MergeRequest, state: ServerState = Depends(get_state),
+async def merge(body: MergeRequest, request: Request, state: ServerState = Depends(get_state),
                 extras: ExtrasState = Depends(get_extras)):
     """The web UI's Checkpoint Merger: the result is written to the models folder's
     Stable-diffusion/ (under `custom_name`, or the web UI's name) and listed at once."""
@@ -284,4 +293,4 @@ async def merge(body: MergeRequest, state: ServerState = Depends(get_state),
         return MergeResponse(info=f"Checkpoint saved to {result.path}", checkpoint=title, filename=str(result.path),
                              sha256=sha)
 
-    return await run_in_threadpool(work)
+    return await _queued("merge", work, state, request)
