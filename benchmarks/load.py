@@ -141,7 +141,7 @@ def write_checkpoint_streamed(path: Path, cfg) -> None:
     which writes at disk speed; what a loader does with a tensor does not depend on its values."""
     import torch
 
-    from sdlab.checkpoints.loader import _skip_init_on_meta
+    from sdlab.checkpoints.building import skip_init_on_meta as _skip_init_on_meta
     from sdlab.families import UNET_PREFIX, VAE_PREFIX
     from sdlab.models.clip import CLIPTextModel
     from sdlab.models.unet import UNet
@@ -289,8 +289,8 @@ class _LazyTokenizer:
 
 
 def _skip_meta_init():
-    """The loader's own guard (see `sdlab.checkpoints.loader._skip_init_on_meta`)."""
-    from sdlab.checkpoints.loader import _skip_init_on_meta
+    """The loader's own guard (see `sdlab.checkpoints.building.skip_init_on_meta`)."""
+    from sdlab.checkpoints.building import skip_init_on_meta as _skip_init_on_meta
 
     return _skip_init_on_meta()
 

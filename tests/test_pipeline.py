@@ -163,7 +163,7 @@ def test_zero_terminal_snr_sampling(tiny_file, monkeypatch):
     """A model marked as trained on the zero-terminal-SNR schedule (Family.zero_terminal_snr) is
     sampled on it, from sigma ~4519, with the web UI's infotext entry; a request can turn it on or
     off; `--from` / the API's infotext read the entry back."""
-    import sdlab.recipes.webui as pipeline_module
+    import sdlab.recipes.passes as pipeline_module
     from sdlab.generate_cli import request_fields_from_infotext
     from sdlab.sampling.schedules import discrete_schedule
 

@@ -240,7 +240,7 @@ def test_refiner_reads_the_embeddings_of_the_prompt(tmp_path):
     """An SDXL embedding's clip_g vectors reach the refiner's encoder (SDXL's second) too."""
     from safetensors.torch import save_file
 
-    from sdlab.recipes import webui
+    from sdlab.recipes import passes
     from sdlab.request import validate
     from sdlab.sampling.samplers import resolve_sampler
 
@@ -250,10 +250,10 @@ def test_refiner_reads_the_embeddings_of_the_prompt(tmp_path):
     save_file(vectors, str(pipe.models.folder("embedding") / "xlstyle.safetensors"))
     req = GenerationRequest("a circle in xlstyle", steps=4, seed=3, width=SIZE, height=SIZE, refiner_switch_at=0.5)
     prompt, negative = req.prompt, req.negative_prompt
-    embeddings = pipe._embeddings(prompt, negative)
+    embeddings = pipe.embeddings_for(prompt, negative)
     assert [list(e) for e in embeddings[1]] == [["xlstyle"]]
     torch.testing.assert_close(embeddings[1][0]["xlstyle"], vectors["clip_g"])
-    run = webui.prepare(pipe, validate(req, SIZE), prompt, negative, resolve_sampler("Euler"), "karras", embeddings)
+    run = passes.prepare(pipe, validate(req, SIZE), prompt, negative, resolve_sampler("Euler"), "karras", embeddings)
     refiner_context = run.refiner.prompts[0].at(0).context
     runner = pipe.refiner_text[0]
     chunks = runner.chunks(prompt, {"xlstyle": vectors["clip_g"]})

@@ -124,7 +124,7 @@ def test_sample_refuses_what_the_model_cannot_run():
 def test_prompt_editing_becomes_sigma_ranges(monkeypatch):
     """"[red:blue:2]" over 4 Euler steps: the first prompt for steps 0..2 (sigma above the 4th
     sigma), then the second; img2img counts the requested steps, so it switches earlier in its own."""
-    from sdlab.recipes import webui
+    from sdlab.recipes import passes
 
     seen = []
 
@@ -136,15 +136,15 @@ def test_prompt_editing_becomes_sigma_ranges(monkeypatch):
             seen.append(self.cond.context)
             return x
 
-    monkeypatch.setattr(webui, "CFGDenoiser", Recorder)
+    monkeypatch.setattr(passes, "CFGDenoiser", Recorder)
     pipe = Pipeline(tiny_bundle("sd1"))
     req = validate(GenerationRequest("a [red:blue:2] circle", steps=4, seed=1, width=32, height=32,
                                      sampler="Euler"), 32)
     sampler = resolve_sampler("Euler")
-    run = webui.prepare(pipe, req, req.prompt, "", sampler, "karras", [[{}], []])
+    run = passes.prepare(pipe, req, req.prompt, "", sampler, "karras", [[{}], []])
     positive = run.base.prompts[0]
     red, blue = positive.at(0).context, positive.at(4).context
-    guide = webui.guided(run.base, run, None, run.sigmas, offset=0)
+    guide = passes.guided(run.base, run, None, run.sigmas, offset=0)
     x = torch.zeros(1, 4, 4, 4)
     for sigma in run.sigmas[:-1]:
         guide(x, sigma.reshape(1))
@@ -152,7 +152,7 @@ def test_prompt_editing_becomes_sigma_ranges(monkeypatch):
     assert len(seen) == 4 and all(torch.equal(a, b.expand_as(a)) for a, b in zip(seen, expected))
     seen.clear()
     # img2img at strength 0.5 walks the last 2 sigmas as steps 2 and 3 of the 4 requested.
-    guide = webui.guided(run.base, run, None, run.sigmas[-3:], offset=2)
+    guide = passes.guided(run.base, run, None, run.sigmas[-3:], offset=2)
     for sigma in run.sigmas[-3:-1]:
         guide(x, sigma.reshape(1))
     assert torch.equal(seen[0], red.expand_as(seen[0])) and torch.equal(seen[1], blue.expand_as(seen[1]))

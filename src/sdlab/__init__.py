@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 def load(model: str | Path | None = None, device: str | None = None, dtype: "torch.dtype | None" = None,
          prediction: str | None = None, use_ema: bool = True, models_dir: str | Path | None = None,
-         compile: bool = False, offload: bool = False, weight_dtype: "torch.dtype | None" = None) -> "Pipeline":
+         compile: bool = False, offload: bool = False, weight_dtype: "torch.dtype | None" = None,
+         text_encoder_files: "dict[str, str | Path] | None" = None, t5_max_length: int = 77) -> "Pipeline":
     """Load a model and return a Pipeline (`txt2img`, `img2img`, `inpaint`).
 
     Args:
@@ -40,6 +41,10 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
         weight_dtype: keep the UNet's and text encoder's matrices in this dtype (torch.float16,
             torch.float8_e4m3fn, ...) and upcast each layer as it runs. Default: fp16 on a CPU
             computing in fp32 when no dtype is given (half the memory), else `dtype`.
+        text_encoder_files: SD3's encoders as separate files, {"clip_l": ..., "clip_g": ...,
+            "t5xxl": ...}; encoders neither given nor in the checkpoint are looked for in the models
+            folder's text_encoders/ and clip/ (ComfyUI's layout).
+        t5_max_length: SD3: T5 tokens per prompt chunk (77; diffusers' max_sequence_length is 256).
     """
     from .errors import SdlabError
     from .perf import load_for_inference
@@ -52,8 +57,11 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
     from .models_dir import ModelsDir
 
     models = ModelsDir(models_dir) if models_dir is not None else None
+    root = (models or ModelsDir()).root
+    sd3_options = dict(text_encoder_files=text_encoder_files, t5_max_length=t5_max_length,
+                       text_encoder_dirs=[root / "text_encoders", root / "clip"])
     # dtype None: the fastest this machine runs well (fp16 on GPUs; bf16 on CPUs with
     # AVX512-BF16 or AMX, else fp32), the VAE in fp32 on the CPU (see device.vae_dtype).
     bundle = load_for_inference(model, device, dtype, prediction=prediction, use_ema=use_ema, compile=compile,
-                                offload=offload, weight_dtype=weight_dtype)
+                                offload=offload, weight_dtype=weight_dtype, **sd3_options)
     return Pipeline(bundle, models=models)

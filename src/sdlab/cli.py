@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     if path.is_file() and looks_like_lora(sd.keys()):
         _print_rows(_lora_rows(path))
         return
+    from .checkpoints import sd3
+
+    if sd3.is_sd3(sd):
+        _print_rows(sd3.info_rows(sd, path) + ([("model hash", file_sha256(path)[:10])] if path.is_file() else []))
+        return
     cfg = config_of(sd, args.prediction)
     prediction = cfg.prediction
     if args.prediction is None and cfg.family.name == "sd2" and "sdlab.prediction" not in sd.metadata:
@@ -40,7 +46,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         prediction = sd.metadata["sdlab.prediction"]
 
     def count(prefix: str) -> int:
-        return sum(_numel(s) for k, s in sd.shapes.items() if k.startswith(prefix))
+        return sum(math.prod(s) for k, s in sd.shapes.items() if k.startswith(prefix))
 
     dtypes = sorted({str(sd.dtypes[k]).replace("torch.", "") for k in sd.shapes if sd.dtypes[k].is_floating_point})
     has_ema = any(k.startswith(EMA_PREFIX) for k in sd.shapes)
@@ -91,13 +97,6 @@ def _lora_rows(path: Path) -> list[tuple[str, str]]:
     meta = lora.metadata
     rows += [(label, meta[key]) for label, key in _LORA_METADATA if meta.get(key) not in (None, "", "None", "{}")]
     return rows
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

@@ -19,10 +19,12 @@ from typing import Literal
 
 from .errors import SdlabError
 from .models.clip import CLIPTextConfig
+from .models.mmdit import MMDiTConfig
+from .models.t5 import T5Config
 from .models.unet import UNetConfig, config_from_state_dict as unet_config_from_shapes
 from .models.vae import VAEConfig
 
-Prediction = Literal["eps", "v"]
+Prediction = Literal["eps", "v", "flow"]
 Shapes = Mapping[str, tuple[int, ...]]
 
 UNET_PREFIX = "model.diffusion_model."
@@ -34,7 +36,7 @@ class TextEncoderSlot:
     """Where one text encoder lives in a single-file checkpoint and in a diffusers folder."""
 
     prefix: str
-    layout: Literal["openai", "openclip"]
+    layout: Literal["openai", "openclip", "t5"]
     pad_token: Literal["eos", "zero"]  # SD1's tokenizer pads with end-of-text, OpenCLIP's with 0
     diffusers_folder: str = "text_encoder"
     tokenizer_folder: str = "tokenizer"
@@ -42,8 +44,9 @@ class TextEncoderSlot:
     # `lora_te2_` modules ("te0" / "te1"; SD 1.x/2.x's only encoder is "te0") and an
     # embedding's `clip_l` / `clip_g` vectors (None: the file's only vectors). The refiner's one
     # encoder is SDXL's second, so the base model's LoRAs and embeddings reach it too.
-    lora_net: Literal["te0", "te1"] = "te0"
+    lora_net: Literal["te0", "te1", "te2"] = "te0"
     embedding_key: str | None = None
+    activation: Literal["quick_gelu", "gelu"] | None = None  # None: the layout's own (SD3's CLIP-G: gelu)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,12 @@ class Family:
     # use them. Single files cannot say; sdlab's own files keep them in their metadata.
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    # Rectified-flow families (SD3): sampled with `Flow(flow_shift)`; None for the discrete ones.
+    flow_shift: float | None = None
+
+    @property
+    def is_flow(self) -> bool:
+        return self.flow_shift is not None
 
     @property
     def size_numbers(self) -> int:
@@ -95,6 +104,15 @@ _SDXL_G = TextEncoderSlot("conditioner.embedders.1.model.", "openclip", "zero", 
                           lora_net="te1", embedding_key="clip_g")
 _REFINER_G = TextEncoderSlot("conditioner.embedders.0.model.", "openclip", "zero", "text_encoder_2", "tokenizer_2",
                              lora_net="te1", embedding_key="clip_g")
+# SD3 / SD3.5: CLIP-L, CLIP-G (both in transformers' layout) and T5-XXL under `text_encoders.`;
+# any may be absent from a file (sdlab needs both CLIPs; T5 is optional).
+_SD3_L = TextEncoderSlot("text_encoders.clip_l.transformer.", "openai", "eos", embedding_key="clip_l")
+_SD3_G = TextEncoderSlot("text_encoders.clip_g.transformer.", "openai", "zero", "text_encoder_2", "tokenizer_2",
+                         lora_net="te1", embedding_key="clip_g", activation="gelu")
+_SD3_T5 = TextEncoderSlot("text_encoders.t5xxl.transformer.", "t5", "zero", "text_encoder_3", "tokenizer_3",
+                          lora_net="te2", embedding_key="t5")
+_SD3 = dict(latent_scale=1.5305, latent_shift=0.0609, text_combine="sd3", size_multiple=16, clip_skip=2,
+            text_final_norm=False, flow_shift=3.0, diffusers_pipeline="StableDiffusion3Pipeline")
 _SDXL = dict(latent_scale=0.13025, clip_skip=2, unet_head_channels=64, text_final_norm=False)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -115,7 +133,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sdxl-refiner", "Stable Diffusion XL refiner", (_REFINER_G,), "eps", 1024,
            added_conditioning="sdxl-refiner", base_model_version="sdxl_refiner_v1-0",
            diffusers_pipeline="StableDiffusionXLImg2ImgPipeline", **_SDXL),
+    Family("sd3", "Stable Diffusion 3", (_SD3_L, _SD3_G, _SD3_T5), "flow", 1024, base_model_version="sd3", **_SD3),
+    Family("sd3.5-large", "Stable Diffusion 3.5 Large", (_SD3_L, _SD3_G, _SD3_T5), "flow", 1024,
+           base_model_version="sd3.5_large", **_SD3),
+    Family("sd3.5-medium", "Stable Diffusion 3.5 Medium", (_SD3_L, _SD3_G, _SD3_T5), "flow", 1024,
+           base_model_version="sd3.5_medium", **_SD3),
 )}
+
+# The MMDiT's marker key in a single file (SD3's denoiser is not a UNet).
+MMDIT_MARKER = UNET_PREFIX + "x_embedder.proj.weight"
 
 
 @dataclass(frozen=True)
@@ -123,9 +149,9 @@ class ModelConfig:
     """Everything needed to build the networks of one checkpoint."""
 
     family: Family
-    unet: UNetConfig
+    unet: UNetConfig | MMDiTConfig  # the denoiser's config: an MMDiT's for the flow families (SD3)
     vae: VAEConfig
-    text_encoders: tuple[CLIPTextConfig, ...]
+    text_encoders: tuple[CLIPTextConfig | T5Config, ...]  # those present, in the family's slot order
 
     def __post_init__(self) -> None:
         # SDXL's y is built outside the UNet (pooled text ++ embedded numbers) and read by its
@@ -141,11 +167,18 @@ class ModelConfig:
     def prediction(self) -> Prediction:
         return self.family.prediction
 
+    @property
+    def denoiser(self) -> UNetConfig | MMDiTConfig:
+        """The denoiser's config (`unet` under its general name)."""
+        return self.unet
+
     def to_json(self) -> str:
         return json.dumps({"family": self.family.name, "prediction": self.family.prediction,
                            "default_size": self.family.default_size, "latent_scale": self.family.latent_scale,
                            "zero_terminal_snr": self.family.zero_terminal_snr,
                            "beta_start": self.family.beta_start, "beta_end": self.family.beta_end,
+                           **({"latent_shift": self.family.latent_shift, "flow_shift": self.family.flow_shift}
+                              if self.family.is_flow else {}),
                            "unet": asdict(self.unet), "vae": asdict(self.vae),
                            "text_encoders": [asdict(c) for c in self.text_encoders]})
 
@@ -155,10 +188,12 @@ class ModelConfig:
         family = FAMILIES[d["family"]]
         # Our own files may differ from the family's defaults (the demo model is 64x64).
         family = replace(family, **{k: d[k] for k in ("prediction", "default_size", "latent_scale", "zero_terminal_snr",
-                                                      "beta_start", "beta_end") if k in d})
-        return cls(family, _dataclass_from_dict(UNetConfig, d["unet"]),
-                   _dataclass_from_dict(VAEConfig, d["vae"]),
-                   tuple(_dataclass_from_dict(CLIPTextConfig, c) for c in d["text_encoders"]))
+                                                      "beta_start", "beta_end", "latent_shift", "flow_shift") if k in d})
+        tes = tuple(_dataclass_from_dict(T5Config if "d_model" in c else CLIPTextConfig, c) for c in d["text_encoders"])
+        if len(tes) < len(family.text_encoders):  # an SD3 model saved without its T5
+            family = replace(family, text_encoders=family.text_encoders[:len(tes)])
+        return cls(family, _dataclass_from_dict(MMDiTConfig if family.is_flow else UNetConfig, d["unet"]),
+                   _dataclass_from_dict(VAEConfig, d["vae"]), tes)
 
 
 def pooled_width(cfg: CLIPTextConfig) -> int:
@@ -181,6 +216,8 @@ def detect_family(shapes: Shapes) -> Family:
     `--prediction`).
     """
     keys = shapes.keys()
+    if MMDIT_MARKER in shapes:
+        return detect_sd3_family(shapes)
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         raise SdlabError(_not_a_model_reason(keys))
@@ -195,6 +232,16 @@ def detect_family(shapes: Shapes) -> Family:
         return FAMILIES["sd2-inpaint" if inpaint else "sd2"]
     raise SdlabError("the checkpoint has a UNet but no text encoder this version knows "
                      "(expected cond_stage_model.transformer.* or cond_stage_model.model.*)")
+
+
+def detect_sd3_family(shapes: Shapes) -> Family:
+    """SD3.5-medium has MMDiT-X's second attention (`x_block.attn2`), SD3.5-large (and its turbo)
+    qk RMSNorm without it, SD3-medium neither (the reference's and ComfyUI's key tests)."""
+    if any(k.startswith(UNET_PREFIX + "joint_blocks.") and ".x_block.attn2." in k for k in shapes):
+        return FAMILIES["sd3.5-medium"]
+    if UNET_PREFIX + "joint_blocks.0.x_block.attn.ln_q.weight" in shapes:
+        return FAMILIES["sd3.5-large"]
+    return FAMILIES["sd3"]
 
 
 def looks_like_lora(keys) -> bool:
@@ -224,6 +271,8 @@ def model_config(shapes: Shapes, metadata: Mapping[str, str] | None = None,
     """
     if metadata and "sdlab.config" in metadata:
         cfg = ModelConfig.from_json(metadata["sdlab.config"])
+    elif MMDIT_MARKER in shapes:
+        cfg = sd3_model_config(shapes)
     else:
         family = detect_family(shapes)
         if "ztsnr" in shapes:
@@ -240,6 +289,52 @@ def model_config(shapes: Shapes, metadata: Mapping[str, str] | None = None,
     if prediction is not None:
         cfg = with_prediction(cfg, prediction)
     return cfg
+
+
+def sd3_model_config(shapes: Shapes, extra: Shapes | None = None) -> ModelConfig:
+    """The config of an SD3 / SD3.5 single file: the MMDiT's and VAE's off their shapes, and the
+    text encoders the file (or `extra`, the shapes of separate encoder files under the same
+    `text_encoders.*` prefixes, which win) holds. Both CLIPs are needed; T5 is optional.
+
+    Raises:
+        SdlabError: no VAE, a CLIP missing, or a T5 whose width is not the MMDiT's context width.
+    """
+    from .models.mmdit import config_from_state_dict as mmdit_config
+    from .models.t5 import config_from_state_dict as t5_config
+    from .models.vae import config_from_state_dict as vae_config
+
+    family = detect_sd3_family(shapes)
+    mmdit = mmdit_config(shapes, UNET_PREFIX)
+    if not any(k.startswith(VAE_PREFIX) for k in shapes):
+        raise SdlabError("the SD3 checkpoint holds no VAE (first_stage_model.*); give one with --vae")
+    vae = vae_config(shapes, VAE_PREFIX)
+    merged = dict(shapes)
+    if extra:
+        for slot in family.text_encoders:  # a separate file replaces the checkpoint's own copy
+            if any(k.startswith(slot.prefix) for k in extra):
+                merged = {k: v for k, v in merged.items() if not k.startswith(slot.prefix)}
+        merged.update(extra)
+    slots, tes = [], []
+    for slot in family.text_encoders:
+        part = _strip(merged, slot.prefix)
+        if not part:
+            continue
+        if slot.layout == "t5":
+            te = t5_config(part)
+            if te.d_model != mmdit.context_dim:
+                raise SdlabError(f"the T5 encoder is {te.d_model} wide but this MMDiT reads {mmdit.context_dim}-wide "
+                                 "text tokens: use T5-XXL (t5xxl_fp16 / t5xxl_fp8_e4m3fn), not a smaller T5")
+        else:
+            te = clip_config_from_shapes(part, slot.layout)
+            te = replace(te, activation=slot.activation or te.activation)
+        slots.append(slot)
+        tes.append(te)
+    names = [s.prefix.split(".")[1] for s in slots]
+    if "clip_l" not in names or "clip_g" not in names:
+        missing = " and ".join(n for n in ("clip_l", "clip_g") if n not in names)
+        raise SdlabError(f"the SD3 model has no {missing} text encoder: give it with --clip-l / --clip-g "
+                         "(clip_l.safetensors, clip_g.safetensors), or use a checkpoint that includes the CLIPs")
+    return ModelConfig(replace(family, text_encoders=tuple(slots)), mmdit, vae, tuple(tes))
 
 
 def size_embed_dim_from_shapes(adm_in_channels: int, family: Family, pooled_encoder: CLIPTextConfig) -> int:

@@ -23,6 +23,17 @@ PRESETS = {
     # without classifier-free guidance, on trailing timesteps.
     "turbo": {"steps": 1, "cfg_scale": 1.0, "sampler": "Euler a", "schedule": "sgm_uniform"},
 }
+# The same presets on flow models: SD3.5-large-turbo is sampled in 4 Euler steps without CFG (the
+# SD3.5 reference's config), on the "normal" schedule (the reference's and diffusers').
+FLOW_PRESETS = {"turbo": {"steps": 4, "cfg_scale": 1.0, "sampler": "Euler", "schedule": "normal"}}
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    """"7,8,9" -> (7, 8, 9)."""
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").strip("[]()").split(",") if v)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a list of layer numbers such as 7,8,9") from None
 
 # CLI flag -> request field, for everything a PNG's infotext can also give.
 _INFOTEXT_FIELDS = {
@@ -32,6 +43,14 @@ _INFOTEXT_FIELDS = {
     "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("denoising_strength", float),
     "CFG rescale phi": ("guidance_rescale", float), "Mask blur": ("mask_blur", float),
     "Eta": ("eta", float), "Eta DDIM": ("eta", float), "Refiner switch at": ("refiner_switch_at", float),
+    "Shift": ("shift", float),  # SD3's flow shift, written when not the model's own
+    "SLG layers": ("slg_layers", _int_tuple), "SLG scale": ("slg_scale", float), "SLG start": ("slg_start", float),
+    "SLG end": ("slg_end", float),
+    # the hires fix's (`hires.hires_infotext`)
+    "Hires upscale": ("hr_scale", float), "Hires steps": ("hr_second_pass_steps", int),
+    "Hires upscaler": ("hr_upscaler", str), "Hires sampler": ("hr_sampler_name", str),
+    "Hires schedule type": ("hr_scheduler", str), "Hires prompt": ("hr_prompt", str),
+    "Hires negative prompt": ("hr_negative_prompt", str), "Hires CFG Scale": ("hr_cfg", float),
     # sdlab's own keys (`Pipeline.replay_infotext`)
     "sdlab aesthetic score": ("aesthetic_score", float),
     "sdlab negative aesthetic score": ("negative_aesthetic_score", float),
@@ -81,6 +100,7 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
     p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
                    help="sample on the noise schedule rescaled to zero terminal SNR, for models trained on it "
                         "(default: as the model's file says, e.g. NoobAI-XL v-pred's 'ztsnr' marker)")
+    _add_sd3(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 for the UNet and text encoder "
                    "(default: fp16 on a GPU; on a CPU bf16 where it has AVX512-BF16/AMX, else fp32; "
@@ -118,6 +138,70 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
     p.add_argument("-o", "--output", default="outputs", help="a .png file, or a folder (default: ./outputs)")
 
 
+# --hires-* flag -> request field; any of them turns the hires fix on.
+_HIRES_FLAGS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler", "hr_prompt",
+                "hr_negative_prompt", "hr_cfg", "hr_checkpoint_name")
+
+
+def _add_sd3(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SD3 / SD3.5")
+    g.add_argument("--shift", type=float, default=None, help="flow sampling shift (default: the model's, 3)")
+    g.add_argument("--clip-l", default=None, help="CLIP-L file (default: the checkpoint's, else models/text_encoders)")
+    g.add_argument("--clip-g", default=None, help="CLIP-G file (default: the checkpoint's, else models/text_encoders)")
+    g.add_argument("--t5", default=None, help="T5-XXL file, fp16 or fp8 (default: the checkpoint's, else "
+                   "models/text_encoders; none: CLIP-L and CLIP-G alone)")
+    g.add_argument("--t5-max-length", type=int, default=77,
+                   help="T5 tokens per prompt chunk (default 77 as the reference and ComfyUI; diffusers uses 256)")
+    g.add_argument("--slg-layers", type=_int_tuple, default=None, metavar="7,8,9",
+                   help="skip-layer guidance (SD3.5-medium): joint blocks to leave out of its extra pass "
+                   "(default: none, no SLG)")
+    g.add_argument("--slg-scale", type=float, default=None, help="skip-layer guidance scale (default 2.8)")
+    g.add_argument("--slg-start", type=float, default=None, help="SLG from this fraction of the steps (default 0.01)")
+    g.add_argument("--slg-end", type=float, default=None, help="SLG until this fraction of the steps (default 0.2)")
+
+
+def _add_hires(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("hires fix", "a second pass at a larger size from the upscaled first pass, as the "
+                                          "web UI's; any of these turns it on (Size in the infotext stays the first "
+                                          "pass's)")
+    g.add_argument("--hires", dest="enable_hr", action="store_true", default=None,
+                   help="turn the hires fix on with its defaults (2x, Latent, denoise 0.75)")
+    g.add_argument("--hires-scale", dest="hr_scale", type=float, default=None,
+                   help="upscale by this factor (default 2)")
+    g.add_argument("--hires-resize", dest="hr_resize", type=_size, default=None, metavar="WxH",
+                   help="upscale to this size instead; one side 0 keeps the aspect ratio, both crop the centre "
+                        "(default: by --hires-scale)")
+    g.add_argument("--hires-upscaler", dest="hr_upscaler", default=None,
+                   help="'Latent' (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic "
+                        "antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', or an image upscaler "
+                        "(Lanczos, Nearest, a model in the models folder: see sdlab upscale --list)")
+    g.add_argument("--hires-steps", dest="hr_second_pass_steps", type=int, default=None,
+                   help="steps of the second pass (default 0: as --steps); they run as the last steps of a "
+                        "schedule of int(steps / denoise) steps")
+    g.add_argument("--hires-denoise", dest="hr_denoise", type=float, default=None,
+                   help="denoising strength of the second pass (default 0.75)")
+    g.add_argument("--hires-sampler", dest="hr_sampler_name", default=None, help="sampler (default: --sampler's)")
+    g.add_argument("--hires-schedule", dest="hr_scheduler", default=None, help="schedule type (default: --schedule's)")
+    g.add_argument("--hires-prompt", dest="hr_prompt", default=None, help="prompt (default: the prompt)")
+    g.add_argument("--hires-negative", dest="hr_negative_prompt", default=None,
+                   help="negative prompt (default: the negative prompt)")
+    g.add_argument("--hires-cfg", dest="hr_cfg", type=float, default=None, help="CFG scale (default: --cfg's)")
+    g.add_argument("--hires-checkpoint", dest="hr_checkpoint_name", default=None,
+                   help="only 'Use same checkpoint' is supported (default: the same checkpoint)")
+
+
+def _hires_fields(args: argparse.Namespace) -> dict:
+    """The request fields of the --hires-* flags given (none for img2img / inpaint)."""
+    fields = {name: getattr(args, name) for name in _HIRES_FLAGS if getattr(args, name, None) is not None}
+    if getattr(args, "hr_resize", None) is not None:
+        fields["hr_resize_y"], fields["hr_resize_x"] = args.hr_resize
+    if getattr(args, "hr_denoise", None) is not None:
+        fields["denoising_strength"] = args.hr_denoise
+    if fields or getattr(args, "enable_hr", None):
+        fields["enable_hr"] = True
+    return fields
+
+
 def _size(text: str) -> tuple[int, int]:
     """'WxH' -> (H, W), the (height, width) order SDXL's conditioning uses."""
     try:
@@ -131,6 +215,7 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="text to image",
                        description="Generate images from a prompt and save them as PNGs with their parameters.")
     _add_common(p, prompt_required=False)
+    _add_hires(p)
     p.set_defaults(func=cmd_generate, mode="txt2img")
 
     p = sub.add_parser("img2img", help="image to image",
@@ -158,6 +243,23 @@ def register(sub) -> None:
     p.add_argument("--invert-mask", dest="inpainting_mask_invert", action="store_true", default=None,
                    help="repaint the black part instead")
     p.set_defaults(func=cmd_generate, mode="inpaint")
+
+    p = sub.add_parser("outpaint", help="extend an image's canvas and paint the new area",
+                       description="Pad IMAGE on the sides given and inpaint the new area, blending into the "
+                                   "image over a feathered edge (ComfyUI's ImagePadForOutpaint mask). Inpainting "
+                                   "checkpoints give the best results.")
+    p.add_argument("init", metavar="IMAGE", help="the image to extend")
+    _add_common(p, prompt_required=False)
+    for side in ("left", "top", "right", "bottom"):
+        p.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side} (default 0)")
+    p.add_argument("--feather", type=int, default=40,
+                   help="pixels over which the mask fades into the image from each padded side (default 40)")
+    p.add_argument("--fill", choices=["edge", "noise", "solid"], default="edge",
+                   help="what the new area starts as: edge pixels stretched (default), noise, or solid grey")
+    p.add_argument("--mask-blur", type=float, default=None, help="blur the mask edge by this radius (default 0)")
+    p.add_argument("--strength", dest="denoising_strength", type=float, default=None,
+                   help="denoising strength 0..1 (default 1)")
+    p.set_defaults(func=cmd_generate, mode="outpaint")
 
     p = sub.add_parser("samplers", help="list samplers and schedule types",
                        description="List the sampler names and schedule types sdlab accepts.")
@@ -203,6 +305,14 @@ def request_fields_from_infotext(text: str) -> dict:
         fields["zero_terminal_snr"] = False
     if params.get("Tiling") == "True":  # the web UI writes the key only when on
         fields["tiling"] = True
+    if "Hires resize" in params:
+        try:
+            fields["hr_resize_y"], fields["hr_resize_x"] = _size(params["Hires resize"])
+        except argparse.ArgumentTypeError:
+            raise SdlabError(f"the infotext's 'Hires resize' value {params['Hires resize']!r} is not "
+                             "WIDTHxHEIGHT") from None
+    if "Hires upscale" in params or "Hires resize" in params:  # the web UI writes one of them with hires fix
+        fields["enable_hr"] = True
     # The web UI's default noise is the GPU's; on NVIDIA cards that is what "nv" reproduces.
     fields["rng"] = {"CPU": "cpu", "NV": "nv", "GPU": "nv"}.get(params.get("RNG", "GPU"), "nv")
     return fields
@@ -273,11 +383,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
              "subseed_strength", "width", "height", "batch_size", "n_iter", "clip_skip", "guidance_rescale", "rng",
              "denoising_strength", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding",
              "inpainting_mask_invert", "refiner_switch_at", "original_size", "target_size", "crop_top_left",
-             "aesthetic_score", "zero_terminal_snr", "styles", "tiling")
+             "aesthetic_score", "zero_terminal_snr", "styles", "tiling", "shift", "slg_layers", "slg_scale",
+             "slg_start", "slg_end")
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
+    fields.update(_hires_fields(args))
     # An image made in a batch is made again in that batch and picked out of it, unless flags
     # ask for other seeds or another batch.
     pick = None
@@ -289,11 +401,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
             fields["subseed"] -= pick
     if not fields.get("prompt") and not args.from_image:
         raise SdlabError("give a prompt, e.g. sdlab generate \"a red circle on a blue background\"")
-    if args.mode in ("img2img", "inpaint"):
+    if args.mode in ("img2img", "inpaint", "outpaint"):
         fields["init_image"] = open_image(args.init, "init image")
     if args.mode == "inpaint":
         fields["mask"] = open_image(args.mask, "mask")
         fields.setdefault("denoising_strength", 1.0)
+    if args.mode == "outpaint":
+        from .recipes.outpaint import outpaint_request
+
+        fields.setdefault("denoising_strength", 1.0)
+        fields.setdefault("mask_blur", 0)
+        fields.pop("width", None), fields.pop("height", None)  # the canvas's size
+        request = outpaint_request(GenerationRequest(**{k: v for k, v in fields.items() if k != "init_image"}),
+                                   fields["init_image"], args.left, args.top, args.right, args.bottom, args.feather,
+                                   args.fill)
+        fields.update(init_image=request.init_image, mask=request.mask, width=request.width, height=request.height,
+                      inpaint_full_res=False)
 
     # Everything that needs no model is checked before one loads, so a typo costs no load.
     request = GenerationRequest(**fields)
@@ -311,7 +434,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
             weight_dtype = replay.weight_dtype
         _warn_if_emulated(args, dtype)
     pipe = load(model, device=args.device, dtype=dtype, prediction=args.prediction or replay.prediction,
-                models_dir=args.models_dir, compile=args.compile, offload=args.offload, weight_dtype=weight_dtype)
+                models_dir=args.models_dir, compile=args.compile, offload=args.offload, weight_dtype=weight_dtype,
+                text_encoder_files={"clip_l": args.clip_l, "clip_g": args.clip_g, "t5xxl": args.t5},
+                t5_max_length=args.t5_max_length)
+    if args.preset in FLOW_PRESETS and pipe.bundle.family.is_flow:  # flags still win
+        request = replace(request, **{k: v for k, v in FLOW_PRESETS[args.preset].items() if getattr(args, k) is None})
     if args.styles_file:
         pipe.styles_file = Path(args.styles_file)
     if vae_path is not None:

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 # The networks a LoRA module can address: the UNet and the text encoders by index.
-Net = Literal["unet", "te0", "te1"]
+Net = Literal["unet", "te0", "te1", "te2"]  # te2: SD3's T5
 Kind = Literal["lora", "loha", "lokr", "full"]
 
 
@@ -66,7 +66,7 @@ Kind = Literal["lora", "loha", "lokr", "full"]
 # --------------------------------------------------------------------------------------
 
 _KOHYA_PREFIXES: tuple[tuple[str, Net], ...] = (
-    ("lora_unet_", "unet"), ("lora_te1_", "te0"), ("lora_te2_", "te1"), ("lora_te_", "te0"))
+    ("lora_unet_", "unet"), ("lora_te1_", "te0"), ("lora_te2_", "te1"), ("lora_te3_", "te2"), ("lora_te_", "te0"))
 _KOHYA_PART_PREFIX = {"unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
 
 # OpenCLIP module -> transformers CLIPTextModel module, per layer (q/k/v are rows of in_proj).
@@ -120,14 +120,20 @@ def _index(unet: nn.Module, unet_cfg: UNetConfig, text_encoders: Sequence[nn.Mod
             index.setdefault((slot.net, name.replace(".", "_")), slot)
 
     layers = [name for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    for native, diffusers in _unet_diffusers_paths(layers, unet_cfg).items():
-        add(_Slot("unet", native, native + ".weight"), native, diffusers)
+    if hasattr(unet_cfg, "hidden_size"):  # SD3's MMDiT: kohya's names are its own paths
+        for native in layers:
+            add(_Slot("unet", native, native + ".weight"), native)
+        for diffusers, native, rows in _mmdit_diffusers_names(unet_cfg):
+            add(_Slot("unet", diffusers if rows else native, native + ".weight", rows), diffusers)
+    else:
+        for native, diffusers in _unet_diffusers_paths(layers, unet_cfg).items():
+            add(_Slot("unet", native, native + ".weight"), native, diffusers)
 
     for te, net in zip(text_encoders, te_nets, strict=True):
         for name, m in te.named_modules():
             if isinstance(m, nn.Linear):
                 add(_Slot(net, name, name + ".weight"), *_te_aliases(name))
-        if te.cfg.layout == "openclip":
+        if getattr(te.cfg, "layout", None) == "openclip":
             width = te.cfg.width
             for layer in range(te.cfg.layers):
                 base = f"transformer.resblocks.{layer}.attn."
@@ -137,6 +143,33 @@ def _index(unet: nn.Module, unet_cfg: UNetConfig, text_encoders: Sequence[nn.Mod
                     path = f"{base}{x}_proj"
                     add(_Slot(net, path, param, (j * width, (j + 1) * width)), *_te_aliases(path))
     return index
+
+
+def _mmdit_diffusers_names(cfg) -> list[tuple[str, str, tuple[int, int] | None]]:
+    """(diffusers module path, native module path, rows) of SD3's MMDiT: diffusers' separate q, k
+    and v are row ranges of the original's fused qkv (ComfyUI `mmdit_to_diffusers`)."""
+    d, out = cfg.hidden_size, []
+    thirds = [(0, d), (d, 2 * d), (2 * d, 3 * d)]
+    for i in range(cfg.depth):
+        b, j = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        last = i == cfg.depth - 1
+        attns = [("attn.to_", "x_block.attn."), ("attn.add_", "context_block.attn.")]
+        if i in cfg.x_block_self_attn_layers:
+            attns.append(("attn2.to_", "x_block.attn2."))
+        for (src, dst) in attns:
+            suffix = "_proj" if src == "attn.add_" else ""
+            out += [(f"{b}{src}{x}{suffix}", f"{j}{dst}qkv", rows) for x, rows in zip("qkv", thirds)]
+        pairs = [("attn.to_out.0", "x_block.attn.proj"), ("ff.net.0.proj", "x_block.mlp.fc1"),
+                 ("ff.net.2", "x_block.mlp.fc2"), ("norm1.linear", "x_block.adaLN_modulation.1")]
+        if not last:
+            pairs += [("attn.to_add_out", "context_block.attn.proj"), ("ff_context.net.0.proj", "context_block.mlp.fc1"),
+                      ("ff_context.net.2", "context_block.mlp.fc2"),
+                      ("norm1_context.linear", "context_block.adaLN_modulation.1")]
+        if i in cfg.x_block_self_attn_layers:
+            pairs.append(("attn2.to_out.0", "x_block.attn2.proj"))
+        out += [(b + src, j + dst, None) for src, dst in pairs]
+    out += [("context_embedder", "context_embedder", None), ("proj_out", "final_layer.linear", None)]
+    return out
 
 
 def _bundle_index(bundle: Bundle) -> dict[tuple[str, str], _Slot]:
@@ -152,11 +185,13 @@ def _te_nets(family) -> list[Net]:
 def _config_index(cfg: ModelConfig) -> dict[tuple[str, str], _Slot]:
     # Shapes only: build the networks on the meta device (no memory, milliseconds).
     from .models.clip import CLIPTextModel
+    from .models.mmdit import MMDiT
+    from .models.t5 import T5Config, T5Encoder
     from .models.unet import UNet
 
     with torch.device("meta"):
-        unet = UNet(cfg.unet)
-        tes = [CLIPTextModel(c) for c in cfg.text_encoders]
+        unet = (MMDiT if cfg.family.is_flow else UNet)(cfg.unet)
+        tes = [T5Encoder(c) if isinstance(c, T5Config) else CLIPTextModel(c) for c in cfg.text_encoders]
     return _index(unet, cfg.unet, tes, _te_nets(cfg.family))
 
 
@@ -384,7 +419,8 @@ _PROCESSOR = re.compile(r"(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(
 _PROCESSOR_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _PROCESSOR_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _DIFFUSERS_NETS: tuple[tuple[str, Net], ...] = (
-    ("unet.", "unet"), ("text_encoder_2.", "te1"), ("text_encoder.", "te0"))
+    ("unet.", "unet"), ("transformer.", "unet"), ("text_encoder_2.", "te1"), ("text_encoder_3.", "te2"),
+    ("text_encoder.", "te0"))
 
 
 def _parse_kohya_key(key: str) -> tuple[Net, str, str, str] | None:

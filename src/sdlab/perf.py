@@ -110,8 +110,9 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
 
 def load_for_inference(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                        *, prediction: str | None = None, use_ema: bool = True, compile: bool = False,
-                       offload: bool = False, weight_dtype: torch.dtype | None = None) -> Bundle:
+                       offload: bool = False, weight_dtype: torch.dtype | None = None, **sd3_options) -> Bundle:
     """`load_bundle`, then `prepare_for_inference`: what `sdlab.load`, the CLI and the server run.
+    `sd3_options`: `load_bundle`'s SD3 arguments (text_encoder_files, text_encoder_dirs, t5_max_length).
 
     `device` None picks CUDA when available, else the CPU; `dtype` None the fastest dtype the
     device runs well (`device.default_dtype`); `weight_dtype` None that dtype, or when neither
@@ -128,7 +129,7 @@ def load_for_inference(model: str | Path, device: str | torch.device | None = No
     if offload and device.type == "cpu":
         raise SdlabError("--offload moves models between CPU memory and a GPU; it needs --device cuda (or another GPU)")
     bundle = load_bundle(model, device="cpu" if offload else device, dtype=dtype, prediction=prediction,
-                         use_ema=use_ema, weight_dtype=weight_dtype)
+                         use_ema=use_ema, weight_dtype=weight_dtype, **sd3_options)
     return prepare_for_inference(bundle, device, dtype, compile=compile, offload=offload, weight_dtype=weight_dtype)
 
 

@@ -19,13 +19,16 @@ from torch import Tensor
 from ._version import __version__
 from .checkpoints.loader import Bundle
 from .device import dtype_name, vae_dtype
+from .controlnet.units import ControlNets, ControlRequest
 from .embeddings import EmbeddingLibrary
+from .hires import hires_infotext
 from .infotext import create_infotext, with_infotext
 from .lora import LoraSpec, LoraState, lora_specs
 from .models.layers import circular_padding
 from .models.storage import storage_dtype
 from .models_dir import ModelsDir
 from .recipes import webui
+from .recipes.sd3 import sd3_infotext
 from .request import GenerationRequest, GenerationResult, Interrupted, Progress, validate
 from .sampling.samplers import resolve_sampler
 from .sampling.schedules import SCHEDULES, resolve_schedule
@@ -43,9 +46,12 @@ def _wxh(hw: tuple[int, int]) -> str:
 
 
 def text_runners(bundle: Bundle) -> list[TextEncoderRunner]:
+    from .text.t5_runner import T5Runner
+
     fam = bundle.family
-    return [TextEncoderRunner(te, tok, base_skip=fam.clip_skip, final_norm=fam.text_final_norm)
-            for te, tok in zip(bundle.text_encoders, bundle.tokenizers)]
+    return [T5Runner(te, tok) if slot.layout == "t5" else
+            TextEncoderRunner(te, tok, base_skip=fam.clip_skip, final_norm=fam.text_final_norm)
+            for slot, te, tok in zip(fam.text_encoders, bundle.text_encoders, bundle.tokenizers)]
 
 
 class Pipeline:
@@ -67,11 +73,13 @@ class Pipeline:
         self.models = models if models is not None else ModelsDir()
         self.loras = LoraState()
         self.embeddings = EmbeddingLibrary(self.models.folder("embedding"))
+        self.controlnets = ControlNets(self.models.root)
         self.vae_info = dict(vae_info or {})
         # The styles a request names (the web UI's styles.csv); read at each request that names one.
         self.styles_file = Path(styles_file) if styles_file is not None else self.models.root / STYLES_FILE
         _vae_in_fp32_on_cpu(bundle)
         self.set_refiner(refiner)
+        self.upscalers = None  # the hires fix's image upscalers (`recipes.hires.upscalers_of`), made on first use
 
     def use_vae(self, path: Path) -> None:
         """Decode and encode with a separate VAE file (the web UI's "SD VAE"), named in the infotext."""
@@ -139,14 +147,16 @@ class Pipeline:
         prompt, networks = extract_extra_networks(req.prompt)
         negative, _ = extract_extra_networks(req.negative_prompt)  # the web UIs apply only the prompt's
         specs = lora_specs(networks, self.models.resolve_lora)
-        embeddings = self._embeddings(prompt, negative)
+        embeddings = self.embeddings_for(prompt, negative)
         self._set_loras(specs)
         extras = self._extra_infotext(specs, prompt + " " + negative)
         sampler = resolve_sampler(req.sampler)
         schedule = resolve_schedule(req.schedule).name
         if schedule == "automatic":
             schedule = sampler.default_schedule or "automatic"
-        run = webui.prepare(self, req, prompt, negative, sampler, schedule, embeddings)
+        controls = self.controlnets.units(req.controls, self.bundle, req.width, req.height, req.init_image)
+        extras.update(_control_infotext(req.controls))
+        run = webui.prepare(self, req, prompt, negative, sampler, schedule, embeddings, controls)
         tiled = [b.unet for b, _, _ in self.models_in_use(req, embeddings)] + [self.bundle.vae]
         with circular_padding(*tiled, enabled=req.tiling):
             for batch in webui.batches(self, run, callback):
@@ -186,11 +196,13 @@ class Pipeline:
             params["Eta DDIM" if sampler == "DDIM" else "Eta"] = req.eta  # the web UI's keys
         if self.zero_terminal_snr(req):
             params["Noise Schedule"] = "Zero Terminal SNR"
+        params.update(sd3_infotext(req, self.bundle.family))  # Shift, SLG
         if req.mode == "inpaint":
             params["Mask blur"] = req.mask_blur
             if req.inpaint_full_res:
                 params["Inpaint area"] = "Only masked"
                 params["Masked area padding"] = req.inpaint_full_res_padding
+        params.update(hires_infotext(req, sampler, params["Schedule type"]))
         params.update(extras or {})
         if self.refiner is not None and req.refiner_switch_at is not None and req.refiner_switch_at < 1.0:
             params["Refiner"] = req.refiner_checkpoint or self.refiner.name
@@ -249,7 +261,7 @@ class Pipeline:
 
     # -- internals ----------------------------------------------------------
 
-    def _embeddings(self, prompt: str, negative: str) -> list[list[dict[str, Tensor]]]:
+    def embeddings_for(self, prompt: str, negative: str) -> list[list[dict[str, Tensor]]]:
         """Textual-inversion vectors for each text encoder of the model and of the refiner (SDXL
         files hold clip_l and clip_g vectors; each encoder takes its own)."""
         self.embeddings.refresh()
@@ -285,6 +297,20 @@ class Pipeline:
             extras["TI hashes"] = ", ".join(f"{e.name}: {self.models.infotext_hash('embedding', e.path)}"
                                             for e in used)
         return extras
+
+
+def _control_infotext(controls: list) -> dict[str, str]:
+    """The extension's infotext lines: `ControlNet 0: "Module: canny, Model: name, Weight: 1, ..."`."""
+    out = {}
+    for i, c in enumerate(controls):
+        if isinstance(c, ControlRequest):
+            fields = {"Module": c.module, "Model": Path(c.model).stem, "Weight": c.weight,
+                      "Resize Mode": c.resize_mode, "Processor Res": c.processor_res, "Threshold A": c.threshold_a,
+                      "Threshold B": c.threshold_b, "Guidance Start": c.guidance_start,
+                      "Guidance End": c.guidance_end, "Pixel Perfect": c.pixel_perfect,
+                      "Control Mode": c.control_mode}
+            out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items())  # quoted by create_infotext
+    return out
 
 
 def _vae_in_fp32_on_cpu(bundle: Bundle) -> None:

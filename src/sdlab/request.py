@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import SdlabError
+from .hires import check_hires, latent_mode
 from .lora import lora_specs
 from .models_dir import ModelsDir
 from .sampling.rng import RngSource
@@ -76,6 +77,30 @@ class GenerationRequest:
     styles: list[str] = field(default_factory=list)
     # Seamless images: the UNet and VAE pad their convolutions circularly (the web UI's "Tiling").
     tiling: bool = False
+    # ControlNet units (`controlnet.units.ControlRequest`, or ready `controlnet.apply.ControlUnit`s).
+    controls: list = field(default_factory=list)
+    # Flow models (SD3): the sampling shift; None: the model's (3.0, or its diffusers scheduler's).
+    shift: float | None = None
+    # SD3.5's skip-layer guidance (`recipes/sd3.py`): joint blocks left out of an extra conditional
+    # pass, its scale, and the fractions of the steps it applies between (diffusers' defaults).
+    slg_layers: tuple[int, ...] = ()
+    slg_scale: float = 2.8
+    slg_start: float = 0.01
+    slg_end: float = 0.2
+    # Hires fix (txt2img): a second pass at a larger size from the upscaled first pass, at
+    # `denoising_strength` (`hires.py` has the rules, `recipes/hires.py` the pass).
+    enable_hr: bool = False
+    hr_scale: float = 2.0  # used when hr_resize_x and hr_resize_y are both 0
+    hr_resize_x: int = 0  # explicit target size; one side 0 follows the aspect ratio
+    hr_resize_y: int = 0
+    hr_upscaler: str | None = None  # None: "Latent"; a latent mode or an image upscaler's name
+    hr_second_pass_steps: int = 0  # 0: steps
+    hr_sampler_name: str | None = None  # None: the first pass's sampler
+    hr_scheduler: str | None = None  # None: the first pass's schedule
+    hr_prompt: str = ""  # "": the prompt
+    hr_negative_prompt: str = ""
+    hr_cfg: float | None = None  # Forge's; None: cfg_scale
+    hr_checkpoint_name: str | None = None  # only the same checkpoint (None / "Use same checkpoint")
 
     @property
     def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
@@ -133,8 +158,13 @@ def check_request(req: GenerationRequest, models: ModelsDir | None = None) -> No
         raise SdlabError("a mask needs an init image to inpaint")
     resolve_sampler(req.sampler)
     resolve_schedule(req.schedule)
+    check_hires(req)
     if models is not None:
         lora_specs(extract_extra_networks(req.prompt)[1], models.resolve_lora)
+        if req.enable_hr and latent_mode(req.hr_upscaler) is None:
+            from .upscalers import Upscalers
+
+            Upscalers(models.root).find(req.hr_upscaler)
 
 
 def validate(req: GenerationRequest, default_size: int, multiple: int = 8) -> GenerationRequest:

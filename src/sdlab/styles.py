@@ -82,7 +82,12 @@ def apply_styles(req: GenerationRequest, path: str | Path) -> GenerationRequest:
         have = ", ".join(map(repr, styles)) or "none"
         raise SdlabError(f"no style named {missing[0]!r} in {path} (styles there: {have})")
     prompt, negative = req.prompt, req.negative_prompt
+    # The hires fix's own prompts get the styles too, as the web UI does; empty ones stay empty
+    # (they mean "the prompt", already styled).
+    hr_prompt, hr_negative = req.hr_prompt, req.hr_negative_prompt
     for name in req.styles:
         prompt = merge_prompts(styles[name].prompt, prompt)
         negative = merge_prompts(styles[name].negative_prompt, negative)
-    return replace(req, prompt=prompt, negative_prompt=negative)
+        hr_prompt = hr_prompt and merge_prompts(styles[name].prompt, hr_prompt)
+        hr_negative = hr_negative and merge_prompts(styles[name].negative_prompt, hr_negative)
+    return replace(req, prompt=prompt, negative_prompt=negative, hr_prompt=hr_prompt, hr_negative_prompt=hr_negative)

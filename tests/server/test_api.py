@@ -195,12 +195,43 @@ def test_unknown_fields_and_options_pass_with_a_note(client):
     assert "no_such_field" in notes and info["ignored_fields"] == ["no_such_field"] and "sd_vae" in notes
 
 
-def test_hires_fix_and_always_on_scripts_are_refused_naming_the_field(client):
+def test_hires_fix_gives_a_larger_image_whose_infotext_the_web_ui_reads(client):
+    """A web-UI client's txt2img(enable_hr=True, hr_scale=2, hr_upscaler="Latent", ...): a 2x image;
+    info's width/height and the infotext's Size stay the first pass's; the infotext field replays it."""
+    from sdlab.infotext import parse_infotext
+
+    body = {**SMALL, "prompt": "x", "seed": 4, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent",
+            "denoising_strength": 0.5, "hr_second_pass_steps": 2}
+    data, info = txt2img(client, **body)
+    img = png(data["images"][0])
+    assert img.size == (64, 64) and (info["width"], info["height"]) == (32, 32)
+    params = parse_infotext(info["infotexts"][0])
+    assert params["Size"] == "32x32" and params["Hires upscale"] == "2" and params["Hires steps"] == "2"
+    assert params["Hires upscaler"] == "Latent" and params["Denoising strength"] == "0.5"
+    assert info["denoising_strength"] == 0.5 and info["extra_generation_params"]["Hires upscale"] == 2
+    again, _ = txt2img(client, infotext=info["infotexts"][0])
+    assert np.array_equal(np.asarray(png(again["images"][0])), np.asarray(img))
+    # Each hires field changes the image or its size (the tiny model barely hears its prompts and
+    # CFG: those reach the infotext here, and the pass's conditioning in tests/test_hires.py).
+    for extra in ({"hr_resize_x": 48, "hr_resize_y": 40}, {"hr_sampler_name": "DPM++ 2M"}, {"hr_scheduler": "Karras"},
+                  {"hr_upscaler": "Lanczos"}, {"hr_upscaler": "Latent (nearest)"}, {"denoising_strength": 0.9}):
+        other = png(txt2img(client, **{**body, **extra})[0]["images"][0])
+        assert other.size != img.size or not np.array_equal(np.asarray(other), np.asarray(img)), extra
+    _, info = txt2img(client, **body, hr_prompt="y", hr_negative_prompt="z", hr_cfg=2.0)
+    params = parse_infotext(info["infotexts"][0])
+    assert (params["Hires prompt"], params["Hires negative prompt"], params["Hires CFG Scale"]) == ("y", "z", "2")
+    # Bad input: one clear message each.
+    for extra, status, words in (({"hr_scale": 0}, 400, "hires scale must be above 0"),
+                                 ({"hr_resize_x": 4096, "hr_resize_y": 4096}, 422, "this server allows"),
+                                 ({"hr_upscaler": "4x-nothing"}, 400, "no upscaler named '4x-nothing'"),
+                                 ({"hr_checkpoint_name": "other.safetensors"}, 422, "hr_checkpoint_name")):
+        r = client.post(f"{API}/txt2img", json={**body, **extra})
+        assert words in r.json()["detail"] and r.status_code in (400, 422), (extra, r.text)
+
+
+def test_always_on_scripts_are_refused_naming_the_field(client):
     """A request for a feature sdlab does not have is a 422 that names the field, never an image
-    made without the feature (issue: enable_hr answered with a first-pass image)."""
-    r = client.post(f"{API}/txt2img", json={**SMALL, "enable_hr": True, "hr_scale": 2})
-    assert r.status_code == 422 and r.json()["error"] == "Unsupported"
-    assert r.json()["detail"].startswith("enable_hr=true: hires fix is not implemented by sdlab; send false")
+    made without the feature."""
     unit = {"args": [{"enabled": True, "module": "canny", "model": "control_v11p_sd15_canny"}]}
     r = client.post(f"{API}/txt2img", json={**SMALL, "alwayson_scripts": {"controlnet": unit}})
     # The web UI's own words for a script it does not have, in its status.
@@ -321,6 +352,10 @@ ACTED_ON = {  # txt2img and img2img
     "disable_extra_networks": "test_disable_extra_networks_drops_the_lora_tags",
     "send_images": "test_send_images_false_answers_without_images",
     "infotext": "test_infotext_field_fills_unset_fields",
+    # txt2img's hires fix (denoising_strength is img2img's too)
+    **{name: "test_hires_fix_gives_a_larger_image_whose_infotext_the_web_ui_reads" for name in (
+        "enable_hr", "denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+        "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg")},
 }
 IMG2IMG_ACTED_ON = {
     "init_images": "test_img2img_returns_an_image_of_the_requested_size",

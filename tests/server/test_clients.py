@@ -54,8 +54,8 @@ def test_txt2img_and_img2img_with_the_clients_defaults(api):
 
 def test_what_sdlab_cannot_do_is_refused_not_ignored(api):
     with pytest.raises(RuntimeError) as e:
-        api.txt2img(prompt="x", width=32, height=32, enable_hr=True, hr_scale=2)
-    assert e.value.args[0] == 422 and "enable_hr=true: hires fix is not implemented" in e.value.args[1]
+        api.txt2img(prompt="x", width=32, height=32, restore_faces=True)
+    assert e.value.args[0] == 422 and "restore_faces=true: face restoration" in e.value.args[1]
     unit = webuiapi.ControlNetUnit(image=Image.new("RGB", (32, 32)), module="canny", model="control_canny")
     with pytest.raises(RuntimeError) as e:
         # (a dict of our own: webuiapi adds the unit to the dict it is given, its default one included)

@@ -60,6 +60,11 @@ class T5Config:
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
+    @property
+    def width(self) -> int:
+        """The output width (`d_model`), under the name CLIPTextConfig gives it."""
+        return self.d_model
+
 
 PRESETS: dict[str, T5Config] = {
     # google/t5-v1_1-xxl, as in t5xxl_fp16.safetensors (about 4.76 B parameters).

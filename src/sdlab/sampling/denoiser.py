@@ -45,6 +45,9 @@ class Conditioning:
     # (B, C', H, W) extra input channels of inpainting UNets (mask, masked-image latent),
     # concatenated after the noisy latent on the channel axis.
     concat: Tensor | None = None
+    # (B,) bool: the rows that are the negative prompt's half of a guided batch (`CFGDenoiser`);
+    # None: all rows are the prompt's. Patches that treat the halves differently read it.
+    negative_rows: Tensor | None = None
 
 
 class ConditionalDenoiser(Protocol):
@@ -74,13 +77,19 @@ class NetDenoiser:
         raise NotImplementedError
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        x = x.float()
-        sigma = sigma.to(x.device, torch.float32)
-        x_in = self.sampling.calculate_input(sigma, x)
-        if cond.concat is not None:
-            x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
-        out = self.apply(x_in, self.sampling.sigma_to_t(sigma), cond).float()
-        return self.sampling.to_x0(sigma, out, x)
+        return denoise_with(self.sampling, self.apply, x, sigma, cond)
+
+
+def denoise_with(sampling: ModelSampling, apply: Callable[[Tensor, Tensor, Conditioning], Tensor], x: Tensor,
+                 sigma: Tensor, cond: Conditioning) -> Tensor:
+    """x0 from a network call `apply(x_in, t, cond)` through its model sampling (`NetDenoiser`)."""
+    x = x.float()
+    sigma = sigma.to(x.device, torch.float32)
+    x_in = sampling.calculate_input(sigma, x)
+    if cond.concat is not None:
+        x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
+    out = apply(x_in, sampling.sigma_to_t(sigma), cond).float()
+    return sampling.to_x0(sigma, out, x)
 
 
 class DiscreteDenoiser(NetDenoiser):
@@ -131,6 +140,9 @@ def _cat_conditioning(a: Conditioning, b: Conditioning) -> Conditioning:
         context=torch.cat([a.context, b.context]),
         y=torch.cat([a.y, b.y]) if a.y is not None and b.y is not None else None,
         concat=torch.cat([concat_a, concat_b]) if concat_a is not None else None,
+        # `a` is the negative prompt's half (CFGDenoiser batches uncond first).
+        negative_rows=torch.arange(a.context.shape[0] + b.context.shape[0], device=a.context.device)
+        < a.context.shape[0],
     )
 
 

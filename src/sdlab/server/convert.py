@@ -9,7 +9,7 @@ import binascii
 import io
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -70,13 +70,16 @@ NOT_ACTED_ON: dict[str, NotActedOn] = {
     "alwayson_scripts": NotActedOn("always-on scripts", ({},)),
 }
 TXT2IMG_NOT_ACTED_ON: dict[str, NotActedOn] = {
-    "enable_hr": NotActedOn("hires fix", (False,),
-                            instead="generate at the final size, or upscale the image and run img2img on it"),
-    # The hires fix settings: they mean nothing while enable_hr is false, in the web UI too.
-    **{name: NotActedOn("hires fix", (Txt2ImgRequest.model_fields[name].default,), only_with="enable_hr")
-       for name in ("denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
-                    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
-                    "hr_scheduler", "hr_prompt", "hr_negative_prompt", "firstpass_image")},
+    # The hires fix is acted on (`_hires_fields`); these of its fields are not. They mean nothing
+    # while enable_hr is false, in the web UI too.
+    "firstphase_width": NotActedOn("the legacy hires fix first-pass size", (0,), only_with="enable_hr",
+                                   instead="send the first-pass width/height and hr_resize_x/hr_resize_y"),
+    "firstphase_height": NotActedOn("the legacy hires fix first-pass size", (0,), only_with="enable_hr",
+                                    instead="send the first-pass width/height and hr_resize_x/hr_resize_y"),
+    "firstpass_image": NotActedOn("a hires fix from a given first-pass image", (None, ""), only_with="enable_hr",
+                                  instead="upscale the image and send it to img2img"),
+    "hr_checkpoint_name": NotActedOn("a second checkpoint for the hires pass", (None, "", "Use same checkpoint"),
+                                     only_with="enable_hr"),
 }
 IMG2IMG_NOT_ACTED_ON: dict[str, NotActedOn] = {
     "resize_mode": NotActedOn("resize modes other than 0 (just resize)", (0,),
@@ -201,9 +204,19 @@ def _fill_from_infotext(body: GenerationFields) -> GenerationFields:
     mapping = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "Sampler": "sampler_name",
                "Schedule type": "scheduler", "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width",
                "Size-2": "height", "Variation seed": "subseed", "Variation seed strength": "subseed_strength",
-               "Denoising strength": "denoising_strength", "Tiling": "tiling"}
+               "Denoising strength": "denoising_strength", "Tiling": "tiling",
+               # the hires fix's keys (txt2img)
+               "Hires upscale": "hr_scale", "Hires steps": "hr_second_pass_steps", "Hires upscaler": "hr_upscaler",
+               "Hires sampler": "hr_sampler_name", "Hires schedule type": "hr_scheduler", "Hires prompt": "hr_prompt",
+               "Hires negative prompt": "hr_negative_prompt", "Hires CFG Scale": "hr_cfg"}
     update = {f: params[k] for k, f in mapping.items() if k in params and f not in body.model_fields_set
               and f in type(body).model_fields and params[k] != ""}
+    if "enable_hr" in type(body).model_fields and "enable_hr" not in body.model_fields_set:
+        if "Hires resize" in params:
+            x, _, y = params["Hires resize"].partition("x")
+            update.update({k: v for k, v in (("hr_resize_x", x), ("hr_resize_y", y)) if k not in body.model_fields_set})
+        if "Hires upscale" in params or "Hires resize" in params:
+            update["enable_hr"] = True
     settings = {"CLIP_stop_at_last_layers": params.get("Clip skip"), "sd_noise_schedule": params.get("Noise Schedule")}
     settings = {k: v for k, v in settings.items() if v is not None and k not in body.override_settings}
     if settings:
@@ -293,6 +306,8 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     )
     if isinstance(body, Img2ImgRequest):
         gen = _img2img_fields(body, gen, limits, notes)
+    elif body.enable_hr:
+        gen = _hires_fields(body, gen, state)
     # Resolve -1 seeds now, so the batches the worker runs and the info we return agree.
     gen = validate(gen, 512)
     sampler_info = resolve_sampler(sampler)
@@ -301,6 +316,34 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     # refused before the request waits in the queue, and for the info.
     styled = apply_styles(gen, state.styles_file)
     return Prepared(gen, checkpoint, notes, ignored, sampler_info.name, styled.prompt, styled.negative_prompt)
+
+
+def _hires_fields(body: Txt2ImgRequest, gen: GenerationRequest, state: ServerState) -> GenerationRequest:
+    """The hires fix's fields; its final size and steps must fit the server's limits too."""
+    from ..hires import check_hires, latent_mode, request_target, second_pass_steps
+
+    limits = state.settings.limits
+    gen = replace(gen, enable_hr=True, hr_scale=body.hr_scale, hr_resize_x=body.hr_resize_x,
+                  hr_resize_y=body.hr_resize_y, hr_upscaler=body.hr_upscaler,
+                  hr_second_pass_steps=body.hr_second_pass_steps, hr_sampler_name=body.hr_sampler_name or None,
+                  hr_scheduler=body.hr_scheduler or None, hr_prompt=body.hr_prompt,
+                  hr_negative_prompt=body.hr_negative_prompt, hr_cfg=body.hr_cfg,
+                  denoising_strength=0.75 if body.denoising_strength is None else body.denoising_strength)
+    check_hires(gen)
+    w, h = request_target(gen).size
+    if w * h > limits.max_pixels:
+        raise OverLimit(f"hires fix of {gen.width}x{gen.height} makes {w}x{h}, {w * h} pixels; this server allows at "
+                        f"most {limits.max_pixels}")
+    if second_pass_steps(gen) > limits.max_steps:
+        raise OverLimit(f"hires steps {second_pass_steps(gen)} is more than this server allows ({limits.max_steps})")
+    if latent_mode(gen.hr_upscaler) is None:
+        from ..upscalers import Upscalers
+
+        try:
+            Upscalers(state.catalog.root).find(gen.hr_upscaler)
+        except SdlabError as e:
+            raise BadInput(f"hr_upscaler: {e}") from None
+    return gen
 
 
 def _img2img_fields(body: Img2ImgRequest, gen: GenerationRequest, limits: Limits,
@@ -361,7 +404,7 @@ def info_json(done: JobResult, prep: Prepared) -> str:
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": req.denoising_strength if req.init_image is not None else None,
+        "denoising_strength": req.denoising_strength if req.init_image is not None or req.enable_hr else None,
         "extra_generation_params": _extra_params(req),
         "index_of_first_image": 0,
         "infotexts": res.infotexts,
@@ -383,7 +426,17 @@ def info_json(done: JobResult, prep: Prepared) -> str:
 
 
 def _extra_params(req: GenerationRequest) -> dict[str, Any]:
+    from ..hires import hires_infotext
+
     extra: dict[str, Any] = {}
+    if req.enable_hr:
+        sampler = resolve_sampler(req.sampler)
+        schedule = resolve_schedule(req.schedule).name
+        if schedule == "automatic":  # the sampler's own, as the pipeline resolves it
+            schedule = sampler.default_schedule or "automatic"
+        hires = hires_infotext(req, sampler.name, SCHEDULES[schedule].label)
+        hires.pop("Denoising strength", None)  # a key of its own in info
+        extra.update(hires)
     if req.mode == "inpaint":
         extra["Mask blur"] = req.mask_blur
         if req.inpaint_full_res:

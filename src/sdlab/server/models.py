@@ -97,22 +97,35 @@ class GenerationFields(BaseModel):
 class Txt2ImgRequest(GenerationFields):
     """POST /sdapi/v1/txt2img (`StableDiffusionProcessingTxt2Img`)."""
 
-    enable_hr: bool = Field(False, description="Hires fix (not implemented; refused unless off).")
+    enable_hr: bool = Field(False,
+        description="Hires fix: a second pass at a larger size from the upscaled first pass, at denoising_strength. "
+                    "The infotext's Size and info's width/height stay the first pass's.")
     denoising_strength: float | None = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False,
-                                             description="Hires fix denoising strength (used with enable_hr only).")
-    firstphase_width: int = Field(0, description="Hires fix (used with enable_hr only).")
-    firstphase_height: int = Field(0, description="Hires fix (used with enable_hr only).")
-    hr_scale: float = Field(2.0, description="Hires fix (used with enable_hr only).")
-    hr_upscaler: str | None = Field(None, description="Hires fix (used with enable_hr only).")
-    hr_second_pass_steps: int = Field(0, description="Hires fix (used with enable_hr only).")
-    hr_resize_x: int = Field(0, description="Hires fix (used with enable_hr only).")
-    hr_resize_y: int = Field(0, description="Hires fix (used with enable_hr only).")
-    hr_checkpoint_name: str | None = Field(None, description="Hires fix (used with enable_hr only).")
-    hr_sampler_name: str | None = Field(None, description="Hires fix (used with enable_hr only).")
-    hr_scheduler: str | None = Field(None, description="Hires fix (used with enable_hr only).")
-    hr_prompt: str = Field("", description="Hires fix (used with enable_hr only).")
-    hr_negative_prompt: str = Field("", description="Hires fix (used with enable_hr only).")
-    firstpass_image: str | None = Field(None, description="Hires fix (used with enable_hr only).")
+        description="Hires fix denoising strength (used with enable_hr only; null: 0.75). The web UI's schema "
+                    "makes this 0 when left out; sdlab keeps 0.75.")
+    firstphase_width: int = Field(0,
+        description="Legacy hires fix first-pass size (not implemented; refused unless 0).")
+    firstphase_height: int = Field(0,
+        description="Legacy hires fix first-pass size (not implemented; refused unless 0).")
+    hr_scale: float = Field(2.0, description="Hires fix: upscale by this (used when hr_resize_x and _y are both 0).")
+    hr_upscaler: str | None = Field(None,
+        description="Hires fix upscaler: a latent mode (GET /sdapi/v1/latent-upscale-modes; null: 'Latent') or an "
+                    "upscaler (GET /sdapi/v1/upscalers).")
+    hr_second_pass_steps: int = Field(0, ge=0,
+        description="Hires fix steps (0: steps); they run as the last ones of int(n / denoising_strength) steps.")
+    hr_resize_x: int = Field(0, ge=0, description="Hires fix target width (0: from hr_resize_y and the aspect ratio).")
+    hr_resize_y: int = Field(0, ge=0,
+        description="Hires fix target height (0: from hr_resize_x); both set: fill, then crop the centre.")
+    hr_checkpoint_name: str | None = Field(None,
+        description="Hires fix checkpoint: only null or 'Use same checkpoint' (another one is refused).")
+    hr_sampler_name: str | None = Field(None, description="Hires fix sampler (null: sampler_name).")
+    hr_scheduler: str | None = Field(None, description="Hires fix schedule type (null: scheduler).")
+    hr_prompt: str = Field("", description="Hires fix prompt ('': the prompt).")
+    hr_negative_prompt: str = Field("", description="Hires fix negative prompt ('': the negative prompt).")
+    hr_cfg: float | None = Field(None, ge=0.0, allow_inf_nan=False,
+        description="Hires fix CFG scale (Forge's field; null: cfg_scale, where Forge's API defaults to 1).")
+    firstpass_image: str | None = Field(None,
+        description="A first-pass image to start the hires fix from (not implemented; refused unless off).")
 
 
 class Img2ImgRequest(GenerationFields):

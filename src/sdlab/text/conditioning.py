@@ -134,8 +134,23 @@ def concat_features(encoded: Sequence[EncodedPrompt]) -> EncodedPrompt:
     return EncodedPrompt(torch.cat([e.context for e in encoded], dim=-1), encoded[-1].pooled)
 
 
+def sd3_features(encoded: Sequence[EncodedPrompt]) -> EncodedPrompt:
+    """SD3 / SD3.5 (the reference's and ComfyUI's rule): CLIP-L and CLIP-G states side by side
+    (768 + 1280), zero-padded to T5's width, then T5's tokens after them on the sequence axis;
+    pooled = CLIP-L's ++ CLIP-G's. Without T5 the context is the CLIP part alone (the model
+    adapter pads it to the MMDiT's context width)."""
+    clip = torch.cat([encoded[0].context, encoded[1].context], dim=-1)
+    pooled = torch.cat([encoded[0].pooled, encoded[1].pooled], dim=-1)
+    if len(encoded) < 3:
+        return EncodedPrompt(clip, pooled)
+    t5 = encoded[2].context
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # diffusers' pad, as it is
+    return EncodedPrompt(torch.cat([clip, t5], dim=-2), pooled)
+
+
 # How each family combines what its text encoders give (`Family.text_combine`).
-COMBINE_RULES: dict[str, Callable[[Sequence[EncodedPrompt]], EncodedPrompt]] = {"concat": concat_features}
+COMBINE_RULES: dict[str, Callable[[Sequence[EncodedPrompt]], EncodedPrompt]] = {
+    "concat": concat_features, "sd3": sd3_features}
 
 
 def encode_all(runners: Sequence[TextEncoderRunner], chunks: Sequence[Sequence[PromptChunk]], clip_skip: int,
