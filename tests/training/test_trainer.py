@@ -1044,7 +1044,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("model", ["scratch", "sdxl-finetune-text-encoders", "sdxl-lora-text-encoders"])
+@pytest.mark.parametrize("model", ["scratch", "sdxl-finetune-text-encoders", "sdxl-lora-text-encoders",
+                                   "sdxl-embedding"])
 def test_two_processes_match_one(tmp_path, shapes, model):
     """2 gloo processes with batch 1 each == 1 process with batch 2 (same global batches and noise).
     Fine-tuned SDXL text encoders have parameters no gradient reaches (CLIP-L's last layer and final
@@ -1059,6 +1060,9 @@ def test_two_processes_match_one(tmp_path, shapes, model):
         common.update(base_model=repr(str(single)))
         if model == "sdxl-finetune-text-encoders":
             common.update(mode="'finetune'", train_text_encoder="true")
+        elif model == "sdxl-embedding":  # textual inversion: both encoders' vectors
+            common.update(mode="'embedding'", **{"embedding.token_string": "'sksobj'", "embedding.init_word": "'shape'",
+                                                 "embedding.num_vectors": 2})
         else:
             common.update(mode="'lora'", **{"lora.rank": 4, "lora.train_text_encoder": "true"})
     sets = [f"data.folder={str(shapes)!r}", "data.resolution=32", "data.enable_bucket=false", "mode='scratch'",

@@ -108,17 +108,19 @@ def chunk_ids(chunk: PromptChunk, tokenizer: CLIPTokenizer) -> list[int]:
     return ids
 
 
-def caption_ids(captions: Sequence[str], tokenizers: Sequence[CLIPTokenizer], max_chunks: int
-                ) -> tuple[list[Tensor], int]:
+def caption_ids(captions: Sequence[str], tokenizers: Sequence[CLIPTokenizer], max_chunks: int,
+                embeddings: Mapping[str, int] | None = None) -> tuple[list[Tensor], int]:
     """Training captions as (B, max_chunks, 77) ids for each tokenizer, chunked as prompts are at
     sampling (75 tokens each, split after a comma near the end), the text taken as written (no
     emphasis syntax), cut to `max_chunks` or padded with empty chunks to it (as kohya's
     max_token_length does: a caption's conditioning then does not depend on the batch it is in,
     nor on how many processes share it); and how many captions were cut. All of them share CLIP's
     vocabulary, so the chunks are made once (as `prompt_schedule` makes them); only the padding
-    differs (`chunk_ids`)."""
+    differs (`chunk_ids`). `embeddings` (name -> number of vectors, as `tokenize_weighted` takes
+    them: textual-inversion training) places `EMBEDDING_TOKEN` ids where a name is, as prompts do."""
     first = tokenizers[0]
-    chunked = [tokenize_weighted([(c, 1.0)], first.encode, first.comma_id, pad_id=first.eos_id) for c in captions]
+    chunked = [tokenize_weighted([(c, 1.0)], first.encode, first.comma_id, pad_id=first.eos_id, embeddings=embeddings)
+               for c in captions]
     cut = sum(len(chunks) > max_chunks for chunks in chunked)
     empty = empty_chunk(pad_id=first.eos_id)
     padded = [chunks[:max_chunks] + [empty] * (max_chunks - len(chunks)) for chunks in chunked]

@@ -6,7 +6,7 @@ import argparse
 
 # Flags for the options people change most (type, help); anything else goes through --set KEY=VALUE.
 _FLAGS = {
-    "mode": (str, "lora, finetune or scratch (required, here or in the config)"),
+    "mode": (str, "lora, finetune, scratch or embedding (textual inversion; required, here or in the config)"),
     "base_model": (str, "the model to train on: a .safetensors/.ckpt file or a diffusers folder "
                         "(SD 1.x, SD 2.x or SDXL), or demo (the built-in demo model)"),
     "output_dir": (str, "where the result, states and samples go (default output)"),
@@ -59,13 +59,16 @@ def cmd_make_dataset(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a LoRA, fine-tune, or train a model from scratch",
+    p = sub.add_parser("train", help="train a LoRA or an embedding, fine-tune, or train a model from scratch",
                        description="Train as a TOML config says (see docs/training.md). Runs on one process, "
                                    "or on several under 'accelerate launch' / 'torchrun'.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example, a LoRA on a folder of images with .txt captions beside them:\n"
                               "  sdlab train --mode lora --base-model v1-5-pruned-emaonly.safetensors --data imgs/ \\\n"
                               "      --epochs 10 --set lora.rank=16 --set lora.alpha=8 --output-name my-lora\n"
+                              "a textual-inversion embedding (OUTPUT_DIR/sksobj.safetensors):\n"
+                              "  sdlab train --mode embedding --base-model v1-5-pruned-emaonly.safetensors --data imgs/ \\\n"
+                              "      --set embedding.token_string=sksobj --set embedding.init_word=shape\n"
                               "Every config key (kohya's names) can be set with --set KEY=VALUE; "
                               "see sdlab.training.config.TrainConfig.")
     p.add_argument("config", nargs="?", help="the training config (.toml); all of it can also come from --set")

@@ -1,7 +1,7 @@
 """The training configuration: one TOML file, overridable from the command line.
 
-Top-level keys are `TrainConfig` fields; the tables `[model]`, `[data]`, `[lora]` and
-`[validation]` fill the nested configs. `dataset_config = "x.toml"` reads kohya's dataset config
+Top-level keys are `TrainConfig` fields; the tables `[model]`, `[data]`, `[lora]`, `[embedding]`
+and `[validation]` fill the nested configs. `dataset_config = "x.toml"` reads kohya's dataset config
 (`kohya_dataset`) into `[data]` and `batch_size`; keys this config sets itself win.
 `--set lr=1e-4` or `--set data.folder=imgs` overrides any key (the value is read as TOML,
 falling back to a plain string).
@@ -21,11 +21,11 @@ from .data import DataConfig
 from .kohya_dataset import dataset_fields
 from .lora_blocks import parse_numbers
 
-Mode = Literal["lora", "finetune", "scratch"]
-MODES = ("lora", "finetune", "scratch")
+Mode = Literal["lora", "finetune", "scratch", "embedding"]
+MODES = ("lora", "finetune", "scratch", "embedding")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "bf16", "fp16")
-SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
+SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors", "pt")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
@@ -126,6 +126,29 @@ class LoRAConfig:
             curve = isinstance(value, str) and "," not in value and name in ("down_lr_weight", "up_lr_weight")
             if value is not None and not curve:
                 object.__setattr__(self, name, parse_numbers(value, kind, name))
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """Textual inversion (`mode = "embedding"`), with kohya's names (`train_textual_inversion.py`)."""
+
+    # The word that stands for the new vectors in the captions (and in validation prompts). The
+    # file is named after it unless output_name is set; the web UIs use an embedding by its file name.
+    token_string: str = ""
+    # The vectors start as this text's token embeddings, spread over num_vectors_per_token as the web
+    # UI spreads its "initialization text" (vector i = the text's token i * tokens // n); "": zeros.
+    init_word: str = ""
+    num_vectors_per_token: int = 1  # kohya's name
+    num_vectors: int | None = None  # the same, shorter (wins when given)
+    # The web UI's prompt template: "[filewords]" is the image's caption and "[name]" the token, e.g.
+    # "a photo of a [name], [filewords]". Without one, a caption holding [name] or the token keeps it
+    # where it is; any other caption gets the token in front ("sksobj, <caption>").
+    caption_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_vectors is not None:
+            object.__setattr__(self, "num_vectors_per_token", self.num_vectors)
+        object.__setattr__(self, "num_vectors", self.num_vectors_per_token)
 
 
 @dataclass(frozen=True)
@@ -261,6 +284,7 @@ class TrainConfig:
     vae_kl_weight: float = 1e-6
     vae_batch_size: int = 1  # images per VAE call when caching latents (data.cache_latents[_to_disk]), as kohya's
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     save_every_n_steps: int = 0  # 0: only at the end
     save_every_n_epochs: int = 0  # kohya's: `<name>-000002.safetensors` after the 2nd pass over the data, ...
@@ -280,7 +304,7 @@ class TrainConfig:
 
         if self.mode not in MODES:
             raise bad(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.mode in ("lora", "finetune") and not self.base_model:
+        if self.mode in ("lora", "finetune", "embedding") and not self.base_model:
             raise bad(f"mode {self.mode!r} needs base_model (a checkpoint file or diffusers folder)")
         if self.lr_scheduler not in SCHEDULERS:
             raise bad(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
@@ -296,8 +320,14 @@ class TrainConfig:
             raise bad(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
         if self.max_token_length not in (75, 150, 225):
             raise bad(f"max_token_length must be 75, 150 or 225, got {self.max_token_length!r}")
-        if self.save_model_as not in SAVE_FORMATS:
-            raise bad(f"save_model_as must be one of {', '.join(SAVE_FORMATS)}, got {self.save_model_as!r}")
+        model_formats = [f for f in SAVE_FORMATS if f != "pt"]
+        if self.save_model_as not in SAVE_FORMATS or (self.save_model_as == "pt" and self.mode != "embedding"):
+            raise bad(f"save_model_as must be one of {', '.join(model_formats)}, got {self.save_model_as!r} "
+                      "('pt' is for mode 'embedding')" if self.save_model_as == "pt" else
+                      f"save_model_as must be one of {', '.join(SAVE_FORMATS)}, got {self.save_model_as!r}")
+        if self.mode == "embedding" and self.save_model_as not in ("safetensors", "pt"):
+            raise bad(f"save_model_as = {self.save_model_as!r}: an embedding is saved as .safetensors or .pt "
+                      "(the web UI's formats)")
         if self.mode == "lora" and self.save_model_as != "safetensors":
             raise bad(f"save_model_as = {self.save_model_as!r}: a LoRA is saved as .safetensors (kohya's format)")
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
@@ -336,6 +366,18 @@ class TrainConfig:
         if self.fp8_base and (self.mode != "lora" or self.mixed_precision == "no"):
             raise bad("fp8_base keeps a LoRA's frozen base in fp8: it needs mode 'lora' and mixed_precision "
                       "'bf16' or 'fp16', as kohya's")
+        if self.mode == "embedding":
+            ec = self.embedding
+            if not ec.token_string.strip() or ec.token_string != ec.token_string.strip():
+                raise bad(f"mode 'embedding' needs embedding.token_string, the new word the captions use "
+                          f"(e.g. --set embedding.token_string=sksobj), got {ec.token_string!r}")
+            if any(c in ec.token_string for c in "[](){}:,|\\/"):
+                raise bad(f"embedding.token_string {ec.token_string!r}: use letters and digits (it is a word in "
+                          "prompts and the file's name)")
+            if not 1 <= ec.num_vectors_per_token <= 75:
+                raise bad(f"embedding.num_vectors_per_token must be 1 to 75, got {ec.num_vectors_per_token}")
+            if ec.caption_template is not None and "[name]" not in ec.caption_template:
+                raise bad(f"embedding.caption_template {ec.caption_template!r} has no [name] (where the token goes)")
         if self.vae_steps and self.mode != "scratch":
             raise bad("vae_steps (the VAE reconstruction phase) only applies to mode 'scratch'")
         if self.mode == "lora":
@@ -386,7 +428,11 @@ class TrainConfig:
         return self.output_dir / "state"
 
 
-_SECTIONS = {"data": DataConfig, "lora": LoRAConfig, "validation": ValidationConfig, "model": ModelSpec}
+_SECTIONS = {"data": DataConfig, "lora": LoRAConfig, "embedding": EmbeddingConfig, "validation": ValidationConfig,
+             "model": ModelSpec}
+# What textual inversion defaults to where the config does not say: the web UI's learning rate (0.005)
+# and its AdamW without weight decay (which would pull the vectors towards zero), and its fp32 vectors.
+_EMBEDDING_DEFAULTS = {"lr": 5e-3, "weight_decay": 0.0, "save_dtype": "fp32"}
 
 
 def parse_value(text: str) -> Any:
@@ -448,6 +494,10 @@ def config_from_dict(raw: dict) -> TrainConfig:
             if not isinstance(raw[name], dict):
                 raise SdlabError(f"training config: {name} must be a table ([{name}])")
             nested[name] = _build(cls, raw.pop(name), f"{name}.")
+    if raw.get("mode") == "embedding":
+        raw = {**_EMBEDDING_DEFAULTS, **raw}
+        if "output_name" not in raw and "embedding" in nested and nested["embedding"].token_string.strip():
+            raw["output_name"] = nested["embedding"].token_string  # the word a prompt uses it by
     return _build(TrainConfig, {**raw, **nested}, "")
 
 

@@ -1,4 +1,4 @@
-"""The training loop: LoRA, fine-tuning and training from scratch, on one or many processes.
+"""The training loop: LoRA, textual inversion, fine-tuning and training from scratch, on one or many processes.
 
 One `accelerate.Accelerator` drives everything, so the same code runs on a CPU, one GPU,
 or several processes started by `accelerate launch` / `torchrun` (DDP). The data order,
@@ -51,6 +51,7 @@ from ..text.conditioning import COMBINE_RULES, EncodedPrompt, caption_ids
 from .config import ModelSpec, TrainConfig, parse_sample_prompt
 from .data import BucketBatchSampler, CaptionedImageDataset, cache_latents, collate
 from .losses import LossOptions, diffusion_loss, pyramid_noise
+from .textual_inversion import TextualInversion, caption_with_token, embedding_metadata, save_embedding
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +94,24 @@ def model_preset(spec: ModelSpec) -> ModelConfig:
 
 class Denoising(nn.Module):
     """What one process runs per micro-batch: text encoding, UNet, loss. One module so that
-    DDP sees every trained parameter (UNet, text encoder, LoRA) in one place."""
+    DDP sees every trained parameter (UNet, text encoder, LoRA, embedding vectors) in one place."""
 
     def __init__(self, unet: nn.Module, text_encoders: list[nn.Module], lora: nn.Module | None, loss: LossOptions,
                  train_text_encoder: bool, text_skip: int = 1, text_final_norm: bool = True,
-                 text_combine: str = "concat", sampling: ModelSampling | None = None):
+                 text_combine: str = "concat", sampling: ModelSampling | None = None,
+                 embedding: TextualInversion | None = None):
         """`text_skip`, `text_final_norm`: the text encoder layer the UNet is conditioned on, as in
         `CLIPTextModel.forward` (SD 2.x: 2, the penultimate, then the final norm; SDXL: 2 without
         it), so that training sees the conditioning that sampling gives; `text_combine`: the
         family's rule for combining its encoders (`text.conditioning.COMBINE_RULES`); `sampling`:
-        the model sampling on the training schedule, which noises the latents (by default SD's)."""
+        the model sampling on the training schedule, which noises the latents (by default SD's).
+        `embedding`: textual inversion's vectors, put in at the tokens' `EMBEDDING_TOKEN` ids."""
         super().__init__()
         self.unet, self.text_encoders, self.lora = unet, nn.ModuleList(text_encoders), lora
         self.loss, self.train_text_encoder = loss, train_text_encoder
         self.text_skip, self.text_final_norm, self.text_combine = text_skip, text_final_norm, text_combine
         self.sampling = sampling if sampling is not None else discrete(discrete_schedule(), "eps")
+        self.embedding = embedding
 
     def conditioning(self, tokens: list[Tensor]) -> tuple[Tensor, Tensor]:
         """(context, pooled) for one (B, chunks, 77) id tensor per text encoder, as sampling encodes a
@@ -115,10 +119,13 @@ class Denoising(nn.Module):
         states concatenated, each encoder's pooled output of the first chunk, the encoders combined
         by the family's rule (SDXL: states side by side on the feature axis, bigG's pooled)."""
         encoded = []
-        for te, ids in zip(self.text_encoders, tokens, strict=True):
+        grad = self.train_text_encoder or self.embedding is not None
+        for i, (te, ids) in enumerate(zip(self.text_encoders, tokens, strict=True)):
             b, chunks, length = ids.shape
-            with nullcontext() if self.train_text_encoder else torch.no_grad():
-                out = te(ids.reshape(b * chunks, length), skip=self.text_skip, final_norm=self.text_final_norm)
+            flat = ids.reshape(b * chunks, length)
+            with nullcontext() if grad else torch.no_grad():
+                inputs = None if self.embedding is None else self.embedding.inputs(i, te, flat)
+                out = te(flat, skip=self.text_skip, embeddings=inputs, final_norm=self.text_final_norm)
             encoded.append(EncodedPrompt(out.hidden.reshape(b, chunks * length, -1),
                                          out.pooled.reshape(b, chunks, -1)[:, 0]))
         combined = COMBINE_RULES[self.text_combine](encoded)
@@ -260,7 +267,10 @@ class Trainer:
         # Fine-tuned text encoders hold parameters the loss never reaches (the layers after the one the
         # UNet reads; SDXL's CLIP-L final norm): DDP must look for them, or its second step fails.
         # (LoRA leaves those layers out, and scratch models read their last layer.)
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.mode == "finetune" and cfg.train_text_encoder)
+        # An embedding's vectors get no gradient on a rank whose captions all lost the token (cut at
+        # max_token_length): DDP is told to look, as it costs nothing next to the rest of a step.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=(cfg.mode == "finetune" and cfg.train_text_encoder)
+                                            or cfg.mode == "embedding")
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=_multi_process_cpu(),
                                               kwargs_handlers=[ddp])
         self.progress_bar = progress_bar
@@ -309,6 +319,7 @@ class Trainer:
         self.sampler = BucketBatchSampler(self.dataset.item_buckets, self.global_batch, seed=cfg.seed)
         self.batches_per_epoch = len(self.sampler)
         self.lora = None
+        self.embedding: TextualInversion | None = None
         self.ema: dict[str, Tensor] | None = None
         self.progress = _Progress()
         self._warned_cut_captions = False
@@ -377,7 +388,9 @@ class Trainer:
 
     def _trained_text_encoder(self) -> bool:
         cfg = self.cfg
-        return cfg.lora.train_text_encoder if cfg.mode == "lora" else (cfg.train_text_encoder or cfg.mode == "scratch")
+        if cfg.mode in ("lora", "embedding"):
+            return cfg.mode == "lora" and cfg.lora.train_text_encoder
+        return cfg.train_text_encoder or cfg.mode == "scratch"
 
     def _setup_phase(self, phase: str) -> None:
         cfg, b = self.cfg, self.bundle
@@ -430,6 +443,17 @@ class Trainer:
                 groups = self.lora.optimizer_groups(cfg.lr, lc.text_encoder_lr or cfg.lr,
                                                     lc.loraplus_unet_lr_ratio or lc.loraplus_lr_ratio,
                                                     lc.loraplus_text_encoder_lr_ratio or lc.loraplus_lr_ratio)
+            elif cfg.mode == "embedding":
+                # Textual inversion: the model frozen (in the mixed-precision dtype, as a LoRA's base),
+                # only the new vectors train. Gradients flow back through the frozen text encoders.
+                if self.embedding is None:
+                    ec = cfg.embedding
+                    self.embedding = TextualInversion.from_init_word(b, ec.token_string, ec.init_word,
+                                                                     ec.num_vectors_per_token).to(self.device)
+                self._frozen_base_in_mixed_precision()
+                for net in (b.unet, *b.text_encoders):
+                    net.train()  # (no dropout in them: this only lets gradient checkpointing act)
+                groups = [{"params": list(self.embedding.parameters()), "lr": cfg.lr}]
             else:
                 b.unet.requires_grad_(True).train()
                 groups = [{"params": list(b.unet.parameters()), "lr": cfg.lr}]
@@ -446,7 +470,7 @@ class Trainer:
                                debiased_estimation_loss=cfg.debiased_estimation_loss)
             sampling = discrete(DiscreteSchedule.from_alphas_cumprod(self.alphas_cumprod), b.family.prediction)
             module = Denoising(b.unet, b.text_encoders, self.lora, loss, train_te, skip, b.family.text_final_norm,
-                               b.family.text_combine, sampling)
+                               b.family.text_combine, sampling, self.embedding)
             total = self.diffusion_steps
         self.trained = [p for g in groups for p in g["params"]]
         self.optimizer = self._make_optimizer(groups)
@@ -526,8 +550,16 @@ class Trainer:
         return out
 
     def _tokens(self, captions: list[str]) -> list[Tensor]:
-        """(B, chunks, 77) token ids for each text encoder (SDXL's two pad differently)."""
-        ids, cut = caption_ids(captions, self.bundle.tokenizers, self.cfg.max_token_length // 75)
+        """(B, chunks, 77) token ids for each text encoder (SDXL's two pad differently). Textual
+        inversion: each caption with the token (`caption_with_token`), its positions marked."""
+        sizes = None
+        if self.embedding is not None:
+            ec, tok = self.cfg.embedding, self.bundle.tokenizers[0]
+            token_ids = tok.encode(ec.token_string)
+            captions = [caption_with_token(c, ec.token_string, token_ids, tok.encode, ec.caption_template)
+                        for c in captions]
+            sizes = {ec.token_string: self.embedding.num_vectors}
+        ids, cut = caption_ids(captions, self.bundle.tokenizers, self.cfg.max_token_length // 75, sizes)
         if cut and not self._warned_cut_captions:
             self._warned_cut_captions = True
             log.warning("captions longer than max_token_length = %d tokens are cut (%d in this batch); "
@@ -796,6 +828,16 @@ class Trainer:
         paths = []
         try:
             pipe = Pipeline(self.bundle)
+            if self.embedding is not None:
+                # The prompts name it by the token, as the captions do: the vectors of now, in a file of
+                # that name (the infotext hashes it), the only embedding the samples know.
+                from ..embeddings import EmbeddingLibrary
+
+                folder = out / "embedding"
+                save_embedding(self.embedding, folder / f"{self.cfg.embedding.token_string}.safetensors",
+                               self.cfg.embedding.token_string, self.progress.step, torch.float32,
+                               self.cfg.base_model, {})
+                pipe.embeddings = EmbeddingLibrary(folder)
             height, width = self.cfg.data.size
             for i, line in enumerate(v.prompts):
                 p = parse_sample_prompt(line)
@@ -821,6 +863,8 @@ class Trainer:
         """Everything that training changes (and resume must restore)."""
         if self.lora is not None:
             return {"lora." + k: v for k, v in self.lora.state_dict().items()}
+        if self.embedding is not None:
+            return {"embedding." + k: v for k, v in self.embedding.state_dict().items()}
         return {k: v for k, v in self.bundle.state_dict().items()}
 
     def save_state(self) -> Path | None:
@@ -881,6 +925,8 @@ class Trainer:
         nets = state["networks"]
         if self.lora is not None:
             self.lora.load_state_dict({k[len("lora."):]: v for k, v in nets.items()})
+        elif self.embedding is not None:
+            self.embedding.load_state_dict({k[len("embedding."):]: v for k, v in nets.items()})
         else:
             own = self.bundle.state_dict()
             with torch.no_grad():
@@ -909,7 +955,8 @@ class Trainer:
         return _Swap()
 
     def save_model(self, suffix: str = "") -> Path | None:
-        """The usable result: a kohya LoRA file, or a single-file checkpoint (EMA weights if on)."""
+        """The usable result: a kohya LoRA file, an embedding (the web UI's `.safetensors` or `.pt`),
+        or a single-file checkpoint (EMA weights if on)."""
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return None
@@ -920,6 +967,11 @@ class Trainer:
         with self._ema_swapped():
             if self.lora is not None:
                 save_safetensors(self.lora.kohya_state_dict(dtype), path, self.lora_metadata())
+            elif self.embedding is not None:
+                path = path.with_suffix(".pt") if cfg.save_model_as == "pt" else path
+                save_embedding(self.embedding, path, cfg.output_name, self.progress.step, dtype, cfg.base_model,
+                               embedding_metadata(cfg, self.bundle.family,
+                                                  _modelspec_architecture(self.bundle.family, self.prediction)))
             elif cfg.save_model_as.startswith("diffusers"):
                 path = cfg.output_dir / name
                 write_diffusers_folder(self.bundle.state_dict(dtype), self.bundle.config, path, replace_existing=True)
