@@ -11,9 +11,11 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,31 +77,70 @@ def base_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
     with sync_api.sync_playwright() as pw:
-        profile = tempfile.mkdtemp(prefix="sdlab-chromium-")
-        try:
-            ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                        args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900})
-        except Exception as e:  # a Chromium that cannot start here is an environment problem, not ours
-            shutil.rmtree(profile, ignore_errors=True)
-            pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(e).splitlines()[0][:200]}")
+        yield pw
+
+
+@contextmanager
+def chromium(pw, locale: str):
+    """A Chromium whose browser language is `locale` (navigator.languages, Accept-Language)."""
+    profile = tempfile.mkdtemp(prefix="sdlab-chromium-")
+    try:
+        ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, locale=locale,
+                                                    args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900})
+    except Exception as e:  # a Chromium that cannot start here is an environment problem, not ours
+        shutil.rmtree(profile, ignore_errors=True)
+        pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(e).splitlines()[0][:200]}")
+    try:
         yield ctx
+    finally:
         ctx.close()
         shutil.rmtree(profile, ignore_errors=True)
 
 
-@pytest.fixture
-def page(browser, base_url):
-    page = browser.new_page()
+@pytest.fixture(scope="module")
+def browser(playwright):
+    # English whatever the machine's LANG says: the page follows the browser's language
+    with chromium(playwright, "en-US") as ctx:
+        yield ctx
+
+
+@pytest.fixture(scope="module")
+def zh_browser(playwright):
+    with chromium(playwright, "zh-CN") as ctx:
+        yield ctx
+
+
+def open_page(ctx, base_url):
+    page = ctx.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(base_url + "/")
+    wait_for_page(page)
+    return page, errors
+
+
+def wait_for_page(page) -> None:
     page.wait_for_function("document.querySelector('#model').options.length > 0 "
                            "&& document.querySelector('#sampler').options.length > 0 "
                            "&& document.querySelector('#model-status').textContent !== ''")
+
+
+@pytest.fixture
+def page(browser, base_url):
+    page, errors = open_page(browser, base_url)
     yield page
+    page.close()
+    assert not errors, errors
+
+
+@pytest.fixture
+def zh_page(zh_browser, base_url):
+    page, errors = open_page(zh_browser, base_url)
+    yield page
+    page.evaluate("localStorage.clear()")  # a language picked in one test is not the next one's
     page.close()
     assert not errors, errors
 
@@ -579,3 +620,151 @@ def test_favicon_and_the_page_at_phone_width(page, base_url):
     page.click("#result-image")
     screenshot(page, "width-420-large-view", full_page=False)
     assert page.locator("#lightbox-image").bounding_box()["width"] >= 380
+
+
+# -- issue 29: hires fix from the txt2img tab; the page in Chinese --------------------------------------
+
+
+def test_hires_fix_from_the_txt2img_tab(page):
+    assert not page.is_visible("#hr-scale")
+    page.check("#enable-hr")
+    assert page.is_visible("#hr-scale") and page.input_value("#hr-upscaler") == "Latent"
+    upscalers = page.eval_on_selector_all("#hr-upscaler option", "os => os.map(o => o.value)")
+    assert upscalers[:6] == ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                             "Latent (nearest)", "Latent (nearest-exact)"] and "Lanczos" in upscalers
+    assert "None" not in upscalers
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "3")
+    page.fill("#seed", "21")
+    page.fill("#hr-steps", "2")
+    page.fill("#hr-denoising", "0.5")
+    assert page.text_content("#hr-size") == "Upscale from 64×64 to 128×128"
+    page.fill("#hr-scale", "1.5")
+    assert page.text_content("#hr-size") == "Upscale from 64×64 to 96×96"
+    bodies = sent_bodies(page, "txt2img")
+    generate_and_wait(page)
+    body = bodies[-1]
+    assert (body["enable_hr"], body["hr_scale"], body["hr_upscaler"], body["hr_second_pass_steps"],
+            body["denoising_strength"]) == (True, 1.5, "Latent", 2, 0.5)
+    assert [(i["w"], i["h"]) for i in gallery_images(page)] == [(96, 96)]
+    infotext = page.text_content("#infotext")
+    assert "Size: 64x64," in infotext and "Denoising strength: 0.5" in infotext
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent" in infotext
+    page.uncheck("#enable-hr")
+    assert not page.is_visible("#hr-scale")
+    # hires fix is txt2img's: img2img neither shows nor sends it
+    page.click("[data-tab=img2img]")
+    assert not page.is_visible("#enable-hr")
+    page.click("[data-tab=txt2img]")
+    page.check("#enable-hr")
+    page.fill("#hr-scale", "0")
+    page.click("#generate")
+    assert page.text_content("#error") == "Upscale by must be at least 1"
+    screenshot(page, "hires-fix")
+
+
+# Latin words the Chinese page keeps: names of things, keys, and the English the community keeps
+# beside its Chinese terms ("提示词引导系数 (CFG Scale)").
+KEPT_WORDS = {"CFG", "Scale", "LoRA", "VAE", "CLIP", "Steps", "Sampler", "Seed", "Hires", "fix", "Embedding",
+              "Refiner", "Latent", "PNG", "SHA", "Ctrl", "Enter", "Esc", "sdlab", "Stable", "Diffusion", "GPU", "CPU",
+              "NV", "NVIDIA", "NoobAI-XL", "v-pred", "FP8", "FP16", "SDXL", "English"}
+
+# Every visible text of the page that a person reads as words: text nodes, the options of the
+# page's own choices, and the titles, placeholders, ARIA labels and alt texts of what is shown.
+# Left out: what the server lists (checkpoints, samplers, LoRAs...), what the user or the model
+# wrote (prompts, infotexts), and code.
+VISIBLE_TEXTS = """() => {
+  const data = "#model, #sampler, #scheduler, #lora, #embedding, #refiner, #hr-upscaler, #lang, #model-status, " +
+               "textarea, #infotext, #png-text, #png-table, code, .readonly, #styles-list";
+  const shown = (el) => el.tagName === "OPTION" ? el.parentElement.checkVisibility() : el.checkVisibility();
+  const out = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let n; (n = walker.nextNode());) {
+    const el = n.parentElement, text = n.textContent.trim();
+    if (text && !el.closest(data + ", script, style, svg") && shown(el)) out.push(text);
+  }
+  for (const el of document.querySelectorAll("[title], [placeholder], [aria-label], [alt]")) {
+    // the switch names each language in its own; a setting's title is its key in the API
+    if (el.matches("#lang, #settings-form label") || el.closest(data) || !shown(el)) continue;
+    for (const a of ["title", "placeholder", "aria-label", "alt"]) if (el.getAttribute(a)) out.push(el.getAttribute(a));
+  }
+  return out;
+}"""
+
+
+def english_left(page) -> list[str]:
+    """The visible texts that are still English: an English entry of the table (one the
+    Chinese table writes otherwise), or a Latin word that is not a kept name."""
+    en, zh = page.evaluate("[I18N.en, I18N['zh-CN']]")
+    english = {v.strip() for k, v in en.items() if v != zh.get(k)}
+    left = []
+    for text in page.evaluate(VISIBLE_TEXTS):
+        prose = re.sub(r"<[^>]*>", "", text)  # prompt syntax (<lora:name:1>) is the same in every language
+        words = [w for w in re.findall(r"[A-Za-z][A-Za-z0-9_.-]*[A-Za-z0-9]", prose)
+                 if w not in KEPT_WORDS and not re.search(r"[0-9_]", w)]  # keys and file names carry _ or digits
+        if text in english or words:
+            left.append(text)
+    return left
+
+
+def test_the_page_in_chinese_from_the_browsers_language_switched_and_remembered(zh_page):
+    page = zh_page
+    assert page.evaluate("navigator.languages[0]") == "zh-CN"
+    assert page.evaluate("document.documentElement.lang") == "zh-CN" and page.input_value("#lang") == "zh-CN"
+    tabs = page.eval_on_selector_all("#tabs button", "bs => bs.map(b => b.textContent)")
+    assert tabs == ["文生图", "图生图", "局部重绘", "PNG 图片信息", "设置"]
+    assert page.text_content("#generate") == "生成"
+    assert page.get_attribute("#prompt", "placeholder") == "提示词（按 Ctrl+Enter 生成）"
+    assert page.get_attribute("#negative", "placeholder") == "反向提示词"
+    labels = page.eval_on_selector_all("#generate-view label > span[data-i18n]", "ss => ss.map(s => s.textContent)")
+    for word in ["采样方法 (Sampler)", "调度类型", "迭代步数 (Steps)", "提示词引导系数 (CFG Scale)", "随机种子 (Seed)",
+                 "重绘幅度", "高分辨率修复 (Hires. fix)", "放大算法", "放大倍数", "高分迭代步数", "总批次数", "单批数量"]:
+        assert word in labels
+    assert page.text_content("#model-status") == "Stable Diffusion 1.x，64×64"
+    assert page.eval_on_selector("#scheduler", "s => s.selectedOptions[0].textContent") == "自动"
+    # every part of every tab shown, and nothing English left in it
+    page.check("#seed-extras")
+    page.check("#enable-hr")
+    page.click("#styles-box summary")
+    page.click("#refiner-box summary")
+    page.fill("#width", "512")  # the size hint
+    page.fill("#height", "512")
+    assert page.text_content("#size-hint-text") == ("demo64.safetensors 的训练尺寸为 64×64；在 512×512 下"
+                                                    "画面容易出现重复或崩坏的形体，且生成更慢。")
+    found = {}
+    for tab in ["txt2img", "img2img", "inpaint", "pnginfo", "settings"]:
+        page.click(f"[data-tab={tab}]")
+        if tab == "settings":
+            page.wait_for_selector("#opt-randn_source")
+        found[tab] = english_left(page)
+    assert found == {tab: [] for tab in found}
+    assert page.text_content("#settings-form label[title=fp8_storage] > span") == "FP8 权重"
+    screenshot(page, "zh-CN-settings")
+    # the page's own messages are Chinese too
+    page.click("[data-tab=txt2img]")
+    page.fill("#cfg", "")
+    page.fill("#width", "100")
+    page.click("#generate")
+    assert page.text_content("#error") == ("“提示词引导系数 (CFG Scale)”为空，请输入一个数字；"
+                                           "“宽度”必须是 8 的倍数，可以试试 104")
+    assert page.text_content("#width-error") == "“宽度”必须是 8 的倍数，可以试试 104"
+    screenshot(page, "zh-CN")
+    # switched to English: the page and what it has said, at once
+    page.select_option("#lang", "en")
+    assert page.evaluate("document.documentElement.lang") == "en" and page.text_content("#generate") == "Generate"
+    assert page.text_content("[data-tab=txt2img]") == "txt2img"
+    assert page.text_content("#error") == "CFG Scale is empty: enter a number; Width must be a multiple of 8; try 104"
+    assert page.text_content("#cfg-error") == "CFG Scale is empty: enter a number"
+    assert page.text_content("#model-status") == "Stable Diffusion 1.x, 64×64"
+    assert page.text_content("#hr-size") == "Upscale from 100×512 to 200×1024"
+    # ... and still English after a reload, whatever the browser's language
+    page.reload()
+    wait_for_page(page)
+    assert page.input_value("#lang") == "en" and page.text_content("#generate") == "Generate"
+    assert page.get_attribute("#prompt", "placeholder") == "Prompt (press Ctrl+Enter to generate)"
+    # back to 中文, remembered too
+    page.select_option("#lang", "zh-CN")
+    assert page.text_content("[data-tab=settings]") == "设置"
+    page.reload()
+    wait_for_page(page)
+    assert page.text_content("#generate") == "生成"

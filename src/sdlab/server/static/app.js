@@ -20,31 +20,59 @@ const ui = {
   model: null,              // /sdlab/v1/model-info of the selected checkpoint
   options: {},              // GET /options, as last read
   lightbox: false,
+  embeddings: {},           // GET /embeddings' loaded ones
+  error: null,              // what the error box shows
+  settingsStatus: null,     // [what, isError] of the Settings tab's status line
+  modelLoading: false,      // a checkpoint is being loaded
 };
 
 // -- the form's numbers: what each field must hold, and its name in the API -----------------------
 
+// `label`: the field's name, a key of the translation table (i18n.js).
 const FIELDS = {
-  steps: { label: "Sampling steps", api: "steps", integer: true, min: 1 },
-  cfg: { label: "CFG Scale", api: "cfg_scale", min: 0 },
-  width: { label: "Width", api: "width", integer: true, min: 8, multipleOf: 8 },
-  height: { label: "Height", api: "height", integer: true, min: 8, multipleOf: 8 },
-  "n-iter": { label: "Batch count", api: "n_iter", integer: true, min: 1 },
-  "batch-size": { label: "Batch size", api: "batch_size", integer: true, min: 1 },
-  seed: { label: "Seed", api: "seed", integer: true, min: -1, exact: true },
-  subseed: { label: "Variation seed", api: "subseed", integer: true, min: -1, exact: true },
-  "subseed-strength": { label: "Variation strength", api: "subseed_strength", min: 0, max: 1 },
-  "clip-skip": { label: "CLIP skip", integer: true, min: 1, max: 12 },
-  denoising: { label: "Denoising strength", api: "denoising_strength", min: 0, max: 1 },
-  "mask-blur": { label: "Mask blur", api: "mask_blur", integer: true, min: 0 },
-  padding: { label: "Only masked padding", api: "inpaint_full_res_padding", integer: true, min: 0 },
+  steps: { label: "steps", api: "steps", integer: true, min: 1 },
+  cfg: { label: "cfg", api: "cfg_scale", min: 0 },
+  width: { label: "width", api: "width", integer: true, min: 8, multipleOf: 8 },
+  height: { label: "height", api: "height", integer: true, min: 8, multipleOf: 8 },
+  "n-iter": { label: "n_iter", api: "n_iter", integer: true, min: 1 },
+  "batch-size": { label: "batch_size", api: "batch_size", integer: true, min: 1 },
+  seed: { label: "seed", api: "seed", integer: true, min: -1, exact: true },
+  subseed: { label: "subseed", api: "subseed", integer: true, min: -1, exact: true },
+  "subseed-strength": { label: "subseed_strength", api: "subseed_strength", min: 0, max: 1 },
+  "clip-skip": { label: "clip_skip", integer: true, min: 1, max: 12 },
+  denoising: { label: "denoising", api: "denoising_strength", min: 0, max: 1 },
+  "mask-blur": { label: "mask.blur", api: "mask_blur", integer: true, min: 0 },
+  padding: { label: "padding.short", api: "inpaint_full_res_padding", integer: true, min: 0 },
+  "hr-scale": { label: "hr.scale", api: "hr_scale", min: 1, max: 8 },
+  "hr-steps": { label: "hr.steps", api: "hr_second_pass_steps", integer: true, min: 0 },
+  "hr-denoising": { label: "hr.denoising", api: "denoising_strength", min: 0, max: 1 },
 };
-const FIELD_OF_API = Object.fromEntries(Object.entries(FIELDS).filter(([, f]) => f.api).map(([id, f]) => [f.api, id]));
 
-// An error that belongs to form fields: [{id, message}], each shown on its field too.
-class FieldErrors extends Error {
+// The form field an API field name belongs to: of two (img2img's and hires fix's denoising),
+// the one on the screen.
+function fieldOfApi(name) {
+  const ids = Object.keys(FIELDS).filter((id) => FIELDS[id].api === name);
+  return ids.find((id) => $(id).offsetParent !== null) || ids[0];
+}
+
+// A message kept as what makes it (a key and its values), so that it can be said again in
+// another language: `render()` gives the text in the current one.
+class PageError extends Error {
+  constructor(render) {
+    super(render());
+    this.render = render;
+  }
+}
+const pageError = (key, vars) => new PageError(() => t(key, vars));
+
+// A problem of one field: the field's name and what is wrong, in the current language.
+const fieldProblem = (id, problemKey, vars, name) =>
+  ({ id, render: () => t("err.field", { name: name || t(FIELDS[id].label), problem: t(problemKey, vars) }) });
+
+// An error that belongs to form fields: [{id, render}], each shown on its field too.
+class FieldErrors extends PageError {
   constructor(problems) {
-    super(problems.map((p) => p.message).join("; "));
+    super(() => problems.map((p) => p.render()).join(t("err.sep")));
     this.fields = problems;
   }
 }
@@ -53,28 +81,28 @@ class FieldErrors extends Error {
 function readField(id, problems) {
   const el = $(id), f = FIELDS[id];
   const raw = el.value.trim();
-  let msg = null, value = null;
-  if (el.validity && el.validity.badInput) msg = "is not a number";
-  else if (raw === "") msg = "is empty: enter a number";
+  let msg = null, vars = null, value = null;
+  if (el.validity && el.validity.badInput) msg = "err.not.number";
+  else if (raw === "") msg = "err.empty";
   else {
     value = Number(raw);
-    if (!Number.isFinite(value)) msg = "is not a number";
-    else if (f.integer && !/^-?\d+$/.test(raw)) msg = "must be a whole number";
-    else if (f.min !== undefined && value < f.min) msg = `must be at least ${f.min}`;
-    else if (f.max !== undefined && value > f.max) msg = `must be at most ${f.max}`;
+    if (!Number.isFinite(value)) msg = "err.not.number";
+    else if (f.integer && !/^-?\d+$/.test(raw)) msg = "err.whole";
+    else if (f.min !== undefined && value < f.min) [msg, vars] = ["err.min", { n: f.min }];
+    else if (f.max !== undefined && value > f.max) [msg, vars] = ["err.max", { n: f.max }];
     else if (f.multipleOf && value % f.multipleOf) {
       const near = Math.max(f.multipleOf, Math.round(value / f.multipleOf) * f.multipleOf);
-      msg = `must be a multiple of ${f.multipleOf}; try ${near}`;
+      [msg, vars] = ["err.multiple", { n: f.multipleOf, near }];
     }
   }
-  if (msg) { problems.push({ id, message: `${f.label} ${msg}` }); return null; }
+  if (msg) { problems.push(fieldProblem(id, msg, vars)); return null; }
   // Seeds past 2^53 lose digits as JS numbers: send the digits, and let the API check the range.
   if (f.exact && !Number.isSafeInteger(value)) return raw;
   return value;
 }
 
 function markFields(problems) {
-  for (const { id, message } of problems) {
+  for (const { id, render } of problems) {
     const el = $(id);
     if (!el) continue;
     el.classList.add("invalid");
@@ -86,9 +114,8 @@ function markFields(problems) {
       note.className = "field-error";
       el.insertAdjacentElement("afterend", note);
     }
-    note.textContent = message;
+    note.textContent = render();
   }
-  if (problems.length && $(problems[0].id)) $(problems[0].id).focus();
 }
 
 function clearField(id) {
@@ -100,6 +127,8 @@ function clearField(id) {
 }
 
 function clearFields() { for (const id of Object.keys(FIELDS)) clearField(id); }
+
+function focusFirst(problems) { if (problems.length && $(problems[0].id)) $(problems[0].id).focus(); }
 
 // -- HTTP -------------------------------------------------------------------------------
 
@@ -122,41 +151,51 @@ async function api(path, options = {}) {
 // of problems in the page's words, anything else (a proxy's error page) as its first line.
 function apiError(status, data, text) {
   const detail = data && typeof data === "object" && data.detail !== undefined ? data.detail : null;
+  // sdlab's own messages are the server's words, in English.
   if (typeof detail === "string") return new Error(detail);
   if (Array.isArray(detail)) {
     const problems = detail.map((d) => {
       const loc = (d.loc || []).filter((x) => x !== "body");
-      const id = FIELD_OF_API[loc[0]];
-      const name = id ? FIELDS[id].label : loc.join(".") || "the request";
-      return { id, message: `${name} ${friendlyMessage(d)}` };
+      const id = fieldOfApi(loc[0]);
+      const name = () => (id ? t(FIELDS[id].label) : loc.join(".") || t("err.request"));
+      return { id, render: () => t("err.field", { name: name(), problem: friendlyMessage(d) }) };
     });
     return new FieldErrors(problems);
   }
   const line = String(typeof data === "string" ? data : text || "").split("\n")[0].slice(0, 200);
-  return new Error(line ? `the server answered ${status}: ${line}` : `the server answered ${status} with no message`);
+  return line ? pageError("err.status", { status, line }) : pageError("err.status.empty", { status });
 }
 
+// pydantic's words for a field's problem, in the page's (and the current language's).
 function friendlyMessage(d) {
   const m = String(d.msg || "");
   const rules = [
-    [/^Input should be greater than or equal to (.+)$/, "must be at least $1"],
-    [/^Input should be less than or equal to (.+)$/, "must be at most $1"],
-    [/^Input should be greater than (.+)$/, "must be more than $1"],
-    [/^Input should be less than (.+)$/, "must be less than $1"],
-    [/valid integer/, "must be a whole number"],
-    [/valid number/, "must be a number"],
-    [/^Field required$/, "is required"],
+    [/^Input should be greater than or equal to (.+)$/, "err.min"],
+    [/^Input should be less than or equal to (.+)$/, "err.max"],
+    [/^Input should be greater than (.+)$/, "err.gt"],
+    [/^Input should be less than (.+)$/, "err.lt"],
+    [/valid integer/, "err.whole"],
+    [/valid number/, "err.number"],
+    [/^Field required$/, "err.required"],
   ];
-  for (const [re, out] of rules) if (re.test(m)) return m.replace(re, out);
+  for (const [re, key] of rules) {
+    const found = re.exec(m);
+    if (found) return t(key, { n: found[1] });
+  }
   return m.charAt(0).toLowerCase() + m.slice(1);
 }
 
-function showError(err) {
+// The error box: an Error, a PageError (said again in the new language on a switch), or text.
+function showError(err, focus = true) {
   const box = $("error");
+  ui.error = err || null;
   if (!err) { box.hidden = true; box.textContent = ""; return; }
   box.hidden = false;
-  box.textContent = String(err.message || err);
-  if (err.fields) markFields(err.fields.filter((p) => p.id));
+  box.textContent = err.render ? err.render() : String(err.message || err);
+  if (err.fields) {
+    markFields(err.fields.filter((p) => p.id));
+    if (focus) focusFirst(err.fields);
+  }
 }
 
 // -- lists: models, samplers, schedules, LoRAs, embeddings, styles ---------------------------------
@@ -180,7 +219,8 @@ async function loadModels() {
   const items = models.map((m) => ({ value: m.title, label: m.title }));
   if (current && !items.some((i) => i.value === current)) items.unshift({ value: current, label: current });
   fillSelect($("model"), items, current);
-  fillSelect($("refiner"), [{ value: "", label: "None" }, ...items]);
+  fillSelect($("refiner"), [{ value: "", label: t("none") }, ...items]);
+  $("refiner").options[0].dataset.i18n = "none";
   return options;
 }
 
@@ -193,20 +233,35 @@ function syncFormFromOptions(options) {
 async function loadLists() {
   const [samplers, schedulers] = await Promise.all([api("/samplers"), api("/schedulers")]);
   fillSelect($("sampler"), samplers.map((s) => ({ value: s.name, label: s.name })), "Euler a");
-  fillSelect($("scheduler"), schedulers.map((s) => ({ value: s.label, label: s.label })), "Automatic");
+  fillSelect($("scheduler"), schedulers.map((s) => ({ value: s.label, label: tOr("schedule." + s.label, s.label) })),
+             "Automatic");
+  for (const opt of $("scheduler").options) {
+    if (I18N.en["schedule." + opt.value]) opt.dataset.i18n = "schedule." + opt.value;
+  }
+  const [latent, upscalers] = await Promise.all([api("/latent-upscale-modes").catch(() => [{ name: "Latent" }]),
+                                                 api("/upscalers").catch(() => [])]);
+  // "None" would be no upscale at all: not a hires fix
+  const names = [...latent.map((m) => m.name), ...upscalers.map((u) => u.name).filter((n) => n !== "None")];
+  fillSelect($("hr-upscaler"), names.map((n) => ({ value: n, label: n })), $("hr-upscaler").value || "Latent");
 }
 
 async function loadNetworks() {
   const [loras, embeddings] = await Promise.all([api("/loras").catch(() => []),
                                                  api("/embeddings").catch(() => ({ loaded: {} }))]);
-  if (loras.length) fillSelect($("lora"), loras.map((l) => ({ value: l.name, label: l.alias || l.name })));
-  const names = Object.keys(embeddings.loaded || {}).sort();
-  if (names.length) {
-    fillSelect($("embedding"), names.map((n) => {
-      const e = embeddings.loaded[n];
-      return { value: n, label: e.vectors ? `${n} (${e.vectors} vector${e.vectors > 1 ? "s" : ""})` : n };
-    }));
+  if (loras.length) {
+    fillSelect($("lora"), loras.map((l) => ({ value: l.name, label: l.alias || l.name })), $("lora").value);
   }
+  ui.embeddings = embeddings.loaded || {};
+  if (Object.keys(ui.embeddings).length) fillEmbeddings();
+}
+
+function fillEmbeddings() {
+  const names = Object.keys(ui.embeddings).sort();
+  fillSelect($("embedding"), names.map((n) => {
+    const e = ui.embeddings[n];
+    const key = e.vectors > 1 ? "embedding.vectors.n" : "embedding.vectors.1";
+    return { value: n, label: e.vectors ? t(key, { name: n, n: e.vectors }) : n };
+  }), names.includes($("embedding").value) ? $("embedding").value : undefined);
 }
 
 async function loadStyles() {
@@ -223,17 +278,24 @@ async function loadStyles() {
     box.value = s.name;
     box.checked = on.has(s.name);
     box.onchange = updateStylesCount;
-    label.title = [s.prompt, s.negative_prompt && "Negative: " + s.negative_prompt].filter(Boolean).join("\n");
+    label.dataset.prompt = s.prompt || "";
+    label.dataset.negative = s.negative_prompt || "";
+    label.title = styleTitle(label);
     label.append(box, " " + s.name);
     list.appendChild(label);
   }
   $("styles-box").hidden = false;
 }
 
+function styleTitle(label) {
+  const { prompt, negative } = label.dataset;
+  return [prompt, negative && t("styles.negative", { text: negative })].filter(Boolean).join("\n");
+}
+
 function selectedStyles() { return [...document.querySelectorAll("#styles-list input:checked")].map((b) => b.value); }
 function updateStylesCount() {
   const n = selectedStyles().length;
-  $("styles-count").textContent = n ? `(${n} on)` : "";
+  $("styles-count").textContent = n ? t("styles.count", { n }) : "";
 }
 
 // -- the model: switching, and its native size ---------------------------------------------------
@@ -241,7 +303,8 @@ function updateStylesCount() {
 // Options that load the model (again): the checkpoint, and how its weights are stored.
 async function setModelOption(body) {
   $("model").disabled = true;
-  $("model-status").textContent = "loading…";
+  ui.modelLoading = true;
+  renderModelStatus();
   let failed = null;
   try {
     await api("/options", { body });
@@ -249,6 +312,7 @@ async function setModelOption(body) {
     failed = e;
   } finally {
     $("model").disabled = false;
+    ui.modelLoading = false;
     await loadModels().catch(showError);
     await loadModelInfo(false);
   }
@@ -261,10 +325,16 @@ async function loadModelInfo(initial) {
   const before = ui.model;
   ui.model = info;
   const n = info && info.native_size;
-  $("model-status").textContent = n ? `${info.family_label}, ${n}×${n}` : "";
+  renderModelStatus();
   if (n && initial) setSize(n, n);
   else if (n && before && before.native_size && before.native_size !== n) followSize(n);
   updateSizeHint();
+}
+
+function renderModelStatus() {
+  const n = ui.model && ui.model.native_size;
+  $("model-status").textContent = ui.modelLoading ? t("model.loading")
+    : n ? t("model.status", { family: ui.model.family_label, n }) : "";
 }
 
 const round8 = (v) => Math.max(8, Math.round(v / 8) * 8);
@@ -274,6 +344,7 @@ function setSize(w, h) {
   $("height").value = h;
   clearField("width");
   clearField("height");
+  updateHiresSize();
 }
 
 // A new model with another native size: its native area, in the shape (aspect) the fields had.
@@ -289,10 +360,17 @@ function updateSizeHint() {
   const ratio = (w * h) / (n * n);
   if (!n || !(w > 0 && h > 0) || (ratio < 2 && ratio > 0.25)) { $("size-hint").hidden = true; return; }
   const name = ui.model.title.replace(/ \[[0-9a-f]+\]$/, "");
-  const effect = ratio >= 2 ? "expect repeated or broken shapes, and a slower image" : "expect blurred or broken images";
-  $("size-hint-text").textContent = `${name} was trained at ${n}×${n}; at ${w}×${h} ${effect}.`;
-  $("size-native").textContent = `Use ${n}×${n}`;
+  const effect = t(ratio >= 2 ? "size.hint.large" : "size.hint.small");
+  $("size-hint-text").textContent = t("size.hint", { name, n, w, h, effect });
+  $("size-native").textContent = t("size.native", { n });
   $("size-hint").hidden = false;
+}
+
+// Hires fix's output size, as the web UI computes it: int(side * scale).
+function updateHiresSize() {
+  const w = Number($("width").value), h = Number($("height").value), s = Number($("hr-scale").value);
+  $("hr-size").textContent = w > 0 && h > 0 && s > 0
+    ? t("hr.size", { w, h, W: Math.floor(w * s), H: Math.floor(h * s) }) : "";
 }
 
 // -- the prompt box ---------------------------------------------------------------------------
@@ -333,7 +411,7 @@ function loadImageFile(file) {
     reader.onload = () => {
       const img = new Image();
       img.onload = () => resolve({ img, dataUrl: reader.result });
-      img.onerror = () => reject(new Error(`${file.name} is not an image the browser can read`));
+      img.onerror = () => reject(pageError("err.not.image", { file: file.name }));
       img.src = reader.result;
     };
     reader.onerror = () => reject(reader.error);
@@ -389,7 +467,7 @@ function setupBrush() {
 
 // An uploaded mask (white = repaint) becomes the brush layer, greys kept as partial strokes.
 async function uploadMask(file) {
-  if (!ui.initImage) throw new Error("drop the image first, then its mask");
+  if (!ui.initImage) throw pageError("err.mask.first");
   const { img } = await loadImageFile(file);
   const m = $("mask-canvas");
   const tmp = document.createElement("canvas");
@@ -468,6 +546,13 @@ function buildPayload(mode) {
     body.denoising_strength = n("denoising");
     body.resize_mode = Number($("resize-mode").value);
   }
+  if (mode === "txt2img" && $("enable-hr").checked) {
+    body.enable_hr = true;
+    body.hr_scale = n("hr-scale");
+    body.hr_upscaler = $("hr-upscaler").value;
+    body.hr_second_pass_steps = n("hr-steps");
+    body.denoising_strength = n("hr-denoising");
+  }
   if (mode === "inpaint") {
     body.mask_blur = n("mask-blur");
     body.inpainting_mask_invert = Number($("mask-mode").value);
@@ -477,12 +562,12 @@ function buildPayload(mode) {
   }
   if (problems.length) throw new FieldErrors(problems);
   if (mode !== "txt2img") {
-    if (!ui.initImage) throw new Error("drop an image into the image box first");
+    if (!ui.initImage) throw pageError("err.image.first");
     body.init_images = [$("image-canvas").toDataURL("image/png")];
   }
   if (mode === "inpaint") {
     if (body.inpainting_mask_invert === 0 && maskIsEmpty()) {
-      throw new Error("paint over the part of the image to repaint (or upload a mask) first");
+      throw pageError("err.paint.first");
     }
     body.mask = maskDataUrl();
   }
@@ -492,7 +577,7 @@ function buildPayload(mode) {
 function setBusy(busy) {
   ui.busy = busy;
   const b = $("generate");
-  b.textContent = busy ? "Interrupt" : "Generate";
+  b.textContent = t(busy ? "interrupt" : "generate");
   b.classList.toggle("interrupt", busy);
   $("skip").hidden = !busy;
   $("progress").hidden = !busy;
@@ -506,11 +591,12 @@ async function pollProgress() {
       if (!ui.busy) break;
       $("progress-fill").style.width = `${Math.round(p.progress * 100)}%`;
       const s = p.state || {};
-      const eta = p.eta_relative > 0 ? `, ETA ${p.eta_relative.toFixed(1)} s` : "";
-      const queued = s.queued ? `, ${s.queued} waiting` : "";
+      const eta = p.eta_relative > 0 ? t("progress.eta", { s: p.eta_relative.toFixed(1) }) : "";
+      const queued = s.queued ? t("progress.queued", { n: s.queued }) : "";
       $("progress-text").textContent = s.job
-        ? `${Math.round(p.progress * 100)}% — batch ${s.job_no + 1}/${s.job_count}, step ${s.sampling_step}/${s.sampling_steps}${eta}${queued}`
-        : `waiting in the queue${queued}`;
+        ? t("progress", { pct: Math.round(p.progress * 100), job: s.job_no + 1, jobs: s.job_count,
+                          step: s.sampling_step, steps: s.sampling_steps, eta, queued })
+        : t("progress.waiting", { queued });
       if (p.current_image) { $("preview").src = "data:image/png;base64," + p.current_image; $("preview").hidden = false; }
     } catch (e) { /* progress is best effort */ }
     await new Promise((r) => setTimeout(r, 400));
@@ -536,7 +622,7 @@ async function generate() {
       subseeds: info.all_subseeds || [], subseedStrength: info.subseed_strength || 0, selected: 0,
     };
     if (ui.mode === mode) showResults();
-    if (info.notes && info.notes.length) showError("Note: " + info.notes.join("; "));
+    if (info.notes && info.notes.length) showError(pageError("note", { text: info.notes.join("; ") }));
   } catch (e) {
     showError(e);
   } finally {
@@ -565,7 +651,7 @@ function showResults() {
     wrap.className = "thumb";
     const img = document.createElement("img");
     img.src = pngUrl(b64);
-    img.alt = `result ${i + 1}`;
+    img.alt = t("result.n", { n: i + 1 });
     img.dataset.index = i;
     img.onclick = () => selectImage(i);
     img.ondblclick = () => showLightbox(i);
@@ -574,7 +660,8 @@ function showResults() {
       wrap.classList.add("interrupted");
       const badge = document.createElement("span");
       badge.className = "badge";
-      badge.textContent = "interrupted";
+      badge.dataset.i18n = "badge.interrupted";
+      badge.textContent = t("badge.interrupted");
       wrap.appendChild(badge);
     }
     g.appendChild(wrap);
@@ -617,8 +704,7 @@ function selectImage(i) {
   const stop = has ? stoppedAt(r.infotexts[i]) : null;
   $("result-note").hidden = !stop;
   if (stop) {
-    $("result-note").textContent = `Interrupted at step ${stop.done} of ${stop.total}: this image is not finished ` +
-      "(Steps in its parameters is the schedule it was sampled on).";
+    $("result-note").textContent = t("note.interrupted", stop);
   }
   setDownload($("download"), r, i);
   $("send-img2img").disabled = $("send-inpaint").disabled = !has;
@@ -635,7 +721,7 @@ function showLightbox(i) {
   markSmall(img);
   const stop = stoppedAt(r.infotexts[i]);
   $("lightbox-caption").textContent = `${i + 1} / ${r.images.length}` +
-    (stop ? ` — interrupted at step ${stop.done} of ${stop.total}` : "");
+    (stop ? t("lightbox.interrupted", stop) : "");
   $("lightbox-prev").disabled = $("lightbox-next").disabled = r.images.length < 2;
   setDownload($("lightbox-download"), r, i);
   $("lightbox").hidden = false;
@@ -681,7 +767,8 @@ async function readPngInfo(file) {
     $("png-image").hidden = false;
     $("dropzone-png").querySelector(".hint").hidden = true;
     const res = await api("/png-info", { body: { image: dataUrl } });
-    $("png-text").textContent = res.info || "(no generation parameters in this image)";
+    $("png-text").textContent = res.info || t("png.none");
+    if (res.info) delete $("png-text").dataset.i18n; else $("png-text").dataset.i18n = "png.none";
     const table = $("png-table");
     table.innerHTML = "";
     for (const [k, v] of Object.entries(res.parameters || {})) {
@@ -693,6 +780,7 @@ async function readPngInfo(file) {
     ui.pngParams = res.info ? res.parameters : null;
     $("png-send").disabled = !ui.pngParams;
   } catch (e) {
+    delete $("png-text").dataset.i18n;
     $("png-text").textContent = String(e.message || e);
   }
 }
@@ -715,6 +803,16 @@ function sendParamsToTxt2img() {
   if (variation) { set("subseed", "Variation seed"); set("subseed-strength", "Variation seed strength"); }
   if (p["Sampler"]) $("sampler").value = p["Sampler"];
   if (p["Schedule type"]) $("scheduler").value = p["Schedule type"];
+  const hires = p["Hires upscale"] !== undefined || p["Hires upscaler"] !== undefined;
+  $("enable-hr").checked = hires;
+  $("hires-fields").hidden = !hires;
+  if (hires) {
+    set("hr-scale", "Hires upscale");
+    set("hr-steps", "Hires steps");
+    set("hr-denoising", "Denoising strength");
+    if (p["Hires upscaler"]) $("hr-upscaler").value = p["Hires upscaler"];
+  }
+  updateHiresSize();
   $("noise-schedule").value = p["Noise Schedule"] === "Zero Terminal SNR" ? "Zero Terminal SNR" : "Default";
   setTab("txt2img");
   updateSizeHint();
@@ -723,28 +821,28 @@ function sendParamsToTxt2img() {
 // -- Settings --------------------------------------------------------------------------------------
 
 // The options sdlab acts on, as the web UI's Settings page names them; any other option the
-// server lists is shown read-only.
+// server lists is shown read-only. Each one's label is "opt.<key>" in the translation table,
+// its help "opt.<key>.help", its choices "choice.<value>" (where the table has them).
 const OPTION_UI = {
-  CLIP_stop_at_last_layers: { label: "Clip skip", min: 1, max: 12,
-    help: "Stop at this layer from the end of the text encoder (the form's CLIP skip starts here)." },
-  randn_source: { label: "Random number generator source", choices: ["GPU", "CPU", "NV"],
-    help: "sdlab draws noise on the CPU for GPU too, so a seed gives the same image everywhere; NV matches NVIDIA GPUs." },
-  sd_noise_schedule: { label: "Noise schedule for sampling", choices: ["Default", "Zero Terminal SNR"],
-    help: "Default follows the model's file (the form's Noise schedule starts here)." },
-  fp8_storage: { label: "FP8 weight", choices: ["Disable", "Enable for SDXL", "Enable"],
-    help: "Keep the model's matrices in fp8: half the memory of fp16, slightly different images. Loads the model again." },
-};
-const READONLY_LABELS = {
-  sd_model_checkpoint: "Checkpoint (choose it at the top of the page)",
-  sd_checkpoint_hash: "Checkpoint SHA-256",
-  samples_format: "Image format",
-  sd_vae: "VAE",
+  CLIP_stop_at_last_layers: { min: 1, max: 12 },
+  randn_source: { choices: ["GPU", "CPU", "NV"] },
+  sd_noise_schedule: { choices: ["Default", "Zero Terminal SNR"] },
+  fp8_storage: { choices: ["Disable", "Enable for SDXL", "Enable"] },
 };
 
+// A text node that follows the language: `key` of the table, or `fallback` where it has none.
+function i18nSpan(key, fallback, className) {
+  const span = document.createElement("span");
+  if (className) span.className = className;
+  if (I18N.en[key] !== undefined) { span.dataset.i18n = key; span.textContent = t(key); }
+  else span.textContent = fallback;
+  return span;
+}
+
 async function loadSettings() {
-  $("settings-status").textContent = "";
+  settingsStatus("", false);
   let options;
-  try { options = await api("/options"); } catch (e) { settingsStatus(e.message, true); return; }
+  try { options = await api("/options"); } catch (e) { settingsStatus(e, true); return; }
   ui.options = options;
   const form = $("settings-form");
   form.innerHTML = "";
@@ -754,7 +852,7 @@ async function loadSettings() {
     const spec = OPTION_UI[key];
     const label = document.createElement("label");
     label.title = key;
-    label.append(spec ? spec.label : READONLY_LABELS[key] || key);
+    label.append(i18nSpan("opt." + key, key));
     if (!spec) {
       const v = document.createElement("span");
       v.className = "readonly";
@@ -764,7 +862,8 @@ async function loadSettings() {
       let input;
       if (spec.choices) {
         input = document.createElement("select");
-        fillSelect(input, spec.choices.map((c) => ({ value: c, label: c })), String(options[key]));
+        fillSelect(input, spec.choices.map((c) => ({ value: c, label: tOr("choice." + c, c) })), String(options[key]));
+        for (const opt of input.options) if (I18N.en["choice." + opt.value]) opt.dataset.i18n = "choice." + opt.value;
       } else {
         input = document.createElement("input");
         input.type = "number";
@@ -775,18 +874,18 @@ async function loadSettings() {
       input.id = "opt-" + key;
       input.dataset.key = key;
       label.append(input);
-      const help = document.createElement("span");
-      help.className = "muted";
-      help.textContent = spec.help;
-      label.append(help);
+      label.append(i18nSpan("opt." + key + ".help", "", "muted"));
     }
     form.appendChild(label);
   }
 }
 
-function settingsStatus(text, isError) {
+// `what`: text, an Error, or a function giving the text in the current language (said again on a switch).
+function settingsStatus(what, isError) {
+  ui.settingsStatus = [what, isError];
   const s = $("settings-status");
-  s.textContent = text;
+  s.textContent = typeof what === "function" ? what() : what && what.render ? what.render()
+    : String((what && what.message) || what || "");
   s.className = isError ? "field-error" : "muted";
 }
 
@@ -798,7 +897,7 @@ async function applySettings() {
     if (input.type === "number") {
       const spec = OPTION_UI[key];
       if (!/^\d+$/.test(value.trim()) || Number(value) < spec.min || Number(value) > spec.max) {
-        settingsStatus(`${spec.label} must be a whole number from ${spec.min} to ${spec.max}`, true);
+        settingsStatus(() => t("settings.range", { label: t("opt." + key), min: spec.min, max: spec.max }), true);
         input.classList.add("invalid");
         input.focus();
         return;
@@ -808,26 +907,50 @@ async function applySettings() {
     }
     if (String(value) !== String(ui.options[key])) changed[key] = value;
   }
-  if (!Object.keys(changed).length) { settingsStatus("Nothing changed.", false); return; }
-  const names = Object.keys(changed).map((k) => OPTION_UI[k].label).join(", ");
+  if (!Object.keys(changed).length) { settingsStatus(() => t("settings.unchanged"), false); return; }
+  const names = () => Object.keys(changed).map((k) => t("opt." + k)).join(t("settings.names.sep"));
   $("settings-apply").disabled = true;
-  settingsStatus("fp8_storage" in changed ? "Applying (loading the model again)…" : "Applying…", false);
+  const applying = "fp8_storage" in changed ? "settings.applying.reload" : "settings.applying";
+  settingsStatus(() => t(applying), false);
   try {
     await api("/options", { body: changed });
     const options = await loadModels();
     syncFormFromOptions(options);
     await loadSettings();
-    settingsStatus(`Applied: ${names}.`, false);
+    settingsStatus(() => t("settings.applied", { names: names() }), false);
   } catch (e) {
-    settingsStatus(String(e.message || e), true);
+    settingsStatus(e, true);
   } finally {
     $("settings-apply").disabled = false;
   }
 }
 
+// -- language --------------------------------------------------------------------------------------
+
+// The table's words are put back by applyTranslations (i18n.js); what the page wrote itself is
+// written again here.
+function switchLanguage(lang) {
+  setLanguage(lang, true);
+  $("lang").value = currentLang;
+  $("generate").textContent = t(ui.busy ? "interrupt" : "generate");
+  renderModelStatus();
+  updateSizeHint();
+  updateStylesCount();
+  updateHiresSize();
+  for (const label of document.querySelectorAll("#styles-list label")) label.title = styleTitle(label);
+  if (Object.keys(ui.embeddings).length) fillEmbeddings();
+  if (GENERATE_TABS.includes(ui.mode)) showResults();
+  if (ui.error) showError(ui.error, false);
+  if (ui.settingsStatus) settingsStatus(...ui.settingsStatus);
+}
+
 // -- wiring ------------------------------------------------------------------------------------------
 
 function init() {
+  applyTranslations();
+  $("lang").value = currentLang;
+  $("lang").onchange = () => switchLanguage($("lang").value);
+  $("generate").textContent = t("generate");
   for (const b of document.querySelectorAll("#tabs button")) b.onclick = () => setTab(b.dataset.tab);
   $("generate").onclick = generate;
   $("skip").onclick = () => api("/skip", { body: {} }).catch(showError);
@@ -847,6 +970,8 @@ function init() {
   $("subseed-random").onclick = () => { $("subseed").value = -1; clearField("subseed"); };
   $("subseed-reuse").onclick = () => reuseSeed("subseed", "subseeds");
   $("seed-extras").onchange = () => { $("variation-row").hidden = !$("seed-extras").checked; };
+  $("enable-hr").onchange = () => { $("hires-fields").hidden = !$("enable-hr").checked; updateHiresSize(); };
+  for (const id of ["width", "height", "hr-scale"]) $(id).addEventListener("input", updateHiresSize);
   for (const id of Object.keys(FIELDS)) $(id).addEventListener("input", () => clearField(id));
   for (const id of ["width", "height"]) $(id).addEventListener("input", updateSizeHint);
   $("size-native").onclick = () => { const n = ui.model.native_size; setSize(n, n); updateSizeHint(); };
