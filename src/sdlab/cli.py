@@ -240,14 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMAND_MODULES = ("sdlab.generate_cli", "sdlab.models_dir", "sdlab.training.cli", "sdlab.server.cli",
-                   "sdlab.upscale_cli", "sdlab.merge_cli")
+                   "sdlab.upscale_cli", "sdlab.merge_cli", "sdlab.controlnet_cli", "sdlab.xyz_cli")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if args.command in ("generate", "img2img", "inpaint", "serve", "train"):
+    if args.command in ("generate", "img2img", "inpaint", "serve", "train", "grid"):
         from .device import configure_threads
 
         configure_threads()  # one thread per physical core unless OMP/MKL_NUM_THREADS say otherwise

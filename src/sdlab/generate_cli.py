@@ -101,6 +101,9 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
                    help="sample on the noise schedule rescaled to zero terminal SNR, for models trained on it "
                         "(default: as the model's file says, e.g. NoobAI-XL v-pred's 'ztsnr' marker)")
     _add_sd3(p)
+    from .controlnet_cli import add_control_flags
+
+    add_control_flags(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 for the UNet and text encoder "
                    "(default: fp16 on a GPU; on a CPU bf16 where it has AVX512-BF16/AMX, else fp32; "
@@ -419,8 +422,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
                       inpaint_full_res=False)
 
     # Everything that needs no model is checked before one loads, so a typo costs no load.
-    request = GenerationRequest(**fields)
     models = _models_dir(args)
+    if args.controls:
+        from .controlnet_cli import control_requests
+
+        fields["controls"] = control_requests(args.controls, models.root, init="init_image" in fields)
+    request = GenerationRequest(**fields)
     check_request(request, models)
     model = _resolve_model(args, args.model)
     refiner_model = _resolve_model(args, args.refiner) if args.refiner else None

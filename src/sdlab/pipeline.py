@@ -19,7 +19,8 @@ from torch import Tensor
 from ._version import __version__
 from .checkpoints.loader import Bundle
 from .device import dtype_name, vae_dtype
-from .controlnet.units import ControlNets, ControlRequest
+from .controlnet.units import (SUFFIXES, ControlNets, ControlRequest, control_mode_name, detected_map,
+                               resize_mode_name)
 from .embeddings import EmbeddingLibrary
 from .hires import hires_infotext
 from .infotext import create_infotext, with_infotext
@@ -135,7 +136,7 @@ class Pipeline:
         return GenerationResult([i for p in parts for i in p.images], [t for p in parts for t in p.infotexts],
                                 [s for p in parts if p.images for s in p.seeds],
                                 [s for p in parts if p.images for s in p.subseeds], req,
-                                any(p.interrupted for p in parts))
+                                any(p.interrupted for p in parts), parts[0].detected_maps)
 
     def batches(self, req: GenerationRequest, callback: Callable[[Progress], None] | None = None
                 ) -> Iterator[GenerationResult]:
@@ -156,6 +157,7 @@ class Pipeline:
             schedule = sampler.default_schedule or "automatic"
         controls = self.controlnets.units(req.controls, self.bundle, req.width, req.height, req.init_image)
         extras.update(_control_infotext(req.controls))
+        maps = [detected_map(unit) for unit in controls]
         run = webui.prepare(self, req, prompt, negative, sampler, schedule, embeddings, controls)
         tiled = [b.unet for b, _, _ in self.models_in_use(req, embeddings)] + [self.bundle.vae]
         with circular_padding(*tiled, enabled=req.tiling):
@@ -166,7 +168,7 @@ class Pipeline:
                 # `image.save("out.png")` keeps the infotext.
                 images = [with_infotext(img, info) for img, info in zip(batch.images, infotexts)]
                 yield GenerationResult(images, infotexts[:len(images)], batch.seeds, batch.subseeds, req,
-                                       batch.stopped is not None)
+                                       batch.stopped is not None, maps)
 
     def infotext(self, req: GenerationRequest, sampler: str, schedule: str, seed: int, subseed: int,
                  extras: dict[str, str] | None = None, position: int = 0,
@@ -304,11 +306,14 @@ def _control_infotext(controls: list) -> dict[str, str]:
     out = {}
     for i, c in enumerate(controls):
         if isinstance(c, ControlRequest):
-            fields = {"Module": c.module, "Model": Path(c.model).stem, "Weight": c.weight,
-                      "Resize Mode": c.resize_mode, "Processor Res": c.processor_res, "Threshold A": c.threshold_a,
-                      "Threshold B": c.threshold_b, "Guidance Start": c.guidance_start,
-                      "Guidance End": c.guidance_end, "Pixel Perfect": c.pixel_perfect,
-                      "Control Mode": c.control_mode}
+            model = Path(c.model)  # a file's or folder's name, or the API's "name [hash]"
+            fields = {"Module": c.module, "Model": model.stem if model.suffix.lower() in SUFFIXES else model.name,
+                      # the types the extension's ControlNetUnit gives them, whatever a caller passed
+                      "Weight": float(c.weight), "Resize Mode": resize_mode_name(c.resize_mode),
+                      "Processor Res": int(c.processor_res), "Threshold A": float(c.threshold_a),
+                      "Threshold B": float(c.threshold_b), "Guidance Start": float(c.guidance_start),
+                      "Guidance End": float(c.guidance_end), "Pixel Perfect": bool(c.pixel_perfect),
+                      "Control Mode": control_mode_name(c.control_mode)}
             out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items())  # quoted by create_infotext
     return out
 

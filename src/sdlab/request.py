@@ -131,6 +131,9 @@ class GenerationResult:
     subseeds: list[int]
     request: GenerationRequest
     interrupted: bool = False
+    # The hint of each ControlNet unit (`request.controls`, in order) at the generation size: the
+    # detected maps the web UI's ControlNet extension shows and its API appends to the images.
+    detected_maps: list[Image.Image] = field(default_factory=list)
 
 
 def check_request(req: GenerationRequest, models: ModelsDir | None = None) -> None:

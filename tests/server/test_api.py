@@ -229,17 +229,20 @@ def test_hires_fix_gives_a_larger_image_whose_infotext_the_web_ui_reads(client):
         assert words in r.json()["detail"] and r.status_code in (400, 422), (extra, r.text)
 
 
-def test_always_on_scripts_are_refused_naming_the_field(client):
+def test_always_on_scripts_controlnet_is_read_the_others_refused(client):
     """A request for a feature sdlab does not have is a 422 that names the field, never an image
-    made without the feature."""
+    made without the feature. ControlNet units are read (tests/server/test_controlnet_api.py has
+    them at work): one naming a model the folder lacks is refused, naming it."""
     unit = {"args": [{"enabled": True, "module": "canny", "model": "control_v11p_sd15_canny"}]}
     r = client.post(f"{API}/txt2img", json={**SMALL, "alwayson_scripts": {"controlnet": unit}})
+    assert r.status_code == 422 and "ControlNet model 'control_v11p_sd15_canny' not found" in r.json()["detail"]
+    r = client.post(f"{API}/txt2img", json={**SMALL, "alwayson_scripts": {"adetailer": {"args": []}}})
     # The web UI's own words for a script it does not have, in its status.
-    assert r.status_code == 422 and r.json()["detail"].startswith("always on script controlnet not found")
+    assert r.status_code == 422 and r.json()["detail"].startswith("always on script adetailer not found")
     r = client.post(f"{API}/img2img", json={"init_images": [b64_image(_init_image())], **SMALL,
-                                            "script_name": "x/y/z plot", "restore_faces": True})
+                                            "script_name": "prompt matrix", "restore_faces": True})
     detail = r.json()["detail"]
-    assert r.status_code == 422 and "Script 'x/y/z plot' not found" in detail and "restore_faces=true" in detail
+    assert r.status_code == 422 and "Script 'prompt matrix' not found" in detail and "restore_faces=true" in detail
     assert "\n" not in detail
     txt2img(client, steps=1)  # and the server goes on serving
 
@@ -351,6 +354,7 @@ ACTED_ON = {  # txt2img and img2img
     "override_settings": "test_options_switch_the_model_between_jobs",
     "disable_extra_networks": "test_disable_extra_networks_drops_the_lora_tags",
     "send_images": "test_send_images_false_answers_without_images",
+    "alwayson_scripts": "test_always_on_scripts_controlnet_is_read_the_others_refused",
     "infotext": "test_infotext_field_fills_unset_fields",
     # txt2img's hires fix (denoising_strength is img2img's too)
     **{name: "test_hires_fix_gives_a_larger_image_whose_infotext_the_web_ui_reads" for name in (
@@ -375,8 +379,8 @@ IMG2IMG_ACTED_ON = {
 ON_VALUES = {
     "seed_resize_from_h": 256, "seed_resize_from_w": 256, "restore_faces": True, "s_min_uncond": 0.5, "s_churn": 1.0, "s_tmin": 0.5, "s_tmax": 10.0, "s_noise": 1.003,
     "override_settings_restore_afterwards": False, "refiner_checkpoint": "refiner.safetensors",
-    "refiner_switch_at": 0.8, "comments": {"a": "b"}, "force_task_id": "task(1)", "script_name": "x/y/z plot",
-    "script_args": [1, 2], "alwayson_scripts": {"controlnet": {"args": []}},
+    "refiner_switch_at": 0.8, "comments": {"a": "b"}, "force_task_id": "task(1)", "script_name": "prompt matrix",
+    "script_args": [1, 2],
     "enable_hr": True, "denoising_strength": 0.5, "firstphase_width": 256, "firstphase_height": 256,
     "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 10, "hr_resize_x": 1024,
     "hr_resize_y": 1024, "hr_checkpoint_name": "other.safetensors", "hr_sampler_name": "Euler",
@@ -953,7 +957,7 @@ def test_page_and_static_files(client):
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     for needle in ['id="prompt"', 'id="negative"', 'id="generate"', 'id="gallery"', 'data-tab="inpaint"',
                    'id="mask-canvas"', 'id="lora"', 'id="seed-reuse"', 'id="dropzone-png"', 'id="png-send"',
-                   'id="noise-schedule"', "<option>Zero Terminal SNR</option>"]:
+                   'id="noise-schedule"', '<option value="Zero Terminal SNR"']:
         assert needle in r.text, needle
     script = client.get("/static/app.js")
     assert script.status_code == 200 and 'sd_noise_schedule: $("noise-schedule").value' in script.text

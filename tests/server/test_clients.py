@@ -56,11 +56,13 @@ def test_what_sdlab_cannot_do_is_refused_not_ignored(api):
     with pytest.raises(RuntimeError) as e:
         api.txt2img(prompt="x", width=32, height=32, restore_faces=True)
     assert e.value.args[0] == 422 and "restore_faces=true: face restoration" in e.value.args[1]
+    # ControlNet units are read (tests/server/test_controlnet_api.py); one naming a model the
+    # folder lacks is refused, naming it, never run without its control.
     unit = webuiapi.ControlNetUnit(image=Image.new("RGB", (32, 32)), module="canny", model="control_canny")
     with pytest.raises(RuntimeError) as e:
         # (a dict of our own: webuiapi adds the unit to the dict it is given, its default one included)
         api.txt2img(prompt="x", width=32, height=32, controlnet_units=[unit], alwayson_scripts={})
-    assert e.value.args[0] == 422 and "always on script ControlNet not found" in e.value.args[1]
+    assert e.value.args[0] == 422 and "ControlNet model 'control_canny' not found" in e.value.args[1]
 
 
 def test_the_listings_the_client_reads(api):

@@ -9,14 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from sdlab.controlnet.apply import CONTROL_ALIASES, RESIZE_ALIASES, ControlUnit, hint_tensor, resize_hint
+from sdlab.controlnet.apply import (CONTROL_ALIASES, CONTROL_MODES, RESIZE_ALIASES, RESIZE_MODES, ControlUnit,
+                                   hint_tensor, resize_hint)
 from sdlab.controlnet.loading import load_controlnet
 from sdlab.errors import SdlabError
 from sdlab.models.controlnet import ControlNet
 
-__all__ = ["CONTROLNET_FOLDERS", "ControlNets", "ControlRequest", "controlnet_names", "pixel_perfect_resolution"]
+__all__ = ["CONTROLNET_FOLDERS", "ControlNets", "ControlRequest", "control_mode_name", "controlnet_names",
+           "detected_map", "find_controlnet", "pixel_perfect_resolution", "resize_mode_name"]
 
 # The web UI's folder and ComfyUI's, under the models root.
 CONTROLNET_FOLDERS = ("ControlNet", "controlnet")
@@ -57,6 +60,66 @@ def controlnet_names(root: Path) -> dict[str, Path]:
     return found
 
 
+# Short names the CLI takes (any unambiguous start of a name works too).
+_CONTROL_SHORT = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                  "controlnet": "ControlNet is more important"}
+_RESIZE_SHORT = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+
+
+def _mode_name(value: object, modes: tuple[str, ...], aliases: dict[str, str], short: dict[str, str],
+               what: str) -> str:
+    text = str(value).strip()
+    if isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    found = aliases.get(text, text)
+    if found in modes:
+        return found
+    lower = text.lower()
+    found = next((m for m in modes if m.lower() == lower), None) or short.get(lower)
+    if found is None:
+        starts = {m for m in modes if m.lower().startswith(lower)} if lower else set()
+        found = starts.pop() if len(starts) == 1 else None
+    if found is None:
+        raise SdlabError(f"unknown {what} {value!r}; choose one of: {', '.join(modes)} (or 0-{len(modes) - 1}, "
+                         f"or {', '.join(short)})")
+    return found
+
+
+def control_mode_name(value: object) -> str:
+    """The extension's control mode of a name, its API integer, or a short name ("balanced",
+    "prompt", "controlnet"), case-insensitively."""
+    return _mode_name(value, CONTROL_MODES, CONTROL_ALIASES, _CONTROL_SHORT, "control mode")
+
+
+def resize_mode_name(value: object) -> str:
+    """The extension's resize mode of a name (its old names too), its API integer, or a short name
+    ("just", "crop", "fill"), case-insensitively."""
+    return _mode_name(value, RESIZE_MODES, RESIZE_ALIASES, _RESIZE_SHORT, "resize mode")
+
+
+def detected_map(unit: ControlUnit) -> Image.Image:
+    """The hint a unit guides with, as the image the extension appends to the API's images (its
+    detected map at the generation size); an inpaint hint's masked pixels (-1) show black."""
+    hint = unit.hint[0, :3].clamp(0, 1).mul(255).round().to(dtype=torch.uint8)  # hints are uint8 / 255
+    return Image.fromarray(hint.permute(1, 2, 0).cpu().numpy())
+
+
+def find_controlnet(names: dict[str, Path], name: str) -> str | None:
+    """The name in `names` that a request's model name means, by the extension's rules
+    (`find_closest_lora_model_name`): the exact name (a "name [hash]" title's name), then the
+    same name in other case, then the shortest name that contains it; None if none does."""
+    stem = name.strip()
+    stem = stem.rsplit(" [", 1)[0] if stem.endswith("]") else stem  # the extension's "name [hash]"
+    if stem in names:
+        return stem
+    lower = stem.lower()
+    same = [n for n in names if n.lower() == lower]
+    if same:
+        return same[0]
+    containing = sorted((n for n in names if lower and lower in n.lower()), key=len)
+    return containing[0] if containing else None
+
+
 def pixel_perfect_resolution(image: Image.Image, width: int, height: int, resize_mode: str) -> int:
     """The preprocessor resolution that makes the detected map exactly as fine as the generation
     (the extension's `pixel_perfect_resolution`)."""
@@ -78,10 +141,9 @@ class ControlNets:
         if given.exists():
             return given
         names = controlnet_names(self.root)
-        stem = name.strip()
-        stem = stem.rsplit(" [", 1)[0] if stem.endswith("]") else stem  # the extension's "name [hash]"
-        if stem in names:
-            return names[stem]
+        found = find_controlnet(names, name)
+        if found is not None:
+            return names[found]
         known = ", ".join(sorted(names)) or "none"
         raise SdlabError(f"ControlNet model {name!r} not found in {self.root / CONTROLNET_FOLDERS[0]} or "
                          f"{self.root / CONTROLNET_FOLDERS[1]} (found: {known})")
@@ -110,12 +172,12 @@ class ControlNets:
             if image is None:
                 raise SdlabError(f"ControlNet unit {i}: no control image (give one, or an init image for img2img)")
             preprocessor = get_preprocessor(unit.module)
+            resize, mode = resize_mode_name(unit.resize_mode), control_mode_name(unit.control_mode)
             resolution = unit.processor_res
             if unit.pixel_perfect:
-                resolution = pixel_perfect_resolution(image, width, height, unit.resize_mode)
+                resolution = pixel_perfect_resolution(image, width, height, resize)
             detected = preprocessor(image.convert("RGB"), resolution, unit.threshold_a, unit.threshold_b, unit.mask)
-            hint = hint_tensor(resize_hint(np.asarray(detected), width, height, unit.resize_mode))
-            mode = CONTROL_ALIASES.get(str(unit.control_mode), unit.control_mode)
+            hint = hint_tensor(resize_hint(np.asarray(detected), width, height, resize))
             used.add(self.path(unit.model))
             out.append(ControlUnit(self.get(unit.model, bundle), hint, unit.weight, unit.guidance_start,
                                    unit.guidance_end, mode))

@@ -15,7 +15,7 @@ from ..errors import SdlabError
 from .comfy.routes import make_router as make_comfy_router
 from .errors import status_of
 from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, ProcessTimeMiddleware
-from .routers import catalog, extras, generation, jobs, options, page, system
+from .routers import catalog, controlnet, extras, generation, jobs, options, page, system
 from .routers.page import STATIC_DIR
 from .settings import ServerSettings
 from .state import ServerState
@@ -63,7 +63,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {str(exc)[:300]}",
                              "error": type(exc).__name__}, status_code=500)
 
-    for module in (generation, jobs, catalog, extras, options, system, page):
+    for module in (generation, jobs, catalog, extras, options, system, controlnet, page):
         app.include_router(module.router)
     # ComfyUI's API: at the root for its clients and under /api for its editor, as ComfyUI does.
     comfy_routes = make_comfy_router()

@@ -57,6 +57,8 @@ def register(subparsers) -> None:
                    help=f"most images per request, batch_size x n_iter (default {d.max_batch})")
     p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20,
                    help=f"largest request body in MiB (default {d.max_upload_bytes // 2**20})")
+    p.add_argument("--control-net-unit-count", type=int, default=3,
+                   help="most ControlNet units one request may enable (the extension's setting; default 3)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -72,7 +74,8 @@ def settings_from_args(args: argparse.Namespace):
                           api_auth=parse_api_auth(args.api_auth), device=args.device, dtype=args.dtype,
                           weight_dtype=args.weight_dtype, compile=args.compile, offload=args.offload, limits=limits,
                           outputs_dir=Path(args.outputs_dir),
-                          styles_file=Path(args.styles_file) if args.styles_file else None)
+                          styles_file=Path(args.styles_file) if args.styles_file else None,
+                          control_net_unit_count=args.control_net_unit_count)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

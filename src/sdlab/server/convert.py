@@ -4,29 +4,26 @@ encodings."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
 from .._version import __version__
 from ..errors import SdlabError
-from ..infotext import parse_infotext, png_info
+from ..infotext import parse_infotext
 from ..request import GenerationRequest, validate
 from ..sampling.samplers import SAMPLERS, resolve_sampler
 from ..sampling.schedules import SCHEDULES, resolve_schedule
 from ..styles import apply_styles
 from .catalog import CheckpointEntry
-from .errors import BadInput, OverLimit, TooLarge, Unsupported
+from .errors import BadInput, OverLimit, Unsupported
 from .models import GenerationFields, Img2ImgRequest, Txt2ImgRequest
+from .images import decode_image
 from .settings import Limits
-from .state import RANDN_SOURCES, ServerState, clip_skip_value, noise_schedule_value, randn_source_value
+from .state import (RANDN_SOURCES, ServerState, bool_option, clip_skip_value, noise_schedule_value,
+                    randn_source_value)
 from .worker import JobResult
 
 
@@ -65,9 +62,9 @@ NOT_ACTED_ON: dict[str, NotActedOn] = {
     "comments": NotActedOn("comments", (None, {})),
     "force_task_id": NotActedOn("task ids (the web UI's /internal/progress)", (None, ""),
                                 instead="poll GET /sdapi/v1/progress"),
+    # "x/y/z plot" is acted on (server/xyz.py); any other script is refused.
     "script_name": NotActedOn("scripts", (None, "", "None")),
     "script_args": NotActedOn("scripts", ([],), only_with="script_name"),
-    "alwayson_scripts": NotActedOn("always-on scripts", ({},)),
 }
 TXT2IMG_NOT_ACTED_ON: dict[str, NotActedOn] = {
     # The hires fix is acted on (`_hires_fields`); these of its fields are not. They mean nothing
@@ -113,11 +110,12 @@ def refuse_not_acted_on(body: Txt2ImgRequest | Img2ImgRequest) -> None:
         # refused itself (enable_hr, s_churn, ...), the switch's message says it all.
         if rule.only_with is not None and (rule.only_with in table or not getattr(body, rule.only_with)):
             continue
-        if name == "alwayson_scripts":  # worded as the web UI words it, so clients that match on it still do
-            problems += [f"always on script {script} not found (sdlab has no scripts; leave alwayson_scripts "
-                         "empty)" for script in value]
-        elif name == "script_name":
-            problems.append(f"Script {value!r} not found (sdlab has no scripts; leave script_name out)")
+        if name == "script_name":
+            from ..recipes.xyz import is_xyz
+
+            if is_xyz(value):  # the one script sdlab has (server/xyz.py runs it)
+                continue
+            problems.append(f"Script {value!r} not found (sdlab has only 'x/y/z plot'; leave script_name out)")
         else:
             default = type(body).model_fields[name].get_default(call_default_factory=True)
             problems.append(f"{name}={_json(value)}: {rule.feature} is not implemented by sdlab; send "
@@ -145,43 +143,6 @@ def _img2img_problems(body: Img2ImgRequest) -> list[str]:
     return problems
 
 
-_DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.I)
-
-
-# -- images ---------------------------------------------------------------------------
-
-def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
-    """A base64 image from a client, refused before decoding if it claims too many pixels."""
-    text = _DATA_URL.sub("", data.strip(), count=1)
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadInput(f"{what}: not valid base64") from None
-    if not raw:
-        raise BadInput(f"{what}: empty image")
-    try:
-        img = Image.open(io.BytesIO(raw))
-        if img.width * img.height > limits.max_image_pixels:
-            raise TooLarge(f"{what}: {img.width}x{img.height} is more pixels than this server accepts "
-                           f"({limits.max_image_pixels})")
-        img.load()
-    except SdlabError:
-        raise
-    except Image.DecompressionBombError:
-        raise TooLarge(f"{what}: its header claims far more pixels than this server accepts "
-                       f"({limits.max_image_pixels}); refused as a decompression bomb") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
-        raise BadInput(f"{what}: not a readable image ({reason})") from None
-    return img
-
-
-def encode_png(img: Image.Image, infotext: str | None) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", pnginfo=png_info(infotext) if infotext else None)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 # -- requests -----------------------------------------------------------------------------
 
 @dataclass
@@ -196,6 +157,8 @@ class Prepared:
     # The prompts with the request's styles merged in, as the web UI's info reports them.
     styled_prompt: str = ""
     styled_negative_prompt: str = ""
+    # ControlNet: for each unit of request.controls, whether its detected map is appended to images.
+    control_maps: list[bool] = field(default_factory=list)
 
 
 def _fill_from_infotext(body: GenerationFields) -> GenerationFields:
@@ -273,6 +236,7 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     clip_skip = state.option("CLIP_stop_at_last_layers")
     randn = state.option("randn_source")
     noise_schedule = state.option("sd_noise_schedule")
+    no_detectmap = state.option("control_net_no_detectmap")
     for key, value in body.override_settings.items():
         if key == "sd_model_checkpoint":
             checkpoint = state.catalog.find_checkpoint(str(value))
@@ -282,6 +246,8 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
             randn = randn_source_value(value)
         elif key == "sd_noise_schedule":
             noise_schedule = noise_schedule_value(value)
+        elif key == "control_net_no_detectmap":
+            no_detectmap = bool_option(key, value)
         else:
             notes.append(f"override_settings[{key!r}] is not an option sdlab has; ignored")
 
@@ -308,6 +274,15 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
         gen = _img2img_fields(body, gen, limits, notes)
     elif body.enable_hr:
         gen = _hires_fields(body, gen, state)
+    units = []
+    if body.alwayson_scripts:  # ControlNet units, the extension's way (the only always-on script sdlab has)
+        from .controlnet import parse_alwayson_scripts
+
+        units = parse_alwayson_scripts(body.alwayson_scripts, state.catalog.root, limits,
+                                       enable_hr=bool(getattr(body, "enable_hr", False)),
+                                       img2img=isinstance(body, Img2ImgRequest),
+                                       unit_count=state.settings.control_net_unit_count)
+        gen.controls = [u.control for u in units]
     # Resolve -1 seeds now, so the batches the worker runs and the info we return agree.
     gen = validate(gen, 512)
     sampler_info = resolve_sampler(sampler)
@@ -315,7 +290,8 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     # The pipeline merges the styles in; merged here too, so that a style missing from the file is
     # refused before the request waits in the queue, and for the info.
     styled = apply_styles(gen, state.styles_file)
-    return Prepared(gen, checkpoint, notes, ignored, sampler_info.name, styled.prompt, styled.negative_prompt)
+    return Prepared(gen, checkpoint, notes, ignored, sampler_info.name, styled.prompt, styled.negative_prompt,
+                    [u.save_detected_map and not no_detectmap for u in units])
 
 
 def _hires_fields(body: Txt2ImgRequest, gen: GenerationRequest, state: ServerState) -> GenerationRequest:

@@ -82,8 +82,10 @@ class GenerationFields(BaseModel):
         description="Free-form comments (not implemented; refused unless off).")
     force_task_id: str | None = Field(None,
         description="Task id for the web UI's /internal/progress (not implemented; refused unless off).")
-    script_name: str | None = Field(None, description="Web UI script (sdlab has none; refused).")
-    script_args: list[Any] = Field(default_factory=list, description="Arguments of script_name.")
+    script_name: str | None = Field(None,
+        description="Web UI script: \"x/y/z plot\" (docs/xyz.md); others are refused.")
+    script_args: list[Any] = Field(default_factory=list,
+        description="Arguments of script_name; for x/y/z plot the web UI 1.10's 18 positional values.")
     send_images: bool = Field(True, description="Return the images in the response.")
     save_images: bool = Field(False,
         description="Also write the images to the server's outputs folder as the web UI does: "

@@ -38,6 +38,7 @@ class ServerSettings:
     # Where save_images writes (txt2img-images/, img2img-images/ below it, as the web UI's ./outputs).
     outputs_dir: Path = Path("outputs")
     styles_file: Path | None = None  # the web UI's styles.csv; None: styles.csv in the models folder
+    control_net_unit_count: int = 3  # most ControlNet units a request may enable (the extension's setting)
 
     @property
     def styles_path(self) -> Path:

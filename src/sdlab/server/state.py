@@ -34,7 +34,9 @@ class ServerState:
         self.selected: CheckpointEntry | None = self._initial_checkpoint(settings, extra)
         self._lock = threading.Lock()
         self._options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "randn_source": "CPU",
-                                         "sd_noise_schedule": "Default", "fp8_storage": "Disable"}
+                                         "sd_noise_schedule": "Default", "fp8_storage": "Disable",
+                                         # the ControlNet extension's "Do not append detectmap to output"
+                                         "control_net_no_detectmap": False}
         # A model is loaded again when fp8_storage changes what its weights are stored as.
         self.worker = Worker(self.catalog, self._load_pipeline, load_key=lambda: self.option("fp8_storage"))
         # ComfyUI's face (its queue records, history, websockets), whose jobs share the worker.
@@ -127,6 +129,8 @@ class ServerState:
             value = randn_source_value(value)
         elif key == "sd_noise_schedule":
             value = noise_schedule_value(value)
+        elif key == "control_net_no_detectmap":
+            value = bool_option(key, value)
         elif key == "fp8_storage":
             if value not in FP8_STORAGE:
                 raise SdlabError(f"fp8_storage must be one of {', '.join(FP8_STORAGE)}, got {value!r}")
@@ -158,6 +162,14 @@ def randn_source_value(value: Any) -> str:
     if text not in RANDN_SOURCES:
         raise SdlabError(f"randn_source must be one of GPU, CPU, NV, got {value!r}")
     return text
+
+
+def bool_option(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise SdlabError(f"{key} must be true or false, got {value!r}")
 
 
 NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # the web UI's sd_noise_schedule

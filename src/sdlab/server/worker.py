@@ -259,12 +259,13 @@ class Worker:
 
         # Batch by batch, so "skip" can end one batch and go on with the next, as the web UI's
         # skip does (`Pipeline.batches` numbers the seeds as one run).
-        images, infotexts, seeds, subseeds = [], [], [], []
+        images, infotexts, seeds, subseeds, maps = [], [], [], [], []
         interrupted = False
         saved, notes = [], []
         for batch, part in enumerate(pipeline.batches(req, callback)):
             images += part.images
             infotexts += part.infotexts
+            maps = maps or part.detected_maps  # the same in every batch
             if part.images:
                 seeds += part.seeds
                 subseeds += part.subseeds
@@ -279,7 +280,7 @@ class Worker:
             if job.cancelled.is_set() or stopped_by_user:
                 interrupted = True
                 break
-        result = GenerationResult(images, infotexts, seeds, subseeds, req, interrupted)
+        result = GenerationResult(images, infotexts, seeds, subseeds, req, interrupted, maps)
         return JobResult(result, entry, interrupted, steps_done, saved, notes)
 
     @staticmethod
@@ -325,6 +326,13 @@ class TaskContext:
         self.check()
         if stop:
             raise Interrupted()
+
+    def jobs(self, done: int, count: int) -> None:
+        """Report a job of several parts (the X/Y/Z plot's cells): `done` of `count` finished, as
+        the web UI's job_no / job_count, which GET /progress counts in."""
+        with self._worker._lock:
+            s = self._worker._state
+            s.job_no, s.job_count, s.sampling_step = done, count, 0
 
     def check(self) -> None:
         """Raise `Interrupted` if the job was interrupted or cancelled."""

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import SdlabError
 from ...upscalers import LATENT_UPSCALE_MODES, ExtrasUpscale, Upscalers, postprocess_infotext, upscale_extras
-from ..convert import decode_image
+from ..images import decode_image
 from ..errors import BadInput, Unsupported
 from ..models import LatentUpscalerModeItem, UpscalerItem
 from ..state import ServerState, get_state
@@ -208,7 +208,7 @@ async def _queued(kind: str, work, state: ServerState, request: Request):
     """Run `work` in the worker's queue, one job among the generations (one queue for the whole
     server: /progress reports it, and it never competes with a generation for the cores)."""
     from ..worker import Job
-    from .generation import run_job
+    from ..waiting import run_job
 
     return await run_job(Job(kind, None, task=lambda context: work()), state, request)
 

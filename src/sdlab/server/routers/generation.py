@@ -2,54 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from ..convert import Prepared, echo_parameters, encode_png, info_json, prepare
+from ..convert import Prepared, echo_parameters, info_json, prepare
+from ..images import encode_png
 from ..errors import NoModel
 from ..models import Img2ImgRequest, ImageToImageResponse, TextToImageResponse, Txt2ImgRequest
 from ..state import ServerState, get_state
-from ..worker import Job, JobResult
+from ..waiting import ClientGone, run_job
+from ..worker import Job
 
 router = APIRouter(prefix="/sdapi/v1", tags=["generation"])
 
-# How often a waiting handler checks whether its client is still there.
-DISCONNECT_POLL_S = 0.25
-
-
-class ClientGone(Exception):
-    pass
-
-
-async def run_job(job: Job, state: ServerState, request: Request) -> JobResult:
-    """Queue a job and wait for it; if the client hangs up, cancel the job so the worker
-    does not spend minutes on an image nobody will receive. A job that saves its images
-    (save_images) runs on: they still have somewhere to go, as in the web UI."""
-    state.worker.submit(job)
-    waiter = asyncio.wrap_future(job.future)
-    try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-            if done:
-                try:
-                    return waiter.result()
-                except asyncio.CancelledError:  # the worker was stopped (server shutting down)
-                    raise NoModel("the server is shutting down; the request was not run") from None
-            if await request.is_disconnected():
-                if job.save_to is None:
-                    job.cancel()
-                raise ClientGone()
-    except asyncio.CancelledError:
-        if job.save_to is None:
-            job.cancel()
-        raise
-
-
 async def _generate(body: Txt2ImgRequest | Img2ImgRequest, kind: str, state: ServerState,
                     request: Request) -> dict | Response:
+    from ...recipes.xyz import is_xyz
+    from ..xyz import run_xyz
+
+    if is_xyz(body.script_name):  # the web UI's X/Y/Z plot: one job of many cells (server/xyz.py)
+        return await run_xyz(body, kind, state, request)
     prep: Prepared = await run_in_threadpool(prepare, body, state)
     if prep.checkpoint is None:
         raise NoModel(f"no model to generate with: put a checkpoint in {state.catalog.root / 'Stable-diffusion'} "
@@ -63,6 +36,8 @@ async def _generate(body: Txt2ImgRequest | Img2ImgRequest, kind: str, state: Ser
 
     def respond() -> dict:
         images = [encode_png(img, text) for img, text in zip(done.result.images, done.result.infotexts)]
+        # ControlNet's detected maps after the images, as the extension appends them.
+        images += [encode_png(m, None) for m, keep in zip(done.result.detected_maps, prep.control_maps) if keep]
         return {"images": images if body.send_images else [], "parameters": echo_parameters(body),
                 "info": info_json(done, prep)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
-from ..convert import encode_png
+from ..images import encode_png
 from ..models import ProgressResponse
 from ..state import ServerState, get_state
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, Request
 
 from ..state import ServerState, get_state
 from ..worker import Job
-from .generation import ClientGone, run_job
+from ..waiting import ClientGone, run_job
 
 router = APIRouter(prefix="/sdapi/v1", tags=["options"])
 

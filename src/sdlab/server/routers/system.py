@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from ...infotext import parse_infotext, read_infotext
-from ..convert import decode_image
+from ..images import decode_image
 from ..errors import NotProvided
 from ..models import (ExtensionItem, InterrogateRequest, MemoryResponse, PNGInfoRequest, PNGInfoResponse, ScriptInfo,
                       ScriptsList)
