@@ -325,7 +325,9 @@ def test_diff_controlnet_is_added_to_the_loaded_unet(tmp_path):
     with pytest.raises(SdlabError, match="load a checkpoint first"):
         load_controlnet(tmp_path / "diff_control_sd15_canny.safetensors")
     net = load_controlnet(tmp_path / "diff_control_sd15_canny.safetensors", unet=unet)
-    assert_same(residuals(net), residuals(full), atol=1e-5)  # (w - b) + b rounds in the last bit
+    # (w - b) + b rounds in the last bit, and the residuals reach ~7: fp32 rounding of that, on any
+    # CPU's kernels (AVX2's sum in another order than AVX-512's), stays far inside the 1e-4 of DESIGN.md.
+    assert_same(residuals(net), residuals(full), atol=5e-5)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -62,7 +62,8 @@ def test_modules_are_lycoris_modules(algo, rank, factor, kind):
         theirs.apply_to()
         lyco = base(x)
     assert (mine - plain).abs().max() > 1e-2
-    torch.testing.assert_close(mine, lyco, rtol=0, atol=2e-6)
+    # fp32 rounding of unit-scale outputs: AVX2's conv kernels sum in another order than AVX-512's.
+    torch.testing.assert_close(mine, lyco, rtol=0, atol=1e-5)
 
 
 def test_factorization_is_lycoris():
