@@ -27,6 +27,7 @@ from sdlab.models.unet import (
     TimestepEmbedSequential,
     UNetConfig,
     down_path,
+    middle_path,
 )
 
 
@@ -80,13 +81,6 @@ PRESETS: dict[str, ControlNetConfig] = {
 # Helpers
 
 
-def _count(s: Mapping[str, tuple[int, ...]], prefix: str) -> int:
-    n = 0
-    while f"{prefix}{n}.norm1.weight" in s:
-        n += 1
-    return n
-
-
 def config_from_state_dict(shapes: Mapping[str, Sequence[int]], *, num_heads: int | None = None,
                            num_head_channels: int | None = None, prefix: str = "") -> ControlNetConfig:
     """Read the ControlNet config off a state dict in the original layout (keys after `prefix`).
@@ -121,15 +115,8 @@ def config_from_state_dict(shapes: Mapping[str, Sequence[int]], *, num_heads: in
     if any(f"zero_convs.{j}.0.weight" not in s for j in range(i)) or f"zero_convs.{i}.0.weight" in s:
         raise SdlabError(f"the ControlNet has {i} input blocks but not as many zero_convs (a damaged file?)")
 
-    without_blocks = False
-    if "middle_block.1.proj_in.weight" in s:
-        depth_middle = _count(s, "middle_block.1.transformer_blocks.")
-        without_blocks = depth_middle == 0
-    elif "middle_block.0.in_layers.0.weight" in s and "middle_block.2.in_layers.0.weight" not in s:
-        depth_middle = 0
-    else:
-        raise SdlabError("the ControlNet's middle block is neither ResBlock-SpatialTransformer-ResBlock nor a "
-                         "single ResBlock; this layout is not supported")
+    depth_middle, has_transformer = middle_path(s, "ControlNet")
+    without_blocks = has_transformer and depth_middle == 0
 
     extra = {}
     attn2 = next((k for k in s if k.endswith("attn2.to_k.weight")), None)

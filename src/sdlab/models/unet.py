@@ -214,6 +214,17 @@ def down_path(s: Mapping[str, Sequence[int]], what: str) -> tuple[list[int], lis
     return channel_mult, depths, i
 
 
+def middle_path(s: Mapping[str, Sequence[int]], what: str) -> tuple[int, bool]:
+    """The middle block's transformer depth, and whether it has a SpatialTransformer at all (SDXL's
+    small ControlNet keeps one with no blocks); keys without prefix, `what` names the network."""
+    if "middle_block.1.proj_in.weight" in s:
+        return _transformer_depth(s, "middle_block.1."), True
+    if "middle_block.0.in_layers.0.weight" in s and not any(k.startswith("middle_block.2.") for k in s):
+        return 0, False
+    raise SdlabError(f"the {what}'s middle block is neither ResBlock-SpatialTransformer-ResBlock nor a single "
+                     "ResBlock; this layout is not supported")
+
+
 def config_from_state_dict(shapes: Mapping[str, Sequence[int]], *, num_heads: int | None = None,
                            num_head_channels: int | None = None, prefix: str = "") -> UNetConfig:
     """Read the UNet config off a state dict's tensor shapes (ComfyUI's `detect_unet_config` idea).
@@ -252,13 +263,7 @@ def config_from_state_dict(shapes: Mapping[str, Sequence[int]], *, num_heads: in
             raise SdlabError(f"UNet level {level} has transformer depths {d} that differ from block to block "
                              "(a distilled UNet such as SSD-1B); this layout is not supported")
 
-    if "middle_block.1.proj_in.weight" in s:
-        transformer_depth_middle = _transformer_depth(s, "middle_block.1.")
-    elif "middle_block.0.in_layers.0.weight" in s and not any(k.startswith("middle_block.2.") for k in s):
-        transformer_depth_middle = 0
-    else:
-        raise SdlabError("the UNet's middle block is neither ResBlock-SpatialTransformer-ResBlock nor a single "
-                         "ResBlock; this layout is not supported")
+    transformer_depth_middle, _ = middle_path(s, "UNet")
 
     extra = {}
     attn2 = next((k for k in s if k.endswith("attn2.to_k.weight")), None)
