@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from torch import Tensor, nn
 
 from sdlab.errors import SdlabError
-from sdlab.models.layers import Conv2d, timestep_embedding
+from sdlab.models.layers import Conv2d
 from sdlab.models.storage import compute_dtype
 from sdlab.models.unet import (
     PRESETS as UNET_PRESETS,
@@ -27,6 +27,8 @@ from sdlab.models.unet import (
     TimestepEmbedSequential,
     UNetConfig,
     down_path,
+    embed,
+    embedding_layers,
     middle_path,
 )
 
@@ -178,11 +180,7 @@ class ControlNet(nn.Module):
         mc, groups = u.model_channels, u.norm_groups
         emb = 4 * mc
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.label_emb = None
-        if u.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(u.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb)))
+        self.time_embed, self.label_emb = embedding_layers(mc, u.adm_in_channels)
         self.input_hint_block = _hint_block(cfg.hint_channels, cfg.hint_block_channels, mc)
 
         # The encoder exactly as the UNet builds it, with a zero conv on each block's output.
@@ -234,9 +232,7 @@ class ControlNet(nn.Module):
         dtype = compute_dtype(self)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.unet.model_channels).to(dtype))
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(y.to(dtype))
+        emb = embed(self.time_embed, self.label_emb, timesteps, y, self.cfg.unet.model_channels, dtype)
         context = context.to(dtype)
 
         guided_hint = self.input_hint_block(hint.to(dtype))

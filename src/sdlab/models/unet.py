@@ -519,6 +519,28 @@ class TimestepEmbedSequential(nn.Sequential):
 # The network
 
 
+def embedding_layers(model_channels: int, adm_in_channels: int | None) -> tuple[nn.Module, nn.Module | None]:
+    """The timestep MLP (`time_embed`) and SDXL's vector-conditioning MLP (`label_emb`, None without
+    adm), as the UNet and its ControlNet copy both hold them."""
+    emb = 4 * model_channels
+    time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+    # SGM's "sequential" adm: the MLP sits one Sequential deeper, hence label_emb.0.0 / label_emb.0.2.
+    label_emb = None
+    if adm_in_channels is not None:
+        label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb)))
+    return time_embed, label_emb
+
+
+def embed(time_embed: nn.Module, label_emb: nn.Module | None, timesteps: Tensor, y: Tensor | None,
+          model_channels: int, dtype: torch.dtype) -> Tensor:
+    """The embedding every ResBlock reads: the timesteps' (sinusoids in fp32, as fp16 cannot resolve
+    cos(t * f) for t near 1000), plus SDXL's y through `label_emb`."""
+    emb = time_embed(timestep_embedding(timesteps, model_channels).to(dtype))
+    if label_emb is not None:
+        emb = emb + label_emb(y.to(dtype))
+    return emb
+
+
 class UNet(nn.Module):
     """The LDM UNet: eps / v prediction from (noisy latent, timestep, text tokens[, SDXL vector y]).
 
@@ -533,12 +555,7 @@ class UNet(nn.Module):
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb = 4 * mc
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
-        # SGM's "sequential" adm: the MLP sits one Sequential deeper, hence label_emb.0.0 / label_emb.0.2.
-        self.label_emb = None
-        if cfg.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb)))
+        self.time_embed, self.label_emb = embedding_layers(mc, cfg.adm_in_channels)
 
         levels = list(zip(cfg.level_channels, cfg.num_res_blocks, cfg.transformer_depth))
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -609,10 +626,7 @@ class UNet(nn.Module):
         dtype = compute_dtype(self)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        # The sinusoids are computed in fp32 (fp16 cannot resolve cos(t * f) for t near 1000).
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(y.to(dtype))
+        emb = embed(self.time_embed, self.label_emb, timesteps, y, self.cfg.model_channels, dtype)
         context = context.to(dtype)
 
         h = x.to(dtype)

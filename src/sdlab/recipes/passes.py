@@ -90,7 +90,7 @@ def prepare(pipe: Pipeline, req: GenerationRequest, prompt: str, negative: str, 
     ztsnr = pipe.zero_terminal_snr(req)
     base = model_for(pipe.bundle, ztsnr, req.shift)
     sigmas = get_sampler_sigmas(sampler, schedule, req.steps, base.sampling)
-    stages = [Stage(model_for(bundle, ztsnr, req.shift),
+    stages = [Stage(base if bundle is pipe.bundle else model_for(bundle, ztsnr, req.shift),
                     tuple(prompt_schedule(runners, [prompt, negative], req.steps, req.clip_skip, encoder_embeddings,
                                           combine=bundle.family.text_combine)))
               for bundle, runners, encoder_embeddings in pipe.models_in_use(req, embeddings)]

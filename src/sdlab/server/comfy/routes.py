@@ -40,6 +40,20 @@ async def read_json(request: Request):
     return json.loads(raw)
 
 
+async def _clear_or_delete(request: Request, clear, delete) -> Response:
+    """ComfyUI's POST /queue and /history body: `{"clear": true}` and / or `{"delete": [ids]}`."""
+    try:
+        body = await read_json(request)
+    except (ValueError, UnicodeDecodeError) as e:
+        return _bad_json(e)
+    if isinstance(body, dict):
+        if body.get("clear"):
+            clear()
+        if isinstance(body.get("delete"), list):
+            delete([str(p) for p in body["delete"]])
+    return Response(status_code=200)
+
+
 def _bad_json(e: Exception) -> JSONResponse:
     return JSONResponse({"error": {"type": "invalid_prompt", "message": f"Invalid JSON body: {e}", "details": str(e),
                                    "extra_info": {}}, "node_errors": {}}, status_code=400)
@@ -87,16 +101,7 @@ def make_router() -> APIRouter:
     @router.post("/queue")
     async def post_queue(request: Request):
         state = comfy(request)
-        try:
-            body = await read_json(request)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _bad_json(e)
-        if isinstance(body, dict):
-            if body.get("clear"):
-                state.clear()
-            if isinstance(body.get("delete"), list):
-                state.delete([str(p) for p in body["delete"]])
-        return Response(status_code=200)
+        return await _clear_or_delete(request, state.clear, state.delete)
 
     @router.post("/interrupt")
     async def interrupt(request: Request):
@@ -129,16 +134,7 @@ def make_router() -> APIRouter:
     @router.post("/history")
     async def post_history(request: Request):
         state = comfy(request)
-        try:
-            body = await read_json(request)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _bad_json(e)
-        if isinstance(body, dict):
-            if body.get("clear"):
-                state.delete_history(None)
-            if isinstance(body.get("delete"), list):
-                state.delete_history([str(p) for p in body["delete"]])
-        return Response(status_code=200)
+        return await _clear_or_delete(request, lambda: state.delete_history(None), state.delete_history)
 
     @router.get("/object_info")
     async def object_info(request: Request):
