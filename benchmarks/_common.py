@@ -82,7 +82,8 @@ def write_safetensors_streamed(path: Path, specs: Mapping[str, tuple[tuple[int, 
     import torch
 
     names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+             torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
     header, offset = {}, 0
     for key, (shape, dtype) in specs.items():
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()

@@ -65,3 +65,12 @@ def _session_cpu_flags():
         capability = "AVX512" if "avx512f" in flags.split() else "AVX2"
         _pretend(monkeypatch, frozenset(flags.split()), capability)
         yield
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tmp_path_factory):
+    """The tiny random SD3 diffusers folder of tests/test_sd3.py (`tiny_sd3_folder`, seed 0), written
+    once for the SD3 test files that only read it (API, inpainting, memory)."""
+    from tests.test_sd3 import tiny_sd3_folder
+
+    return tiny_sd3_folder(tmp_path_factory.mktemp("sd3-shared") / "tiny-sd3")

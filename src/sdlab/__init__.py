@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 def load(model: str | Path | None = None, device: str | None = None, dtype: "torch.dtype | None" = None,
          prediction: str | None = None, use_ema: bool = True, models_dir: str | Path | None = None,
          compile: bool = False, offload: bool = False, weight_dtype: "torch.dtype | None" = None,
-         text_encoder_files: "dict[str, str | Path] | None" = None, t5_max_length: int = 77) -> "Pipeline":
+         text_encoder_files: "dict[str, str | Path] | None" = None, t5_max_length: int = 77,
+         vae: str | Path | None = None) -> "Pipeline":
     """Load a model and return a Pipeline (`txt2img`, `img2img`, `inpaint`).
 
     Args:
@@ -45,6 +46,8 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
             "t5xxl": ...}; encoders neither given nor in the checkpoint are looked for in the models
             folder's text_encoders/ and clip/ (ComfyUI's layout).
         t5_max_length: SD3: T5 tokens per prompt chunk (77; diffusers' max_sequence_length is 256).
+        vae: a separate VAE file replacing the model's (the web UI's "SD VAE", named in the
+            infotext); for an SD3 file that carries no VAE (sd3.5_large.safetensors), its VAE.
     """
     from .errors import SdlabError
     from .perf import load_for_inference
@@ -59,9 +62,12 @@ def load(model: str | Path | None = None, device: str | None = None, dtype: "tor
     models = ModelsDir(models_dir) if models_dir is not None else None
     root = (models or ModelsDir()).root
     sd3_options = dict(text_encoder_files=text_encoder_files, t5_max_length=t5_max_length,
-                       text_encoder_dirs=[root / "text_encoders", root / "clip"])
+                       text_encoder_dirs=[root / "text_encoders", root / "clip"], vae_file=vae)
     # dtype None: the fastest this machine runs well (fp16 on GPUs; bf16 on CPUs with
     # AVX512-BF16 or AMX, else fp32), the VAE in fp32 on the CPU (see device.vae_dtype).
     bundle = load_for_inference(model, device, dtype, prediction=prediction, use_ema=use_ema, compile=compile,
                                 offload=offload, weight_dtype=weight_dtype, **sd3_options)
-    return Pipeline(bundle, models=models)
+    pipe = Pipeline(bundle, models=models)
+    if vae is not None:
+        pipe.use_vae(Path(vae))
+    return pipe

@@ -27,7 +27,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoints.loader import EMA_PREFIX, config_of, file_sha256, open_model
     from .families import UNET_PREFIX, VAE_PREFIX, looks_like_lora
 
+    if _is_control_folder(Path(args.model)):
+        _print_rows(_control_rows(Path(args.model), None))
+        return
     sd, path = open_model(args.model)
+    if path.is_file():
+        from .controlnet.loading import control_kind
+
+        if control_kind(sd.shapes) is not None:  # a ControlNet or T2I-Adapter (models/ControlNet)
+            _print_rows(_control_rows(path, file_sha256(path)[:10]))
+            return
     if path.is_file() and looks_like_lora(sd.keys()):
         _print_rows(_lora_rows(path))
         return
@@ -61,6 +70,24 @@ def cmd_info(args: argparse.Namespace) -> None:
     if path.is_file():
         rows.append(("model hash", file_sha256(path)[:10]))
     _print_rows(rows)
+
+
+def _is_control_folder(path: Path) -> bool:
+    """A diffusers ControlNetModel or T2IAdapter folder."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") in ("ControlNetModel", "T2IAdapter")
+
+
+def _control_rows(path: Path, model_hash: str | None) -> list[tuple[str, str]]:
+    from .controlnet.loading import inspect_control_file
+
+    rows = [("file", str(path)), ("kind", inspect_control_file(path).describe())]
+    return rows + ([("model hash", model_hash)] if model_hash else [])
 
 
 def _print_rows(rows: list[tuple[str, str]]) -> None:
@@ -100,6 +127,7 @@ def _lora_rows(path: Path) -> list[tuple[str, str]]:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    from .checkpoints import sd3
     from .checkpoints.diffusers_folder import is_diffusers_folder, write_diffusers_folder
     from .checkpoints.loader import load_bundle, save_checkpoint
     from .device import parse_dtype
@@ -108,14 +136,28 @@ def cmd_convert(args: argparse.Namespace) -> None:
     to = args.to or ("single" if dst.suffix in (".safetensors", ".ckpt") else "diffusers")
     if to == "single" and dst.suffix not in (".safetensors", ".ckpt"):  # before the model loads
         raise SdlabError(f"{dst}: single-file output must end in .safetensors (or .ckpt, for tools that want one)")
-    bundle = load_bundle(args.src, device="cpu", dtype=parse_dtype(args.dtype or "fp32"),
-                         prediction=args.prediction, use_ema=not args.no_ema)
+    if to == "diffusers" and dst.exists():
+        raise UsageError(f"{dst}: already exists; choose a new folder")
+    dtype = parse_dtype(args.dtype or "fp32")
+    encoders = {"clip_l": args.clip_l, "clip_g": args.clip_g, "t5xxl": args.t5}
+    bundle = load_bundle(args.src, device="cpu", dtype=dtype, prediction=args.prediction, use_ema=not args.no_ema,
+                         text_encoder_files=encoders, vae_file=args.vae)
+    if any(encoders.values()) and not bundle.family.is_flow:
+        raise UsageError(f"--clip-l, --clip-g and --t5 are for SD3 / SD3.5 models, not {bundle.family.label}")
+    if args.vae is not None:  # (an SD3 file without a VAE was given this one by load_bundle already)
+        from .models_dir import load_vae_into
+
+        load_vae_into(bundle, args.vae)
+    # SD3's T5 keeps a narrower file's dtype in memory (`sd3.t5_weight_dtype`): cast to `dtype` here.
     if to == "single":
-        save_checkpoint(bundle, dst)
+        save_checkpoint(bundle, dst, dtype=dtype if bundle.family.is_flow else None)
     else:
         if is_diffusers_folder(Path(args.src)) and to == "diffusers":
             logging.getLogger(__name__).info("source is already a diffusers folder; writing a fresh copy")
-        write_diffusers_folder(bundle.state_dict(), bundle.config, dst)
+        if bundle.family.is_flow:
+            sd3.write_sd3_folder(bundle.state_dict(dtype), bundle.config, dst, bundle.tokenizers)
+        else:
+            write_diffusers_folder(bundle.state_dict(), bundle.config, dst)
     print(f"wrote {dst} ({bundle.family.name}, {to})")
 
 
@@ -210,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="weight dtype of the output: fp32 (default), fp16, bf16")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
     p.add_argument("--no-ema", action="store_true", help="keep the raw weights when the file also has EMA ones")
+    p.add_argument("--vae", default=None, help="a separate VAE file to write in place of the model's (SD3.5 files "
+                                               "carry none: give SD3's 16-channel VAE)")
+    p.add_argument("--clip-l", default=None, help="SD3: a CLIP-L file to write in place of the checkpoint's")
+    p.add_argument("--clip-g", default=None, help="SD3: a CLIP-G file to write in place of the checkpoint's")
+    p.add_argument("--t5", default=None, help="SD3: a T5-XXL file (fp16 or fp8) to write in place of the checkpoint's")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("merge-lora", help="merge LoRAs into a checkpoint",

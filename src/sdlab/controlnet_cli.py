@@ -1,6 +1,7 @@
 """ControlNet on the command line: the `--control` unit flags of `sdlab generate` / `img2img` /
-`inpaint` (one unit per `--control`; the unit flags after it set that unit) and `sdlab detect`,
-which runs a preprocessor and saves its map. Imports nothing heavy until a command runs."""
+`inpaint` (one unit per `--control`; the unit flags after it set that unit), the units of a PNG
+that `--from` replays (`--control-image` given again, one per `ControlNet N` line) and `sdlab
+detect`, which runs a preprocessor and saves its map. Imports nothing heavy until a command runs."""
 
 from __future__ import annotations
 
@@ -47,13 +48,17 @@ class _UnitField(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         units = getattr(namespace, "controls", None)
+        field = self.dest.removeprefix("control_")
+        if not units and field == "image":
+            # No --control yet: the control images of the units `--from` replays, in order.
+            namespace.replay_control_images = [*(getattr(namespace, "replay_control_images", None) or []), values]
+            return
         if not units:
             parser.error(f"{option_string} must follow the --control MODEL it belongs to")
-        field = self.dest.removeprefix("control_")
         if field in units[-1]:
             parser.error(f"{option_string} given twice for --control {units[-1]['model']}; give "
                          "--control again for another unit")
-        units[-1][field] = values
+        units[-1][field] = True if self.nargs == 0 else values
 
 
 def add_control_flags(p: argparse.ArgumentParser) -> None:
@@ -91,9 +96,35 @@ def control_requests(units: list[dict] | None, models_root: Path, init: bool) ->
         fields["module"] = get_preprocessor(fields.get("module", "none")).name
         fields["control_mode"] = control_mode_name(fields.get("control_mode", "Balanced"))
         fields["resize_mode"] = resize_mode_name(fields.get("resize_mode", "Crop and Resize"))
-        fields["pixel_perfect"] = "pixel_perfect" in fields
+        fields["pixel_perfect"] = bool(fields.get("pixel_perfect", False))
         out.append(ControlRequest(**fields))
     return out
+
+
+def replayed_units(infotext: str, images: list[str] | None, init: bool) -> list[dict]:
+    """The unit dicts (as `--control` flags make them) of a PNG's `ControlNet N` lines, each with
+    its control image from `images` in order: the infotext cannot carry images. `init`: an init
+    image stands in for a missing one (img2img), as for `--control`.
+
+    Raises:
+        SdlabError: more images than lines, or a line left without one.
+    """
+    from .controlnet.units import infotext_units
+    from .infotext import parse_infotext
+
+    units = infotext_units(parse_infotext(infotext))
+    images = list(images or [])
+    if len(images) > len(units):
+        raise SdlabError(f"{len(images)} --control-image given but the PNG's infotext has {len(units)} ControlNet "
+                         "line(s); give one --control-image per line, or --control MODEL before each image")
+    for i, unit in enumerate(units):
+        if i < len(images):
+            unit["image"] = images[i]
+        elif not init:
+            raise SdlabError(f"the PNG's infotext has ControlNet {i} ({unit.get('module', 'none')}, model "
+                             f"{unit['model']}): give its control image again with --control-image IMAGE (one per "
+                             "ControlNet line, in order; an infotext cannot carry images)")
+    return units
 
 
 def register(sub) -> None:

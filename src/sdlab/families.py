@@ -105,7 +105,7 @@ _SDXL_G = TextEncoderSlot("conditioner.embedders.1.model.", "openclip", "zero", 
 _REFINER_G = TextEncoderSlot("conditioner.embedders.0.model.", "openclip", "zero", "text_encoder_2", "tokenizer_2",
                              lora_net="te1", embedding_key="clip_g")
 # SD3 / SD3.5: CLIP-L, CLIP-G (both in transformers' layout) and T5-XXL under `text_encoders.`;
-# any may be absent from a file (sdlab needs both CLIPs; T5 is optional).
+# any may be absent from a file (sdlab needs one CLIP: the other's part is zeros, as in ComfyUI).
 _SD3_L = TextEncoderSlot("text_encoders.clip_l.transformer.", "openai", "eos", embedding_key="clip_l")
 _SD3_G = TextEncoderSlot("text_encoders.clip_g.transformer.", "openai", "zero", "text_encoder_2", "tokenizer_2",
                          lora_net="te1", embedding_key="clip_g", activation="gelu")
@@ -177,7 +177,8 @@ class ModelConfig:
                            "default_size": self.family.default_size, "latent_scale": self.family.latent_scale,
                            "zero_terminal_snr": self.family.zero_terminal_snr,
                            "beta_start": self.family.beta_start, "beta_end": self.family.beta_end,
-                           **({"latent_shift": self.family.latent_shift, "flow_shift": self.family.flow_shift}
+                           **({"latent_shift": self.family.latent_shift, "flow_shift": self.family.flow_shift,
+                               "text_encoder_slots": [s.prefix for s in self.family.text_encoders]}
                               if self.family.is_flow else {}),
                            "unet": asdict(self.unet), "vae": asdict(self.vae),
                            "text_encoders": [asdict(c) for c in self.text_encoders]})
@@ -190,7 +191,10 @@ class ModelConfig:
         family = replace(family, **{k: d[k] for k in ("prediction", "default_size", "latent_scale", "zero_terminal_snr",
                                                       "beta_start", "beta_end", "latent_shift", "flow_shift") if k in d})
         tes = tuple(_dataclass_from_dict(T5Config if "d_model" in c else CLIPTextConfig, c) for c in d["text_encoders"])
-        if len(tes) < len(family.text_encoders):  # an SD3 model saved without its T5
+        if "text_encoder_slots" in d:  # an SD3 model saved without some of its encoders
+            family = replace(family, text_encoders=tuple(s for s in family.text_encoders
+                                                         if s.prefix in d["text_encoder_slots"]))
+        elif len(tes) < len(family.text_encoders):  # written before the slots were: only T5 could be absent
             family = replace(family, text_encoders=family.text_encoders[:len(tes)])
         return cls(family, _dataclass_from_dict(MMDiTConfig if family.is_flow else UNetConfig, d["unet"]),
                    _dataclass_from_dict(VAEConfig, d["vae"]), tes)
@@ -294,10 +298,10 @@ def model_config(shapes: Shapes, metadata: Mapping[str, str] | None = None,
 def sd3_model_config(shapes: Shapes, extra: Shapes | None = None) -> ModelConfig:
     """The config of an SD3 / SD3.5 single file: the MMDiT's and VAE's off their shapes, and the
     text encoders the file (or `extra`, the shapes of separate encoder files under the same
-    `text_encoders.*` prefixes, which win) holds. Both CLIPs are needed; T5 is optional.
+    `text_encoders.*` prefixes, which win) holds. One CLIP at least is needed; T5 is optional.
 
     Raises:
-        SdlabError: no VAE, a CLIP missing, or a T5 whose width is not the MMDiT's context width.
+        SdlabError: no VAE, neither CLIP, or a T5 whose width is not the MMDiT's context width.
     """
     from .models.mmdit import config_from_state_dict as mmdit_config
     from .models.t5 import config_from_state_dict as t5_config
@@ -330,9 +334,9 @@ def sd3_model_config(shapes: Shapes, extra: Shapes | None = None) -> ModelConfig
         slots.append(slot)
         tes.append(te)
     names = [s.prefix.split(".")[1] for s in slots]
-    if "clip_l" not in names or "clip_g" not in names:
-        missing = " and ".join(n for n in ("clip_l", "clip_g") if n not in names)
-        raise SdlabError(f"the SD3 model has no {missing} text encoder: give it with --clip-l / --clip-g "
+    if "clip_l" not in names and "clip_g" not in names:
+        # One CLIP alone is enough: the other's part is zeros (ComfyUI's rule, `checkpoints.sd3`).
+        raise SdlabError("the SD3 model has no clip_l and clip_g text encoder: give them with --clip-l / --clip-g "
                          "(clip_l.safetensors, clip_g.safetensors), or use a checkpoint that includes the CLIPs")
     return ModelConfig(replace(family, text_encoders=tuple(slots)), mmdit, vae, tuple(tes))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import SdlabError
+from .errors import SdlabError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +117,8 @@ def _add_common(p: argparse.ArgumentParser, prompt_required: bool = True) -> Non
     p.add_argument("--offload", action="store_true",
                    help="keep models in CPU memory and move each to the GPU only while it runs (small GPUs)")
     p.add_argument("--vae", default=None,
-                   help="a separate VAE file (path, or a name in the models folder's VAE/) replacing the model's")
+                   help="a separate VAE file (path, or a name in the models folder's VAE/) replacing the model's; "
+                        "SD3.5 files carry none: give SD3's 16-channel VAE")
     p.add_argument("--refiner", default=None,
                    help="SDXL refiner checkpoint: it samples the steps after --refiner-switch")
     p.add_argument("--refiner-switch", dest="refiner_switch_at", type=float, default=None,
@@ -227,6 +228,9 @@ def register(sub) -> None:
     p.add_argument("--init", required=True, help="the starting image")
     p.add_argument("--strength", dest="denoising_strength", type=float, default=None,
                    help="denoising strength 0..1 (default 0.75): steps x strength steps are run")
+    p.add_argument("--resize-mode", dest="resize_mode", type=int, choices=range(4), default=None,
+                   help="how the image is fitted to -W x -H, as the web UI's: 0 just resize (default), 1 crop and "
+                        "resize, 2 resize and fill, 3 just resize (latent upscale)")
     p.set_defaults(func=cmd_generate, mode="img2img")
 
     p = sub.add_parser("inpaint", help="repaint the masked part of an image",
@@ -387,7 +391,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
              "denoising_strength", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding",
              "inpainting_mask_invert", "refiner_switch_at", "original_size", "target_size", "crop_top_left",
              "aesthetic_score", "zero_terminal_snr", "styles", "tiling", "shift", "slg_layers", "slg_scale",
-             "slg_start", "slg_end")
+             "slg_start", "slg_end", "resize_mode")
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
@@ -423,10 +427,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     # Everything that needs no model is checked before one loads, so a typo costs no load.
     models = _models_dir(args)
-    if args.controls:
+    units = args.controls
+    replay_images = getattr(args, "replay_control_images", None)
+    if not units and (args.from_image or replay_images):
+        # --from replays the PNG's ControlNet units; --control units given here replace them.
+        from .controlnet_cli import replayed_units
+
+        if replay_images and not args.from_image:
+            raise UsageError("--control-image without --control: give --control MODEL before it (or --from a PNG "
+                             "whose ControlNet lines it is for)")
+        units = replayed_units(text, replay_images, init="init_image" in fields)
+    elif replay_images:
+        raise UsageError("--control-image given before the first --control; put each after its --control MODEL")
+    if units:
         from .controlnet_cli import control_requests
 
-        fields["controls"] = control_requests(args.controls, models.root, init="init_image" in fields)
+        fields["controls"] = control_requests(units, models.root, init="init_image" in fields)
     request = GenerationRequest(**fields)
     check_request(request, models)
     model = _resolve_model(args, args.model)
@@ -443,13 +459,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe = load(model, device=args.device, dtype=dtype, prediction=args.prediction or replay.prediction,
                 models_dir=args.models_dir, compile=args.compile, offload=args.offload, weight_dtype=weight_dtype,
                 text_encoder_files={"clip_l": args.clip_l, "clip_g": args.clip_g, "t5xxl": args.t5},
-                t5_max_length=args.t5_max_length)
+                t5_max_length=args.t5_max_length, vae=vae_path)
     if args.preset in FLOW_PRESETS and pipe.bundle.family.is_flow:  # flags still win
         request = replace(request, **{k: v for k, v in FLOW_PRESETS[args.preset].items() if getattr(args, k) is None})
     if args.styles_file:
         pipe.styles_file = Path(args.styles_file)
-    if vae_path is not None:
-        pipe.use_vae(vae_path)
     if refiner_model is not None:
         from .models.storage import storage_dtype
         from .perf import load_for_inference

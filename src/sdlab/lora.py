@@ -85,6 +85,9 @@ class _Slot:
     module: str  # native module path; OpenCLIP's q/k/v are the virtual `...attn.q_proj` etc.
     param: str  # parameter name inside the network
     rows: tuple[int, int] | None = None  # OpenCLIP's fused in_proj_weight: q, k, v row ranges
+    # SD3's adaLN layers that diffusers stores as (scale, shift) where the original has (shift,
+    # scale): the delta's two halves of rows are swapped before it is added (`_mmdit_swapped_names`).
+    swap_halves: bool = False
 
 
 def _unet_diffusers_paths(module_paths: Iterable[str], cfg: UNetConfig) -> dict[str, str]:
@@ -125,6 +128,8 @@ def _index(unet: nn.Module, unet_cfg: UNetConfig, text_encoders: Sequence[nn.Mod
             add(_Slot("unet", native, native + ".weight"), native)
         for diffusers, native, rows in _mmdit_diffusers_names(unet_cfg):
             add(_Slot("unet", diffusers if rows else native, native + ".weight", rows), diffusers)
+        for diffusers, native in _mmdit_swapped_names(unet_cfg):
+            add(_Slot("unet", diffusers, native + ".weight", swap_halves=True), diffusers)
     else:
         for native, diffusers in _unet_diffusers_paths(layers, unet_cfg).items():
             add(_Slot("unet", native, native + ".weight"), native, diffusers)
@@ -170,6 +175,15 @@ def _mmdit_diffusers_names(cfg) -> list[tuple[str, str, tuple[int, int] | None]]
         out += [(b + src, j + dst, None) for src, dst in pairs]
     out += [("context_embedder", "context_embedder", None), ("proj_out", "final_layer.linear", None)]
     return out
+
+
+def _mmdit_swapped_names(cfg) -> list[tuple[str, str]]:
+    """(diffusers module path, native module path) of SD3's layers whose rows diffusers keeps in the
+    other order: the last context block's and the final layer's adaLN (`AdaLayerNormContinuous`,
+    (scale, shift); the original's are (shift, scale), and diffusers' converter swaps the halves)."""
+    last = cfg.depth - 1
+    return [(f"transformer_blocks.{last}.norm1_context.linear", f"joint_blocks.{last}.context_block.adaLN_modulation.1"),
+            ("norm_out.linear", "final_layer.adaLN_modulation.1")]
 
 
 def _bundle_index(bundle: Bundle) -> dict[tuple[str, str], _Slot]:
@@ -367,6 +381,16 @@ class LoraModule:
         meta = LoraModule(self.key, self.net, self.name, self.kind,
                           {k: torch.empty(v.shape, device="meta") for k, v in self.tensors.items()})
         return meta.delta("meta", dyn_dim).shape
+
+    def halves_swapped(self) -> LoraModule:
+        """The same module with the two halves of its output rows swapped (a diffusers-named SD3
+        adaLN LoRA, see `_Slot.swap_halves`): a plain LoRA's `lora_up` rows, any other kind's delta."""
+        if self.kind == "lora" and "lora_mid.weight" not in self.tensors:
+            up = self.tensors["lora_up.weight"]
+            return LoraModule(self.key, self.net, self.name, self.kind,
+                              {**self.tensors, "lora_up.weight": torch.cat(up.chunk(2)[::-1])}, self.alpha, self.rslora)
+        delta = self.delta() * self.scale
+        return LoraModule(self.key, self.net, self.name, "full", {"diff": torch.cat(delta.chunk(2)[::-1])})
 
     @property
     def is_low_rank(self) -> bool:
@@ -685,6 +709,8 @@ def apply_loras(bundle: Bundle, loras: Iterable[LoraUse | tuple], strict: bool =
                 missing.append(m.key)
                 continue
             matched += 1
+            if slot.swap_halves:
+                m = m.halves_swapped()
             param = nets[m.net].get_parameter(slot.param)
             region = param.shape if slot.rows is None else (slot.rows[1] - slot.rows[0], *param.shape[1:])
             shape = m.delta_shape(use.dyn_dim)

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from . import device as devices
 from .errors import SdlabError
 from .models.layers import pack_conv_weights
-from .models.storage import set_dtypes
+from .models.storage import set_dtypes, storage_dtype
+from .models.t5 import T5Encoder
 from .models.vae import AutoencoderKL, DiagonalGaussian, should_tile
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def prepare_for_inference(bundle: Bundle, device: str | torch.device | None = No
         net.eval().requires_grad_(False)
     for net in (bundle.unet, *bundle.text_encoders):
         # Cast where the weights are, then move: a narrow copy crosses to a GPU in half the time.
-        set_dtypes(net, dtype, weight_dtype).to(device=home)
+        set_dtypes(net, dtype, _kept_narrower(net, weight_dtype)).to(device=home)
     bundle.vae.to(device=home, dtype=devices.vae_dtype(device, dtype, bundle.family.name))
     if channels_last:
         bundle.unet.to(memory_format=torch.channels_last)
@@ -131,6 +132,16 @@ def load_for_inference(model: str | Path, device: str | torch.device | None = No
     bundle = load_bundle(model, device="cpu" if offload else device, dtype=dtype, prediction=prediction,
                          use_ema=use_ema, weight_dtype=weight_dtype, **sd3_options)
     return prepare_for_inference(bundle, device, dtype, compile=compile, offload=offload, weight_dtype=weight_dtype)
+
+
+def _kept_narrower(net: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
+    """`weight_dtype`, or for a T5 the narrower dtype its file gave its matrices (a t5xxl_fp8
+    file stays fp8: `checkpoints.sd3.t5_weight_dtype`); widening them would change no result."""
+    if isinstance(net, T5Encoder):
+        stored = storage_dtype(net)
+        if torch.finfo(stored).bits < torch.finfo(weight_dtype).bits:
+            return stored
+    return weight_dtype
 
 
 def inference_dtypes(device: torch.device, dtype: torch.dtype | None, weight_dtype: torch.dtype | None,
@@ -253,6 +264,96 @@ def execution_device(net: nn.Module | Bundle) -> torch.device:
     net = getattr(net, "unet", net)
     offload = getattr(net, "sdlab_offload", None)
     return offload.device if offload is not None else next(net.parameters()).device
+
+
+# ---------------------------------------------------------------- text encoders between prompts
+
+
+def _move_module(net: nn.Module, device: torch.device) -> None:
+    net.to(device)
+
+
+class TextEncoderParking:
+    """Text encoders run once per prompt (their outputs are cached by the runners), yet SD3's T5-XXL
+    alone is 4.7 B parameters: between prompts they wait in CPU memory (`rest`), so the denoiser
+    has the GPU to itself while it samples.
+
+    A forward pre-hook brings an encoder to `device` when a prompt the runners have not cached
+    needs it (a repeated prompt moves nothing), with its tensor inputs; its outputs go back to
+    where the inputs came from, as `ModelOffload` does. `park()` (the pipeline calls it once a
+    request's prompts are encoded) sends them back to `rest`, unless `keep()` says the next
+    request will need them again (the server's queue holds another generation job), which saves
+    two transfers. Unlike `--offload`, the denoiser and the VAE stay on the device.
+
+    `move_module` / `move_value` are injectable so the logic can be tested without a GPU.
+    """
+
+    def __init__(self, encoders: list[nn.Module], device: str | torch.device,
+                 rest: str | torch.device = "cpu", keep: Callable[[], bool] = lambda: False,
+                 move_module: Callable[[nn.Module, torch.device], None] = _move_module,
+                 move_value: Callable[[Any, torch.device], Any] = _to_device):
+        self.device, self.rest = torch.device(device), torch.device(rest)
+        self.keep = keep
+        self._move_module, self._move_value = move_module, move_value
+        self._handles: list[Any] = []
+        self.encoders = list(encoders)
+        self.where: dict[int, torch.device] = {}  # id(encoder) -> where it is now
+        for net in self.encoders:
+            self.where[id(net)] = next(net.parameters()).device
+            self._hook(net)
+
+    def _hook(self, net: nn.Module) -> None:
+        caller: list[torch.device | None] = [None]
+
+        def before(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            self._place(net, self.device)
+            caller[0] = _first_tensor_device(args, kwargs)
+            return self._move_value(args, self.device), self._move_value(kwargs, self.device)
+
+        def after(_module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
+            if caller[0] is not None and caller[0] != self.device:
+                return self._move_value(output, caller[0])
+            return output
+
+        self._handles.append(net.register_forward_pre_hook(before, with_kwargs=True))
+        self._handles.append(net.register_forward_hook(after, with_kwargs=True))
+
+    def _place(self, net: nn.Module, device: torch.device) -> None:
+        if self.where[id(net)] != device:
+            self._move_module(net, device)
+            self.where[id(net)] = device
+            log.debug("text encoder %s to %s", type(net).__name__, device)
+
+    def park(self) -> bool:
+        """Send the encoders to `rest` unless `keep()`; whether they are parked now."""
+        if self.keep():
+            return False
+        moved = False
+        for net in self.encoders:
+            moved |= self.where[id(net)] != self.rest
+            self._place(net, self.rest)
+        if moved and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed blocks back for the denoiser's activations
+        return True
+
+    def remove(self, device: str | torch.device | None = None) -> None:
+        """Remove the hooks; leave every encoder on `device` (default: its compute device)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for net in self.encoders:
+            self._place(net, torch.device(device) if device is not None else self.device)
+
+
+def text_encoder_parking(bundle: Bundle) -> TextEncoderParking | None:
+    """Parking for a bundle's text encoders where it pays: on a GPU (on the CPU they are where
+    they run), and not with `--offload`, which moves every network already."""
+    if not bundle.text_encoders or getattr(bundle.unet, "sdlab_offload", None) is not None:
+        return None
+    device = next(bundle.text_encoders[0].parameters()).device
+    if device.type == "cpu":
+        return None
+    return TextEncoderParking(list(bundle.text_encoders), device)
 
 
 # ---------------------------------------------------------------- the VAE

@@ -19,8 +19,7 @@ from torch import Tensor
 from ._version import __version__
 from .checkpoints.loader import Bundle
 from .device import dtype_name, vae_dtype
-from .controlnet.units import (SUFFIXES, ControlNets, ControlRequest, control_mode_name, detected_map,
-                               resize_mode_name)
+from .controlnet.units import ControlNets, ControlRequest, detected_map, infotext_line
 from .embeddings import EmbeddingLibrary
 from .hires import hires_infotext
 from .infotext import create_infotext, with_infotext
@@ -28,8 +27,9 @@ from .lora import LoraSpec, LoraState, lora_specs
 from .models.layers import circular_padding
 from .models.storage import storage_dtype
 from .models_dir import ModelsDir
+from .perf import text_encoder_parking
 from .recipes import webui
-from .recipes.sd3 import sd3_infotext
+from .recipes.sd3 import check_flow_fields, sd3_infotext
 from .request import GenerationRequest, GenerationResult, Interrupted, Progress, validate
 from .sampling.samplers import resolve_sampler
 from .sampling.schedules import SCHEDULES, resolve_schedule
@@ -47,11 +47,19 @@ def _wxh(hw: tuple[int, int]) -> str:
 
 
 def text_runners(bundle: Bundle) -> list[TextEncoderRunner]:
+    from .checkpoints.sd3 import absent_clip_zeros
+    from .text.conditioning import ZeroFilledRunner
     from .text.t5_runner import T5Runner
 
     fam = bundle.family
-    return [T5Runner(te, tok) if slot.layout == "t5" else
-            TextEncoderRunner(te, tok, base_skip=fam.clip_skip, final_norm=fam.text_final_norm)
+    zeros = absent_clip_zeros(bundle.config)  # SD3 with one CLIP: where the other's zeros go
+
+    def clip_runner(te, tok) -> TextEncoderRunner:
+        if zeros is not None:
+            return ZeroFilledRunner(te, tok, zeros, base_skip=fam.clip_skip, final_norm=fam.text_final_norm)
+        return TextEncoderRunner(te, tok, base_skip=fam.clip_skip, final_norm=fam.text_final_norm)
+
+    return [T5Runner(te, tok) if slot.layout == "t5" else clip_runner(te, tok)
             for slot, te, tok in zip(fam.text_encoders, bundle.text_encoders, bundle.tokenizers)]
 
 
@@ -71,6 +79,8 @@ class Pipeline:
                  styles_file: str | Path | None = None, vae_info: dict[str, str] | None = None):
         self.bundle = bundle
         self.text = text_runners(bundle)
+        # On a GPU the text encoders wait in CPU memory between prompts (`perf.TextEncoderParking`).
+        self.text_parking = text_encoder_parking(bundle)
         self.models = models if models is not None else ModelsDir()
         self.loras = LoraState()
         self.embeddings = EmbeddingLibrary(self.models.folder("embedding"))
@@ -98,8 +108,16 @@ class Pipeline:
         """Use (or stop using) an SDXL refiner for the last part of the steps."""
         self.refiner = refiner
         self.refiner_text = text_runners(refiner) if refiner is not None else []
+        self.refiner_text_parking = text_encoder_parking(refiner) if refiner is not None else None
         # The LoRAs of a request reach the refiner too, as far as they fit it (the web UI's way).
         self.refiner_loras = LoraState()
+
+    def park_text_encoders(self) -> None:
+        """Send the text encoders (the refiner's too) to CPU memory until a prompt needs them, unless
+        their parking's `keep()` says the next request will (a no-op on the CPU)."""
+        for parking in (self.text_parking, self.refiner_text_parking):
+            if parking is not None:
+                parking.park()
 
     def models_in_use(self, req: GenerationRequest, embeddings: list[list[dict]]
                       ) -> list[tuple[Bundle, list[TextEncoderRunner], list[dict]]]:
@@ -145,6 +163,7 @@ class Pipeline:
         does; seeds continue as one run numbers them."""
         req = apply_styles(validate(req, self.bundle.family.default_size, self.bundle.family.size_multiple),
                            self.styles_file)
+        check_flow_fields(req, self.bundle.family)  # shift / SLG: SD3's only
         prompt, networks = extract_extra_networks(req.prompt)
         negative, _ = extract_extra_networks(req.negative_prompt)  # the web UIs apply only the prompt's
         specs = lora_specs(networks, self.models.resolve_lora)
@@ -155,10 +174,12 @@ class Pipeline:
         schedule = resolve_schedule(req.schedule).name
         if schedule == "automatic":
             schedule = sampler.default_schedule or "automatic"
-        controls = self.controlnets.units(req.controls, self.bundle, req.width, req.height, req.init_image)
+        controls = self.controlnets.units(req.controls, self.bundle, req.width, req.height, req.init_image,
+                                          hires=req.enable_hr and req.init_image is None)
         extras.update(_control_infotext(req.controls))
         maps = [detected_map(unit) for unit in controls]
         run = webui.prepare(self, req, prompt, negative, sampler, schedule, embeddings, controls)
+        self.park_text_encoders()  # the prompts are encoded: the GPU is the denoiser's while it samples
         tiled = [b.unet for b, _, _ in self.models_in_use(req, embeddings)] + [self.bundle.vae]
         with circular_padding(*tiled, enabled=req.tiling):
             for batch in webui.batches(self, run, callback):
@@ -303,19 +324,8 @@ class Pipeline:
 
 def _control_infotext(controls: list) -> dict[str, str]:
     """The extension's infotext lines: `ControlNet 0: "Module: canny, Model: name, Weight: 1, ..."`."""
-    out = {}
-    for i, c in enumerate(controls):
-        if isinstance(c, ControlRequest):
-            model = Path(c.model)  # a file's or folder's name, or the API's "name [hash]"
-            fields = {"Module": c.module, "Model": model.stem if model.suffix.lower() in SUFFIXES else model.name,
-                      # the types the extension's ControlNetUnit gives them, whatever a caller passed
-                      "Weight": float(c.weight), "Resize Mode": resize_mode_name(c.resize_mode),
-                      "Processor Res": int(c.processor_res), "Threshold A": float(c.threshold_a),
-                      "Threshold B": float(c.threshold_b), "Guidance Start": float(c.guidance_start),
-                      "Guidance End": float(c.guidance_end), "Pixel Perfect": bool(c.pixel_perfect),
-                      "Control Mode": control_mode_name(c.control_mode)}
-            out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items())  # quoted by create_infotext
-    return out
+    # quoted by create_infotext; numbered over the units of the request, which are its enabled ones
+    return {f"ControlNet {i}": infotext_line(c) for i, c in enumerate(controls) if isinstance(c, ControlRequest)}
 
 
 def _vae_in_fp32_on_cpu(bundle: Bundle) -> None:

@@ -18,6 +18,7 @@ from .errors import SdlabError
 from .hires import check_hires, latent_mode
 from .lora import lora_specs
 from .models_dir import ModelsDir
+from .resize import LATENT_UPSCALE, check_resize_mode
 from .sampling.rng import RngSource
 from .sampling.samplers import resolve_sampler
 from .sampling.schedules import resolve_schedule
@@ -61,6 +62,12 @@ class GenerationRequest:
     inpaint_full_res: bool = False  # "only masked"
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False
+    # How the init image is fitted to width x height, the web UI's resize_mode (`resize.py`):
+    # 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale).
+    resize_mode: int = 0
+    # The web UI's separate latent mask (its outpainting scripts draw one): where the latent is
+    # repainted; None: the mask. The mask alone decides the paste-back.
+    latent_mask: Image.Image | None = None
     # SDXL size conditioning, (height, width); None: the generation size. The refiner's
     # aesthetic scores (diffusers' defaults).
     original_size: tuple[int, int] | None = None
@@ -159,6 +166,12 @@ def check_request(req: GenerationRequest, models: ModelsDir | None = None) -> No
         raise SdlabError(f"clip skip must be at least 1, got {req.clip_skip}")
     if req.mask is not None and req.init_image is None:
         raise SdlabError("a mask needs an init image to inpaint")
+    if req.latent_mask is not None and req.mask is None:
+        raise SdlabError("a latent mask goes with a mask; give the mask too")
+    check_resize_mode(req.resize_mode)
+    if req.resize_mode == LATENT_UPSCALE and req.mask is not None:
+        # The web UI fails on it too: its mask is resized, its image not.
+        raise SdlabError("resize mode 3 (latent upscale) does not inpaint; use resize mode 0-2 with a mask")
     resolve_sampler(req.sampler)
     resolve_schedule(req.schedule)
     check_hires(req)
@@ -188,6 +201,9 @@ def validate(req: GenerationRequest, default_size: int, multiple: int = 8) -> Ge
     mask = req.mask
     if mask is not None and mask.size != req.init_image.size:
         mask = mask.convert("L").resize(req.init_image.size, Image.LANCZOS)
+    latent_mask = req.latent_mask
+    if latent_mask is not None and latent_mask.size != req.init_image.size:
+        latent_mask = latent_mask.convert("L").resize(req.init_image.size, Image.LANCZOS)
     seed = random.randrange(MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
     subseed = random.randrange(MAX_SEED) if req.subseed is None or req.subseed < 0 else int(req.subseed)
-    return replace(req, width=width, height=height, seed=seed, subseed=subseed, mask=mask)
+    return replace(req, width=width, height=height, seed=seed, subseed=subseed, mask=mask, latent_mask=latent_mask)

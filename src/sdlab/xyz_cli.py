@@ -113,11 +113,9 @@ def cmd_grid(args: argparse.Namespace) -> None:
                     models_dir=args.models_dir, compile=args.compile, offload=args.offload,
                     weight_dtype=parse_weight_dtype(args.weight_dtype),
                     text_encoder_files={"clip_l": args.clip_l, "clip_g": args.clip_g, "t5xxl": args.t5},
-                    t5_max_length=args.t5_max_length)
+                    t5_max_length=args.t5_max_length, vae=vae_path)
         if args.styles_file:
             pipe.styles_file = Path(args.styles_file)
-        if vae_path is not None:
-            pipe.use_vae(vae_path)
         return pipe
 
     from tqdm import tqdm

@@ -240,9 +240,9 @@ def test_always_on_scripts_controlnet_is_read_the_others_refused(client):
     # The web UI's own words for a script it does not have, in its status.
     assert r.status_code == 422 and r.json()["detail"].startswith("always on script adetailer not found")
     r = client.post(f"{API}/img2img", json={"init_images": [b64_image(_init_image())], **SMALL,
-                                            "script_name": "prompt matrix", "restore_faces": True})
+                                            "script_name": "loopback", "restore_faces": True})
     detail = r.json()["detail"]
-    assert r.status_code == 422 and "Script 'prompt matrix' not found" in detail and "restore_faces=true" in detail
+    assert r.status_code == 422 and "Script 'loopback' not found" in detail and "restore_faces=true" in detail
     assert "\n" not in detail
     txt2img(client, steps=1)  # and the server goes on serving
 
@@ -265,6 +265,20 @@ def test_infotext_field_fills_unset_fields(client):
     assert info["prompt"] == "a blue circle" and info["negative_prompt"] == "ugly"
     assert (info["steps"], info["seed"], info["cfg_scale"], info["sampler_name"]) == (2, 99, 6.0, "Euler")
     assert (info["width"], info["height"]) == (32, 32)
+
+
+def test_sd3_fields_are_refused_on_an_sd1_model(client):
+    """SD3's fields act on SD3 models (tests/test_sd3_api.py: the API's image is the Python API's);
+    on another family they are a 422 that says so, while their "off" values pass."""
+    for fields, start in (({"shift": 2.5}, "shift is"), ({"schedulers_shift": 2.5}, "shift is"),
+                          ({"slg_layers": [0]}, "slg_layers is"),
+                          ({"shift": 2.5, "slg_layers": [0]}, "shift and slg_layers are")):
+        r = client.post(f"{API}/txt2img", json={**SMALL, "steps": 1, **fields})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert detail.startswith(start) and "this model is Stable Diffusion 1.x" in detail, detail
+    # The SLG knobs do nothing without layers, in any family.
+    txt2img(client, steps=1, shift=None, slg_layers=[], slg_scale=3.0, slg_start=0.1, slg_end=0.3)
 
 
 # -- img2img and inpainting ----------------------------------------------------------------------
@@ -356,6 +370,9 @@ ACTED_ON = {  # txt2img and img2img
     "send_images": "test_send_images_false_answers_without_images",
     "alwayson_scripts": "test_always_on_scripts_controlnet_is_read_the_others_refused",
     "infotext": "test_infotext_field_fills_unset_fields",
+    # SD3's (tests/test_sd3_api.py runs them on an SD3 model); on this SD 1.x model they are refused
+    **{name: "test_sd3_fields_are_refused_on_an_sd1_model" for name in (
+        "shift", "schedulers_shift", "slg_layers", "slg_scale", "slg_start", "slg_end")},
     # txt2img's hires fix (denoising_strength is img2img's too)
     **{name: "test_hires_fix_gives_a_larger_image_whose_infotext_the_web_ui_reads" for name in (
         "enable_hr", "denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
@@ -374,18 +391,20 @@ IMG2IMG_ACTED_ON = {
     "inpainting_mask_invert": "test_a_field_changes_the_image",
     "include_init_images": "test_include_init_images_echoes_them",
     "image_cfg_scale": "test_image_cfg_scale_does_nothing_as_in_the_web_ui_for_models_not_instruct_pix2pix",
+    "resize_mode": "test_resize_mode_and_latent_mask_as_the_web_ui",
+    "latent_mask": "test_resize_mode_and_latent_mask_as_the_web_ui",
 }
 # A value that turns each refused field on (not one of its "off" values), and one for each switch.
 ON_VALUES = {
     "seed_resize_from_h": 256, "seed_resize_from_w": 256, "restore_faces": True, "s_min_uncond": 0.5, "s_churn": 1.0, "s_tmin": 0.5, "s_tmax": 10.0, "s_noise": 1.003,
     "override_settings_restore_afterwards": False, "refiner_checkpoint": "refiner.safetensors",
-    "refiner_switch_at": 0.8, "comments": {"a": "b"}, "force_task_id": "task(1)", "script_name": "prompt matrix",
+    "refiner_switch_at": 0.8, "comments": {"a": "b"}, "force_task_id": "task(1)", "script_name": "loopback",
     "script_args": [1, 2],
     "enable_hr": True, "denoising_strength": 0.5, "firstphase_width": 256, "firstphase_height": 256,
     "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 10, "hr_resize_x": 1024,
     "hr_resize_y": 1024, "hr_checkpoint_name": "other.safetensors", "hr_sampler_name": "Euler",
     "hr_scheduler": "Karras", "hr_prompt": "detailed", "hr_negative_prompt": "blurry", "firstpass_image": "abc",
-    "resize_mode": 1, "initial_noise_multiplier": 0.9, "latent_mask": "abc", "mask_round": False,
+    "initial_noise_multiplier": 0.9, "mask_round": False,
     # switches that sdlab acts on
     "override_settings": {"CLIP_stop_at_last_layers": 1}, "seed_enable_extras": True,
 }
@@ -640,6 +659,38 @@ def test_image_cfg_scale_does_nothing_as_in_the_web_ui_for_models_not_instruct_p
     assert with_it["images"] == without["images"]
 
 
+def test_resize_mode_and_latent_mask_as_the_web_ui(client):
+    """resize_mode 1 (crop and resize) and 2 (resize and fill) give the image resize mode 0 gives
+    from the init image fitted to the size beforehand, by hand for 1 (scale to cover, crop the
+    centre) and by sdlab.resize for 2 (tests/test_scripts.py checks it by hand); 3 (latent upscale)
+    keeps the size and differs from 0, and is refused with a mask, as the web UI fails on it. A
+    latent_mask equal to the mask changes nothing; another one changes the image."""
+    from sdlab.resize import resize_image
+
+    wide = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 48, 3), dtype=np.uint8))
+    fitted = {1: wide.resize((96, 32), Image.LANCZOS).crop((32, 0, 64, 32)), 2: resize_image(2, wide, 32, 32)}
+    plain = {}
+    for mode in (0, 1, 2, 3):
+        data, _ = txt2img_like(client, "img2img", _request("img2img", steps=2, resize_mode=mode,
+                                                           init_images=[b64_image(wide)]))
+        plain[mode] = data["images"][0]
+        assert png(plain[mode]).size == (32, 32)
+    for mode, image in fitted.items():
+        data, _ = txt2img_like(client, "img2img", _request("img2img", steps=2, init_images=[b64_image(image)]))
+        assert np.array_equal(np.asarray(png(data["images"][0])), np.asarray(png(plain[mode]))), mode
+    assert len({np.asarray(png(b)).tobytes() for b in plain.values()}) == 4
+    r = client.post(f"{API}/img2img", json=_request("img2img", resize_mode=3, mask=_mask_b64()))
+    assert r.status_code == 422 and "latent upscale" in r.json()["detail"]
+
+    masked = _request("img2img", steps=2, mask=_mask_b64(), denoising_strength=1.0, inpaint_full_res=False)
+    alone, _ = txt2img_like(client, "img2img", masked)
+    same, _ = txt2img_like(client, "img2img", {**masked, "latent_mask": _mask_b64()})
+    other = np.zeros((32, 32), np.uint8)
+    other[4:28, 4:28] = 255
+    wider, _ = txt2img_like(client, "img2img", {**masked, "latent_mask": b64_image(Image.fromarray(other))})
+    assert same["images"] == alone["images"] and wider["images"] != alone["images"]
+
+
 # -- listings, options, utilities ---------------------------------------------------------------------
 
 def test_listings(client, models_dir):
@@ -686,14 +737,14 @@ def test_listing_endpoints_answer_with_the_web_ui_shapes(client, models_dir):
     get = lambda path: client.get(f"{API}/{path}").json()  # noqa: E731
     # The web UI's built-in upscalers, first and in its order (this models folder has no upscaler
     # model files; tests/server/test_extras.py has them), and its six latent modes. No VAE to choose,
-    # no hypernetworks, face restorers, scripts or extensions.
+    # no hypernetworks, face restorers or extensions; the scripts sdlab runs (their arguments are in
+    # tests/server/test_scripts_api.py).
     assert get("upscalers") == [{"name": name, "model_name": None, "model_path": None, "model_url": None,
                                  "scale": 4.0} for name in ("None", "Lanczos", "Nearest")]
     assert [m["name"] for m in get("latent-upscale-modes")][:2] == ["Latent", "Latent (antialiased)"]
-    for path in ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models",
-                 "script-info", "extensions"):
+    for path in ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models", "extensions"):
         assert get(path) == [], path
-    assert get("scripts") == {"txt2img": [], "img2img": []}
+    assert get("scripts")["txt2img"] == ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet"]
     assert get("prompt-styles") == [
         {"name": "film", "prompt": "a photo of {prompt}, film grain", "negative_prompt": "blurry"},
         {"name": "sharp", "prompt": "sharp focus", "negative_prompt": ""}]

@@ -667,15 +667,17 @@ def test_hires_fix_from_the_txt2img_tab(page):
 # beside its Chinese terms ("提示词引导系数 (CFG Scale)").
 KEPT_WORDS = {"CFG", "Scale", "LoRA", "VAE", "CLIP", "Steps", "Sampler", "Seed", "Hires", "fix", "Embedding",
               "Refiner", "Latent", "PNG", "SHA", "Ctrl", "Enter", "Esc", "sdlab", "Stable", "Diffusion", "GPU", "CPU",
-              "NV", "NVIDIA", "NoobAI-XL", "v-pred", "FP8", "FP16", "SDXL", "English"}
+              "NV", "NVIDIA", "NoobAI-XL", "v-pred", "FP8", "FP16", "SDXL", "English", "ControlNet", "Eta",
+              "ComfyUI"}
 
 # Every visible text of the page that a person reads as words: text nodes, the options of the
 # page's own choices, and the titles, placeholders, ARIA labels and alt texts of what is shown.
-# Left out: what the server lists (checkpoints, samplers, LoRAs...), what the user or the model
-# wrote (prompts, infotexts), and code.
+# Left out: what the server lists (checkpoints, samplers, LoRAs...; [data-list] marks the others),
+# what the user or the model wrote (prompts, infotexts), and code.
 VISIBLE_TEXTS = """() => {
   const data = "#model, #sampler, #scheduler, #lora, #embedding, #refiner, #hr-upscaler, #lang, #model-status, " +
-               "textarea, #infotext, #png-text, #png-table, code, .readonly, #styles-list";
+               "textarea, #infotext, #png-text, #png-table, code, .readonly, #styles-list, [data-list], " +
+               "#extras-info";
   const shown = (el) => el.tagName === "OPTION" ? el.parentElement.checkVisibility() : el.checkVisibility();
   const out = [];
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
@@ -712,7 +714,7 @@ def test_the_page_in_chinese_from_the_browsers_language_switched_and_remembered(
     assert page.evaluate("navigator.languages[0]") == "zh-CN"
     assert page.evaluate("document.documentElement.lang") == "zh-CN" and page.input_value("#lang") == "zh-CN"
     tabs = page.eval_on_selector_all("#tabs button", "bs => bs.map(b => b.textContent)")
-    assert tabs == ["文生图", "图生图", "局部重绘", "PNG 图片信息", "设置"]
+    assert tabs == ["文生图", "图生图", "局部重绘", "后期处理", "PNG 图片信息", "模型融合", "设置"]
     assert page.text_content("#generate") == "生成"
     assert page.get_attribute("#prompt", "placeholder") == "提示词（按 Ctrl+Enter 生成）"
     assert page.get_attribute("#negative", "placeholder") == "反向提示词"

@@ -67,7 +67,8 @@ def test_what_sdlab_cannot_do_is_refused_not_ignored(api):
 
 def test_the_listings_the_client_reads(api):
     """webuiapi's listing calls return the web UI's shapes (before, several were 404 {"detail": "Not
-    Found"}), and its check for extensions, which reads scripts["txt2img"], finds none."""
+    Found"}), and its check for extensions, which reads scripts["txt2img"], finds none of those it
+    looks for (sdlab's ControlNet is listed as "controlnet"; webuiapi looks for "controlnet m2m")."""
     for get in (api.get_upscalers, api.get_latent_upscale_modes, api.get_sd_vae, api.get_prompt_styles,
                 api.get_hypernetworks, api.get_face_restorers, api.get_realesrgan_models, api.get_loras,
                 api.get_samplers, api.get_schedulers, api.get_sd_models):
@@ -75,7 +76,7 @@ def test_the_listings_the_client_reads(api):
     assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]
     assert len(api.get_latent_upscale_modes()) == 6
     assert api.get_prompt_styles() == [{"name": "film", "prompt": "film grain", "negative_prompt": "blurry"}]
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert "prompt matrix" in api.get_scripts()["txt2img"] and "outpainting mk2" in api.get_scripts()["img2img"]
     api.check_extensions()
     assert (api.has_controlnet, api.has_adetailer, api.has_animatediff) == (False, False, False)
     assert api.get_cmd_flags()["api"] is True and set(api.get_embeddings()) == {"loaded", "skipped"}

@@ -134,8 +134,8 @@ def test_more_units_than_the_setting_other_scripts_and_bad_detects(server):
     unit = {"enabled": True, "model": "tiny_canny", "image": _b64(control_image())}
     for scripts, words in (({"controlnet": {"args": [unit] * 3}}, "3 ControlNet units enabled; this server allows 2"),
                            ({"ADetailer": {"args": []}}, "always on script ADetailer not found"),
-                           ({"controlnet": {"args": [{**unit, "hr_option": "Both"}]}, "enable_hr": True},
-                            "ControlNet in the hires pass")):
+                           ({"controlnet": {"args": [{**unit, "hr_option": "Twice"}]}, "enable_hr": True},
+                            "hr_option 'Twice' is not one of Both, Low res only, High res only")):
         scripts = dict(scripts)
         hires = {"enable_hr": scripts.pop("enable_hr")} if "enable_hr" in scripts else {}
         body = {"prompt": "x", "steps": 1, "width": SIZE, "height": SIZE, "alwayson_scripts": scripts, **hires}

@@ -41,10 +41,11 @@ def test_each_translation_fills_in_the_same_values():
 
 
 def test_chinese_is_chinese():
-    """A zh-CN entry equal to its English one is a name both languages write alike (LoRA, VAE, ...)."""
+    """A zh-CN entry equal to its English one is a name both languages write alike (LoRA, VAE,
+    ControlNet)."""
     en, zh = tables()["en"], tables()["zh-CN"]
     same = sorted(k for k in en if en[k] == zh[k])
-    assert same == ["lora", "opt.sd_vae"]
+    assert same == ["cn", "lora", "opt.sd_vae"]
     # the community's words for the main controls
     assert zh["negative.placeholder"] == "反向提示词" and zh["steps"].startswith("迭代步数")
     assert zh["cfg"].startswith("提示词引导系数") and zh["denoising"] == "重绘幅度"

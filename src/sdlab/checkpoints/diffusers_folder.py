@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -337,11 +337,8 @@ def write_diffusers_folder(sd: dict[str, Tensor], cfg: ModelConfig, out: Path, t
     tokenizer files). Written to a temporary sibling folder, then renamed into place;
     `replace_existing`: an existing folder is swapped out only once the new one is complete."""
     family = cfg.family
-    if out.exists() and not replace_existing:
-        raise SdlabError(f"{out}: already exists; choose a new folder")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def fill(tmp: Path) -> None:
         sample = family.default_size // cfg.vae.downsample_factor
         part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}  # noqa: E731
         (tmp / "unet").mkdir(parents=True)
@@ -388,6 +385,20 @@ def write_diffusers_folder(sd: dict[str, Tensor], cfg: ModelConfig, out: Path, t
         else:
             index.update(safety_checker=[None, None], requires_safety_checker=False)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    write_folder_atomically(out, fill, replace_existing)
+
+
+def write_folder_atomically(out: Path, fill: Callable[[Path], None], replace_existing: bool = False) -> None:
+    """`fill(tmp)` writes a folder into a temporary sibling, which is then renamed into place;
+    `replace_existing`: an existing folder is swapped out only once the new one is complete."""
+    if out.exists() and not replace_existing:
+        raise SdlabError(f"{out}: already exists; choose a new folder")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)

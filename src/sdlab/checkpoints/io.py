@@ -215,7 +215,7 @@ def _read_pickle(path: Path) -> StateDict:
 
 def _find_state_dict(obj: object) -> dict[str, Tensor] | None:
     if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "model", "module"):
+        for wrapper in ("state_dict", "model", "module", "adapter"):  # "adapter": some T2I-Adapter .pth files
             inner = obj.get(wrapper)
             if isinstance(inner, Mapping) and any(isinstance(v, Tensor) for v in inner.values()):
                 obj = inner

@@ -89,7 +89,7 @@ def load_bundle(model: str | Path, device: str | torch.device | None = None, dty
                 prediction: Prediction | None = None, use_ema: bool = True,
                 weight_dtype: torch.dtype | None = None,
                 text_encoder_files: dict[str, str | Path] | None = None, t5_max_length: int = 77,
-                text_encoder_dirs: list[Path] | None = None) -> Bundle:
+                text_encoder_dirs: list[Path] | None = None, vae_file: str | Path | None = None) -> Bundle:
     """Load a checkpoint file, diffusers folder or hub repo id into a Bundle.
 
     Args:
@@ -105,12 +105,16 @@ def load_bundle(model: str | Path, device: str | torch.device | None = None, dty
         t5_max_length: SD3: T5 tokens per prompt chunk (77 as the reference; diffusers' 256).
         text_encoder_dirs: SD3: folders where encoders that are neither given nor in the checkpoint
             are looked for (clip_l*.safetensors, clip_g*.safetensors, t5xxl*.safetensors).
+        vae_file: SD3: the VAE of a checkpoint that carries none (sd3.5_large.safetensors), a
+            16-channel VAE file in the original or diffusers layout. (Replacing a model's own VAE
+            is `Pipeline.use_vae`, for every family.)
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
     sd, path = open_model(model)
     if sd3.is_sd3(sd):
-        return sd3.load(sd, path, device, dtype, weight_dtype, text_encoder_files, t5_max_length, text_encoder_dirs)
+        return sd3.load(sd, path, device, dtype, weight_dtype, text_encoder_files, t5_max_length, text_encoder_dirs,
+                        vae_file)
     cfg = config_of(sd, prediction)
     saved_prediction = sd.metadata.get("sdlab.prediction")
     if prediction is None and saved_prediction in ("eps", "v"):
@@ -184,6 +188,11 @@ def save_checkpoint(bundle: Bundle, path: str | Path, dtype: torch.dtype | None 
         sd["v_pred"] = torch.tensor([])
     if bundle.family.zero_terminal_snr:
         sd["ztsnr"] = torch.tensor([])
+    t5 = sd3.slot_of("t5xxl").prefix
+    if t5 + "shared.weight" in sd:
+        # Released SD3 files hold T5's tied token table under both names: the web UI detects T5 by
+        # the second, and diffusers' single-file loader leaves it unset without it.
+        sd[t5 + "encoder.embed_tokens.weight"] = sd[t5 + "shared.weight"].clone()
     if Path(path).suffix == ".ckpt":
         data = {"state_dict": {k: v.detach().contiguous().cpu() for k, v in sd.items()}, "metadata": meta}
         atomic_write(Path(path), lambda tmp: torch.save(data, tmp))

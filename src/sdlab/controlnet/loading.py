@@ -12,7 +12,9 @@ The kinds (`control_kind` names them; `inspect_control_file(...).describe()` is 
   UNet's weights, so the control follows that fine-tune (the extension's extract_controlnet_diff.py).
 - "control-lora": Stability's Control-LoRA (a `lora_controlnet` key): the layers shared with the
   UNet are the loaded UNet's weight plus up @ down; the rest is stored whole.
-- "t2i-adapter": recognised and named, not loaded yet.
+- "t2i-adapter": TencentARC's T2I-Adapters (full, light, SDXL's full_xl), original or diffusers
+  keys, file or folder (`t2i_adapters`); they load into `models.t2i_adapter.T2IAdapter`. The
+  style adapter is named and refused.
 
 Heads are not in the shapes: an SD 1.x ControlNet (1x1-conv projections) has 8, SD 2.x and SDXL
 64 channels per head (the families' rules); a diffusers folder's config.json says it outright.
@@ -33,8 +35,10 @@ from torch import Tensor
 
 from sdlab.checkpoints.diffusers_keys import unet_plan, unet_to_diffusers
 from sdlab.checkpoints.io import StateDict, read_state_dict
+from sdlab.controlnet.t2i_adapters import adapter_file_info, t2i_adapter_from_state_dict
 from sdlab.errors import SdlabError
 from sdlab.models.controlnet import ControlNet, ControlNetConfig, config_from_state_dict
+from sdlab.models.t2i_adapter import T2IAdapter
 from sdlab.models.unet import UNet, UNetConfig
 
 log = logging.getLogger(__name__)
@@ -77,15 +81,15 @@ def control_kind(keys: Mapping[str, object] | list[str] | set[str]) -> ControlKi
 class ControlFileInfo:
     kind: ControlKind
     family: BaseFamily | None  # the base model family it was trained on (None: not known from the keys)
-    variant: str | None  # SDXL ControlNets: "full", "mid" or "small"
+    variant: str | None  # SDXL ControlNets: "full", "mid" or "small"; T2I-Adapters: "full", "full_xl", "light", "style"
 
     def describe(self) -> str:
         """One line for `sdlab info`, e.g. "ControlNet for SD 1.x"."""
         text = _KIND_NAMES[self.kind]
         if self.family:
             text += f" for {_FAMILY_NAMES[self.family]}"
-        if self.variant and self.variant != "full":
-            text += f" ({self.variant})"
+        if self.variant and self.variant not in ("full", "full_xl"):
+            text += f" ({self.variant}{', not supported' if self.variant == 'style' else ''})"
         return text
 
 
@@ -110,8 +114,9 @@ def control_file_info(shapes: Mapping[str, Sequence[int]]) -> ControlFileInfo:
 
 
 def load_controlnet(path: str | Path, *, unet: UNet | None = None, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> ControlNet:
-    """Load any ControlNet file or diffusers ControlNet folder into our network.
+                    device: str | torch.device = "cpu", latent_factor: int = 8) -> ControlNet | T2IAdapter:
+    """Load any ControlNet or T2I-Adapter file, or diffusers ControlNet / T2IAdapter folder, into
+    our network.
 
     Args:
         path: a .safetensors / .pth / .ckpt / .bin file, or a folder with config.json.
@@ -119,6 +124,8 @@ def load_controlnet(path: str | Path, *, unet: UNet | None = None, dtype: torch.
             weights are made from it, and used to refuse a ControlNet of another family.
         dtype: floating-point dtype of the weights (float32 by default, whatever the file stores).
         device: where the network is built.
+        latent_factor: the model's VAE factor (8; the tiny test models' 4): a T2I-Adapter's pixel
+            unshuffle is read against it.
 
     Raises:
         SdlabError: the file is not a ControlNet, is damaged, needs `unet` and has none, or was
@@ -127,13 +134,13 @@ def load_controlnet(path: str | Path, *, unet: UNet | None = None, dtype: torch.
     path = Path(path)
     sd, config_json = _open(path)
     return controlnet_from_state_dict(sd, unet=unet, config_json=config_json, name=path.name, dtype=dtype,
-                                      device=device)
+                                      device=device, latent_factor=latent_factor)
 
 
 def controlnet_from_state_dict(sd: Mapping[str, Tensor], *, unet: UNet | None = None,
                                config_json: dict | None = None, name: str = "<state dict>",
-                               dtype: torch.dtype = torch.float32,
-                               device: str | torch.device = "cpu") -> ControlNet:
+                               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                               latent_factor: int = 8) -> ControlNet | T2IAdapter:
     """`load_controlnet` on tensors already read (any of the layouts it takes).
 
     Args:
@@ -142,12 +149,19 @@ def controlnet_from_state_dict(sd: Mapping[str, Tensor], *, unet: UNet | None = 
         config_json: a diffusers ControlNetModel config.json, when there is one (it gives the heads).
         name: the file name: shown in messages; "shuffle" in it turns on global average pooling
             of the residuals, as the web UI's extension does for the SD 1.5 shuffle model.
-        dtype, device: as for `load_controlnet`.
+        dtype, device, latent_factor: as for `load_controlnet`.
     """
     shapes = sd.shapes if isinstance(sd, StateDict) else {k: tuple(v.shape) for k, v in sd.items()}
     info = _info(shapes, Path(name))
+    if unet is not None and not isinstance(unet, UNet):
+        raise SdlabError(f"{name}: ControlNets and T2I-Adapters guide the UNet models (SD 1.x, 2.x, SDXL); this "
+                         "model has none")
     if info.kind == "t2i-adapter":
-        raise SdlabError(f"{name}: a T2I-Adapter; sdlab does not load T2I-Adapters yet (ControlNets only)")
+        return t2i_adapter_from_state_dict(sd, shapes, unet=None if unet is None else unet.cfg,
+                                           latent_factor=latent_factor, config_json=config_json, name=name,
+                                           dtype=dtype, device=device)
+    if config_json is not None and config_json.get("_class_name", "ControlNetModel") != "ControlNetModel":
+        raise SdlabError(f"{name}: config.json names a {config_json.get('_class_name')}, the weights a ControlNet")
     if info.kind in ("controlnet-diff", "control-lora") and unet is None:
         raise SdlabError(f"{name}: a {_KIND_NAMES[info.kind]} is made from the loaded model's UNet weights; "
                          "load a checkpoint first")
@@ -325,8 +339,9 @@ def _open(path: Path) -> tuple[Mapping[str, Tensor], dict | None]:
                          "ControlNetModel folder") from None
     except json.JSONDecodeError as e:
         raise SdlabError(f"{config_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if config.get("_class_name", "ControlNetModel") != "ControlNetModel":
-        raise SdlabError(f"{path}: a diffusers {config.get('_class_name')} folder, not a ControlNetModel")
+    if config.get("_class_name", "ControlNetModel") not in ("ControlNetModel", "T2IAdapter"):
+        raise SdlabError(f"{path}: a diffusers {config.get('_class_name')} folder, not a ControlNetModel or "
+                         "T2IAdapter")
     for stem in _WEIGHT_STEMS:
         for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
             index = path / f"{stem}{suffix}.index.json"
@@ -356,7 +371,7 @@ def _info(shapes: Mapping[str, tuple[int, ...]], path: Path) -> ControlFileInfo:
         raise SdlabError(f"{path}: not a ControlNet or T2I-Adapter file (no input_hint_block, "
                          "controlnet_cond_embedding or adapter weights)")
     if kind == "t2i-adapter":
-        return ControlFileInfo(kind, None, None)
+        return ControlFileInfo(kind, *adapter_file_info(shapes))
     if kind == "controlnet-diffusers":
         native = {k: shapes[src] for k, src in controlnet_keys_from_diffusers(shapes).items()}
     else:

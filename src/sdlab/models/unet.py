@@ -130,19 +130,27 @@ PRESETS: dict[str, UNetConfig] = {
 class ControlResiduals:
     """What ControlNets add to the UNet (cldm's ControlledUnetModel): one tensor per input block,
     added to that block's output where the up path takes it as a skip (the down path itself is
-    unchanged), and one added to the middle block's output.
+    unchanged), and one added to the middle block's output. T2I-Adapters add theirs to the down
+    path itself (`encoder`: after input block i, so every later block and that skip see it).
 
     `skips[i]` has the shape of `input_blocks[i]`'s output; `middle` the middle block's. Several
-    ControlNets are summed (`a + b`); `scaled` applies a unit's weight (or soft weights).
+    ControlNets are summed (`a + b`); `scaled` applies a unit's weight (or soft weights) to the
+    skips and the middle. Empty `skips` / None `middle` / None entries of `encoder`: nothing there.
     """
 
     skips: tuple[Tensor, ...]
-    middle: Tensor
+    middle: Tensor | None
+    encoder: tuple[Tensor | None, ...] = ()  # T2I-Adapter features, one entry per input block
 
     def __add__(self, other: "ControlResiduals") -> "ControlResiduals":
-        if len(self.skips) != len(other.skips):
+        if self.skips and other.skips and len(self.skips) != len(other.skips):
             raise ValueError(f"cannot add residuals for {len(self.skips)} and {len(other.skips)} skips")
-        return ControlResiduals(tuple(a + b for a, b in zip(self.skips, other.skips)), self.middle + other.middle)
+        skips = tuple(a + b for a, b in zip(self.skips, other.skips)) if self.skips and other.skips else \
+            self.skips or other.skips
+        width = max(len(self.encoder), len(other.encoder))
+        mine, theirs = (tuple(e) + (None,) * (width - len(e)) for e in (self.encoder, other.encoder))
+        return ControlResiduals(skips, _sum(self.middle, other.middle),
+                                tuple(_sum(a, b) for a, b in zip(mine, theirs)))
 
     def scaled(self, weights: float | Sequence[float]) -> "ControlResiduals":
         """Every residual times one weight, or skip i times weights[i] and the middle times
@@ -151,7 +159,12 @@ class ControlResiduals:
             weights = [float(weights)] * (len(self.skips) + 1)
         if len(weights) != len(self.skips) + 1:
             raise ValueError(f"{len(weights)} weights for {len(self.skips)} skips and the middle")
-        return ControlResiduals(tuple(t * w for t, w in zip(self.skips, weights)), self.middle * weights[-1])
+        return ControlResiduals(tuple(t * w for t, w in zip(self.skips, weights)),
+                                None if self.middle is None else self.middle * weights[-1], self.encoder)
+
+
+def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,17 +644,25 @@ class UNet(nn.Module):
 
         h = x.to(dtype)
         skips = []
-        for block in self.input_blocks:
+        encoder = control.encoder if control is not None else ()
+        for i, block in enumerate(self.input_blocks):
             h = self._run(block, h, emb, context)
+            if i < len(encoder) and encoder[i] is not None:
+                if encoder[i].shape[-2:] != h.shape[-2:]:
+                    raise ValueError(f"an adapter feature of size {tuple(encoder[i].shape[-2:])} for input block {i}, "
+                                     f"whose output is {tuple(h.shape[-2:])}")
+                h = h + encoder[i].to(dtype)  # T2I-Adapters: into the down path itself
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         if control is not None:
-            if len(control.skips) != len(skips):
+            if control.skips and len(control.skips) != len(skips):
                 raise ValueError(f"control has {len(control.skips)} skip residuals; this UNet has {len(skips)} "
                                  "input blocks (a ControlNet made for another model family?)")
             # Added to what the up path reads, as cldm's ControlledUnetModel: the encoder ran without them.
-            skips = [s + c.to(dtype) for s, c in zip(skips, control.skips)]
-            h = h + control.middle.to(dtype)
+            if control.skips:
+                skips = [s + c.to(dtype) for s, c in zip(skips, control.skips)]
+            if control.middle is not None:
+                h = h + control.middle.to(dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)

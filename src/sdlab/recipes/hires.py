@@ -9,6 +9,8 @@ upscaled latent (A1111 `processing.py` `sample_hr_pass`; the rules are in `sdlab
     PerImageNoise(same seeds, the new latent shape)   the first pass's noise is not reused
     noised(sigmas[0]) -> sample the last n steps of an int(n / min(denoise, 0.999))-step schedule
       with the hires prompts, sampler, schedule and CFG (a refiner switches in as in pass 1)
+      and the request's ControlNet units again, their maps fitted to the hires size
+      (`controlnet.apply.for_hires`: the extension's rules, canny and mlsd soft)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 from .. import hires as rules
 from .. import steps
 from . import passes
+from ..controlnet.apply import for_hires
 from ..errors import SdlabError
 from ..images import to_tensor
 from ..request import Progress
@@ -78,7 +81,9 @@ def prepare(pipe: Pipeline, run: Run) -> HiresRun:
     hr_req = replace(req, prompt=prompt, negative_prompt=negative, steps=n, width=target.size[0],
                      height=target.size[1], sampler=sampler.name, schedule=schedule,
                      cfg_scale=req.cfg_scale if req.hr_cfg is None else req.hr_cfg, enable_hr=False)
-    hr_run = passes.prepare(pipe, hr_req, prompt_text, negative_text, sampler, schedule, embeddings)
+    # ControlNet guides both passes, as the web UI's extension does, each with its map fitted to its size.
+    controls = tuple(for_hires(unit, *target.size) for unit in run.controls if unit.hr_option != "Low res only")
+    hr_run = passes.prepare(pipe, hr_req, prompt_text, negative_text, sampler, schedule, embeddings, controls)
     total = rules.schedule_steps(n, req.denoising_strength)
     if total:
         sigmas = get_sampler_sigmas(sampler, schedule, total, hr_run.base.model.sampling)[-(n + 1):]

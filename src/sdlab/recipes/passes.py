@@ -19,6 +19,7 @@ from ..controlnet.apply import ControlUnit, controlled
 from ..images import latent_preview, masked_bbox
 from ..model import MMDiTModel, SizeConditioning, UNetModel, model_for
 from ..request import GenerationRequest, Interrupted, Progress
+from ..resize import resize_image
 from ..sampling.denoiser import CFGDenoiser
 from ..sampling.patches import Denoiser, by_sigma, inpaint_mask, skip_layer_guidance, slg_window
 from ..sampling.samplers import SamplerInfo, get_sampler_sigmas
@@ -37,27 +38,36 @@ class Region:
     """What is generated: the init image and mask at the generation size (the padded box around
     the mask for "only masked"), and that box in the original image."""
 
-    init_image: Image.Image | None
+    init_image: Image.Image | None  # at its own size for resize mode 3 (its latent is resized)
     mask: Image.Image | None  # "L", white = repaint
     crop: tuple[int, int, int, int] | None
+    latent_mask: Image.Image | None = None  # where the latent is repainted, if not `mask`
 
 
 def region(req: GenerationRequest) -> Region:
-    init_image, mask, crop = req.init_image, req.mask, None
+    init_image, mask, crop, latent_mask = req.init_image, req.mask, None, req.latent_mask
     if mask is not None:
         mask = mask.convert("L")
+        latent_mask = latent_mask.convert("L") if latent_mask is not None else None
         if req.inpainting_mask_invert:
             mask = Image.eval(mask, lambda v: 255 - v)
+            latent_mask = Image.eval(latent_mask, lambda v: 255 - v) if latent_mask is not None else None
         if req.inpaint_full_res:
             crop = masked_bbox(mask, req.inpaint_full_res_padding, req.width, req.height)
             init_image, mask = init_image.crop(crop), mask.crop(crop)
+            latent_mask = latent_mask.crop(crop) if latent_mask is not None else None
     size = (req.width, req.height)
     if init_image is not None:
         init_image = init_image.convert("RGB")
-        init_image = init_image if init_image.size == size else init_image.resize(size, Image.LANCZOS)
+        # The web UI's resize modes (resize.py); the "only masked" crop is stretched, as it has the
+        # generation's aspect ratio already (masked_bbox).
+        mode = 0 if crop is not None else req.resize_mode
+        init_image = init_image if init_image.size == size else resize_image(mode, init_image, *size)
         if mask is not None and mask.size != size:
-            mask = mask.resize(size, Image.LANCZOS)
-    return Region(init_image, mask, crop)
+            mask = resize_image(mode, mask, *size)
+        if latent_mask is not None and latent_mask.size != size:
+            latent_mask = resize_image(mode, latent_mask, *size)
+    return Region(init_image, mask, crop, latent_mask)
 
 
 @dataclass(frozen=True)

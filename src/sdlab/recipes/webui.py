@@ -22,6 +22,7 @@ from . import hires
 from .passes import Latents, Run, prepare, sample_passes, sampling_passes
 from ..images import blur_mask, mask_to_tensor, to_pil, to_tensor
 from ..request import GenerationRequest, Interrupted, Progress
+from ..resize import resize_latent
 from ..sampling.noise import NoiseSource, PerImageNoise
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ def latents(pipe: Pipeline, run: Run, noise: NoiseSource) -> Latents:
         # through the masked-image channels.
         if not (inpaint_model and region.mask is not None and req.denoising_strength >= 1.0):
             init = steps.encode_image(bundle.vae, pixels, bundle.family, noise)
+            # resize mode 3: the image was encoded at its own size (`passes.region`)
+            init = resize_latent(init, run.latent_shape[1:])
     initial = noise.initial().to(device=device, dtype=torch.float32)
     if region.mask is not None:
         mask = mask_to_tensor(region.mask).to(device)
@@ -86,6 +89,8 @@ def latents(pipe: Pipeline, run: Run, noise: NoiseSource) -> Latents:
             small = torch.nn.functional.interpolate(mask, size=run.latent_shape[1:])
             concat = torch.cat([small, masked], dim=1).expand(req.batch_size, -1, -1, -1)
         else:
+            if region.latent_mask is not None:  # the web UI's separate latent mask (its outpainting scripts)
+                mask = mask_to_tensor(region.latent_mask).to(device)
             latent_mask = torch.nn.functional.interpolate(mask, size=run.latent_shape[1:])
     return Latents(initial, init, concat, latent_mask)
 
@@ -137,7 +142,6 @@ def finish(pipe: Pipeline, run: Run, x: Tensor) -> list[Image.Image]:
             full = original.copy()
             full.paste(Image.composite(img, original.crop(crop), alpha.resize(img.size, Image.LANCZOS)), crop[:2])
             out.append(full)
-        else:
-            base = original if original.size == img.size else original.resize(img.size, Image.LANCZOS)
-            out.append(Image.composite(img, base, alpha))
+        else:  # the init image as it was fitted to the size (its resize mode)
+            out.append(Image.composite(img, region.init_image, alpha))
     return out

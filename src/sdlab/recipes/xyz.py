@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import SdlabError
 from ..request import MAX_SEED, GenerationRequest, GenerationResult
 
-__all__ = ["AXIS_OPTIONS", "AxisOption", "AxisSpec", "Cell", "Plan", "Grid", "TITLE", "assemble", "is_xyz", "axis_options",
-           "draw_grid_annotations", "find_axis", "image_grid", "parse_axis", "parse_values", "plan"]
+__all__ = ["AXIS_OPTIONS", "AxisOption", "AxisSpec", "Cell", "Plan", "Grid", "GridAnnotation", "TITLE", "assemble",
+           "is_xyz", "axis_options", "draw_grid_annotations", "find_axis", "image_grid", "parse_axis", "parse_values", "plan"]
 
 TITLE = "X/Y/Z plot"
 
@@ -509,38 +509,55 @@ def image_grid(images: Sequence[Image.Image], rows: int) -> Image.Image:
     return grid
 
 
-def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: Sequence[str],
-                          ver_texts: Sequence[str], margin: int = 0) -> Image.Image:
+@dataclass(frozen=True)
+class GridAnnotation:
+    """One line of a grid label (the web UI's `GridAnnotation`); an inactive one (the prompt
+    matrix's parts left out of a cell) is drawn grey and struck through."""
+
+    text: str = ""
+    is_active: bool = True
+
+
+Label = str | Sequence[GridAnnotation]
+TEXT_INACTIVE_COLOR = (153, 153, 153)  # the web UI's grid_text_inactive_color
+
+
+def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: Sequence[Label],
+                          ver_texts: Sequence[Label], margin: int = 0) -> Image.Image:
     """The web UI's `draw_grid_annotations`: labels above the columns and left of the rows
     (words wrapped to the cell width, or 3/4 of it on the left; a label too wide for its place
-    shrinks), `margin` px between cells, font size (width + height) // 25."""
+    shrinks), `margin` px between cells, font size (width + height) // 25. A label is a string
+    or a list of `GridAnnotation` lines."""
     fontsize = (width + height) // 25
     line_spacing = fontsize // 2
     fnt = font(fontsize)
-    pad_left = width * 3 // 4 if any(ver_texts) else 0
+    hor_lines = [[GridAnnotation(t)] if isinstance(t, str) else list(t) for t in hor_texts]
+    ver_lines = [[GridAnnotation(t)] if isinstance(t, str) else list(t) for t in ver_texts]
+    pad_left = width * 3 // 4 if any(a.text for lines in ver_lines for a in lines) else 0
     cols, rows = im.width // width, im.height // height
     if cols != len(hor_texts) or rows != len(ver_texts):
         raise ValueError(f"{len(hor_texts)}x{len(ver_texts)} labels for a grid of {cols}x{rows}")
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
-    def lines_of(text: str, allowed: int) -> list[tuple[str, tuple[int, int], int]]:
-        wrapped = [""]
-        for word in text.split():
-            line = f"{wrapped[-1]} {word}".strip()
-            if measure.textlength(line, font=fnt) <= allowed:
-                wrapped[-1] = line
-            else:
-                wrapped.append(word)
+    def lines_of(label: list[GridAnnotation], allowed: int) -> list[tuple[str, tuple[int, int], int, bool]]:
         out = []
-        for line in wrapped:
-            box = measure.multiline_textbbox((0, 0), line, font=fnt)
-            out.append((line, (box[2] - box[0], box[3] - box[1]), allowed))
+        for annotation in label:
+            wrapped = [""]
+            for word in annotation.text.split():
+                line = f"{wrapped[-1]} {word}".strip()
+                if measure.textlength(line, font=fnt) <= allowed:
+                    wrapped[-1] = line
+                else:
+                    wrapped.append(word)
+            for line in wrapped:
+                box = measure.multiline_textbbox((0, 0), line, font=fnt)
+                out.append((line, (box[2] - box[0], box[3] - box[1]), allowed, annotation.is_active))
         return out
 
-    hor = [lines_of(t, width) for t in hor_texts]
-    ver = [lines_of(t, pad_left) for t in ver_texts]
-    hor_heights = [sum(s[1] + line_spacing for _, s, _ in lines) - line_spacing for lines in hor]
-    ver_heights = [sum(s[1] + line_spacing for _, s, _ in lines) - line_spacing * len(lines) for lines in ver]
+    hor = [lines_of(t, width) for t in hor_lines]
+    ver = [lines_of(t, pad_left) for t in ver_lines]
+    hor_heights = [sum(s[1] + line_spacing for _, s, _, _ in lines) - line_spacing for lines in hor]
+    ver_heights = [sum(s[1] + line_spacing for _, s, _, _ in lines) - line_spacing * len(lines) for lines in ver]
     pad_top = 0 if sum(hor_heights) == 0 else max(hor_heights) + line_spacing * 2
 
     result = Image.new("RGB", (im.width + pad_left + margin * (cols - 1), im.height + pad_top + margin * (rows - 1)),
@@ -552,12 +569,16 @@ def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: S
     d = ImageDraw.Draw(result)
 
     def draw(x: float, y: float, lines) -> None:
-        for text, size, allowed in lines:
+        for text, size, allowed, active in lines:
             f, fs = fnt, fontsize
             while d.textlength(text, font=f) > allowed and fs > 1:
                 fs -= 1
                 f = font(fs)
-            d.multiline_text((x, y + size[1] / 2), text, font=f, fill=TEXT_COLOR, anchor="mm", align="center")
+            color = TEXT_COLOR if active else TEXT_INACTIVE_COLOR
+            d.multiline_text((x, y + size[1] / 2), text, font=f, fill=color, anchor="mm", align="center")
+            if not active:  # struck through, as the web UI marks a part left out
+                d.line((x - size[0] // 2, y + size[1] // 2, x + size[0] // 2, y + size[1] // 2), fill=color,
+                       width=4)
             y += size[1] + line_spacing
 
     for col in range(cols):

@@ -12,6 +12,8 @@ from fastapi.staticfiles import StaticFiles
 
 from .._version import __version__
 from ..errors import SdlabError
+from .comfy.editor import make_page_router as make_editor_page_router
+from .comfy.editor import make_router as make_editor_router
 from .comfy.routes import make_router as make_comfy_router
 from .errors import status_of
 from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, ProcessTimeMiddleware
@@ -69,6 +71,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
     comfy_routes = make_comfy_router()
     app.include_router(comfy_routes)
     app.include_router(comfy_routes, prefix="/api")
+    # Its editor at /comfy/ calls the same API under the page's folder (/comfy/api/..., /comfy/ws).
+    app.include_router(comfy_routes, prefix="/comfy")
+    app.include_router(comfy_routes, prefix="/comfy/api")
+    editor_routes = make_editor_router()
+    for prefix in ("", "/api", "/comfy", "/comfy/api"):
+        app.include_router(editor_routes, prefix=prefix)
+    app.include_router(make_editor_page_router())  # after the /comfy/api routes: /comfy/{path} matches them too
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     # Added last = outermost: time everything, then authenticate, then limit the body.

@@ -155,9 +155,6 @@ def parse_unit(raw: Any, index: int, models_root: Path, limits: Limits, enable_h
     hr_option = unit["hr_option"]
     if hr_option not in HR_OPTIONS:
         raise Unsupported(f"{where}: hr_option {hr_option!r} is not one of {', '.join(HR_OPTIONS)}")
-    if enable_hr and hr_option != "Low res only":
-        raise Unsupported(f"{where}: hr_option {hr_option!r} with enable_hr: ControlNet in the hires pass is not "
-                          "implemented by sdlab; send hr_option \"Low res only\"")
     model = str(unit["model"] or "None")
     if model == "None":
         raise Unsupported(f"{where}: no model (model \"None\"); name one of GET /controlnet/model_list")
@@ -174,7 +171,7 @@ def parse_unit(raw: Any, index: int, models_root: Path, limits: Limits, enable_h
         names[found], image=image, module=module, weight=weight, guidance_start=start, guidance_end=end,
         control_mode=control_mode, resize_mode=resize_mode, processor_res=_number(unit, "processor_res", where),
         threshold_a=_number(unit, "threshold_a", where), threshold_b=_number(unit, "threshold_b", where),
-        pixel_perfect=_flag(unit, "pixel_perfect", where), mask=mask)
+        pixel_perfect=_flag(unit, "pixel_perfect", where), mask=mask, hr_option=hr_option)
     return ApiUnit(control, _flag(unit, "save_detected_map", where))
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from .._version import __version__
 from ..errors import SdlabError
 from ..infotext import parse_infotext
+from ..recipes.sd3 import sd3_infotext_fields
 from ..request import GenerationRequest, validate
 from ..sampling.samplers import SAMPLERS, resolve_sampler
 from ..sampling.schedules import SCHEDULES, resolve_schedule
@@ -62,7 +63,7 @@ NOT_ACTED_ON: dict[str, NotActedOn] = {
     "comments": NotActedOn("comments", (None, {})),
     "force_task_id": NotActedOn("task ids (the web UI's /internal/progress)", (None, ""),
                                 instead="poll GET /sdapi/v1/progress"),
-    # "x/y/z plot" is acted on (server/xyz.py); any other script is refused.
+    # The scripts of server/scripts.py are acted on; any other script is refused.
     "script_name": NotActedOn("scripts", (None, "", "None")),
     "script_args": NotActedOn("scripts", ([],), only_with="script_name"),
 }
@@ -79,10 +80,7 @@ TXT2IMG_NOT_ACTED_ON: dict[str, NotActedOn] = {
                                      only_with="enable_hr"),
 }
 IMG2IMG_NOT_ACTED_ON: dict[str, NotActedOn] = {
-    "resize_mode": NotActedOn("resize modes other than 0 (just resize)", (0,),
-                              instead="crop or pad the image to the size first"),
     "initial_noise_multiplier": NotActedOn("the initial noise multiplier", (None, 1)),
-    "latent_mask": NotActedOn("a separate latent mask", (None, "")),
     "mask_round": NotActedOn("an unrounded latent mask", (True,), only_with="mask"),
 }
 
@@ -111,11 +109,12 @@ def refuse_not_acted_on(body: Txt2ImgRequest | Img2ImgRequest) -> None:
         if rule.only_with is not None and (rule.only_with in table or not getattr(body, rule.only_with)):
             continue
         if name == "script_name":
-            from ..recipes.xyz import is_xyz
+            from .scripts import find, not_found
 
-            if is_xyz(value):  # the one script sdlab has (server/xyz.py runs it)
+            kind = "img2img" if isinstance(body, Img2ImgRequest) else "txt2img"
+            if find(value, kind) is not None:  # a script sdlab runs (server/scripts.py)
                 continue
-            problems.append(f"Script {value!r} not found (sdlab has only 'x/y/z plot'; leave script_name out)")
+            problems.append(not_found(str(value), kind))
         else:
             default = type(body).model_fields[name].get_default(call_default_factory=True)
             problems.append(f"{name}={_json(value)}: {rule.feature} is not implemented by sdlab; send "
@@ -180,6 +179,8 @@ def _fill_from_infotext(body: GenerationFields) -> GenerationFields:
             update.update({k: v for k, v in (("hr_resize_x", x), ("hr_resize_y", y)) if k not in body.model_fields_set})
         if "Hires upscale" in params or "Hires resize" in params:
             update["enable_hr"] = True
+    given = body.model_fields_set | ({"shift"} if "schedulers_shift" in body.model_fields_set else set())
+    update.update({f: v for f, v in sd3_infotext_fields(params).items() if f not in given})
     settings = {"CLIP_stop_at_last_layers": params.get("Clip skip"), "sd_noise_schedule": params.get("Noise Schedule")}
     settings = {k: v for k, v in settings.items() if v is not None and k not in body.override_settings}
     if settings:
@@ -270,6 +271,7 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
         # None is the web UI's "as the tiling setting says", off unless set; sdlab has no such setting.
         styles=list(body.styles or []), tiling=bool(body.tiling),
     )
+    gen = _sd3_fields(body, gen)
     if isinstance(body, Img2ImgRequest):
         gen = _img2img_fields(body, gen, limits, notes)
     elif body.enable_hr:
@@ -292,6 +294,13 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     styled = apply_styles(gen, state.styles_file)
     return Prepared(gen, checkpoint, notes, ignored, sampler_info.name, styled.prompt, styled.negative_prompt,
                     [u.save_detected_map and not no_detectmap for u in units])
+
+
+def _sd3_fields(body: GenerationFields, gen: GenerationRequest) -> GenerationRequest:
+    """SD3's fields (shift, skip-layer guidance); the pipeline refuses them on other families."""
+    shift = body.shift if body.shift is not None else body.schedulers_shift  # SD.Next's name second
+    return replace(gen, shift=shift, slg_layers=tuple(body.slg_layers or ()), slg_scale=body.slg_scale,
+                   slg_start=body.slg_start, slg_end=body.slg_end)
 
 
 def _hires_fields(body: Txt2ImgRequest, gen: GenerationRequest, state: ServerState) -> GenerationRequest:
@@ -337,6 +346,11 @@ def _img2img_fields(body: Img2ImgRequest, gen: GenerationRequest, limits: Limits
     gen.inpaint_full_res = bool(body.inpaint_full_res)
     gen.inpaint_full_res_padding = body.inpaint_full_res_padding
     gen.inpainting_mask_invert = bool(body.inpainting_mask_invert)
+    gen.resize_mode = body.resize_mode
+    # Where the latent is repainted, if not the mask (the web UI's outpainting scripts send one);
+    # without a mask it does nothing, in the web UI too.
+    if mask is not None and body.latent_mask:
+        gen.latent_mask = decode_image(body.latent_mask, "latent_mask", limits)
     return gen
 
 

@@ -83,9 +83,12 @@ class GenerationFields(BaseModel):
     force_task_id: str | None = Field(None,
         description="Task id for the web UI's /internal/progress (not implemented; refused unless off).")
     script_name: str | None = Field(None,
-        description="Web UI script: \"x/y/z plot\" (docs/xyz.md); others are refused.")
+        description="Web UI script, any case: \"x/y/z plot\", \"prompt matrix\", \"prompts from file or textbox\"; "
+                    "img2img also \"poor man's outpainting\", \"outpainting mk2\" (docs/scripts.md, GET "
+                    "/sdapi/v1/scripts); others are refused.")
     script_args: list[Any] = Field(default_factory=list,
-        description="Arguments of script_name; for x/y/z plot the web UI 1.10's 18 positional values.")
+        description="Arguments of script_name in the web UI 1.10's positional order (GET /sdapi/v1/script-info); "
+                    "those left out take their defaults.")
     send_images: bool = Field(True, description="Return the images in the response.")
     save_images: bool = Field(False,
         description="Also write the images to the server's outputs folder as the web UI does: "
@@ -94,6 +97,22 @@ class GenerationFields(BaseModel):
         description="Extension scripts such as ControlNet (sdlab has none: any entry is refused).")
     infotext: str | None = Field(None,
         description="Infotext (PNG parameters) whose values fill every field the request leaves unset.")
+    # SD3 / SD3.5 (flow models). The web UI and Forge have no fields for these; sdlab's names
+    # follow its CLI (--shift, --slg-*), and SD.Next's name for the shift is accepted too. Sent
+    # to another family they are refused (422), as the pipeline refuses them.
+    shift: float | None = Field(None, gt=0.0, allow_inf_nan=False,
+        description="SD3 / SD3.5: the flow sampling shift (null: the model's, 3). Infotext 'Shift'.")
+    schedulers_shift: float | None = Field(None, gt=0.0, allow_inf_nan=False,
+        description="SD.Next's name for shift; used when shift is not given.")
+    slg_layers: list[int] | None = Field(None,
+        description="SD3.5: skip-layer guidance, the MMDiT layers left out of an extra conditional pass (SD3.5 "
+                    "medium: [7, 8, 9]); null or []: off. Infotext 'SLG layers'.")
+    slg_scale: float = Field(2.8, allow_inf_nan=False,
+        description="Skip-layer guidance scale (used with slg_layers only; diffusers' default).")
+    slg_start: float = Field(0.01, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Skip-layer guidance from this fraction of the steps (used with slg_layers only).")
+    slg_end: float = Field(0.2, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Skip-layer guidance until this fraction of the steps (used with slg_layers only).")
 
 
 class Txt2ImgRequest(GenerationFields):
@@ -135,7 +154,9 @@ class Img2ImgRequest(GenerationFields):
 
     init_images: list[str] = Field(..., min_length=1,
         description="One base64 image (PNG/JPEG/WebP; a data: URL prefix is fine).")
-    resize_mode: int = Field(0, ge=0, le=3, description="0: just resize (others not implemented; refused).")
+    resize_mode: int = Field(0, ge=0, le=3,
+        description="How init_images[0] is fitted to width x height: 0 just resize, 1 crop and resize, 2 resize and "
+                    "fill, 3 just resize (latent upscale; not with a mask).")
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False,
                                       description="How much to change the image: 0 keeps it, 1 replaces it.")
     image_cfg_scale: float | None = Field(None,
@@ -158,7 +179,9 @@ class Img2ImgRequest(GenerationFields):
     inpainting_mask_invert: int | bool = Field(0, ge=0, le=1, description="1: repaint what the mask leaves black.")
     initial_noise_multiplier: float | None = Field(None,
         description="Initial noise multiplier (not implemented; refused unless off).")
-    latent_mask: str | None = Field(None, description="A separate latent mask (not implemented; refused unless off).")
+    latent_mask: str | None = Field(None,
+        description="Base64 mask of where the latent is repainted (white), if not the mask; the mask still decides "
+                    "the paste-back. Used with mask only.")
     include_init_images: bool = Field(False, description="Echo init_images back in 'parameters'.")
 
 
@@ -296,8 +319,8 @@ class PromptStyleItem(BaseModel):
 
 
 class ScriptsList(BaseModel):
-    txt2img: list[str] = Field(description="Titles of the txt2img scripts (sdlab has none).")
-    img2img: list[str] = Field(description="Titles of the img2img scripts (sdlab has none).")
+    txt2img: list[str] = Field(description="The txt2img scripts sdlab runs, lowercase titles; 'controlnet' always on.")
+    img2img: list[str] = Field(description="The img2img scripts sdlab runs, lowercase titles; 'controlnet' always on.")
 
 
 class ScriptArg(BaseModel):

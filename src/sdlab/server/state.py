@@ -88,8 +88,9 @@ class ServerState:
 
         s = self.settings
         weight_dtype = torch.float8_e4m3fn if self._fp8_weights(entry) else parse_weight_dtype(s.weight_dtype)
+        root = self.catalog.models.root  # SD3's separate encoders, where ComfyUI keeps them (as sdlab.load)
         bundle = load_for_inference(entry.path, s.device, parse_dtype(s.dtype), compile=s.compile, offload=s.offload,
-                                    weight_dtype=weight_dtype)
+                                    weight_dtype=weight_dtype, text_encoder_dirs=[root / "text_encoders", root / "clip"])
         if entry.path.is_file():
             sha = self.catalog.sha256(entry)
             # The bundle would hash the file again for its infotext; hand it the hash we have.

@@ -229,7 +229,15 @@ class Worker:
             raise ModelLoadError(f"cannot load {entry.name}: {e}") from None
         self._loaded_key = key
         self.loaded = next((e for e in self.catalog.checkpoints() if e.path == entry.path), entry)
+        for parking in (self._pipeline.text_parking, self._pipeline.refiner_text_parking):
+            if parking is not None:  # a GPU's text encoders stay there while another request waits
+                parking.keep = self.generation_waiting
         return self._pipeline, self.loaded
+
+    def generation_waiting(self) -> bool:
+        """Whether a txt2img / img2img job waits in the queue (its prompts will need the encoders)."""
+        with self._queue.mutex:
+            return any(job is not None and job.kind in ("txt2img", "img2img") for job in self._queue.queue)
 
     def _load_job(self, job: Job) -> CheckpointEntry:
         self._begin(job, 1, 0, f"Loading {job.checkpoint.name if job.checkpoint else ''}")

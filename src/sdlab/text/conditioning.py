@@ -98,6 +98,23 @@ class TextEncoderRunner:
         return z, out.pooled.float()
 
 
+class ZeroFilledRunner(TextEncoderRunner):
+    """One of SD3's two CLIPs where the other is absent, as ComfyUI's `SD3ClipModel` conditions:
+    the present encoder's states and pooled vector with zeros where the absent one's would be,
+    `zeros[0]` before them (a lone CLIP-G: CLIP-L's 768 come first) and `zeros[1]` after them (a
+    lone CLIP-L: CLIP-G's 1280), so the MMDiT reads every feature at its usual place."""
+
+    def __init__(self, encoder, tokenizer: CLIPTokenizer, zeros: tuple[int, int], **kwargs):
+        super().__init__(encoder, tokenizer, **kwargs)
+        self.zeros = zeros
+
+    def encode(self, chunks: Sequence[PromptChunk], clip_skip: int = 1,
+               embeddings: Mapping[str, Tensor] | None = None) -> EncodedPrompt:
+        encoded = super().encode(chunks, clip_skip, embeddings)
+        pad = torch.nn.functional.pad
+        return EncodedPrompt(pad(encoded.context, self.zeros), pad(encoded.pooled, self.zeros))
+
+
 def chunk_ids(chunk: PromptChunk, tokenizer: CLIPTokenizer) -> list[int]:
     """The 77 ids the text encoder reads for one chunk: BOS, the chunk's tokens, EOS."""
     ids = [tokenizer.bos_id] + list(chunk.tokens) + [tokenizer.eos_id]
@@ -140,12 +157,15 @@ def sd3_features(encoded: Sequence[EncodedPrompt]) -> EncodedPrompt:
     """SD3 / SD3.5 (the reference's and ComfyUI's rule): CLIP-L and CLIP-G states side by side
     (768 + 1280), zero-padded to T5's width, then T5's tokens after them on the sequence axis;
     pooled = CLIP-L's ++ CLIP-G's. Without T5 the context is the CLIP part alone (the model
-    adapter pads it to the MMDiT's context width)."""
-    clip = torch.cat([encoded[0].context, encoded[1].context], dim=-1)
-    pooled = torch.cat([encoded[0].pooled, encoded[1].pooled], dim=-1)
-    if len(encoded) < 3:
+    adapter pads it to the MMDiT's context width). A lone CLIP comes already zero-filled to both
+    widths (`ZeroFilledRunner`). T5 is the encoder without a pooled vector (`T5Runner`)."""
+    clips = [e for e in encoded if e.pooled.shape[-1]]
+    t5s = [e for e in encoded if not e.pooled.shape[-1]]
+    clip = torch.cat([e.context for e in clips], dim=-1)
+    pooled = torch.cat([e.pooled for e in clips], dim=-1)
+    if not t5s:
         return EncodedPrompt(clip, pooled)
-    t5 = encoded[2].context
+    t5 = t5s[0].context
     clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # diffusers' pad, as it is
     return EncodedPrompt(torch.cat([clip, t5], dim=-2), pooled)
 

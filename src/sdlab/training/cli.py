@@ -8,7 +8,7 @@ import argparse
 _FLAGS = {
     "mode": (str, "lora, finetune, scratch or embedding (textual inversion; required, here or in the config)"),
     "base_model": (str, "the model to train on: a .safetensors/.ckpt file or a diffusers folder "
-                        "(SD 1.x, SD 2.x or SDXL), or demo (the built-in demo model)"),
+                        "(SD 1.x, SD 2.x, SDXL, SD3 / SD3.5), or demo (the built-in demo model)"),
     "output_dir": (str, "where the result, states and samples go (default output)"),
     "output_name": (str, "file name of the result, without .safetensors (default model)"),
     "steps": (int, "optimizer steps (default 1000)"),
@@ -21,6 +21,8 @@ _FLAGS = {
     "seed": (int, "seeds the data order, augmentation, noise and new weights (default 0)"),
     "save_every_n_steps": (int, "also save the result and a --resume state every N steps (default: only at the "
                                 "end)"),
+    "lora_format": (str, "kohya (default) or diffusers: the layout of an SD3 / SD3.5 LoRA file (PEFT's "
+                         "transformer.transformer_blocks.N.attn.to_q.lora_A.weight, for diffusers' load_lora_weights)"),
     "dataset_config": (str, "kohya's dataset config (.toml: [general], [[datasets]], [[datasets.subsets]]) "
                             "instead of --data"),
 }

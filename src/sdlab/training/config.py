@@ -11,7 +11,7 @@ Relative paths are relative to the current directory, as in kohya's scripts.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +43,10 @@ class ModelSpec:
     text_encoder: dict = field(default_factory=dict)
 
 
-NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
+NETWORK_MODULES = ("networks.lora", "networks.lora_sd3", "lycoris.kohya")
+# SD3 / SD3.5 (rectified flow, `training.flow`): kohya's timestep schemes ("none" is "uniform").
+WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+LORA_FORMATS = ("kohya", "diffusers")
 # kohya's --network_args names -> LoRAConfig fields (and the type their strings are read as)
 _NETWORK_ARGS = {"conv_dim": ("conv_rank", int), "conv_rank": ("conv_rank", int), "conv_alpha": ("conv_alpha", float),
                  "algo": ("algo", str), "factor": ("factor", int), "dropout": ("dropout", float),
@@ -283,6 +286,29 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     vae_batch_size: int = 1  # images per VAE call when caching latents (data.cache_latents[_to_disk]), as kohya's
+    # SD3 / SD3.5 (rectified flow; `training.flow`), with kohya's names and defaults: the timesteps'
+    # density (uniform, logit_normal with logit_mean / logit_std, mode with mode_scale; sigma_sqrt
+    # and cosmap draw uniformly and weight the loss), shifted by training_shift (> 1: noisier).
+    weighting_scheme: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    training_shift: float = 1.0
+    # kohya's loss (and diffusers' default): the prediction preconditioned to x0, the latents the target;
+    # false: diffusers' other setting, the velocity against noise - latents.
+    precondition_outputs: bool = True
+    # T5 tokens per caption (padded with 0 or cut): 77 as sdlab samples by default (--t5-max-length);
+    # kohya trains at 256 (then sample with --t5-max-length 256).
+    t5xxl_max_token_length: int = 77
+    # kohya's: the text encoders that do not train run once per caption before training, and T5
+    # leaves memory; _to_disk keeps the results in <data folder>/.te_cache for later runs too.
+    cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False
+    text_encoder_batch_size: int = 8  # captions per encoder call when caching (kohya's name)
+    # kohya's --clip_l / --clip_g / --t5xxl: separate encoder files for an SD3 file without them.
+    clip_l: str | None = None
+    clip_g: str | None = None
+    t5xxl: str | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -290,6 +316,9 @@ class TrainConfig:
     save_every_n_epochs: int = 0  # kohya's: `<name>-000002.safetensors` after the 2nd pass over the data, ...
     keep_states: int = 2  # training states kept for --resume
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    # A LoRA's layout: kohya's (`lora_unet_...`, which the web UIs, ComfyUI and diffusers read), or for
+    # SD3 / SD3.5 diffusers' PEFT layout (`transformer.transformer_blocks.N.attn.to_q.lora_A.weight`).
+    lora_format: Literal["kohya", "diffusers"] = "kohya"
     # kohya's: a fine-tuned or new model as one .safetensors file, a .ckpt, or a diffusers folder
     # ("diffusers" and "diffusers_safetensors" both write safetensors weights). LoRAs: safetensors.
     save_model_as: Literal["safetensors", "ckpt", "diffusers", "diffusers_safetensors"] = "safetensors"
@@ -378,6 +407,18 @@ class TrainConfig:
                 raise bad(f"embedding.num_vectors_per_token must be 1 to 75, got {ec.num_vectors_per_token}")
             if ec.caption_template is not None and "[name]" not in ec.caption_template:
                 raise bad(f"embedding.caption_template {ec.caption_template!r} has no [name] (where the token goes)")
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise bad(f"weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}")
+        if not (self.logit_std > 0 and self.training_shift > 0):
+            raise bad(f"logit_std and training_shift must be positive, got {self.logit_std} and {self.training_shift}")
+        if self.t5xxl_max_token_length < 2 or self.text_encoder_batch_size < 1:
+            raise bad("t5xxl_max_token_length must be at least 2 and text_encoder_batch_size at least 1")
+        if self.lora_format not in LORA_FORMATS:
+            raise bad(f"lora_format must be one of {', '.join(LORA_FORMATS)}, got {self.lora_format!r}")
+        if self.lora_format != "kohya" and self.mode != "lora":
+            raise bad(f"lora_format = {self.lora_format!r} is the layout of a LoRA file: it needs mode 'lora'")
+        if self.cache_text_encoder_outputs_to_disk:  # kohya's: to disk implies caching
+            object.__setattr__(self, "cache_text_encoder_outputs", True)
         if self.vae_steps and self.mode != "scratch":
             raise bad("vae_steps (the VAE reconstruction phase) only applies to mode 'scratch'")
         if self.mode == "lora":
@@ -426,6 +467,57 @@ class TrainConfig:
     @property
     def state_dir(self) -> Path:
         return self.output_dir / "state"
+
+
+# Options of the DDPM-trained UNets (SD 1.x / 2.x / SDXL) that mean nothing to a rectified-flow model,
+# and the SD3 ones that mean nothing to those UNets (kohya's scripts take them per family too).
+_DDPM_ONLY = ("prediction", "min_snr_gamma", "noise_offset", "adaptive_noise_scale", "noise_offset_random_strength",
+              "multires_noise_iterations", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",
+              "scale_v_pred_loss_like_noise_pred", "debiased_estimation_loss")
+_FLOW_ONLY = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift", "precondition_outputs",
+              "t5xxl_max_token_length", "cache_text_encoder_outputs", "lora_format", "clip_l", "clip_g", "t5xxl")
+
+
+def check_for_family(cfg: TrainConfig, family) -> None:
+    """The options that the base model's family cannot train with, refused in one line before any
+    step: SD 1.x's noise and loss options on SD3 (and what sdlab does not train there: LyCORIS,
+    LoCon, block-wise LoRA, embeddings), SD3's options or an SD3 LoRA module on the others."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+    def set_(names: tuple[str, ...]) -> list[str]:
+        return [n for n in names if getattr(cfg, n) != defaults[n]]
+
+    label = family.label
+    if family.is_flow:
+        for name in set_(_DDPM_ONLY):
+            raise SdlabError(f"training config: {name} = {getattr(cfg, name)!r} is an option of the DDPM-trained UNets "
+                             f"(SD 1.x, 2.x, SDXL); {label} trains by rectified flow: remove it (its options are "
+                             "weighting_scheme, training_shift, precondition_outputs, ...)")
+        if cfg.mode == "embedding":
+            raise SdlabError(f"training config: mode 'embedding' (textual inversion) is not supported on {label}; "
+                             "train a LoRA (mode 'lora') instead")
+        if cfg.loss_type in ("huber", "smooth_l1") and cfg.huber_schedule == "snr":
+            raise SdlabError(f"training config: huber_schedule 'snr' needs a DDPM noise schedule, which {label} has not; "
+                             "set huber_schedule = \"exponential\" or \"constant\"")
+        if cfg.save_model_as.startswith("diffusers"):
+            raise SdlabError(f"training config: save_model_as = {cfg.save_model_as!r}: sdlab does not write {label} "
+                             "as a diffusers folder; use \"safetensors\" (the single-file layout)")
+        lc = cfg.lora
+        if cfg.mode == "lora":
+            if lc.network_module == "lycoris.kohya":
+                raise SdlabError(f"training config: lora.network_module 'lycoris.kohya' is not supported on {label}; "
+                                 "use networks.lora_sd3 (kohya's SD3 LoRA)")
+            if lc.conv_rank or any(getattr(lc, k) is not None for k in (
+                    "block_dims", "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight")):
+                raise SdlabError(f"training config: conv_rank and block-wise ranks / learning rates are options of the "
+                                 f"UNet's LoRA; {label}'s MMDiT has no convolutions or UNet blocks: remove them")
+        return
+    if cfg.mode == "lora" and cfg.lora.network_module == "networks.lora_sd3":
+        raise SdlabError(f"training config: lora.network_module 'networks.lora_sd3' is kohya's SD3 LoRA, but the base "
+                         f"model is {label}: use networks.lora, or an SD3 / SD3.5 base_model")
+    for name in set_(_FLOW_ONLY):
+        raise SdlabError(f"training config: {name} = {getattr(cfg, name)!r} is an SD3 / SD3.5 option (rectified flow), "
+                         f"but the base model is {label}: remove it")
 
 
 _SECTIONS = {"data": DataConfig, "lora": LoRAConfig, "embedding": EmbeddingConfig, "validation": ValidationConfig,

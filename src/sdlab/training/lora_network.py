@@ -35,6 +35,7 @@ from ..errors import SdlabError
 from ..lora import kohya_name
 from ..models.clip import CLIPTextModel, FusedProjection, OpenCLIPAttention
 from ..models.layers import autocast_dtype
+from ..models.mmdit import DismantledBlock, MMDiT
 from ..models.unet import UNet
 from .lora_blocks import BlockRanks, block_index
 
@@ -45,13 +46,17 @@ class LoRAModule(nn.Module):
     """The low-rank update of one layer: `down` has the layer's kernel, `up` is 1x1 (kohya)."""
 
     def __init__(self, base: nn.Linear | FusedProjection | nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0,
-                 rows: tuple[int, int] | None = None, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+                 rows: tuple[int, int] | None = None, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 lycoris: bool = False):
         """`rows`: update only these output rows of `base` (q, k or v of a fused projection).
         While training, as kohya's `networks/lora.py`: `dropout` drops single rank activations,
         `rank_dropout` whole ranks of a sample (the rest scaled up as for a smaller rank), and
-        `module_dropout` the whole update of a forward pass."""
+        `module_dropout` the whole update of a forward pass. `lycoris`: as LyCORIS's `LoConModule`
+        trains instead (its default, non-bypass mode): `rank_dropout` zeroes whole output rows of
+        the update, unscaled, and plain `dropout` does nothing (the caller passes 0)."""
         super().__init__()
         self.rows = rows
+        self.lycoris = lycoris
         if isinstance(base, (nn.Linear, FusedProjection)):
             out_features = base.out_features if rows is None else rows[1] - rows[0]
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
@@ -93,14 +98,23 @@ class LoRAModule(nn.Module):
             return output
         h = self._down(inputs[0])
         scale = self.scale * self.multiplier
-        if self.training and self.rank_dropout:
+        kept_rows = None
+        if self.training and self.rank_dropout and self.lycoris:
+            # LyCORIS's draw (`LoConModule.make_weight`): one per output row of the weight update
+            kept_rows = (torch.rand(self.lora_up.weight.shape[0], device=h.device) > self.rank_dropout).to(h.dtype)
+            kept_rows = kept_rows[:, None, None] if h.ndim == 4 else kept_rows
+        elif self.training and self.rank_dropout:
             keep = torch.rand((h.shape[0], self.rank), device=h.device) > self.rank_dropout
             keep = keep.unsqueeze(1) if h.ndim == 3 else keep[..., None, None] if h.ndim == 4 else keep
             h = h * keep
             scale = scale / (1.0 - self.rank_dropout)
-        if self.rows is not None:  # a text encoder's q, k or v: small, so the plain sum will do
-            lo, hi = self.rows
-            return output + F.pad(self._up(h, scale).to(output.dtype), (lo, output.shape[-1] - hi))
+        if self.rows is not None or kept_rows is not None:  # small or rare: the plain sum will do
+            delta = self._up(h, scale)
+            delta = delta if kept_rows is None else delta * kept_rows
+            if self.rows is not None:  # a text encoder's q, k or v
+                lo, hi = self.rows
+                delta = F.pad(delta, (lo, output.shape[-1] - hi))
+            return output + delta.to(output.dtype)
         if isinstance(self.lora_up, nn.Linear) and h.dtype == output.dtype and output.is_contiguous():
             return _AddLowRank.apply(output, h, self.lora_up.weight, scale)
         return output + self._up(h, scale).to(output.dtype)
@@ -318,6 +332,25 @@ def unet_kohya_names(unet: UNet, native_paths: list[str], spelling: str = "diffu
     return out
 
 
+def _mmdit_targets(net: MMDiT) -> Iterator[tuple[str, nn.Linear]]:
+    """(native module path, layer) of the MMDiT layers kohya's `networks/lora_sd3.py` puts LoRA on by
+    default: every Linear of each joint block's two streams (its `SingleDiTBlock`s): `attn.qkv` (q, k
+    and v fused, as the checkpoint stores them), `attn.proj`, `mlp.fc1`, `mlp.fc2`,
+    `adaLN_modulation.1`, and MMDiT-X's `attn2.qkv` / `attn2.proj`. The pre-only last context block
+    has `attn.qkv` and its modulation only."""
+    for parent_name, parent in net.named_modules():
+        if isinstance(parent, DismantledBlock):
+            for child_name, child in parent.named_modules():
+                if isinstance(child, nn.Linear):
+                    yield f"{parent_name}.{child_name}", child
+
+
+def mmdit_kohya_name(native_path: str) -> str:
+    """kohya's SD3 name of an MMDiT module: `lora_unet_` + its path with `_`
+    (`lora_unet_joint_blocks_0_x_block_attn_qkv`), the prefix ComfyUI reads."""
+    return f"{UNET_PREFIX}_{native_path.replace('.', '_')}"
+
+
 _TE_LAYER = re.compile(r"^(?:text_model\.encoder\.layers|transformer\.resblocks)\.(\d+)\.")
 _TE_TARGET = re.compile(r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)$")
 
@@ -341,7 +374,7 @@ def _te_targets(te: CLIPTextModel, layers: int) -> Iterator[tuple[str, nn.Module
 class LoRANetwork(nn.Module):
     """All LoRA modules of one model, by kohya name. `apply()` attaches them, `remove()` detaches."""
 
-    def __init__(self, unet: UNet | None, text_encoders: Sequence[CLIPTextModel] | None, rank: int, alpha: float,
+    def __init__(self, unet: UNet | MMDiT | None, text_encoders: Sequence[CLIPTextModel] | None, rank: int, alpha: float,
                  conv_rank: int = 0, conv_alpha: float = 1.0, dropout: float = 0.0, only: str | None = None,
                  unet_names: str = "diffusers", text_layers: Sequence[int] | None = None,
                  rank_dropout: float = 0.0, module_dropout: float = 0.0, blocks: BlockRanks | None = None,
@@ -361,7 +394,7 @@ class LoRANetwork(nn.Module):
         super().__init__()
         if algo not in ALGOS:
             raise SdlabError(f"LyCORIS algo {algo!r} is not one sdlab trains; use one of {', '.join(ALGOS)}")
-        self.algo, self.factor = algo, factor
+        self.algo, self.factor, self.lycoris = algo, factor, lycoris
         self._only = re.compile(only) if only else None
         self.rank, self.alpha, self.conv_rank, self.conv_alpha = rank, alpha, conv_rank, conv_alpha
         self._dropouts = dict(dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
@@ -371,7 +404,10 @@ class LoRANetwork(nn.Module):
         self._targets: dict[str, nn.Module] = {}
         self._weights: dict[str, tuple[Tensor, tuple[int, int] | None]] = {}
         self._handles: list = []
-        if unet is not None:
+        if isinstance(unet, MMDiT):  # SD3 / SD3.5 (kohya's networks.lora_sd3): no convolutions, no blocks
+            for path, layer in _mmdit_targets(unet):
+                self._add(mmdit_kohya_name(path), layer, rank, alpha)
+        elif unet is not None:
             conv = conv_rank > 0 if blocks is None else blocks.conv_dims is not None
             # LyCORIS's names "conv_in", "conv_out", "time_embedding.linear_1/2" exist only in the
             # diffusers spelling (kohya's SD 1.x / 2.x UNet), not in its SDXL one.
@@ -404,12 +440,14 @@ class LoRANetwork(nn.Module):
         if self._only is not None and not self._only.search(name):
             return
         weight = layer.weight if weight is None else weight
+        # LyCORIS's modules (LoCon too, outside its bypass mode) have no plain dropout in training.
+        drops = {k: v for k, v in self._dropouts.items()
+                 if k != "dropout" or not (self.lycoris or self.algo in ("loha", "lokr"))}
         if self.algo in ("loha", "lokr"):
-            drops = {k: v for k, v in self._dropouts.items() if k != "dropout"}
             module = (LoHaModule(layer, rank, alpha, rows=rows, **drops) if self.algo == "loha"
                       else LoKrModule(layer, rank, alpha, self.factor, rows=rows, **drops))
         else:
-            module = LoRAModule(layer, rank, alpha, rows=rows, **self._dropouts)
+            module = LoRAModule(layer, rank, alpha, rows=rows, lycoris=self.lycoris, **drops)
         self.loras[name] = module.to(device=weight.device, dtype=torch.float32)
         self._targets[name] = layer
         self._weights[name] = (weight, rows)

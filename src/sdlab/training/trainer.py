@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,6 +41,7 @@ from ..checkpoints.io import atomic_write, save_safetensors
 from ..checkpoints.loader import Bundle, load_bundle, new_bundle, save_checkpoint
 from ..errors import SdlabError
 from ..families import FAMILIES, ModelConfig, with_prediction
+from ..lora import kohya_name
 from ..models.clip import CLIPTextConfig
 from ..models.storage import set_dtypes
 from ..models.unet import UNetConfig, sdxl_size_embedding
@@ -48,8 +50,9 @@ from ..optional import require
 from ..sampling.model_sampling import ModelSampling, discrete
 from ..sampling.schedules import DiscreteSchedule, discrete_schedule, rescale_zero_terminal_snr
 from ..text.conditioning import COMBINE_RULES, EncodedPrompt, caption_ids
-from .config import ModelSpec, TrainConfig, parse_sample_prompt
-from .data import BucketBatchSampler, CaptionedImageDataset, cache_latents, collate
+from .config import ModelSpec, TrainConfig, check_for_family, parse_sample_prompt
+from .data import BucketBatchSampler, CaptionedImageDataset, cache_latents, collate, process_caption
+from .flow import FlowDenoising, FlowObjective, TextCache, TextInput, draw_timesteps, encode_text, t5_ids
 from .losses import LossOptions, diffusion_loss, pyramid_noise
 from .textual_inversion import TextualInversion, caption_with_token, embedding_metadata, save_embedding
 
@@ -298,6 +301,16 @@ class Trainer:
             config = self.bundle.config
             self.bundle.config = replace(config, family=replace(config.family, zero_terminal_snr=True))
         self.prediction = self.bundle.prediction
+        # SD3 / SD3.5: rectified flow (`training.flow`); the text encoders as loaded (T5 may leave
+        # memory once its outputs are cached, `_fill_text_cache`).
+        self.flow = self.bundle.family.is_flow
+        self.objective = FlowObjective(cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale,
+                                       cfg.training_shift, cfg.precondition_outputs, cfg.min_timestep,
+                                       cfg.max_timestep, cfg.loss_type, cfg.huber_c, cfg.huber_schedule,
+                                       cfg.huber_scale) if self.flow else None
+        self.text_slots = self.bundle.family.text_encoders[:len(self.bundle.text_encoders)]
+        self.text_tokenizers = list(self.bundle.tokenizers)
+        self.text_cache: TextCache | None = None
         fam = self.bundle.family  # the schedule the model was trained on (a diffusers folder may state its betas)
         self.alphas_cumprod = discrete_schedule(fam.beta_start, fam.beta_end).alphas_cumprod.to(self.device)
         self.weighting_alphas_cumprod = None
@@ -313,6 +326,8 @@ class Trainer:
         # cache_latents(_to_disk): the cache is filled by the first diffusion step (_fill_latent_cache),
         # when the VAE is final (a scratch model trains its own first; --resume loads it); until then
         # the data set gives pixels.
+        if self.flow:
+            self._check_sizes_fit_the_mmdit()
         self.latent_cache_root, self.dataset.latent_cache_dir = self.dataset.latent_cache_dir, None
         self.latents_cached = not (cfg.data.cache_latents or cfg.data.cache_latents_to_disk)
         self.global_batch = cfg.batch_size * self.world
@@ -323,6 +338,7 @@ class Trainer:
         self.ema: dict[str, Tensor] | None = None
         self.progress = _Progress()
         self._warned_cut_captions = False
+        self._warned_no_t5 = False
         self.phase = ""
         self._setup_phase("vae" if cfg.mode == "scratch" and cfg.vae_steps else "diffusion")
         self._csv = None
@@ -341,11 +357,26 @@ class Trainer:
             mcfg = replace(mcfg, family=replace(mcfg.family, default_size=side))
             bundle = new_bundle(mcfg, seed=cfg.seed, name=cfg.output_name)
         else:
-            bundle = load_bundle(cfg.base_model, device="cpu", dtype=torch.float32, prediction=cfg.prediction)
+            # SD3: T5's tokens per caption as training reads them, so that validation samples alike.
+            encoders = {k: v for k, v in (("clip_l", cfg.clip_l), ("clip_g", cfg.clip_g), ("t5xxl", cfg.t5xxl)) if v}
+            bundle = load_bundle(cfg.base_model, device="cpu", dtype=torch.float32, prediction=cfg.prediction,
+                                 t5_max_length=cfg.t5xxl_max_token_length, text_encoder_files=encoders or None)
             self._check_trainable(bundle)
+        check_for_family(cfg, bundle.family)
         for net in bundle.networks().values():
             net.to(self.device)
         return bundle
+
+    def _check_sizes_fit_the_mmdit(self) -> None:
+        """SD3: every bucket a whole number of the MMDiT's patches, within its grid of positions."""
+        b = self.bundle
+        step = b.vae.cfg.downsample_factor * b.unet.cfg.patch_size
+        largest = step * b.unet.cfg.pos_embed_max_size
+        for h, w in sorted(set(self.dataset.item_buckets)):
+            if h % step or w % step or max(h, w) > largest:
+                raise SdlabError(f"data: {b.family.label} trains on sides that are multiples of {step} px, at most "
+                                 f"{largest}; the size {w}x{h} is not: set data.resolution (and bucket_reso_steps) "
+                                 f"to multiples of {step}")
 
     @staticmethod
     def _check_trainable(bundle: Bundle) -> None:
@@ -361,8 +392,13 @@ class Trainer:
         from ..checkpoints.io import read_state_dict
         from ..lora import as_kohya_tensors, load_lora
 
-        tensors, left_out = as_kohya_tensors(load_lora(path), self.bundle,
-                                             original_unet_names=bool(self.bundle.family.added_conditioning))
+        if self.flow:  # SD3: kohya's names, or diffusers' split q / k / v fused back (`sd3_lora.to_kohya`)
+            from .sd3_lora import to_kohya
+
+            tensors, left_out = to_kohya(load_lora(path), self.bundle.unet.cfg)
+        else:
+            tensors, left_out = as_kohya_tensors(load_lora(path), self.bundle,
+                                                 original_unet_names=bool(self.bundle.family.added_conditioning))
         if self.cfg.lora.algo in ("loha", "lokr"):  # LyCORIS factors, by the names this run writes
             tensors, left_out = dict(read_state_dict(path)), []
         unmatched, missing = self.lora.load_kohya_weights(tensors)
@@ -378,13 +414,25 @@ class Trainer:
                         path, len(missing), missing[0])
 
     def _text_layers_read(self, skip: int) -> list[int]:
-        """For each text encoder, how many of its first layers the UNet's conditioning depends on:
-        up to the one whose states it reads, and all of SDXL's second (its pooled output)."""
+        """For each CLIP text encoder, how many of its first layers the UNet's conditioning depends on:
+        up to the one whose states it reads, and all of SDXL's second and SD3's two (their pooled outputs)."""
         b = self.bundle
-        counts = [te.cfg.layers - skip + 1 for te in b.text_encoders]
+        counts = [te.cfg.layers - skip + 1 for te in self._clips]
         if b.family.added_conditioning:
             counts[-1] = b.text_encoders[-1].cfg.layers
+        if self.flow:
+            counts = [te.cfg.layers for te in self._clips]
         return counts
+
+    @property
+    def _clips(self) -> list[nn.Module]:
+        """The CLIP text encoders (SD3's T5 is never trained, and has no layers CLIP skip counts)."""
+        return [te for te, slot in zip(self.bundle.text_encoders, self.text_slots) if slot.layout != "t5"]
+
+    def _trained_encoders(self) -> list[bool]:
+        """Per text encoder of the model as loaded, whether it trains (a LoRA on it, or fine-tuned)."""
+        train = self._trained_text_encoder()
+        return [train and slot.layout != "t5" for slot in self.text_slots]
 
     def _trained_text_encoder(self) -> bool:
         cfg = self.cfg
@@ -405,7 +453,7 @@ class Trainer:
         else:
             train_te = self._trained_text_encoder()
             # The layer sampling reads (pipeline.text_runners): the family's, moved back by CLIP skip.
-            skip = min(b.family.clip_skip + cfg.clip_skip - 1, *(te.cfg.layers for te in b.text_encoders))
+            skip = min(b.family.clip_skip + cfg.clip_skip - 1, *(te.cfg.layers for te in self._clips))
             b.unet.gradient_checkpointing = cfg.gradient_checkpointing
             for te in b.text_encoders:  # only has an effect on the ones that train
                 te.gradient_checkpointing = cfg.gradient_checkpointing
@@ -420,25 +468,27 @@ class Trainer:
                     sdxl = b.family.added_conditioning
                     lr_weight = lr_weights(sdxl, lc.down_lr_weight, lc.mid_lr_weight, lc.up_lr_weight,
                                            lc.block_lr_zero_threshold)
-                    blocks = block_ranks(sdxl, lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.block_dims,
-                                         lc.block_alphas, lc.conv_block_dims, lc.conv_block_alphas, lr_weight)
+                    # (SD3: kohya's networks.lora_sd3, no UNet blocks; check_for_family refused block options.)
+                    blocks = None if self.flow else block_ranks(
+                        sdxl, lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.block_dims, lc.block_alphas,
+                        lc.conv_block_dims, lc.conv_block_alphas, lr_weight)
                     self.lora = LoRANetwork(b.unet if lc.train_unet else None,
-                                            b.text_encoders if lc.train_text_encoder else None,
+                                            self._clips if lc.train_text_encoder else None,
                                             lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha, lc.dropout,
                                             unet_names="original" if sdxl else "diffusers",
                                             text_layers=self._text_layers_read(skip),
                                             rank_dropout=lc.rank_dropout, module_dropout=lc.module_dropout,
                                             blocks=blocks, algo=lc.algo, factor=lc.factor,
                                             lycoris=lc.network_module == "lycoris.kohya").to(self.device)
-                    if lc.dropout and lc.algo in ("loha", "lokr"):
-                        log.warning("lora.dropout: LyCORIS's LoHa and LoKr have no plain dropout (its modules "
-                                    "ignore it too); rank_dropout and module_dropout apply")
+                    if lc.dropout and lc.network_module == "lycoris.kohya":
+                        log.warning("lora.dropout: LyCORIS's modules train without plain dropout (they ignore it "
+                                    "too, outside their bypass mode); rank_dropout and module_dropout apply")
                     if lc.network_weights:
                         self._start_from(lc.network_weights)
                 self.lora.apply()
                 self.lora.train()
                 b.unet.train()
-                for te in b.text_encoders if lc.train_text_encoder else ():
+                for te in self._clips if lc.train_text_encoder else ():
                     te.train()  # (no dropout in CLIP: this only lets gradient checkpointing act)
                 groups = self.lora.optimizer_groups(cfg.lr, lc.text_encoder_lr or cfg.lr,
                                                     lc.loraplus_unet_lr_ratio or lc.loraplus_lr_ratio,
@@ -458,9 +508,9 @@ class Trainer:
                 b.unet.requires_grad_(True).train()
                 groups = [{"params": list(b.unet.parameters()), "lr": cfg.lr}]
                 if train_te:
-                    for te in b.text_encoders:
+                    for te in self._clips:
                         te.requires_grad_(True).train()
-                    groups.append({"params": [p for te in b.text_encoders for p in te.parameters()],
+                    groups.append({"params": [p for te in self._clips for p in te.parameters()],
                                    "lr": cfg.text_encoder_lr or cfg.lr})
             groups = [g for g in groups if g["params"]]
             loss = LossOptions(prediction=self.prediction, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
@@ -468,9 +518,15 @@ class Trainer:
                                min_snr_gamma=cfg.min_snr_gamma,
                                scale_v_pred_loss_like_noise_pred=cfg.scale_v_pred_loss_like_noise_pred,
                                debiased_estimation_loss=cfg.debiased_estimation_loss)
-            sampling = discrete(DiscreteSchedule.from_alphas_cumprod(self.alphas_cumprod), b.family.prediction)
-            module = Denoising(b.unet, b.text_encoders, self.lora, loss, train_te, skip, b.family.text_final_norm,
-                               b.family.text_combine, sampling, self.embedding)
+            if self.flow:
+                if cfg.cache_text_encoder_outputs and self.text_cache is None:
+                    self._fill_text_cache(skip)
+                encoders = [b.text_encoders[i] if i < len(b.text_encoders) else None for i in range(len(self.text_slots))]
+                module = FlowDenoising(b.unet, encoders, self.lora, self.objective, self._trained_encoders(), skip)
+            else:
+                sampling = discrete(DiscreteSchedule.from_alphas_cumprod(self.alphas_cumprod), b.family.prediction)
+                module = Denoising(b.unet, b.text_encoders, self.lora, loss, train_te, skip,
+                                   b.family.text_final_norm, b.family.text_combine, sampling, self.embedding)
             total = self.diffusion_steps
         self.trained = [p for g in groups for p in g["params"]]
         self.optimizer = self._make_optimizer(groups)
@@ -566,6 +622,93 @@ class Trainer:
                         "set max_token_length = 150 or 225 to keep them", self.cfg.max_token_length, cut)
         return [t.to(self.device) for t in ids]
 
+    def _text_ids(self, captions: list[str], which: list[int]) -> dict[int, Tensor]:
+        """SD3: token ids of text encoders `which` (indices into the family's slots): each CLIP's
+        (B, chunks, 77), as `_tokens` makes them; T5's (B, t5xxl_max_token_length)."""
+        toks, out, cut = self.text_tokenizers, {}, 0
+        clips = [i for i in which if self.text_slots[i].layout != "t5"]
+        if clips:
+            ids, cut = caption_ids(captions, [toks[i] for i in clips], self.cfg.max_token_length // 75)
+            out.update(zip(clips, ids))
+        for i in which:
+            if self.text_slots[i].layout == "t5":
+                out[i], t5_cut = t5_ids(captions, toks[i], self.cfg.t5xxl_max_token_length)
+                if t5_cut and not self._warned_cut_captions:
+                    self._warned_cut_captions = True
+                    log.warning("captions longer than t5xxl_max_token_length = %d T5 tokens are cut (%d in this "
+                                "batch); set it higher (and sample with --t5-max-length alike)",
+                                self.cfg.t5xxl_max_token_length, t5_cut)
+        if cut and not self._warned_cut_captions:
+            self._warned_cut_captions = True
+            log.warning("captions longer than max_token_length = %d CLIP tokens are cut (%d in this batch); "
+                        "set max_token_length = 150 or 225 to keep them", self.cfg.max_token_length, cut)
+        return {i: t.to(self.device) for i, t in out.items()}
+
+    def _flow_texts(self, captions: list[str]) -> list[TextInput]:
+        """SD3: what each text encoder gives for a batch: its cached outputs, or ids to encode now."""
+        cached = {}
+        if self.text_cache is not None:
+            cached = dict(zip(self.text_cache.encoders, self.text_cache.batch(captions, self.device)))
+        ids = self._text_ids(captions, [i for i in range(len(self.text_slots)) if i not in cached])
+        return [cached[i] if i in cached else ids[i] for i in range(len(self.text_slots))]
+
+    def _fill_text_cache(self, skip: int) -> None:
+        """kohya's cache_text_encoder_outputs: every caption through the text encoders that do not
+        train, once (in the mixed-precision dtype they train in), kept in memory (and with _to_disk
+        in files for later runs); then T5, which never trains, leaves the model."""
+        cfg, b, ds = self.cfg, self.bundle, self.dataset
+        which = [i for i, trains in enumerate(self._trained_encoders()) if not trains]
+        random = [name for name in ("caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
+                                    "shuffle_caption", "enable_wildcard")
+                  if any(getattr(ds.options(r), name) for r in range(len(ds.records)))]
+        if random:
+            raise SdlabError(f"cache_text_encoder_outputs: data.{random[0]} changes the captions from step to step, "
+                             "so they cannot be encoded once; turn one of them off (kohya refuses this too)")
+        rng = np.random.default_rng(0)  # no option that draws from it is on
+        captions = [process_caption(rec.caption, ds.options(r), rng, 0) for r, rec in enumerate(ds.records)]
+        folder = None
+        if cfg.cache_text_encoder_outputs_to_disk:
+            root = cfg.data.folder.parent if cfg.data.folder.is_file() else cfg.data.folder
+            folder = root / ".te_cache" / self._text_cache_fingerprint(which, skip)
+        encoders = [b.text_encoders[i] for i in which]
+
+        def encode(chunk: list[str]) -> list[list[tuple[Tensor, Tensor]]]:
+            ids = self._text_ids(chunk, which)
+            with torch.no_grad(), self.acc.autocast():
+                encoded = encode_text(encoders, [ids[i] for i in which], skip, [False] * len(which))
+            return [[(e.context[j], e.pooled[j]) for e in encoded] for j in range(len(chunk))]
+
+        cache = TextCache(which, folder)
+        if folder is not None and not self.acc.is_main_process:
+            self.acc.wait_for_everyone()  # the main process writes the files, the others read them
+        cache.fill(captions, encode, cfg.text_encoder_batch_size, write=self.acc.is_main_process)
+        if folder is not None and self.acc.is_main_process:
+            self.acc.wait_for_everyone()
+        self.text_cache = cache
+        t5 = [i for i in which if self.text_slots[i].layout == "t5"]
+        if t5:
+            # The model as a file without T5 loads: its family and config name the CLIP encoders alone.
+            keep = [i for i in range(len(b.text_encoders)) if i not in t5]
+            family = replace(b.family, text_encoders=tuple(b.family.text_encoders[i] for i in keep))
+            b.config = replace(b.config, family=family, text_encoders=tuple(b.config.text_encoders[i] for i in keep))
+            b.text_encoders = [b.text_encoders[i] for i in keep]
+            b.tokenizers = [b.tokenizers[i] for i in keep]
+            log.info("text encoder outputs of %d captions cached; T5 is no longer needed and left memory",
+                     len(set(captions)))
+
+    def _text_cache_fingerprint(self, which: list[int], skip: int) -> str:
+        """Names what the cached outputs depend on: the encoders' weights (every 1009th value of
+        each tensor, with its name, shape and dtype: seconds for T5-XXL), the layer read, the token
+        lengths and the dtype they ran in."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(f"{skip}:{self.cfg.max_token_length}:{self.cfg.t5xxl_max_token_length}:"
+                 f"{self.cfg.mixed_precision}".encode())
+        for i in which:
+            for name, t in self.bundle.text_encoders[i].state_dict().items():
+                h.update(f"{i}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.detach().flatten()[::1009].float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
     def _size_ids(self, batch: dict) -> Tensor | None:
         """SDXL's size conditioning numbers for the batch (None for other families)."""
         if self.bundle.family.added_conditioning is None:
@@ -581,7 +724,8 @@ class Trainer:
         else:
             post = self.bundle.vae.encode(batch["pixels"].to(self.device))
         eps = torch.randn((n, *post.mean.shape[1:]), generator=gen)[part].to(self.device)
-        return (post.mean + post.std * eps) * self.bundle.family.latent_scale
+        fam = self.bundle.family  # SD3's latent space is shifted too: (z - shift) * scale
+        return (post.mean + post.std * eps - fam.latent_shift) * fam.latent_scale
 
     def _fill_latent_cache(self) -> None:
         """Encode every training image once with the diffusion phase's VAE and read latents from
@@ -630,7 +774,10 @@ class Trainer:
             noise = noise + offset * torch.randn(shape[:2] + (1, 1), generator=gen)
         if cfg.multires_noise_iterations:
             noise = pyramid_noise(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, gen)
-        t = torch.randint(cfg.min_timestep, cfg.max_timestep, (shape[0],), generator=gen)
+        if self.flow:  # kohya's SD3 draw: the weighting scheme's density, shifted (sigma = t / 1000)
+            t = draw_timesteps(self.objective, shape[0], gen)
+        else:
+            t = torch.randint(cfg.min_timestep, cfg.max_timestep, (shape[0],), generator=gen)
         mixed = None
         if cfg.ip_noise_gamma:
             gamma = strength(cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength)
@@ -664,12 +811,15 @@ class Trainer:
                     latents = self._latents(batch, gen, len(indices), part)
                     means = self._global_channel_means(latents, len(indices)) if cfg.adaptive_noise_scale else None
                     noise, t, mixed = self._noise_and_timesteps((len(indices), *latents.shape[1:]), gen, means)
-                    loss = self.module(latents, self._tokens(batch["caption"]), noise[part].to(self.device),
-                                       t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch),
-                                       None if mixed is None else mixed[part].to(self.device),
-                                       batch["loss_weight"].to(self.device),
-                                       batch["mask"].to(self.device) if cfg.masked_loss else None,
-                                       self.weighting_alphas_cumprod)
+                    mask = batch["mask"].to(self.device) if cfg.masked_loss else None
+                    if self.flow:
+                        loss = self.module(latents, self._flow_texts(batch["caption"]), noise[part].to(self.device),
+                                           t[part].to(self.device), batch["loss_weight"].to(self.device), mask)
+                    else:
+                        loss = self.module(latents, self._tokens(batch["caption"]), noise[part].to(self.device),
+                                           t[part].to(self.device), self.alphas_cumprod, self._size_ids(batch),
+                                           None if mixed is None else mixed[part].to(self.device),
+                                           batch["loss_weight"].to(self.device), mask, self.weighting_alphas_cumprod)
                 self.acc.backward(loss / cfg.grad_accum)
             losses.append(loss.detach())
         if cfg.max_grad_norm:
@@ -821,6 +971,10 @@ class Trainer:
 
         v, out = self.cfg.validation, self.cfg.output_dir / "samples"
         out.mkdir(parents=True, exist_ok=True)
+        if len(self.bundle.text_encoders) < len(self.text_slots) and not self._warned_no_t5:
+            self._warned_no_t5 = True
+            log.warning("validation images are made without T5 (cache_text_encoder_outputs freed it), from the "
+                        "CLIP encoders alone: they show the LoRA less well than images with T5 would")
         nets = self.bundle.networks()
         modes = {k: n.training for k, n in nets.items()}
         for n in nets.values():
@@ -966,7 +1120,7 @@ class Trainer:
         dtype = devices.DTYPES[cfg.save_dtype]
         with self._ema_swapped():
             if self.lora is not None:
-                save_safetensors(self.lora.kohya_state_dict(dtype), path, self.lora_metadata())
+                save_safetensors(self._lora_tensors(dtype), path, self.lora_metadata())
             elif self.embedding is not None:
                 path = path.with_suffix(".pt") if cfg.save_model_as == "pt" else path
                 save_embedding(self.embedding, path, cfg.output_name, self.progress.step, dtype, cfg.base_model,
@@ -980,14 +1134,29 @@ class Trainer:
                                                       "ema": bool(cfg.ema_decay)})}
                 path = path.with_suffix(".ckpt") if cfg.save_model_as == "ckpt" else path
                 save_checkpoint(self.bundle, path, dtype=dtype, metadata=meta)
+                if len(self.bundle.text_encoders) < len(self.text_slots):  # T5 left with the text cache
+                    log.info("%s holds no T5 (cache_text_encoder_outputs freed it, as kohya's SD3 files go without "
+                             "it): give the base model's T5 with --t5 when sampling", path.name)
         log.info("saved %s", path)
         return path
+
+    def _lora_tensors(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The LoRA file's tensors: kohya's layout, or with lora_format = "diffusers" (SD3) PEFT's."""
+        sd = self.lora.kohya_state_dict(dtype)
+        if self.cfg.lora_format == "diffusers":
+            from .sd3_lora import to_diffusers
+
+            # kohya's text-encoder names -> the modules' transformers paths (SD3's CLIPs: their own).
+            te_paths = {kohya_name(path, part): path for part, te in zip(("te1", "te2"), self._clips)
+                        for path, m in te.named_modules() if isinstance(m, nn.Linear)}
+            sd = to_diffusers(sd, self.bundle.unet.cfg, te_paths)
+        return sd
 
     def lora_metadata(self) -> dict[str, str]:
         cfg, lc = self.cfg, self.cfg.lora
         height, width = cfg.data.size
         meta = {
-            "ss_network_module": lc.network_module,
+            "ss_network_module": "networks.lora_sd3" if self.flow else lc.network_module,
             "ss_network_dim": str(lc.rank),
             "ss_network_alpha": str(float(lc.alpha)),
             "ss_network_args": json.dumps(_network_args(lc)),
@@ -1053,8 +1222,16 @@ class Trainer:
             "modelspec.implementation": "sdlab",
             "modelspec.title": cfg.output_name,
             "modelspec.resolution": f"{width}x{height}",
-            "modelspec.prediction_type": "v" if self.prediction == "v" else "epsilon",
+            "modelspec.prediction_type": {"v": "v", "flow": "flow"}.get(self.prediction, "epsilon"),
         }
+        if self.flow:  # kohya's SD3 keys (sd3_train_network.update_metadata), and the timestep shift
+            meta.update({"ss_weighting_scheme": cfg.weighting_scheme, "ss_logit_mean": str(cfg.logit_mean),
+                         "ss_logit_std": str(cfg.logit_std), "ss_mode_scale": str(cfg.mode_scale),
+                         "ss_training_shift": str(cfg.training_shift),
+                         "ss_precondition_outputs": str(cfg.precondition_outputs),
+                         "ss_t5xxl_max_token_length": str(cfg.t5xxl_max_token_length),
+                         "ss_apply_lg_attn_mask": "False", "ss_apply_t5_attn_mask": "False",
+                         "ss_lora_format": cfg.lora_format})
         return meta
 
 
@@ -1131,6 +1308,9 @@ def _optimizer_metadata(optimizer: str, args: dict) -> str:
 
 def _modelspec_architecture(family, prediction: str) -> str:
     """The SAI ModelSpec architecture name, as kohya's scripts write it (`library/sai_model_spec.py`)."""
+    if family.is_flow:  # kohya: "stable-diffusion-3-" + the MMDiT's type
+        return {"sd3.5-large": "stable-diffusion-3-5-large", "sd3.5-medium": "stable-diffusion-3-5-medium"}.get(
+            family.name, "stable-diffusion-3-medium")
     if family.added_conditioning:
         return "stable-diffusion-xl-v1-base"
     if family.name.startswith("sd2"):

@@ -14,9 +14,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from torch import Tensor
+
 from ...errors import SdlabError
 from ...request import Interrupted
-from .nodes import NODES, Node
+from .nodes import Node
+from .previews import asks_for_previews, preview_frame, preview_image
+from .registry import NODES
 
 log = logging.getLogger(__name__)
 
@@ -303,12 +307,15 @@ class OutputCache:
 # Execution
 
 class Runtime:
-    """What a node's `run` sees: the worker's model, the prompt's hidden inputs, progress."""
+    """What a node's `run` sees: the worker's model, the prompt's hidden inputs, progress (and
+    the previews the prompt asked for)."""
 
-    def __init__(self, ctx, env, prompt_id: str, prompt: dict, extra_data: dict, send: Callable[[str, dict], None]):
+    def __init__(self, ctx, env, prompt_id: str, prompt: dict, extra_data: dict, send: Callable[[str, dict], None],
+                 send_bytes: Callable[[bytes], None] | None = None):
         self.ctx, self.env = ctx, env
         self.prompt_id, self.prompt, self.extra_data = prompt_id, prompt, extra_data
         self.send = send
+        self.send_bytes = send_bytes if asks_for_previews(extra_data) else None
         self.node_id: str | None = None
         self.pipelines: list = []
 
@@ -318,8 +325,14 @@ class Runtime:
             self.pipelines.append(pipe)
         return pipe
 
-    def progress(self, value: int, total: int) -> None:
+    def progress(self, value: int, total: int, x0: Tensor | None = None, family=None) -> None:
+        """A step done (`progress`), then its preview frame when the prompt asked for previews
+        and `x0` (the sampler's current estimate, in `family`'s latent space) is given."""
         self.send("progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": self.node_id})
+        if self.send_bytes is not None and x0 is not None:
+            image = preview_image(x0, family)
+            if image is not None:
+                self.send_bytes(preview_frame(image))
         self.ctx.progress(value, total)
 
 
@@ -346,8 +359,10 @@ def _needed(prompt: dict, outputs: list[str], sigs: Signatures, cache: OutputCac
 
 
 def execute(ctx, env, prompt_id: str, prompt: dict, extra_data: dict, outputs: list[str], cache: OutputCache,
-            send: Callable[[str, dict], None], messages: list) -> tuple[str, dict, dict]:
-    """Run a validated prompt in the worker thread. Returns (status_str, outputs' UI, meta)."""
+            send: Callable[[str, dict], None], messages: list,
+            send_bytes: Callable[[bytes], None] | None = None) -> tuple[str, dict, dict]:
+    """Run a validated prompt in the worker thread. Returns (status_str, outputs' UI, meta).
+    `send_bytes`: binary frames to the prompt's client (previews, when the prompt asks)."""
 
     def add_message(event: str, data: dict, broadcast: bool = False) -> None:
         data = {**data, "timestamp": int(time.time() * 1000)}
@@ -355,7 +370,7 @@ def execute(ctx, env, prompt_id: str, prompt: dict, extra_data: dict, outputs: l
         send(event, data, broadcast) if broadcast else send(event, data)
 
     sigs = Signatures(prompt, env)
-    rt = Runtime(ctx, env, prompt_id, prompt, extra_data, lambda e, d: send(e, d))
+    rt = Runtime(ctx, env, prompt_id, prompt, extra_data, lambda e, d: send(e, d), send_bytes)
     ui_outputs: dict[str, dict] = {}
     meta: dict[str, dict] = {}
     add_message("execution_start", {"prompt_id": prompt_id})

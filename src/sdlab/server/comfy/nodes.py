@@ -1,16 +1,10 @@
-"""ComfyUI's core nodes over sdlab's generation steps.
+"""ComfyUI's core nodes (its `nodes.py`) over sdlab's generation steps.
 
 Each node is a class with ComfyUI's schema (`inputs(env)` is its INPUT_TYPES, then RETURN_TYPES,
 RETURN_NAMES, CATEGORY, OUTPUT_NODE) and a `run(rt, **inputs)` that calls one step or two
-(`sdlab.steps`, `text.conditioning`, `sampling.noise.BatchNoise`). ComfyUI's types are thin
-values here:
-
-    MODEL         ModelRef: a checkpoint of the catalog and the LoRAs a graph put on its UNet
-    CLIP          ClipRef: the same for its text encoders, and CLIPSetLastLayer's layer
-    VAE           VaeRef: the checkpoint whose VAE it is
-    CONDITIONING  a list of (EncodedPrompt, options), as ComfyUI's [[tensor, {...}], ...]
-    LATENT        {"samples": (B, C, h, w) float32 in the family's latent space, "noise_mask"?}
-    IMAGE         (B, H, W, 3) float32 in [0, 1];  MASK  (B, H, W) float32, 1 = repaint
+(`sdlab.steps`, `text.conditioning`, `sampling.noise.BatchNoise`). The values on the links are
+thin wrappers over sdlab's own (`values`). `nodes_sd3`, `nodes_control` and `nodes_upscale` hold
+the nodes of ComfyUI's extras files of the same names; `registry` lists them all.
 
 A node never changes the loaded weights for anyone else: a graph's LoRAs are merged into the
 worker's model only while its nodes run (`use_loras`), and taken out when the graph ends.
@@ -23,8 +17,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,20 +30,25 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from ... import steps
-from ...errors import SdlabError
+from ...families import Family
 from ...lora import LoraSpec
-from ...model import SizeConditioning, UNetModel, unet_model
-from ...sampling.denoiser import CFGDenoiser, Conditioning
+from ...model import SizeConditioning, model_for
 from ...sampling.noise import BatchNoise, NoiseSource
 from ...sampling.patches import inpaint_mask
 from ...sampling.samplers import SAMPLERS, SamplerInfo
 from ...sampling.schedules import SCHEDULES
 from ...text.conditioning import EncodedPrompt, encode_all
 from ...text.prompt import pad_chunks
-from ..catalog import CheckpointEntry
+from .guidance import guided
+from .scaling import scale_bchw as _scale_bchw
+from .values import ClipRef, Cond, ControlRef, ModelRef, NodeError, VaeRef, in_space
 
 if TYPE_CHECKING:
+    from ...models.controlnet import ControlNet
+    from ...models.vae import AutoencoderKL
     from ...pipeline import Pipeline
+
+__all__ = ["CORE_NODES", "ClipRef", "Cond", "ModelRef", "Node", "NodeError", "VaeRef", "node_info"]
 
 MAX_RESOLUTION = 16384
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -70,34 +69,6 @@ SCHEDULER_NAMES = [n for n in ("simple", "sgm_uniform", "karras", "exponential",
 LATENT_UPSCALE = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
 IMAGE_UPSCALE = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-# ---------------------------------------------------------------------------------------------
-# The values that travel along links
-
-@dataclass(frozen=True)
-class ModelRef:
-    entry: CheckpointEntry
-    loras: tuple[tuple[str, str, float], ...] = ()  # (name, path, strength) on the UNet
-
-
-@dataclass(frozen=True)
-class ClipRef:
-    entry: CheckpointEntry
-    loras: tuple[tuple[str, str, float], ...] = ()  # (name, path, strength) on the text encoders
-    stop_at: int = -1  # CLIPSetLastLayer: -1 the last layer, -2 the one before, ...
-
-
-@dataclass(frozen=True)
-class VaeRef:
-    entry: CheckpointEntry
-
-
-Cond = list[tuple[EncodedPrompt, dict]]
-
-
-class NodeError(SdlabError):
-    """A node that cannot run with what it was given (shown as the node's execution_error)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,26 +98,44 @@ def _embedding_syntax(text: str) -> str:
     return _EMBEDDING.sub(name, text)
 
 
-def encode_text(pipe: Pipeline, clip: ClipRef, texts: list[str]) -> EncodedPrompt:
-    """One text per text encoder of the model, encoded (web UI prompt weighting) and combined by
-    the family's rule, with CLIPSetLastLayer's layer and the graph's LoRAs."""
-    use_loras(pipe, te=clip.loras)
-    family = pipe.bundle.family
+def clip_family(rt, clip: ClipRef) -> Family:
+    """The family whose text encoders a CLIP value holds (its slots, in order)."""
+    return clip.family if clip.entry is None else rt.pipeline(clip.entry).bundle.family
+
+
+def encode_text(rt, clip: ClipRef, texts: Sequence[str], use: Sequence[int] | None = None) -> EncodedPrompt:
+    """One text per text encoder (in the family's slot order), encoded (web UI prompt weighting)
+    and combined by the family's rule, with CLIPSetLastLayer's layer and the graph's LoRAs.
+    `use`: only these encoders (CLIPTextEncodeSD3's empty texts leave theirs out)."""
+    if clip.entry is None:  # encoders loaded from files (TripleCLIPLoader)
+        runners, family, library = list(clip.runners), clip.family, rt.env.embedding_library()
+    else:
+        pipe = rt.pipeline(clip.entry)
+        use_loras(pipe, te=clip.loras)
+        runners, family, library = pipe.text, pipe.bundle.family, pipe.embeddings
     # ComfyUI's stop_at_clip_layer counts from the last layer; the family's own default layer
     # (SDXL: the penultimate) is layer -family.clip_skip.
     clip_skip = max(1, -clip.stop_at - family.clip_skip + 1)
-    pipe.embeddings.refresh()
+    slots = list(family.text_encoders)
+    if use is not None:
+        runners, slots, texts = [runners[i] for i in use], [slots[i] for i in use], [texts[i] for i in use]
+    library.refresh()
     texts = [_embedding_syntax(t) for t in texts]
     embeddings, chunked = [], []
-    for runner, slot, text in zip(pipe.text, family.text_encoders, texts, strict=True):
+    for runner, slot, text in zip(runners, slots, texts, strict=True):
         width = runner.encoder.cfg.width
-        pipe.embeddings.check_prompt(text, runner.tokenizer, width, slot.embedding_key)
-        emb = pipe.embeddings.tensors(width, slot.embedding_key)
+        library.check_prompt(text, runner.tokenizer, width, slot.embedding_key)
+        emb = library.tensors(width, slot.embedding_key)
         embeddings.append(emb)
         chunked.append(runner.chunks(text, emb))
-    if len(chunked) > 1:  # the encoders' states are joined per token: the same number of chunks
-        chunked = pad_chunks(*chunked, pad_id=pipe.text[0].tokenizer.eos_id)
-    return encode_all(pipe.text, chunked, clip_skip, embeddings, combine=family.text_combine)
+    # The CLIP encoders' states are joined per token: as many chunks each (T5's tokens follow them).
+    clips = [i for i, slot in enumerate(slots) if slot.layout != "t5"]
+    if len(clips) > 1:
+        padded = pad_chunks(*(chunked[i] for i in clips), pad_id=runners[clips[0]].tokenizer.eos_id)
+        for i, chunks in zip(clips, padded):
+            chunked[i] = chunks
+    combine = family.text_combine if len(runners) > 1 else "concat"  # one encoder left: its own output
+    return encode_all(runners, chunked, clip_skip, embeddings, combine=combine)
 
 
 def image_to_pixels(image: Tensor, device, dtype) -> Tensor:
@@ -164,16 +153,6 @@ def to_pil_images(image: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def _lcm_repeat(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Contexts of different token counts repeated to their least common multiple (ComfyUI's
-    CONDCrossAttn.concat), so they batch together."""
-    la, lb = a.shape[1], b.shape[1]
-    if la == lb:
-        return a, b
-    n = la * lb // math.gcd(la, lb)
-    return a.repeat(1, n // la, 1), b.repeat(1, n // lb, 1)
-
-
 def _sizes(opts: dict, latent: Tensor, negative: bool) -> SizeConditioning:
     # ComfyUI's defaults: the latent's size in pixels (comfy/samplers.py encode_model_conds).
     h, w = latent.shape[-2] * 8, latent.shape[-1] * 8
@@ -184,52 +163,32 @@ def _sizes(opts: dict, latent: Tensor, negative: bool) -> SizeConditioning:
                             score, score)
 
 
-class MultiCond:
-    """Classifier-free guidance over several conditionings per side (ConditioningCombine): each
-    side's x0 is the strength-weighted mean of its entries' (ComfyUI's calc_cond_batch)."""
-
-    def __init__(self, model: UNetModel, conds: list[tuple[Conditioning, float]],
-                 unconds: list[tuple[Conditioning, float]], scale: float):
-        self.model, self.conds, self.unconds, self.scale = model, conds, unconds, scale
-
-    def _side(self, x: Tensor, sigma: Tensor, entries) -> Tensor:
-        total = sum(w for _, w in entries) or 1.0
-        return sum(self.model(x, sigma, c) * w for c, w in entries) / total
-
-    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        cond = self._side(x, sigma, self.conds)
-        if not self.unconds:
-            return cond
-        uncond = self._side(x, sigma, self.unconds)
-        return uncond + self.scale * (cond - uncond)
-
-
-def _guided(model: UNetModel, positive: Cond, negative: Cond, cfg: float, latent: Tensor,
-            concat: Tensor | None) -> Callable:
-    batch = latent.shape[0]
-
-    def net_cond(entry, negative_side: bool, context: Tensor | None = None) -> Conditioning:
-        encoded, opts = entry
-        if context is not None:
-            encoded = EncodedPrompt(context, encoded.pooled)
-        return model.conditioning(encoded, batch, _sizes(opts, latent, negative_side), negative_side, concat)
-
-    skip_uncond = math.isclose(cfg, 1.0)  # ComfyUI's cfg 1 optimisation: no negative pass
-    if len(positive) == 1 and len(negative) == 1:
-        a, b = _lcm_repeat(positive[0][0].context, negative[0][0].context)
-        cond = net_cond(positive[0], False, a)
-        uncond = None if skip_uncond else net_cond(negative[0], True, b)
-        return CFGDenoiser(model, cond, uncond, 1.0 if skip_uncond else cfg)
-    conds = [(net_cond(e, False), float(e[1].get("strength", 1.0))) for e in positive]
-    unconds = [] if skip_uncond else [(net_cond(e, True), float(e[1].get("strength", 1.0))) for e in negative]
-    return MultiCond(model, conds, unconds, cfg)
-
-
 def comfy_sigmas(sampling, scheduler: str, sampler_name: str, steps: int) -> Tensor:
     if sampler_name in DISCARD_PENULTIMATE:
         sigmas = SCHEDULES[scheduler].function(steps + 1, sampling)
         return torch.cat([sigmas[:-2], sigmas[-1:]])
     return SCHEDULES[scheduler].function(steps, sampling)
+
+
+def _control_nets(pipe: Pipeline, model: ModelRef, conds: Cond) -> dict[ControlRef, ControlNet]:
+    """The ControlNets the conditionings apply, loaded for the sampling model (the pipeline keeps
+    them between prompts). Diff ControlNets and Control-LoRAs are made from the model's own
+    weights, so the graph's LoRAs are out of the UNet while they load, as ComfyUI makes them
+    from the model's state dict."""
+    refs = {spec.control for _, opts in conds for spec in opts.get("control") or ()}
+    if not refs:
+        return {}
+    if pipe.bundle.family.is_flow:
+        raise NodeError(f"ControlNets apply to UNet models (SD 1.x, 2.x, SDXL); {pipe.bundle.name} is "
+                        f"{pipe.bundle.family.label}")
+    use_loras(pipe)
+    out = {}
+    for ref in refs:
+        if ref.base is not None and ref.base.entry.path != model.entry.path:
+            raise NodeError(f"DiffControlNetLoader's model is {ref.base.entry.name} but {model.entry.name} samples; "
+                            "give the diff ControlNet the model that samples")
+        out[ref] = pipe.controlnets.get(str(ref.path), pipe.bundle)
+    return out
 
 
 def common_ksampler(rt, model: ModelRef, seed: int, steps_: int, cfg: float, sampler_name: str, scheduler: str,
@@ -238,11 +197,16 @@ def common_ksampler(rt, model: ModelRef, seed: int, steps_: int, cfg: float, sam
                     force_full_denoise: bool = False) -> tuple[dict]:
     """nodes.py common_ksampler and comfy/samplers.py KSampler.sample, over sdlab's steps."""
     pipe = rt.pipeline(model.entry)
-    use_loras(pipe, unet=model.loras)
     bundle = pipe.bundle
-    adapter = unet_model(bundle)
+    family = bundle.family
+    if model.shift is not None and not family.is_flow:
+        raise NodeError(f"ModelSamplingSD3 sets the shift of flow models (SD3, SD3.5); {bundle.name} is "
+                        f"{family.label}, sampled on its discrete schedule")
+    nets = _control_nets(pipe, model, positive + negative)
+    use_loras(pipe, unet=model.loras)
+    adapter = model_for(bundle, shift=model.shift)
     sampling = adapter.sampling
-    samples = latent["samples"].float()
+    samples = in_space(latent, family).float()
     channels = bundle.config.vae.latent_channels
     if samples.shape[1] != channels and not bool(samples.any()):
         # An empty latent takes the model's channel count (comfy.sample.fix_empty_latent_channels).
@@ -254,7 +218,7 @@ def common_ksampler(rt, model: ModelRef, seed: int, steps_: int, cfg: float, sam
     noise = torch.zeros_like(samples) if disable_noise else noise_source.initial()
 
     if denoise <= 0.0:
-        return ({**latent, "samples": samples},)
+        return ({**latent, "samples": samples, "space": family},)
     if denoise > 0.9999:
         sigmas = comfy_sigmas(sampling, scheduler, sampler_name, steps_)
     else:
@@ -266,7 +230,7 @@ def common_ksampler(rt, model: ModelRef, seed: int, steps_: int, cfg: float, sam
             sigmas[-1] = 0
     if start_step is not None:
         if start_step >= len(sigmas) - 1:
-            return ({**latent, "samples": samples},)
+            return ({**latent, "samples": samples, "space": family},)
         sigmas = sigmas[start_step:]
 
     device = bundle.device
@@ -280,14 +244,22 @@ def common_ksampler(rt, model: ModelRef, seed: int, steps_: int, cfg: float, sam
     concat = None
     if bundle.config.unet.in_channels == channels + channels + 1:  # an inpainting model
         opts = positive[0][1] if positive else {}
-        concat_latent = opts.get("concat_latent_image", samples).to(device)
+        given = opts.get("concat_latent_image")
+        concat_latent = (samples if given is None else
+                         in_space({"samples": given, "space": opts.get("concat_space")}, family)).to(device)
         concat_mask = opts.get("concat_mask", mask)
         m = (torch.ones_like(samples[:, :1]) if concat_mask is None else
              F.interpolate(concat_mask.reshape(-1, 1, *concat_mask.shape[-2:]).float(),
                            size=samples.shape[-2:], mode="bilinear"))
         concat = torch.cat([m.to(device).expand(samples.shape[0], -1, -1, -1),
                             concat_latent.expand(samples.shape[0], -1, -1, -1)], dim=1)
-    denoiser = _guided(adapter, positive, negative, cfg, x_latent, concat)
+    batch = x_latent.shape[0]
+
+    def conditioning(encoded: EncodedPrompt, opts: dict, negative_side: bool):
+        return adapter.conditioning(encoded, batch, _sizes(opts, x_latent, negative_side), negative_side, concat)
+
+    denoiser = guided(adapter, positive, negative, cfg, x_latent, conditioning, lambda spec: nets[spec.control],
+                      bundle.config.vae.downsample_factor)
     if small_mask is not None:
         denoiser = inpaint_mask(denoiser, x_latent, small_mask)
 
@@ -304,13 +276,14 @@ def common_ksampler(rt, model: ModelRef, seed: int, steps_: int, cfg: float, sam
     total = len(sigmas) - 1
 
     def callback(i: int, n: int, x_t: Tensor, denoised: Tensor) -> None:
-        rt.progress(i + 1, total)
+        rt.progress(i + 1, total, denoised, family)
 
     out = steps.sample(sampling, denoiser, x, sigmas.to(device), info, noise_sampler, callback=callback)
     if small_mask is not None:
         out = x_latent * (1 - small_mask) + out * small_mask
     result = {k: v for k, v in latent.items() if k != "samples"}
     result["samples"] = out.float().cpu()
+    result["space"] = family
     return (result,)
 
 
@@ -324,6 +297,7 @@ class Node:
     RETURN_TYPES: tuple[str, ...] = ()
     RETURN_NAMES: tuple[str, ...] | None = None
     OUTPUT_NODE = False
+    DEPRECATED = False
     PYTHON_MODULE = "nodes"
     # Inputs whose value is checked by `validate` instead of min/max/combo (ComfyUI's VALIDATE_INPUTS).
     CUSTOM_VALIDATED: tuple[str, ...] = ()
@@ -380,8 +354,7 @@ class CLIPTextEncode(Node):
         return {"required": {"text": TEXT, "clip": ["CLIP"]}}
 
     def run(self, rt, text, clip):
-        pipe = rt.pipeline(clip.entry)
-        return ([(encode_text(pipe, clip, [text] * len(pipe.text)), {})],)
+        return ([(encode_text(rt, clip, [text] * len(clip_family(rt, clip).text_encoders)), {})],)
 
 
 class CLIPTextEncodeSDXL(Node):
@@ -396,12 +369,11 @@ class CLIPTextEncodeSDXL(Node):
                              "text_g": TEXT, "text_l": TEXT}}
 
     def run(self, rt, clip, width, height, crop_w, crop_h, target_width, target_height, text_g, text_l):
-        pipe = rt.pipeline(clip.entry)
-        slots = [s.embedding_key for s in pipe.bundle.family.text_encoders]
+        slots = [s.embedding_key for s in clip_family(rt, clip).text_encoders]
         texts = [text_g if key == "clip_g" else text_l for key in slots]
         opts = {"width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h,
                 "target_width": target_width, "target_height": target_height}
-        return ([(encode_text(pipe, clip, texts), opts)],)
+        return ([(encode_text(rt, clip, texts), opts)],)
 
 
 class CLIPTextEncodeSDXLRefiner(Node):
@@ -414,8 +386,7 @@ class CLIPTextEncodeSDXLRefiner(Node):
                              "height": INT(1024, 0, MAX_RESOLUTION), "text": TEXT, "clip": ["CLIP"]}}
 
     def run(self, rt, ascore, width, height, text, clip):
-        pipe = rt.pipeline(clip.entry)
-        return ([(encode_text(pipe, clip, [text] * len(pipe.text)),
+        return ([(encode_text(rt, clip, [text] * len(clip_family(rt, clip).text_encoders)),
                   {"aesthetic_score": ascore, "width": width, "height": height})],)
 
 
@@ -468,6 +439,26 @@ class ConditioningZeroOut(Node):
     def run(self, rt, conditioning):
         return ([(EncodedPrompt(torch.zeros_like(e.context), torch.zeros_like(e.pooled)), dict(o))
                  for e, o in conditioning],)
+
+
+class ConditioningSetArea(Node):
+    """ComfyUI's area conditioning: the conditioning counts only on its rectangle (in pixels, /8
+    to latent pixels as ComfyUI divides), with its strength, blended per pixel with the others of
+    its side (`guidance`, `sampling.regional`)."""
+
+    CATEGORY, DISPLAY_NAME = "conditioning", "Conditioning (Set Area)"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def inputs(cls, env):
+        return {"required": {"conditioning": ["CONDITIONING"],
+                             "width": INT(64, 64, MAX_RESOLUTION, 8), "height": INT(64, 64, MAX_RESOLUTION, 8),
+                             "x": INT(0, 0, MAX_RESOLUTION, 8), "y": INT(0, 0, MAX_RESOLUTION, 8),
+                             "strength": FLOAT(1.0, 0.0, 10.0, 0.01)}}
+
+    def run(self, rt, conditioning, width, height, x, y, strength):
+        opts = {"area": (height // 8, width // 8, y // 8, x // 8), "strength": strength, "set_area_to_bounds": False}
+        return ([(e, {**o, **opts}) for e, o in conditioning],)
 
 
 class EmptyLatentImage(Node):
@@ -538,9 +529,14 @@ class VAEDecode(Node):
         return {"required": {"samples": ["LATENT"], "vae": ["VAE"]}}
 
     def run(self, rt, samples, vae):
-        bundle = rt.pipeline(vae.entry).bundle
-        latent = samples["samples"].to(bundle.device)
-        return (pixels_to_image(steps.decode(bundle.vae, latent, bundle.family)),)
+        net, space = vae_of(rt, vae)
+        if vae.entry is None and samples.get("space") is not None:
+            space = samples["space"]  # a VAE file decodes a latent from the space it is in, as its raw VAE would
+        if samples["samples"].shape[1] != net.cfg.latent_channels:
+            raise NodeError(f"the latent has {samples['samples'].shape[1]} channels; this VAE's have "
+                            f"{net.cfg.latent_channels}")
+        latent = in_space(samples, space).to(next(net.parameters()).device)
+        return (pixels_to_image(steps.decode(net, latent, space)),)
 
 
 class VAEDecodeTiled(VAEDecode):
@@ -556,15 +552,25 @@ class VAEDecodeTiled(VAEDecode):
         return super().run(rt, samples, vae)
 
 
-def _encode(rt, vae: VaeRef, image: Tensor, seed: int = 0) -> Tensor:
+def vae_of(rt, vae: VaeRef) -> tuple[AutoencoderKL, Family]:
+    """The network of a VAE value and the latent space it encodes into: a checkpoint's VAE, its
+    family's; a VAE file's, its raw space."""
+    if vae.entry is None:
+        return vae.vae, vae.space
     bundle = rt.pipeline(vae.entry).bundle
-    f = bundle.config.vae.downsample_factor
+    return bundle.vae, bundle.family
+
+
+def _encode(rt, vae: VaeRef, image: Tensor) -> tuple[Tensor, Family]:
+    """An IMAGE's latent (the distribution's mean, as ComfyUI's VAE encodes) and its space."""
+    net, space = vae_of(rt, vae)
+    f = net.cfg.downsample_factor
     h, w = image.shape[1] // f * f, image.shape[2] // f * f
     image = image[:, :h, :w]
-    pixels = image_to_pixels(image, bundle.device, next(bundle.vae.parameters()).dtype)
-    # ComfyUI encodes with the distribution's mean (vae.encode returns the mode); a noise source
-    # of zeros gives exactly that through the step.
-    return steps.encode_image(bundle.vae, pixels, bundle.family, _ZeroNoise()).cpu()
+    weight = next(net.parameters())
+    pixels = image_to_pixels(image, weight.device, weight.dtype)
+    # A noise source of zeros gives the mean through the step.
+    return steps.encode_image(net, pixels, space, _ZeroNoise()).cpu(), space
 
 
 class _ZeroNoise(NoiseSource):
@@ -583,7 +589,26 @@ class VAEEncode(Node):
         return {"required": {"pixels": ["IMAGE"], "vae": ["VAE"]}}
 
     def run(self, rt, pixels, vae):
-        return ({"samples": _encode(rt, vae, pixels)},)
+        samples, space = _encode(rt, vae, pixels)
+        return ({"samples": samples, "space": space},)
+
+
+class VAELoader(Node):
+    """A VAE file of the models folder (the web UI's VAE/ or ComfyUI's vae/); it decodes a latent
+    in the space the latent is in, and encodes into its own raw space (`values`)."""
+
+    CATEGORY, DISPLAY_NAME = "loaders", "Load VAE"
+    RETURN_TYPES = ("VAE",)
+
+    @classmethod
+    def inputs(cls, env):
+        return {"required": {"vae_name": [env.vae_names()]}}
+
+    def run(self, rt, vae_name):
+        from .loaders import load_vae_file
+
+        net, space = load_vae_file(rt.env.find_vae(vae_name), rt.env.device())
+        return (VaeRef(None, net, space, vae_name),)
 
 
 def _grow(mask: Tensor, by: int) -> Tensor:
@@ -611,7 +636,8 @@ class VAEEncodeForInpaint(Node):
         grown = _grow(mask, grow_mask_by)
         keep = (1.0 - mask.round()).squeeze(1)
         pixels[..., :3] = (pixels[..., :3] - 0.5) * keep[..., None] + 0.5  # masked pixels grey, as ComfyUI
-        return ({"samples": _encode(rt, vae, pixels), "noise_mask": grown.round()},)
+        samples, space = _encode(rt, vae, pixels)
+        return ({"samples": samples, "space": space, "noise_mask": grown.round()},)
 
 
 class SetLatentNoiseMask(Node):
@@ -624,48 +650,6 @@ class SetLatentNoiseMask(Node):
 
     def run(self, rt, samples, mask):
         return ({**samples, "noise_mask": mask.reshape(-1, 1, *mask.shape[-2:])},)
-
-
-def _resize(x: Tensor, method: str, size: tuple[int, int]) -> Tensor:
-    """(B, C, H, W) resized by one of ComfyUI's upscale methods (bislerp and lanczos: bicubic)."""
-    if method == "nearest-exact":
-        return F.interpolate(x, size=size, mode="nearest-exact")
-    if method == "area":
-        return F.interpolate(x, size=size, mode="area")
-    if method == "bilinear":
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    if method == "lanczos":
-        return torch.stack([_pil_resize(i, size) for i in x])
-    return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-
-
-def _pil_resize(img: Tensor, size: tuple[int, int]) -> Tensor:
-    arr = np.clip(255.0 * img.permute(1, 2, 0).numpy(), 0, 255).astype(np.uint8)
-    out = Image.fromarray(arr).resize((size[1], size[0]), Image.LANCZOS)
-    return torch.from_numpy(np.asarray(out, dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-
-def _center_crop(x: Tensor, width: int, height: int) -> Tensor:
-    old_w, old_h = x.shape[-1], x.shape[-2]
-    old_aspect, new_aspect = old_w / old_h, width / height
-    x0 = y0 = 0
-    if old_aspect > new_aspect:
-        x0 = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y0 = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    return x[..., y0:old_h - y0, x0:old_w - x0]
-
-
-def _scale_bchw(x: Tensor, method: str, width: int, height: int, crop: str) -> Tensor:
-    if width == 0 and height == 0:
-        return x
-    if width == 0:
-        width = max(1, round(x.shape[-1] * height / x.shape[-2]))
-    elif height == 0:
-        height = max(1, round(x.shape[-2] * width / x.shape[-1]))
-    if crop == "center":
-        x = _center_crop(x, width, height)
-    return _resize(x, method, (height, width))
 
 
 class LatentUpscale(Node):
@@ -797,11 +781,11 @@ class InpaintModelConditioning(Node):
         pixels, mask = original.clone(), mask[:, :, :h, :w]
         keep = (1.0 - mask.round()).squeeze(1)
         pixels[..., :3] = (pixels[..., :3] - 0.5) * keep[..., None] + 0.5
-        concat = _encode(rt, vae, pixels)
-        latent = {"samples": _encode(rt, vae, original)}
+        concat, space = _encode(rt, vae, pixels)
+        latent = {"samples": _encode(rt, vae, original)[0], "space": space}
         if noise_mask:
             latent["noise_mask"] = mask
-        extra = {"concat_latent_image": concat, "concat_mask": mask}
+        extra = {"concat_latent_image": concat, "concat_space": space, "concat_mask": mask}
         return ([(e, {**o, **extra}) for e, o in positive], [(e, {**o, **extra}) for e, o in negative], latent)
 
 
@@ -1000,6 +984,9 @@ class LoraLoader(Node):
                              "strength_model": strength, "strength_clip": strength}}
 
     def run(self, rt, model, clip, lora_name, strength_model, strength_clip):
+        if clip.entry is None and strength_clip != 0:
+            raise NodeError("a LoRA on text encoders loaded from files (TripleCLIPLoader) is not supported; "
+                            "set strength_clip to 0 or load the checkpoint's own encoders")
         path = str(rt.env.find_lora(lora_name))
         if strength_model != 0:
             model = replace(model, loras=model.loras + ((lora_name, path, strength_model),))
@@ -1024,13 +1011,14 @@ class LoraLoaderModelOnly(Node):
         return (replace(model, loras=model.loras + ((lora_name, path, strength_model),)),)
 
 
-NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
+# The nodes of ComfyUI's nodes.py that this module has (`registry.NODES` adds the extras').
+CORE_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     CheckpointLoaderSimple, CLIPTextEncode, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner, CLIPSetLastLayer,
-    ConditioningCombine, ConditioningConcat, ConditioningZeroOut, EmptyLatentImage, KSampler, KSamplerAdvanced,
-    VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint, SetLatentNoiseMask, LatentUpscale, LatentUpscaleBy,
-    RepeatLatentBatch, LatentFromBatch, ImageScale, ImageScaleBy, ImageScaleToTotalPixels, InpaintModelConditioning,
-    ImageInvert, ImagePadForOutpaint, SaveImage,
-    PreviewImage, LoadImage, LoadImageMask, LoraLoader, LoraLoaderModelOnly,
+    ConditioningCombine, ConditioningConcat, ConditioningSetArea, ConditioningZeroOut, EmptyLatentImage, KSampler,
+    KSamplerAdvanced, VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint, VAELoader, SetLatentNoiseMask,
+    LatentUpscale, LatentUpscaleBy, RepeatLatentBatch, LatentFromBatch, ImageScale, ImageScaleBy,
+    ImageScaleToTotalPixels, InpaintModelConditioning, ImageInvert, ImagePadForOutpaint, SaveImage, PreviewImage,
+    LoadImage, LoadImageMask, LoraLoader, LoraLoaderModelOnly,
 )}
 
 
@@ -1038,10 +1026,13 @@ def node_info(name: str, cls: type[Node], env) -> dict:
     """One /object_info entry, as ComfyUI's server.py node_info writes it."""
     inputs = cls.inputs(env)
     order = {k: list(v) for k, v in inputs.items() if k in ("required", "optional")}
-    return {
+    info = {
         "input": inputs, "input_order": order, "is_input_list": False,
         "output": list(cls.RETURN_TYPES), "output_is_list": [False] * len(cls.RETURN_TYPES),
         "output_name": list(cls.RETURN_NAMES or cls.RETURN_TYPES),
         "name": name, "display_name": cls.DISPLAY_NAME or name, "description": cls.DESCRIPTION,
         "python_module": cls.PYTHON_MODULE, "category": cls.CATEGORY, "output_node": cls.OUTPUT_NODE,
     }
+    if cls.DEPRECATED:
+        info["deprecated"] = True  # only when set, as ComfyUI writes it
+    return info

@@ -13,14 +13,15 @@ import platform
 import sys
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
 from ..._version import __version__
 from .graph import validate_prompt
-from .nodes import NODES, node_info
+from .registry import NODES, node_info
 from .state import ComfyState, QueueItem, strip_sensitive
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,10 @@ def make_router() -> APIRouter:
     async def upload_image(request: Request):
         return await _upload(request, comfy(request))
 
+    @router.post("/upload/mask")
+    async def upload_mask(request: Request):
+        return await _upload(request, comfy(request), mask=True)
+
     @router.get("/system_stats")
     async def system_stats(request: Request):
         return await run_in_threadpool(_system_stats, request)
@@ -246,8 +251,11 @@ async def _websocket(ws: WebSocket, state: ComfyState) -> None:
 
     async def sender():
         while True:
-            text = await queue.get()
-            await ws.send_text(text)
+            message = await queue.get()
+            if isinstance(message, bytes):  # a preview frame
+                await ws.send_bytes(message)
+            else:
+                await ws.send_text(message)
 
     task = asyncio.create_task(sender())
     queue.put_nowait(json.dumps({"type": "status", "data": {"status": state.status(), "sid": sid}}))
@@ -294,7 +302,12 @@ def _converted(path, preview: str | None, channel: str | None) -> Response:
     return Response(buf.getvalue(), media_type=media, headers={"Content-Disposition": f'filename="{path.name}"'})
 
 
-async def _upload(request: Request, state: ComfyState) -> Response:
+async def _upload(request: Request, state: ComfyState, mask: bool = False) -> Response:
+    """ComfyUI's image_upload: the file written into input (or `type`) / `subfolder` under its
+    own name, the same bytes again not written twice, another file of that name renamed
+    `name (1).ext`. `mask` (POST /upload/mask): what is written is the image named by
+    `original_ref` ({filename, subfolder, type}) with the upload's alpha channel as its alpha, its
+    PNG text chunks kept (the editor's mask painter)."""
     try:
         form = await request.form()
     except Exception:  # noqa: BLE001 - not a multipart body
@@ -316,8 +329,14 @@ async def _upload(request: Request, state: ComfyState) -> Response:
     base = state.folder(kind).resolve()
     if not path.is_relative_to(base) or path.parent != folder.resolve():
         return Response(status_code=400)
+    original = None
+    if mask:
+        original = _mask_original(state, form.get("original_ref"))
+        if isinstance(original, Response):
+            return original
+    limit = request.app.state.sdlab.settings.limits.max_image_pixels
 
-    def write() -> str:
+    def write() -> str | Response:
         nonlocal path
         folder.mkdir(parents=True, exist_ok=True)
         name = filename
@@ -326,17 +345,81 @@ async def _upload(request: Request, state: ComfyState) -> Response:
             i = 1
             while path.exists():
                 if path.is_file() and path.read_bytes() == data:
-                    return name  # the same image again: not written twice
+                    return name  # the same upload again: not written twice
                 name = f"{stem} ({i}){ext}"
                 path = folder / name
                 i += 1
         tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            if original is None:
+                tmp.write_bytes(data)
+            else:
+                refused = _write_with_alpha(original, data, tmp, limit)
+                if refused is not None:
+                    return refused
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return name
 
     name = await run_in_threadpool(write)
+    if isinstance(name, Response):
+        return name
     return JSONResponse({"name": name, "subfolder": subfolder, "type": kind})
+
+
+def _mask_original(state: ComfyState, ref) -> Path | Response:
+    """The file `original_ref` names, inside its folder; 400 for a malformed or leading-outside
+    reference (ComfyUI's checks: a leading "/" or ".." in the name), 403 for a subfolder outside,
+    404 when there is no such file (ComfyUI answers 200 and writes nothing)."""
+    try:
+        ref = json.loads(str(ref))
+    except (TypeError, ValueError):
+        return PlainTextResponse("original_ref must be JSON: {\"filename\", \"subfolder\", \"type\"}", 400)
+    if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str):
+        return PlainTextResponse("original_ref needs a filename", 400)
+    filename, kind = ref["filename"], ref.get("type") or "output"
+    for k in ("output", "input", "temp"):
+        if filename.endswith(f" [{k}]"):
+            filename, kind = filename[: -len(k) - 3], k
+    if not filename or filename[0] in "/\\" or ".." in filename or "\x00" in filename or kind not in (
+            "output", "input", "temp"):
+        return PlainTextResponse("original_ref: a file name inside output, input or temp", 400)
+    subfolder = str(ref.get("subfolder") or "")
+    folder = state.inside(kind, subfolder) if subfolder else state.folder(kind).resolve()
+    if folder is None:
+        return Response(status_code=403)
+    path = (folder / filename).resolve()
+    if not path.is_relative_to(state.folder(kind).resolve()):
+        return Response(status_code=403)
+    if not path.is_file():
+        return PlainTextResponse(f"original_ref: no {kind} image {ref['filename']!r}", 404)
+    return path
+
+
+def _write_with_alpha(original: Path, upload: bytes, out: Path, max_pixels: int) -> Response | None:
+    """The original image as RGBA with the upload's alpha (its RGBA conversion's), its PNG text
+    chunks kept, saved as ComfyUI saves it (PNG compress level 4)."""
+    from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+    try:
+        with Image.open(original) as img, Image.open(io.BytesIO(upload)) as painted:
+            if max(img.width * img.height, painted.width * painted.height) > max_pixels:
+                return PlainTextResponse(f"an image over {max_pixels} pixels; refused", 413)
+            if painted.size != img.size:
+                return PlainTextResponse(f"the mask is {painted.width}x{painted.height} and the original image "
+                                         f"{img.width}x{img.height}; they must be the same size", 400)
+            meta = PngImagePlugin.PngInfo()
+            for key, value in getattr(img, "text", {}).items():
+                meta.add_text(key, value)
+            result = img.convert("RGBA")
+            result.putalpha(painted.convert("RGBA").getchannel("A"))
+        result.save(out, format="PNG", compress_level=4, pnginfo=meta)
+    except Image.DecompressionBombError:
+        return PlainTextResponse(f"an image over {max_pixels} pixels; refused", 413)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return PlainTextResponse(f"not an image: {e}", 400)
+    return None
 
 
 def _system_stats(request: Request) -> dict:

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,8 +55,14 @@ class Hub:
                 del self._sockets[sid]
 
     def send(self, event: str, data: Any, sid: str | None = None) -> None:
-        """To the socket `sid`; None: to every socket."""
-        text = json.dumps({"type": event, "data": data})
+        """A JSON message to the socket `sid`; None: to every socket."""
+        self._put(json.dumps({"type": event, "data": data}), sid)
+
+    def send_bytes(self, frame: bytes, sid: str) -> None:
+        """A binary frame (ComfyUI's previews) to the socket `sid` only."""
+        self._put(frame, sid)
+
+    def _put(self, message: str | bytes, sid: str | None) -> None:
         with self._lock:
             loop = self._loop
             targets = list(self._sockets.values()) if sid is None else [self._sockets[sid]] if sid in self._sockets else []
@@ -64,7 +70,7 @@ class Hub:
             return
         for q in targets:
             try:
-                loop.call_soon_threadsafe(q.put_nowait, text)
+                loop.call_soon_threadsafe(q.put_nowait, message)
             except RuntimeError:  # the loop has closed (shutdown)
                 return
 
@@ -85,9 +91,11 @@ class QueueItem:
 
 @dataclass
 class Env:
-    """What the nodes read of the server: the models folder and the input/output folders."""
+    """What the nodes read of the server: the models folder, the input/output folders, the
+    device. Names are listed as ComfyUI's combos list them, and found only in those listings."""
 
     state: ComfyState
+    _embeddings: Any = field(default=None, init=False, repr=False)
 
     def checkpoint_names(self) -> list[str]:
         return [e.name for e in self.state.server.catalog.checkpoints()]
@@ -103,6 +111,80 @@ class Env:
 
     def find_lora(self, name: str) -> Path:
         return self.state.server.catalog.models.resolve_lora(name)
+
+    def vae_names(self) -> list[str]:
+        return [m.name + m.path.suffix for m in self.state.server.catalog.models.list("vae") if m.path.is_file()]
+
+    def find_vae(self, name: str) -> Path:
+        listing = {m.name + m.path.suffix: m.path for m in self.state.server.catalog.models.list("vae")}
+        return self._find(name, listing, "VAE")
+
+    def controlnet_names(self) -> list[str]:
+        return list(self._controlnets())
+
+    def find_controlnet(self, name: str) -> Path:
+        return self._find(name, self._controlnets(), "ControlNet")
+
+    def _controlnets(self) -> dict[str, Path]:
+        from ...controlnet.units import CONTROLNET_FOLDERS, SUFFIXES
+        from .loaders import files_in
+
+        found = files_in([self.models_root / f for f in CONTROLNET_FOLDERS], SUFFIXES, folder_models=True)
+        # The web UI extension's preprocessor networks live in ControlNet/annotators: not control models.
+        return {name: path for name, path in found.items() if not name.startswith("annotators/")}
+
+    def upscale_model_names(self) -> list[str]:
+        return list(self._upscale_models())
+
+    def find_upscale_model(self, name: str) -> Path:
+        return self._find(name, self._upscale_models(), "upscale model")
+
+    def _upscale_models(self) -> dict[str, Path]:
+        from ...upscalers import FOLDERS, MODEL_SUFFIXES
+        from .loaders import files_in
+
+        return files_in([self.models_root / f for f in FOLDERS], MODEL_SUFFIXES)
+
+    def text_encoder_names(self) -> list[str]:
+        return list(self._text_encoders())
+
+    def find_text_encoder(self, name: str) -> Path:
+        return self._find(name, self._text_encoders(), "text encoder")
+
+    def _text_encoders(self) -> dict[str, Path]:
+        from .loaders import ENCODER_FOLDERS, ENCODER_SUFFIXES, files_in
+
+        return files_in([self.models_root / f for f in ENCODER_FOLDERS], ENCODER_SUFFIXES)
+
+    @staticmethod
+    def _find(name: str, listing: dict[str, Path], what: str) -> Path:
+        if name not in listing:
+            raise NodeError(f"no {what} named {name!r} in the models folder")
+        return listing[name]
+
+    @property
+    def models_root(self) -> Path:
+        return self.state.server.catalog.models.root
+
+    def device(self):
+        """Where files a graph loads on its own run (the server's device)."""
+        from ...device import choose_device
+
+        return choose_device(self.state.server.settings.device)
+
+    def dtype(self, device):
+        """The dtype they compute in (the server's, else the device's default)."""
+        from ...device import default_dtype, parse_dtype
+
+        return parse_dtype(self.state.server.settings.dtype) or default_dtype(device)
+
+    def embedding_library(self):
+        """The models folder's embeddings, for text encoders loaded from files."""
+        from ...embeddings import EmbeddingLibrary
+
+        if self._embeddings is None:
+            self._embeddings = EmbeddingLibrary(self.state.server.catalog.models.folder("embedding"))
+        return self._embeddings
 
     def folder(self, kind: str) -> Path:
         return self.state.folder(kind)
@@ -224,8 +306,9 @@ class ComfyState:
         messages: list = []
         status_str, outputs, meta = "error", {}, {}
         try:
+            send_bytes = None if client is None else (lambda frame: self.hub.send_bytes(frame, client))
             status_str, outputs, meta = graph.execute(ctx, self.env, item.prompt_id, item.prompt, item.extra_data,
-                                                      item.outputs, self.cache, send, messages)
+                                                      item.outputs, self.cache, send, messages, send_bytes)
         finally:
             entry = {"prompt": item.as_list(), "outputs": outputs,
                      "status": {"status_str": status_str, "completed": status_str == "success",

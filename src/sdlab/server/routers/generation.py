@@ -18,11 +18,10 @@ router = APIRouter(prefix="/sdapi/v1", tags=["generation"])
 
 async def _generate(body: Txt2ImgRequest | Img2ImgRequest, kind: str, state: ServerState,
                     request: Request) -> dict | Response:
-    from ...recipes.xyz import is_xyz
-    from ..xyz import run_xyz
+    from ..run_scripts import run_script
 
-    if is_xyz(body.script_name):  # the web UI's X/Y/Z plot: one job of many cells (server/xyz.py)
-        return await run_xyz(body, kind, state, request)
+    if body.script_name not in (None, "", "None"):  # the web UI's scripts: one job of many (server/scripts.py)
+        return await run_script(body, kind, state, request)
     prep: Prepared = await run_in_threadpool(prepare, body, state)
     if prep.checkpoint is None:
         raise NoModel(f"no model to generate with: put a checkpoint in {state.catalog.root / 'Stable-diffusion'} "

@@ -1,5 +1,6 @@
 """POST /sdapi/v1/png-info, GET /sdapi/v1/memory and /cmd-flags, the web UI's script and extension
-listings (empty: sdlab has neither), and POST /sdapi/v1/interrogate (501: no captioning model)."""
+listings (the scripts sdlab runs; no extensions), and POST /sdapi/v1/interrogate (501: no captioning
+model)."""
 
 from __future__ import annotations
 
@@ -59,12 +60,20 @@ async def cmd_flags(state: ServerState = Depends(get_state)):
 
 @router.get("/scripts", response_model=ScriptsList, summary="Script titles")
 async def scripts():
-    return ScriptsList(txt2img=[], img2img=[])  # sdlab has no scripts; webuiapi reads both keys at startup
+    """The scripts sdlab runs by script_name (server/scripts.py), lowercase as the web UI lists
+    them, and ControlNet, the always-on script of alwayson_scripts."""
+    from ..scripts import script_lists
+
+    return ScriptsList(**script_lists())
 
 
 @router.get("/script-info", response_model=list[ScriptInfo], summary="Scripts and their arguments")
-async def script_info():
-    return []
+async def script_info(state: ServerState = Depends(get_state)):
+    """Each script on each tab with its arguments in script_args order (label, value, minimum,
+    maximum, step, choices), as the web UI's ScriptInfo."""
+    from ..scripts import script_info
+
+    return script_info(state.settings.control_net_unit_count)
 
 
 @router.get("/extensions", response_model=list[ExtensionItem], summary="Installed extensions")

@@ -11,7 +11,7 @@ function emptyResult() {
 }
 
 const ui = {
-  mode: "txt2img",          // txt2img | img2img | inpaint | pnginfo | settings
+  mode: "txt2img",          // txt2img | img2img | inpaint | extras | pnginfo | merge | settings
   busy: false,
   // Each generating tab keeps its own results: txt2img never shows the last inpaint.
   results: Object.fromEntries(GENERATE_TABS.map((t) => [t, emptyResult()])),
@@ -21,9 +21,12 @@ const ui = {
   options: {},              // GET /options, as last read
   lightbox: false,
   embeddings: {},           // GET /embeddings' loaded ones
-  error: null,              // what the error box shows
+  errors: {},               // each error box's (by id) error, said again on a language switch
   settingsStatus: null,     // [what, isError] of the Settings tab's status line
   modelLoading: false,      // a checkpoint is being loaded
+  extras: { image: null, busy: false, result: null },  // the Extras tab: its image (data URL), its result
+  merge: { busy: false, status: null, result: null },  // the Merger tab: [key, vars] of its status, its answer
+  control: { image: null, modules: {}, status: null }, // the ControlNet panel: image (data URL), module sliders
 };
 
 // -- the form's numbers: what each field must hold, and its name in the API -----------------------
@@ -46,6 +49,18 @@ const FIELDS = {
   "hr-scale": { label: "hr.scale", api: "hr_scale", min: 1, max: 8 },
   "hr-steps": { label: "hr.steps", api: "hr_second_pass_steps", integer: true, min: 0 },
   "hr-denoising": { label: "hr.denoising", api: "denoising_strength", min: 0, max: 1 },
+  "xyz-margin": { label: "xyz.margin", integer: true, min: 0, max: 500 },
+  "cn-weight": { label: "cn.weight", min: 0, max: 2 },
+  "cn-start": { label: "cn.start", min: 0, max: 1 },
+  "cn-end": { label: "cn.end", min: 0, max: 1 },
+  "cn-res": { label: "cn.slider.Resolution", integer: true, min: 64, max: 2048 },
+  "cn-a": { label: "cn.threshold_a" },    // label and range: the preprocessor's (setSliders)
+  "cn-b": { label: "cn.threshold_b" },
+  "extras-scale": { label: "extras.scale", api: "upscaling_resize", min: 1, max: 8 },
+  "extras-width": { label: "width", api: "upscaling_resize_w", integer: true, min: 1, max: 8192 },
+  "extras-height": { label: "height", api: "upscaling_resize_h", integer: true, min: 1, max: 8192 },
+  "extras-visibility": { label: "extras.visibility", api: "extras_upscaler_2_visibility", min: 0, max: 1 },
+  "merge-multiplier": { label: "merge.multiplier", api: "multiplier", min: 0, max: 1 },
 };
 
 // The form field an API field name belongs to: of two (img2img's and hires fix's denoising),
@@ -65,9 +80,10 @@ class PageError extends Error {
 }
 const pageError = (key, vars) => new PageError(() => t(key, vars));
 
-// A problem of one field: the field's name and what is wrong, in the current language.
-const fieldProblem = (id, problemKey, vars, name) =>
-  ({ id, render: () => t("err.field", { name: name || t(FIELDS[id].label), problem: t(problemKey, vars) }) });
+// A problem of one field: the field's name and what is wrong, in the current language. `nameKey`:
+// the key of the field's name where it is not in FIELDS.
+const fieldProblem = (id, problemKey, vars, nameKey) =>
+  ({ id, render: () => t("err.field", { name: t(nameKey || FIELDS[id].label), problem: t(problemKey, vars) }) });
 
 // An error that belongs to form fields: [{id, render}], each shown on its field too.
 class FieldErrors extends PageError {
@@ -126,14 +142,17 @@ function clearField(id) {
   if (note) note.remove();
 }
 
-function clearFields() { for (const id of Object.keys(FIELDS)) clearField(id); }
+// Every field marked under `root` (a tab's view) back to unmarked.
+function clearFields(root = $("generate-view")) {
+  for (const el of root.querySelectorAll(".invalid")) clearField(el.id);
+}
 
 function focusFirst(problems) { if (problems.length && $(problems[0].id)) $(problems[0].id).focus(); }
 
 // -- HTTP -------------------------------------------------------------------------------
 
 async function api(path, options = {}) {
-  const url = path.startsWith("/sdlab/") ? path : API + path;
+  const url = path.startsWith("/sdlab/") || path.startsWith("/controlnet/") ? path : API + path;
   const init = { method: options.body === undefined ? "GET" : "POST", headers: {} };
   if (options.body !== undefined) {
     init.headers["Content-Type"] = "application/json";
@@ -185,10 +204,13 @@ function friendlyMessage(d) {
   return m.charAt(0).toLowerCase() + m.slice(1);
 }
 
-// The error box: an Error, a PageError (said again in the new language on a switch), or text.
-function showError(err, focus = true) {
-  const box = $("error");
-  ui.error = err || null;
+// The error box of the tab on screen (or `boxId`'s): an Error, a PageError (said again in the new
+// language on a switch), or text.
+const ERROR_BOXES = { extras: "extras-error", merge: "merge-error" };
+
+function showError(err, focus = true, boxId = ERROR_BOXES[ui.mode] || "error") {
+  const box = $(boxId);
+  if (err) ui.errors[boxId] = err; else delete ui.errors[boxId];
   if (!err) { box.hidden = true; box.textContent = ""; return; }
   box.hidden = false;
   box.textContent = err.render ? err.render() : String(err.message || err);
@@ -221,6 +243,7 @@ async function loadModels() {
   fillSelect($("model"), items, current);
   fillSelect($("refiner"), [{ value: "", label: t("none") }, ...items]);
   $("refiner").options[0].dataset.i18n = "none";
+  fillMergeModels(items);
   return options;
 }
 
@@ -243,6 +266,13 @@ async function loadLists() {
   // "None" would be no upscale at all: not a hires fix
   const names = [...latent.map((m) => m.name), ...upscalers.map((u) => u.name).filter((n) => n !== "None")];
   fillSelect($("hr-upscaler"), names.map((n) => ({ value: n, label: n })), $("hr-upscaler").value || "Latent");
+  const extras = upscalers.map((u) => ({ value: u.name, label: u.name }));
+  fillSelect($("extras-upscaler-1"), extras, $("extras-upscaler-1").value || "Lanczos");
+  fillSelect($("extras-upscaler-2"), extras, $("extras-upscaler-2").value || "None");
+  for (const id of ["extras-upscaler-1", "extras-upscaler-2"]) {  // "None" is a word of the page
+    const none = [...$(id).options].find((o) => o.value === "None");
+    if (none) { none.dataset.i18n = "none"; none.textContent = t("none"); }
+  }
 }
 
 async function loadNetworks() {
@@ -395,12 +425,15 @@ function setTab(tab) {
   document.body.className = "mode-" + tab;
   $("generate-view").hidden = !GENERATE_TABS.includes(tab);
   $("pnginfo-view").hidden = tab !== "pnginfo";
+  $("extras-view").hidden = tab !== "extras";
+  $("merge-view").hidden = tab !== "merge";
   $("settings-view").hidden = tab !== "settings";
   if (tab === "inpaint" && $("denoising").dataset.touched !== "1") $("denoising").value = "1";
   if (tab === "img2img" && $("denoising").dataset.touched !== "1") $("denoising").value = "0.75";
   if (tab === "inpaint") sizeMaskCanvas();
   if (GENERATE_TABS.includes(tab)) showResults();
   if (tab === "settings") loadSettings();
+  if (tab === "merge") loadVaes();
 }
 
 // -- the init image and the mask --------------------------------------------------------------
@@ -560,7 +593,15 @@ function buildPayload(mode) {
     body.inpaint_full_res = $("inpaint-area").value === "masked";
     body.inpaint_full_res_padding = n("padding");
   }
+  if (mode === "txt2img" && $("script").value === "x/y/z plot") {
+    body.script_name = "x/y/z plot";
+    body.script_args = xyzScriptArgs(problems);
+  }
+  const unit = controlUnit(problems);
+  if (unit) body.alwayson_scripts = { controlnet: { args: [unit] } };
   if (problems.length) throw new FieldErrors(problems);
+  // in img2img a unit without an image takes the init image, as the extension's
+  if (unit && !unit.image && mode === "txt2img") throw pageError("err.cn.image");
   if (mode !== "txt2img") {
     if (!ui.initImage) throw pageError("err.image.first");
     body.init_images = [$("image-canvas").toDataURL("image/png")];
@@ -606,11 +647,11 @@ async function pollProgress() {
 async function generate() {
   if (ui.busy) { await api("/interrupt", { body: {} }).catch(showError); return; }
   if (!GENERATE_TABS.includes(ui.mode)) return;
-  showError(null);
+  showError(null, true, "error");
   clearFields();
   const mode = ui.mode;
   let body;
-  try { body = buildPayload(mode); } catch (e) { showError(e); return; }
+  try { body = buildPayload(mode); } catch (e) { showError(e, true, "error"); return; }
   setBusy(true);
   pollProgress();
   try {
@@ -622,9 +663,9 @@ async function generate() {
       subseeds: info.all_subseeds || [], subseedStrength: info.subseed_strength || 0, selected: 0,
     };
     if (ui.mode === mode) showResults();
-    if (info.notes && info.notes.length) showError(pageError("note", { text: info.notes.join("; ") }));
+    if (info.notes && info.notes.length) showError(pageError("note", { text: info.notes.join("; ") }), true, "error");
   } catch (e) {
-    showError(e);
+    showError(xyzFieldError(e), true, "error");
   } finally {
     setBusy(false);
   }
@@ -752,6 +793,400 @@ function reuseSeed(id, key) {
   const seeds = r[key];
   if (seeds.length) $(id).value = seeds[r.selected] ?? seeds[0];
   clearField(id);
+}
+
+// -- X/Y/Z plot: txt2img's Script -------------------------------------------------------------------
+
+// The axes sdlab's X/Y/Z plot takes, each with its index in the web UI 1.10 txt2img list (the API's
+// x_type): recipes/xyz.py's AXIS_OPTIONS, which tests/server/test_page_panels.py checks this list
+// against. `choices`: where the values are picked from (a select of the page, "styles", or the
+// values themselves); they are sent as the axis' dropdown list, as the web UI's page sends them.
+const XYZ_AXES = [
+  { index: 0, name: "Nothing" },
+  { index: 1, name: "Seed" },
+  { index: 2, name: "Var. seed" },
+  { index: 3, name: "Var. strength" },
+  { index: 4, name: "Steps" },
+  { index: 5, name: "Hires steps" },
+  { index: 6, name: "CFG Scale" },
+  { index: 7, name: "Prompt S/R" },
+  { index: 8, name: "Prompt order" },
+  { index: 9, name: "Sampler", choices: "sampler" },
+  { index: 10, name: "Hires sampler", choices: "sampler" },
+  { index: 11, name: "Checkpoint name", choices: "model" },
+  { index: 17, name: "Schedule type", choices: "scheduler" },
+  { index: 23, name: "Eta" },
+  { index: 24, name: "Clip skip" },
+  { index: 25, name: "Denoising" },
+  { index: 28, name: "Hires upscaler", choices: "hr-upscaler" },
+  { index: 30, name: "Styles", choices: "styles" },
+  { index: 39, name: "RNG source", choices: ["GPU", "CPU", "NV"] },
+  { index: 41, name: "Size" },
+];
+const XYZ_START = { x: 1, y: 0, z: 0 };  // the web UI's: Seed, Nothing, Nothing
+
+function setupXyz() {
+  for (const axis of "xyz") {
+    const select = $(`xyz-${axis}-type`);
+    fillSelect(select, XYZ_AXES.map((a) => ({ value: a.index, label: t("xyz.axis." + a.name) })), XYZ_START[axis]);
+    [...select.options].forEach((opt, i) => { opt.dataset.i18n = "xyz.axis." + XYZ_AXES[i].name; });
+    select.onchange = () => { clearField(select.id); updateXyzAxis(axis); };
+    $(`xyz-${axis}-values`).addEventListener("input", () => clearField(`xyz-${axis}-values`));
+    updateXyzAxis(axis);
+  }
+  $("script").onchange = () => { $("xyz-fields").hidden = $("script").value !== "x/y/z plot"; };
+}
+
+const xyzAxisOf = (axis) => XYZ_AXES.find((a) => String(a.index) === $(`xyz-${axis}-type`).value) || XYZ_AXES[0];
+
+// [value, label] of each value an axis with choices offers: the page's own lists.
+function xyzChoices(spec) {
+  if (Array.isArray(spec.choices)) return spec.choices.map((c) => [c, c]);
+  if (spec.choices === "styles") return [...document.querySelectorAll("#styles-list input")].map((b) => [b.value, b.value]);
+  return [...$(spec.choices).options].map((o) => [o.value, o.textContent]);
+}
+
+// An axis' type chosen: a text box for values typed, a box for each choice for values picked.
+function updateXyzAxis(axis) {
+  const spec = xyzAxisOf(axis);
+  const box = $(`xyz-${axis}-choices`);
+  $(`xyz-${axis}-values`).closest("label").hidden = !spec.index || Boolean(spec.choices);
+  box.hidden = !spec.choices;
+  if (!spec.choices) return;
+  const on = new Set([...box.querySelectorAll("input:checked")].map((b) => b.value));
+  box.innerHTML = "";
+  for (const [value, label] of xyzChoices(spec)) {
+    const item = document.createElement("label");
+    const check = document.createElement("input");
+    check.type = "checkbox";
+    check.value = value;
+    check.checked = on.has(value);
+    check.onchange = () => clearField(`xyz-${axis}-type`);
+    item.append(check, " " + label);
+    box.appendChild(item);
+  }
+}
+
+// Web UI 1.10's 18 positional script_args of "x/y/z plot".
+function xyzScriptArgs(problems) {
+  const axes = [];
+  for (const axis of "xyz") {
+    const spec = xyzAxisOf(axis);
+    if (!spec.index) { axes.push(0, "", null); continue; }
+    if (spec.choices) {
+      const picked = [...document.querySelectorAll(`#xyz-${axis}-choices input:checked`)].map((b) => b.value);
+      if (!picked.length) problems.push(fieldProblem(`xyz-${axis}-type`, "err.xyz.pick", null, `xyz.${axis}.values`));
+      axes.push(spec.index, "", picked);
+    } else {
+      const text = $(`xyz-${axis}-values`).value.trim();
+      if (!text) problems.push(fieldProblem(`xyz-${axis}-values`, "err.xyz.values", null, `xyz.${axis}.values`));
+      axes.push(spec.index, text, null);
+    }
+  }
+  const margin = readField("xyz-margin", problems);
+  // draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_seeds_x/y/z, margin_size, csv_mode
+  return [...axes, $("xyz-legend").checked, $("xyz-cells").checked, $("xyz-subgrids").checked,
+          $("xyz-keep-seeds").checked, false, false, false, margin, false];
+}
+
+// The server's "x/y/z plot: X values (Steps): ..." shown on that axis' values too.
+function xyzFieldError(err) {
+  const found = /^x\/y\/z plot: ([XYZ]) values\b/.exec(String((err && err.message) || ""));
+  if (!found || err.fields) return err;
+  const axis = found[1].toLowerCase();
+  const id = xyzAxisOf(axis).choices ? `xyz-${axis}-type` : `xyz-${axis}-values`;
+  const text = err.message;
+  return new FieldErrors([{ id, render: () => text }]);
+}
+
+// -- ControlNet: one unit of sd-webui-controlnet's, on the generating tabs ---------------------------
+
+async function loadControlNet() {
+  const [modules, models] = await Promise.all([api("/controlnet/module_list").catch(() => null),
+                                               api("/controlnet/model_list").catch(() => null)]);
+  if (modules) {
+    ui.control.modules = modules.module_detail || {};
+    fillSelect($("cn-module"), modules.module_list.map((m) => ({ value: m, label: m })), $("cn-module").value || "none");
+    setSliders();
+  }
+  if (models) {
+    const list = models.model_list || [];
+    const current = list.includes($("cn-model").value) ? $("cn-model").value : undefined;
+    if (list.length) fillSelect($("cn-model"), list.map((m) => ({ value: m, label: m })), current);
+    else {
+      fillSelect($("cn-model"), [{ value: "", label: t("none.in.folder") }]);
+      $("cn-model").options[0].dataset.i18n = "none.in.folder";
+    }
+  }
+}
+
+// The preprocessor's sliders, as the extension shows them: its resolution, and up to two
+// thresholds under the extension's names.
+function setSliders() {
+  const sliders = (ui.control.modules[$("cn-module").value] || {}).sliders || [];
+  const res = sliders.find((s) => s.name === "Resolution");
+  const rest = sliders.filter((s) => s !== res);
+  $("cn-res-box").hidden = !res;
+  if (res) setSlider("cn-res", res);
+  ["cn-a", "cn-b"].forEach((id, i) => {
+    const s = rest[i];
+    $(id + "-box").hidden = !s;
+    if (!s) return;
+    FIELDS[id].label = I18N.en["cn.slider." + s.name] !== undefined ? "cn.slider." + s.name : FIELDS[id].label;
+    $(id + "-name").dataset.i18n = FIELDS[id].label;
+    $(id + "-name").textContent = t(FIELDS[id].label);
+    setSlider(id, s);
+  });
+}
+
+function setSlider(id, s) {
+  const el = $(id);
+  Object.assign(el, { min: s.min, max: s.max, step: s.step, value: s.value });
+  Object.assign(FIELDS[id], { min: s.min, max: s.max });
+  clearField(id);
+}
+
+// The sliders' values for the API: -1 (the preprocessor's default) for those it does not have.
+function sliderValues(problems) {
+  const value = (id) => ($(id + "-box").hidden || $(id).disabled ? -1 : readField(id, problems));
+  return { processor_res: value("cn-res"), threshold_a: value("cn-a"), threshold_b: value("cn-b") };
+}
+
+// The unit for alwayson_scripts.controlnet.args, or null when it is off.
+function controlUnit(problems) {
+  if (!$("cn-enable").checked) return null;
+  const before = problems.length;
+  const n = (id) => readField(id, problems);
+  const unit = {
+    enabled: true, module: $("cn-module").value, model: $("cn-model").value, weight: n("cn-weight"),
+    guidance_start: n("cn-start"), guidance_end: n("cn-end"), control_mode: $("cn-control-mode").value,
+    resize_mode: $("cn-resize-mode").value, pixel_perfect: $("cn-pixel-perfect").checked, ...sliderValues(problems),
+  };
+  if (!unit.model) problems.push(fieldProblem("cn-model", "err.cn.model", null, "cn.model"));
+  if (unit.guidance_start !== null && unit.guidance_end !== null && unit.guidance_end < unit.guidance_start) {
+    problems.push(fieldProblem("cn-end", "err.min", { n: unit.guidance_start }));
+  }
+  if (problems.length > before) $("cn-box").open = true;  // the fields at fault in sight
+  if (ui.control.image) unit.image = ui.control.image;
+  return unit;
+}
+
+async function setControlImage(file) {
+  const { img, dataUrl } = await loadImageFile(file);
+  ui.control.image = dataUrl;
+  ui.control.size = [img.naturalWidth, img.naturalHeight];
+  $("cn-image").src = dataUrl;
+  $("cn-image").hidden = false;
+  $("cn-map").hidden = true;
+  $("cn-clear").hidden = false;
+  $("dropzone-cn").querySelector(".hint").hidden = true;
+  controlStatus(null);
+}
+
+function clearControlImage() {
+  ui.control.image = null;
+  $("cn-image").hidden = $("cn-map").hidden = $("cn-clear").hidden = true;
+  $("cn-image").removeAttribute("src");
+  $("dropzone-cn").querySelector(".hint").hidden = false;
+  controlStatus(null);
+}
+
+// The extension's pixel-perfect resolution: the control image's short side scaled as the resize mode
+// fits it to the size to generate.
+function pixelPerfectRes() {
+  const [w, h] = ui.control.size;
+  const W = Number($("width").value), H = Number($("height").value);
+  const fit = $("cn-resize-mode").value === "Resize and Fill" ? Math.min : Math.max;
+  return Math.round(fit(H / h, W / w) * Math.min(w, h));
+}
+
+// "Preview the map": the module run on the image by /controlnet/detect, the map shown beside it.
+async function previewControl() {
+  showError(null, false, "error");
+  for (const id of ["cn-res", "cn-a", "cn-b"]) clearField(id);
+  const problems = [];
+  const values = sliderValues(problems);
+  if (problems.length) { showError(new FieldErrors(problems), true, "error"); return; }
+  if (!ui.control.image) { showError(pageError("err.cn.image"), true, "error"); return; }
+  if ($("cn-pixel-perfect").checked && !$("cn-res-box").hidden) values.processor_res = pixelPerfectRes();
+  $("cn-preview").disabled = true;
+  controlStatus(["cn.detecting"]);
+  try {
+    const res = await api("/controlnet/detect", { body: {
+      controlnet_module: $("cn-module").value, controlnet_input_images: [ui.control.image],
+      controlnet_processor_res: values.processor_res, controlnet_threshold_a: values.threshold_a,
+      controlnet_threshold_b: values.threshold_b } });
+    const map = $("cn-map");
+    await new Promise((resolve, reject) => { map.onload = resolve; map.onerror = reject; map.src = pngUrl(res.images[0]); });
+    map.hidden = false;
+    controlStatus(["cn.map.size", { w: map.naturalWidth, h: map.naturalHeight }]);
+  } catch (e) {
+    controlStatus(null);
+    showError(e, true, "error");
+  } finally {
+    $("cn-preview").disabled = false;
+  }
+}
+
+// `what`: [key, vars] of the panel's status line, or null.
+function controlStatus(what) { ui.control.status = what; renderControlStatus(); }
+function renderControlStatus() {
+  const s = ui.control.status;
+  $("cn-status").textContent = s ? t(s[0], s[1]) : "";
+}
+
+// -- Extras: upscale one image -----------------------------------------------------------------------
+
+async function setExtrasImage(file) {
+  const { img, dataUrl } = await loadImageFile(file);
+  ui.extras.image = dataUrl;
+  ui.extras.size = [img.naturalWidth, img.naturalHeight];
+  $("extras-image").src = dataUrl;
+  $("extras-image").hidden = false;
+  markSmall($("extras-image"));
+  $("dropzone-extras").querySelector(".hint").hidden = true;
+  renderExtrasResult();
+}
+
+function updateExtrasMode() {
+  const to = $("extras-resize-mode").value === "1";
+  for (const el of document.querySelectorAll(".extras-to")) el.hidden = !to;
+  for (const el of document.querySelectorAll(".extras-by")) el.hidden = to;
+}
+
+async function runExtras() {
+  if (ui.extras.busy) return;
+  showError(null, false, "extras-error");
+  clearFields($("extras-view"));
+  const problems = [];
+  const n = (id) => readField(id, problems);
+  const mode = Number($("extras-resize-mode").value);
+  const body = { resize_mode: mode, upscaler_1: $("extras-upscaler-1").value, upscaler_2: $("extras-upscaler-2").value,
+                 extras_upscaler_2_visibility: n("extras-visibility") };
+  if (mode === 0) body.upscaling_resize = n("extras-scale");
+  else {
+    Object.assign(body, { upscaling_resize_w: n("extras-width"), upscaling_resize_h: n("extras-height"),
+                          upscaling_crop: $("extras-crop").checked });
+  }
+  if (problems.length) { showError(new FieldErrors(problems), true, "extras-error"); return; }
+  if (!ui.extras.image) { showError(pageError("err.image.first"), true, "extras-error"); return; }
+  body.image = ui.extras.image;
+  ui.extras.busy = $("extras-run").disabled = true;
+  $("extras-status").hidden = false;
+  try {
+    const res = await api("/extra-single-image", { body });
+    // html_info is the postprocessing text as the web UI's HTML: <p>line<br>\nline</p>
+    const info = new DOMParser().parseFromString(res.html_info || "", "text/html").body.textContent.trim();
+    const probe = new Image();
+    await new Promise((resolve) => { probe.onload = probe.onerror = resolve; probe.src = pngUrl(res.image); });
+    ui.extras.result = { image: res.image, info, w: probe.naturalWidth, h: probe.naturalHeight };
+    renderExtrasResult();
+  } catch (e) {
+    showError(e, true, "extras-error");
+  } finally {
+    ui.extras.busy = $("extras-run").disabled = false;
+    $("extras-status").hidden = true;
+  }
+}
+
+function renderExtrasResult() {
+  const size = ui.extras.size;
+  $("extras-size").textContent = size ? t("extras.size", { w: size[0], h: size[1] }) : "";
+  $("extras-status").textContent = t("extras.running");
+  const r = ui.extras.result, img = $("extras-result"), a = $("extras-download");
+  img.hidden = !r;
+  $("extras-empty").hidden = Boolean(r);
+  $("extras-info").textContent = r ? r.info : "";
+  $("extras-result-size").textContent = r ? t("extras.size", { w: r.w, h: r.h }) : "";
+  if (!r) { img.removeAttribute("src"); a.removeAttribute("href"); a.setAttribute("aria-disabled", "true"); return; }
+  const url = pngUrl(r.image);
+  if (img.getAttribute("src") !== url) { img.src = url; markSmall(img); }
+  a.href = url;
+  a.download = "sdlab-extras.png";
+  a.setAttribute("aria-disabled", "false");
+}
+
+// -- Checkpoint Merger ---------------------------------------------------------------------------------
+
+const MERGE_METHODS = ["Weighted sum", "Add difference", "No interpolation"];
+
+function fillMergeModels(items) {
+  const keep = (id, fallback) => (items.some((i) => i.value === $(id).value) ? $(id).value : fallback);
+  fillSelect($("merge-a"), items, keep("merge-a", items[0] && items[0].value));
+  fillSelect($("merge-b"), items, keep("merge-b", (items[1] || items[0] || {}).value));
+  fillSelect($("merge-c"), [{ value: "", label: t("none") }, ...items], keep("merge-c", ""));
+  $("merge-c").options[0].dataset.i18n = "none";
+  updateMergeForm();
+}
+
+async function loadVaes() {
+  const vaes = await api("/sd-vae").catch(() => []);
+  const items = vaes.map((v) => ({ value: v.model_name, label: v.model_name }));
+  fillSelect($("merge-vae"), [{ value: "None", label: t("none") }, ...items],
+             items.some((i) => i.value === $("merge-vae").value) ? $("merge-vae").value : "None");
+  $("merge-vae").options[0].dataset.i18n = "none";
+}
+
+// The method chosen: the models and the multiplier it reads, and its formula.
+function updateMergeForm() {
+  const i = MERGE_METHODS.indexOf($("merge-method").value);
+  $("merge-b").disabled = i === 2;
+  $("merge-c").disabled = i !== 1;
+  $("merge-multiplier").disabled = i === 2;
+  $("merge-formula").textContent = t("merge.formula." + i);
+}
+
+async function runMerge() {
+  if (ui.merge.busy) return;
+  showError(null, false, "merge-error");
+  clearFields($("merge-view"));
+  const method = $("merge-method").value, i = MERGE_METHODS.indexOf(method);
+  const problems = [];
+  const body = { primary_model_name: $("merge-a").value, interp_method: method, save_as_half: $("merge-half").checked,
+                 custom_name: $("merge-name").value.trim(), bake_in_vae: $("merge-vae").value,
+                 discard_weights: $("merge-discard").value };
+  if (!body.primary_model_name) problems.push(fieldProblem("merge-a", "err.required", null, "merge.a"));
+  if (i !== 2) {
+    body.multiplier = readField("merge-multiplier", problems);
+    body.secondary_model_name = $("merge-b").value;
+    if (!body.secondary_model_name) problems.push(fieldProblem("merge-b", "err.required", null, "merge.b"));
+  }
+  if (i === 1) {
+    body.tertiary_model_name = $("merge-c").value;
+    if (!body.tertiary_model_name) problems.push(fieldProblem("merge-c", "err.merge.c", null, "merge.c"));
+  }
+  if (problems.length) { showError(new FieldErrors(problems), true, "merge-error"); return; }
+  ui.merge.busy = $("merge-run").disabled = true;
+  ui.merge.result = null;
+  const started = Date.now();
+  const tick = () => mergeStatus(["merge.running", { s: Math.floor((Date.now() - started) / 1000) }]);
+  tick();
+  const timer = setInterval(tick, 500);
+  try {
+    ui.merge.result = await api("/merge", { body });
+    clearInterval(timer);
+    mergeStatus(null);
+    await loadModels().catch((e) => showError(e, true, "merge-error"));  // the new checkpoint in every list
+  } catch (e) {
+    clearInterval(timer);
+    mergeStatus(null);
+    showError(e, true, "merge-error");
+  } finally {
+    ui.merge.busy = $("merge-run").disabled = false;
+    renderMergeStatus();
+  }
+}
+
+// `what`: [key, vars] of the status line beside the button, or null.
+function mergeStatus(what) { ui.merge.status = what; renderMergeStatus(); }
+function renderMergeStatus() {
+  const s = ui.merge.status, r = ui.merge.result;
+  $("merge-status").textContent = s ? t(s[0], s[1]) : "";
+  $("merge-result").hidden = !r;
+  if (r) {
+    $("merge-result-name").textContent = r.filename.split(/[\\/]/).pop();
+    $("merge-result-name").title = r.filename;
+  }
 }
 
 // -- PNG Info --------------------------------------------------------------------------------------
@@ -940,7 +1375,12 @@ function switchLanguage(lang) {
   for (const label of document.querySelectorAll("#styles-list label")) label.title = styleTitle(label);
   if (Object.keys(ui.embeddings).length) fillEmbeddings();
   if (GENERATE_TABS.includes(ui.mode)) showResults();
-  if (ui.error) showError(ui.error, false);
+  for (const [boxId, err] of Object.entries(ui.errors)) showError(err, false, boxId);
+  renderExtrasResult();
+  renderMergeStatus();
+  renderControlStatus();
+  updateMergeForm();
+  for (const axis of "xyz") updateXyzAxis(axis);
   if (ui.settingsStatus) settingsStatus(...ui.settingsStatus);
 }
 
@@ -961,7 +1401,7 @@ function init() {
   $("refresh-models").onclick = async () => {
     await api("/refresh-checkpoints", { body: {} }).catch(showError);
     await loadModels().catch(showError);
-    await Promise.all([loadNetworks(), loadStyles()]);
+    await Promise.all([loadNetworks(), loadStyles(), loadControlNet()]);
   };
   $("lora-insert").onclick = () => { if ($("lora").value) insertAtCursor(`<lora:${$("lora").value}:1>`); };
   $("embedding-insert").onclick = () => { if ($("embedding").value) insertAtCursor($("embedding").value); };
@@ -1003,8 +1443,26 @@ function init() {
   });
   setupDropzone($("dropzone-png"), $("png-file"), readPngInfo);
   setupBrush();
+  setupXyz();
+  $("cn-enable").onchange = () => { $("cn-on").hidden = !$("cn-enable").checked; };
+  $("cn-module").onchange = () => { setSliders(); $("cn-map").hidden = true; controlStatus(null); };
+  $("cn-pixel-perfect").onchange = () => { $("cn-res").disabled = $("cn-pixel-perfect").checked; };
+  $("cn-preview").onclick = previewControl;
+  $("cn-clear").onclick = clearControlImage;
+  setupDropzone($("dropzone-cn"), $("cn-file"), async (f) => {
+    try { await setControlImage(f); } catch (e) { showError(e, true, "error"); }
+  });
+  setupDropzone($("dropzone-extras"), $("extras-file"), async (f) => {
+    try { await setExtrasImage(f); showError(null, false, "extras-error"); } catch (e) { showError(e, true, "extras-error"); }
+  });
+  $("extras-resize-mode").onchange = updateExtrasMode;
+  $("extras-run").onclick = runExtras;
+  $("merge-method").onchange = updateMergeForm;
+  $("merge-run").onclick = runMerge;
+  for (const id of ["merge-a", "merge-b", "merge-c", "cn-model"]) $(id).addEventListener("change", () => clearField(id));
+  renderExtrasResult();
   const models = loadModels().then((options) => { syncFormFromOptions(options); return loadModelInfo(true); });
-  Promise.all([models, loadLists(), loadNetworks(), loadStyles()]).catch(showError);
+  Promise.all([models, loadLists(), loadNetworks(), loadStyles(), loadControlNet()]).catch(showError);
 }
 
 init();
