@@ -57,6 +57,12 @@ def register(subparsers) -> None:
                    help=f"most images per request, batch_size x n_iter (default {d.max_batch})")
     p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20,
                    help=f"largest request body in MiB (default {d.max_upload_bytes // 2**20})")
+    p.add_argument("--vae", metavar="NAME|PATH",
+                   help="the VAE to use (a file in the models folder's VAE/ or a path): what the sd_vae option's "
+                        "Automatic means; needed by SD3 files without one (sd3.5_large.safetensors). Default: "
+                        "each checkpoint's own")
+    p.add_argument("--t5-max-length", type=int, default=77,
+                   help="SD3: T5 tokens per prompt chunk (default 77, as the reference and ComfyUI; diffusers uses 256)")
     p.add_argument("--control-net-unit-count", type=int, default=3,
                    help="most ControlNet units one request may enable (the extension's setting; default 3)")
     p.set_defaults(func=cmd_serve)
@@ -68,6 +74,16 @@ def settings_from_args(args: argparse.Namespace):
 
     parse_dtype(args.dtype)  # a wrong name fails here, not at the first request
     parse_weight_dtype(args.weight_dtype)
+    if args.t5_max_length < 1:
+        raise UsageError(f"--t5-max-length must be at least 1, got {args.t5_max_length}")
+    if args.vae:  # found now, before the port is bound or anything loads
+        from ..models_dir import ModelsDir
+
+        if not Path(args.vae).expanduser().is_file():
+            try:
+                ModelsDir(Path(args.models_dir)).resolve_vae(args.vae)
+            except SdlabError as e:
+                raise UsageError(f"--vae: {e}") from None
     limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
     return ServerSettings(models_dir=Path(args.models_dir), model=args.model, host=args.host, port=args.port,
@@ -75,7 +91,8 @@ def settings_from_args(args: argparse.Namespace):
                           weight_dtype=args.weight_dtype, compile=args.compile, offload=args.offload, limits=limits,
                           outputs_dir=Path(args.outputs_dir),
                           styles_file=Path(args.styles_file) if args.styles_file else None,
-                          control_net_unit_count=args.control_net_unit_count)
+                          control_net_unit_count=args.control_net_unit_count, vae=args.vae,
+                          t5_max_length=args.t5_max_length)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -133,9 +150,9 @@ def startup_lines(state) -> list[str]:
     """What `sdlab serve` says when it starts: the model it loads first and how it will run it,
     and where the page and the API docs are."""
     from .._version import __version__
-    from ..checkpoints.loader import config_of, open_model
     from ..device import choose_device, dtype_name, parse_dtype, parse_weight_dtype, vae_dtype
     from ..perf import inference_dtypes
+    from .state import checkpoint_family
 
     s = state.settings
     device = choose_device(s.device)
@@ -145,12 +162,16 @@ def startup_lines(state) -> list[str]:
         model = f"none: put a checkpoint in {state.catalog.root / 'Stable-diffusion'}"
     else:
         try:
-            family = config_of(open_model(entry.path)[0]).family
+            family, has_vae = checkpoint_family(entry.path)
             model = f"{entry.name} ({family.label})"
+            if not has_vae and state.vae_for(entry) is None:
+                model += " holds no VAE: give one with --vae"
         except SdlabError as e:  # the load in the worker will say so again; the server still starts
             model = f"{entry.name} (unreadable: {e})"
     dtypes = f"{dtype_name(dtype)}, weights stored as {dtype_name(weights)}" if weights != dtype else dtype_name(dtype)
     vae = dtype_name(vae_dtype(device, dtype, family.name if family else None))
+    if state.default_vae is not None:
+        vae += f", from {state.default_vae.name}"
     # A wildcard address is not one a browser can open; this machine's loopback serves it too.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(s.host, s.host)
     url = f"http://{f'[{host}]' if ':' in host else host}:{s.port}"

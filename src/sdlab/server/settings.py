@@ -39,6 +39,10 @@ class ServerSettings:
     outputs_dir: Path = Path("outputs")
     styles_file: Path | None = None  # the web UI's styles.csv; None: styles.csv in the models folder
     control_net_unit_count: int = 3  # most ControlNet units a request may enable (the extension's setting)
+    # The VAE the sd_vae option's "Automatic" means (--vae): a file in the models folder's VAE/ or a path;
+    # None: each checkpoint's own. An SD3 file that carries none (sd3.5_large) needs one.
+    vae: str | None = None
+    t5_max_length: int = 77  # SD3: T5 tokens per prompt chunk (--t5-max-length; diffusers' 256)
 
     @property
     def styles_path(self) -> Path:

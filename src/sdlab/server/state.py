@@ -13,6 +13,7 @@ from fastapi import Request
 
 from ..demo_model import builtin_model, demo_model_path
 from ..errors import SdlabError
+from ..families import Family
 from .catalog import CheckpointEntry, ModelCatalog, NotFound
 from .settings import ServerSettings
 from .worker import Worker
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 
 RANDN_SOURCES = {"CPU": "cpu", "NV": "nv", "GPU": "cpu"}  # noise is always drawn on the CPU (DESIGN 4)
 FP8_STORAGE = ("Disable", "Enable for SDXL", "Enable")  # the web UI's "FP8 weight" setting
+# The web UI's sd_vae choices besides a file's name: "Automatic" is the server's --vae where it was
+# started with one, else the checkpoint's own VAE; "None" is always the checkpoint's own.
+VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"
 
 
 class ServerState:
@@ -31,14 +35,16 @@ class ServerState:
         self.styles_file = settings.styles_path.expanduser().resolve()
         extra = self._extra_checkpoint(settings)
         self.catalog = ModelCatalog(settings.models_dir, extra)
+        # --vae, found once: a wrong name stops the server at startup, not at its first load.
+        self.default_vae: Path | None = self._default_vae(settings.vae) if settings.vae else None
         self.selected: CheckpointEntry | None = self._initial_checkpoint(settings, extra)
         self._lock = threading.Lock()
         self._options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "randn_source": "CPU",
                                          "sd_noise_schedule": "Default", "fp8_storage": "Disable",
                                          # the ControlNet extension's "Do not append detectmap to output"
-                                         "control_net_no_detectmap": False}
-        # A model is loaded again when fp8_storage changes what its weights are stored as.
-        self.worker = Worker(self.catalog, self._load_pipeline, load_key=lambda: self.option("fp8_storage"))
+                                         "control_net_no_detectmap": False, "sd_vae": VAE_AUTOMATIC}
+        # A model is loaded again when fp8_storage changes what its weights are stored as, or sd_vae its VAE.
+        self.worker = Worker(self.catalog, self._load_pipeline, load_key=self.load_options)
         # ComfyUI's face (its queue records, history, websockets), whose jobs share the worker.
         from .comfy.state import ComfyState
 
@@ -87,15 +93,58 @@ class ServerState:
         from ..pipeline import Pipeline
 
         s = self.settings
+        vae = self.vae_for(entry)
+        if vae is None and not checkpoint_family(entry.path)[1]:
+            raise SdlabError(f"{entry.name} holds no VAE (SD3.5 files ship without one): choose SD3's VAE with the "
+                             f"sd_vae option (a file in {self.catalog.models.folder('vae')}, POST /sdapi/v1/options "
+                             '{"sd_vae": "NAME"}) or start the server with --vae NAME|PATH')
         weight_dtype = torch.float8_e4m3fn if self._fp8_weights(entry) else parse_weight_dtype(s.weight_dtype)
         root = self.catalog.models.root  # SD3's separate encoders, where ComfyUI keeps them (as sdlab.load)
+        # As sdlab.load(model, vae=...): an SD3 file without a VAE is built with this one; every
+        # other model has its own replaced by it (`Pipeline.use_vae`, named in the infotext).
         bundle = load_for_inference(entry.path, s.device, parse_dtype(s.dtype), compile=s.compile, offload=s.offload,
-                                    weight_dtype=weight_dtype, text_encoder_dirs=[root / "text_encoders", root / "clip"])
+                                    weight_dtype=weight_dtype, text_encoder_dirs=[root / "text_encoders", root / "clip"],
+                                    t5_max_length=s.t5_max_length, vae_file=vae)
         if entry.path.is_file():
             sha = self.catalog.sha256(entry)
             # The bundle would hash the file again for its infotext; hand it the hash we have.
             bundle.sha256 = sha
-        return Pipeline(bundle, models=self.catalog.models, styles_file=self.styles_file)
+        pipeline = Pipeline(bundle, models=self.catalog.models, styles_file=self.styles_file)
+        if vae is not None:
+            pipeline.use_vae(vae)
+        return pipeline
+
+    def load_options(self) -> tuple[Any, ...]:
+        """The options a model is loaded with: a change of one loads the selected model again."""
+        return self.option("fp8_storage"), self.option("sd_vae")
+
+    def vae_for(self, entry: CheckpointEntry) -> Path | None:
+        """The VAE file the sd_vae option chooses for a checkpoint (None: its own). A file named in
+        the option replaces any model's VAE, as the web UI's; --vae ("Automatic") only those of the
+        models whose latents it makes, so that an SD3 VAE given for SD3.5 files leaves SD 1.x alone."""
+        choice = self.option("sd_vae")
+        if choice == VAE_NONE:
+            return None
+        if choice != VAE_AUTOMATIC:
+            return self._vae_path(choice)
+        if self.default_vae is None:
+            return None
+        own = _latent_channels(entry.path)
+        return self.default_vae if own is None or own == _latent_channels(self.default_vae) else None
+
+    def _vae_path(self, name: str) -> Path:
+        """A VAE by the name the web UI's sd_vae gives it: a file in the models folder's VAE/ (a
+        client's name never leads outside it)."""
+        return self.catalog.models.resolve_vae(name)
+
+    def _default_vae(self, name: str) -> Path:
+        """--vae: a file's path (the operator's, trusted as --model's is), else a name in VAE/."""
+        path = Path(name).expanduser()
+        return path.resolve() if path.is_file() else self._vae_path(name)
+
+    def vae_names(self) -> list[tuple[str, Path]]:
+        """The VAE files the sd_vae option may name, as GET /sdapi/v1/sd-vae lists them."""
+        return [(m.name + m.path.suffix, m.path) for m in self.catalog.models.list_vaes()]
 
     def _fp8_weights(self, entry: CheckpointEntry) -> bool:
         """Whether the fp8_storage option asks for fp8 weights for this model (the web UI's rule:
@@ -119,7 +168,6 @@ class ServerState:
                 "sd_checkpoint_hash": entry.sha256 if entry else None,
                 **self._options,
                 "samples_format": "png",
-                "sd_vae": "Automatic",
             }
 
     def set_option(self, key: str, value: Any) -> bool:
@@ -135,7 +183,14 @@ class ServerState:
         elif key == "fp8_storage":
             if value not in FP8_STORAGE:
                 raise SdlabError(f"fp8_storage must be one of {', '.join(FP8_STORAGE)}, got {value!r}")
-        elif key in ("sd_model_checkpoint", "sd_checkpoint_hash", "samples_format", "sd_vae"):
+        elif key == "sd_vae":
+            value = str(value)
+            if value not in (VAE_AUTOMATIC, VAE_NONE):
+                try:
+                    self._vae_path(value)
+                except SdlabError as e:
+                    raise SdlabError(f"sd_vae: {e}; or 'Automatic' / 'None' (the checkpoint's own VAE)") from None
+        elif key in ("sd_model_checkpoint", "sd_checkpoint_hash", "samples_format"):
             return key == "sd_model_checkpoint"  # handled by the router (a model switch)
         else:
             return False
@@ -146,6 +201,33 @@ class ServerState:
     def option(self, key: str) -> Any:
         with self._lock:
             return self._options[key]
+
+
+def checkpoint_family(path: Path) -> tuple[Family, bool]:
+    """A checkpoint's family and whether it holds a VAE, from its header: an SD3 file without a
+    VAE (sd3.5_large.safetensors) has a family before it is given one."""
+    from ..checkpoints import sd3
+    from ..checkpoints.loader import config_of, open_model
+    from ..families import VAE_PREFIX, detect_sd3_family
+
+    sd = open_model(path)[0]
+    if sd3.is_sd3(sd) and not any(k.startswith(VAE_PREFIX) for k in sd.shapes):
+        return detect_sd3_family(sd.shapes), False
+    return config_of(sd).family, True
+
+
+def _latent_channels(path: Path) -> int | None:
+    """How many latent channels the VAE in a checkpoint or VAE file makes (its decoder's input),
+    from the header; None where it holds no VAE or cannot be read so."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if key.endswith("decoder.conv_in.weight") and not key.startswith(("model.", "cond_stage_model.")):
+                return f.get_slice(key).get_shape()[1]
+    return None
 
 
 def clip_skip_value(value: Any) -> int:

@@ -84,13 +84,15 @@ async def prompt_styles(state: ServerState = Depends(get_state)):
     return [PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt) for s in styles.values()]
 
 
+@router.get("/sd-vae", response_model=list[SDVaeItem], summary="VAE files to choose from")
+async def sd_vae(state: ServerState = Depends(get_state)):
+    """The models folder's VAE/ files, by the names options.sd_vae takes."""
+    names = await run_in_threadpool(state.vae_names)
+    return [SDVaeItem(model_name=name, filename=str(path)) for name, path in names]
+
+
 # What sdlab does not have is listed empty, never answered 404:
 # clients fill their menus from these lists, and an entry would be a choice the server then refuses.
-
-@router.get("/sd-vae", response_model=list[SDVaeItem], summary="VAE files to choose from")
-async def sd_vae():
-    return []  # the server uses each checkpoint's own VAE; its sd_vae option chooses nothing
-
 
 @router.get("/hypernetworks", response_model=list[HypernetworkItem], summary="Hypernetworks")
 async def hypernetworks():

@@ -1,4 +1,4 @@
-"""GET/POST /sdapi/v1/options; setting sd_model_checkpoint switches the model, fp8_storage reloads it."""
+"""GET/POST /sdapi/v1/options; setting sd_model_checkpoint switches the model, fp8_storage or sd_vae reloads it."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ async def set_options(request: Request, body: dict[str, Any] = Body(...), state:
     loaded by the worker between jobs: jobs queued before keep the model they asked for."""
     name = body.get("sd_model_checkpoint")
     entry = state.catalog.find_checkpoint(str(name)) if name is not None else None  # 404 before changing anything
-    fp8_before = state.option("fp8_storage")
+    load_before = state.load_options()
     for key, value in body.items():
         if key != "sd_model_checkpoint":
             state.set_option(key, value)
-    if entry is None and state.option("fp8_storage") != fp8_before:
-        entry = state.selected  # load it again with its weights stored as now asked, as the web UI does
+    if entry is None and state.load_options() != load_before:
+        entry = state.selected  # load it again with its weights stored / its VAE as now asked, as the web UI does
     if entry is not None:
         try:
             await run_job(Job("load", entry), state, request)

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from ...errors import SdlabError
-from ..state import ServerState, get_state
+from ..state import ServerState, checkpoint_family, get_state
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
@@ -32,7 +32,9 @@ async def favicon():
 
 class ModelInfo(BaseModel):
     title: str = Field(description="The checkpoint, as options.sd_model_checkpoint names it.")
-    family: str | None = Field(description="sdlab's family name (sd1, sd2-v, sdxl, ...); None if unreadable.")
+    family: str | None = Field(description="sdlab's family name (sd1, sd2-v, sdxl, sd3, sd3.5-large, sd3.5-medium, "
+                                           "...); None if unreadable. The page shows SD3's shift and skip-layer "
+                                           "guidance for the sd3 ones.")
     family_label: str | None = Field(description="The family for people: 'Stable Diffusion XL', ...")
     native_size: int | None = Field(
         description="The side, in pixels, the model was trained at (64 for the demo model, 512 for SD 1.x, 768 for "
@@ -44,9 +46,7 @@ class ModelInfo(BaseModel):
 def _family_of(path: str, mtime_ns: int, size: int) -> tuple[str, str, int]:
     # Keyed on the file's mtime and size, so a replaced file is read again. Only the header is
     # read (safetensors), or the pickle memory-mapped (ckpt): no weights are loaded into memory.
-    from ...checkpoints.loader import config_of, open_model
-
-    family = config_of(open_model(path)[0]).family
+    family = checkpoint_family(Path(path))[0]  # an SD3 file without a VAE has a family too
     return family.name, family.label, family.default_size
 
 

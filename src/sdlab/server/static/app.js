@@ -49,6 +49,10 @@ const FIELDS = {
   "hr-scale": { label: "hr.scale", api: "hr_scale", min: 1, max: 8 },
   "hr-steps": { label: "hr.steps", api: "hr_second_pass_steps", integer: true, min: 0 },
   "hr-denoising": { label: "hr.denoising", api: "denoising_strength", min: 0, max: 1 },
+  "sd3-shift": { label: "sd3.shift", api: "shift", min: 0.01 },
+  "slg-scale": { label: "sd3.slg_scale", api: "slg_scale" },
+  "slg-start": { label: "sd3.slg_start", api: "slg_start", min: 0, max: 1 },
+  "slg-end": { label: "sd3.slg_end", api: "slg_end", min: 0, max: 1 },
   "xyz-margin": { label: "xyz.margin", integer: true, min: 0, max: 500 },
   "cn-weight": { label: "cn.weight", min: 0, max: 2 },
   "cn-start": { label: "cn.start", min: 0, max: 1 },
@@ -356,9 +360,24 @@ async function loadModelInfo(initial) {
   ui.model = info;
   const n = info && info.native_size;
   renderModelStatus();
+  $("sd3-box").hidden = !isSd3();
   if (n && initial) setSize(n, n);
   else if (n && before && before.native_size && before.native_size !== n) followSize(n);
   updateSizeHint();
+}
+
+// SD3 / SD3.5 (sd3, sd3.5-large, sd3.5-medium): flow models, with a shift and skip-layer guidance.
+const isSd3 = () => Boolean(ui.model && ui.model.family && ui.model.family.startsWith("sd3"));
+
+// The skip-layer guidance layers typed as "7,8,9" (spaces allowed); [] when empty (off).
+function slgLayers(problems) {
+  const raw = $("slg-layers").value.replace(/\s+/g, "");
+  if (raw === "") return [];
+  if (!/^\d+(,\d+)*$/.test(raw)) {
+    problems.push(fieldProblem("slg-layers", "err.slg.layers", null, "sd3.slg_layers"));
+    return [];
+  }
+  return raw.split(",").map(Number);
 }
 
 function renderModelStatus() {
@@ -585,6 +604,17 @@ function buildPayload(mode) {
     body.hr_upscaler = $("hr-upscaler").value;
     body.hr_second_pass_steps = n("hr-steps");
     body.denoising_strength = n("hr-denoising");
+  }
+  // SD3's fields go only to an SD3 model (other families refuse them); an empty shift is the model's own.
+  if (isSd3()) {
+    if ($("sd3-shift").value.trim() !== "") body.shift = n("sd3-shift");
+    const layers = slgLayers(problems);
+    if (layers.length) {
+      body.slg_layers = layers;
+      body.slg_scale = n("slg-scale");
+      body.slg_start = n("slg-start");
+      body.slg_end = n("slg-end");
+    }
   }
   if (mode === "inpaint") {
     body.mask_blur = n("mask-blur");
@@ -1249,6 +1279,12 @@ function sendParamsToTxt2img() {
   }
   updateHiresSize();
   $("noise-schedule").value = p["Noise Schedule"] === "Zero Terminal SNR" ? "Zero Terminal SNR" : "Default";
+  // SD3's keys (infotext "Shift", "SLG layers" ...); without them, the model's shift and no SLG
+  $("sd3-shift").value = p["Shift"] ?? "";
+  $("slg-layers").value = String(p["SLG layers"] ?? "").replace(/[\[\]() ]/g, "");
+  set("slg-scale", "SLG scale");
+  set("slg-start", "SLG start");
+  set("slg-end", "SLG end");
   setTab("txt2img");
   updateSizeHint();
 }
@@ -1412,7 +1448,7 @@ function init() {
   $("seed-extras").onchange = () => { $("variation-row").hidden = !$("seed-extras").checked; };
   $("enable-hr").onchange = () => { $("hires-fields").hidden = !$("enable-hr").checked; updateHiresSize(); };
   for (const id of ["width", "height", "hr-scale"]) $(id).addEventListener("input", updateHiresSize);
-  for (const id of Object.keys(FIELDS)) $(id).addEventListener("input", () => clearField(id));
+  for (const id of [...Object.keys(FIELDS), "slg-layers"]) $(id).addEventListener("input", () => clearField(id));
   for (const id of ["width", "height"]) $(id).addEventListener("input", updateSizeHint);
   $("size-native").onclick = () => { const n = ui.model.native_size; setSize(n, n); updateSizeHint(); };
   $("denoising").addEventListener("input", () => { $("denoising").dataset.touched = "1"; });
