@@ -185,6 +185,29 @@ def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
     return None
 
 
+def _device_hooks(module: nn.Module, device: torch.device, on_enter: Callable[[], None], outputs_back: bool,
+                  move: Callable[[Any, torch.device], Any] = _to_device) -> list[Any]:
+    """Hooks that run `module` on `device`: `on_enter` (which puts the weights there) and the tensor
+    inputs moved there before each call; with `outputs_back`, the outputs moved back to where the
+    first tensor input came from, so callers keeping tensors elsewhere work unchanged. The handles."""
+    caller: list[torch.device | None] = [None]
+
+    def before(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        on_enter()
+        caller[0] = _first_tensor_device(args, kwargs)
+        return move(args, device), move(kwargs, device)
+
+    def after(_module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
+        if caller[0] is not None and caller[0] != device:
+            return move(output, caller[0])
+        return output
+
+    handles = [module.register_forward_pre_hook(before, with_kwargs=True)]
+    if outputs_back:
+        handles.append(module.register_forward_hook(after, with_kwargs=True))
+    return handles
+
+
 class ModelOffload:
     """Keeps a bundle's networks in CPU memory and moves each to the device only while it
     runs (diffusers' `enable_model_cpu_offload`): the device holds one network at a time,
@@ -214,21 +237,7 @@ class ModelOffload:
             self._hook(part, vae, outputs_back=False)
 
     def _hook(self, module: nn.Module, owner: nn.Module, outputs_back: bool) -> None:
-        caller: list[torch.device | None] = [None]
-
-        def before(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            self.activate(owner)
-            caller[0] = _first_tensor_device(args, kwargs)
-            return _to_device(args, self.device), _to_device(kwargs, self.device)
-
-        def after(_module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
-            if caller[0] is not None and caller[0] != self.device:
-                return _to_device(output, caller[0])
-            return output
-
-        self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-        if outputs_back:
-            self._handles.append(module.register_forward_hook(after, with_kwargs=True))
+        self._handles += _device_hooks(module, self.device, lambda: self.activate(owner), outputs_back)
 
     def activate(self, net: nn.Module) -> None:
         """Put `net` on the device and the previously active network back on the CPU."""
@@ -303,20 +312,8 @@ class TextEncoderParking:
             self._hook(net)
 
     def _hook(self, net: nn.Module) -> None:
-        caller: list[torch.device | None] = [None]
-
-        def before(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            self._place(net, self.device)
-            caller[0] = _first_tensor_device(args, kwargs)
-            return self._move_value(args, self.device), self._move_value(kwargs, self.device)
-
-        def after(_module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
-            if caller[0] is not None and caller[0] != self.device:
-                return self._move_value(output, caller[0])
-            return output
-
-        self._handles.append(net.register_forward_pre_hook(before, with_kwargs=True))
-        self._handles.append(net.register_forward_hook(after, with_kwargs=True))
+        self._handles += _device_hooks(net, self.device, lambda: self._place(net, self.device), outputs_back=True,
+                                       move=self._move_value)
 
     def _place(self, net: nn.Module, device: torch.device) -> None:
         if self.where[id(net)] != device:
