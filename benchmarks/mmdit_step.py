@@ -14,7 +14,9 @@ its negative, as classifier-free guidance runs them), 154 text tokens (CLIP's 77
 the reference's and sdlab's default), pooled text, timestep 500.
 
 Each network runs as its library runs it: sdlab's as the pipeline prepares it
-(`storage.set_dtypes` to the compute dtype), diffusers' as loaded. Timed in interleaved rounds
+(`storage.set_dtypes` to the compute dtype, and on CPUs where it pays, `device.packs_cpu_weights`,
+its linear weights pre-packed for oneDNN as `perf.prepare_for_inference` packs them), diffusers' as
+loaded. `--no-pack` leaves ours plain. Timed in interleaved rounds
 (ours, theirs, ours, ...) after one warm-up call each, so that load from other processes hits both
 alike; medians are shown. Memory: the weights each holds, and the working memory of one step (the
 rise of the process's RSS high-water mark during the call, `_common.reset_peak_rss`).
@@ -138,10 +140,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="both networks' dtype (default bf16)")
     parser.add_argument("--preset", default="sd3-medium", help="models.mmdit.PRESETS entry (default sd3-medium)")
     parser.add_argument("--depth", type=int, help="joint blocks (hidden 64 x depth, depth heads); default the preset's")
+    parser.add_argument("--no-pack", action="store_true", help="keep our weights plain (no oneDNN packing)")
     args = parser.parse_args()
     os.environ.update(OFFLINE_ENV)
 
     from sdlab import device as devices
+    from sdlab.models.layers import pack_weights_for_cpu
     from sdlab.models.storage import set_dtypes
 
     devices.configure_threads()
@@ -149,7 +153,10 @@ def main() -> None:
     cfg = mmdit_config(args.preset, args.depth)
     latent = args.size // 8
     ours = set_dtypes(random_mmdit(cfg, dtype), dtype)  # as perf.prepare_for_inference prepares it
-    theirs = diffusers_twin(ours, cfg)
+    packed = not args.no_pack and devices.packs_cpu_weights(torch.device("cpu"), dtype)
+    theirs = diffusers_twin(ours, cfg)  # from the plain weights
+    if packed:
+        pack_weights_for_cpu(ours)
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, cfg.in_channels, latent, latent, generator=g).to(dtype)
@@ -181,7 +188,7 @@ def main() -> None:
     title = (f"MMDiT step, {args.preset} shape (depth {cfg.depth}, hidden {cfg.hidden_size}, {params / 1e6:.0f} M "
              f"parameters), {args.dtype}, {latent}x{latent} latents ({args.size}x{args.size}), batch {args.batch}, "
              f"{args.tokens} text tokens, {flops / 1e12:.3g} TFLOP/step; median of {args.rounds} interleaved rounds, "
-             f"{torch.get_num_threads()} threads")
+             f"{torch.get_num_threads()} threads; our weights {'packed for oneDNN' if packed else 'plain'}")
     print_table(["library", "s/step", "GFLOP/s", "% peak", "weights", "step memory"], rows, title)
     print(f"time ratio ours / diffusers: {med['ours'] / med['diffusers']:.2f}x (target <= {TARGET}x); "
           f"peak: {peak_note}")

@@ -169,7 +169,7 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     from sdlab import device as devices
-    from sdlab.models.layers import cpu_packing_pays, pack_conv_weights
+    from sdlab.models.layers import cpu_packing_pays, pack_weights_for_cpu
     from sdlab.models.storage import set_dtypes
     from sdlab.models.unet import UNet
 
@@ -192,7 +192,7 @@ def main() -> None:
         # convolution weights packed where that is faster), without the rest of a bundle.
         set_dtypes(copy, dtype, weights).to(memory_format=torch.channels_last)
         if weights in (None, dtype) and cpu_packing_pays(dtype):
-            pack_conv_weights(copy)
+            pack_weights_for_cpu(copy)
         return copy
 
     default = devices.default_dtype(torch.device("cpu"))

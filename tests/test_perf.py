@@ -346,7 +346,7 @@ def test_defaults_by_kind_of_cpu(cpu_defaults):
     assert rows["UNet / text encoder dtype"].split()[0] == devices.dtype_name(cpu_defaults.dtype)
     assert rows.get("UNet / text encoder weights", "").startswith("stored as fp16") == (not bf16)
     assert rows["VAE dtype"] == "fp32"
-    assert (rows["UNet conv weights"] == "pre-packed for oneDNN") == cpu_defaults.pack_weights
+    assert (rows["denoiser weights"] == "pre-packed for oneDNN") == cpu_defaults.pack_weights
 
 
 @pytest.mark.slow

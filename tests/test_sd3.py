@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sdlab.checkpoints.io import save_safetensors
@@ -308,3 +309,34 @@ def test_lora_in_kohya_and_diffusers_formats(tmp_path, bundle):
         finally:
             applied.restore()
     assert torch.equal(bundle.unet.get_parameter(qkv), before)
+
+
+def test_lora_on_packed_weights(tmp_path, bundle):
+    """On the CPU the MMDiT's linear weights are packed for oneDNN (perf.prepare_for_inference): a
+    LoRA merges into the packed qkv as into the plain one, and restore puts the packed original back."""
+    from sdlab.lora import LoraUse, apply_loras, load_lora
+    from sdlab.models.layers import cpu_packing_supported, pack_weights_for_cpu, unpack_weights
+
+    if not cpu_packing_supported(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN matrix products")
+    g = torch.Generator().manual_seed(4)
+    module = bundle.unet.get_submodule("joint_blocks.1.context_block.attn.qkv")
+    d, r = bundle.config.unet.hidden_size, 4
+    down, up = torch.randn(r, d, generator=g), torch.randn(3 * d, r, generator=g)
+    save_safetensors({"lora_unet_joint_blocks_1_context_block_attn_qkv.lora_down.weight": down,
+                      "lora_unet_joint_blocks_1_context_block_attn_qkv.lora_up.weight": up}, tmp_path / "k.safetensors")
+    before = module.weight.detach().clone()
+    x = torch.randn(2, 5, d, generator=g)
+    try:
+        assert pack_weights_for_cpu(bundle.unet) > 0 and module.weight.is_mkldnn
+        with torch.no_grad():
+            applied = apply_loras(bundle, [LoraUse(load_lora(tmp_path / "k.safetensors"), 1.0, 1.0)])
+            try:
+                assert module.weight.is_mkldnn
+                torch.testing.assert_close(module(x), F.linear(x, before + up @ down, module.bias), atol=1e-4,
+                                           rtol=1e-4)
+            finally:
+                applied.restore()
+        assert module.weight.is_mkldnn and torch.equal(module.weight.to_dense(), before)
+    finally:
+        unpack_weights(bundle.unet)

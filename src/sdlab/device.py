@@ -201,9 +201,10 @@ def wider_than_fp16(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def packs_conv_weights(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the UNet's convolution weights are kept pre-packed for oneDNN by default
-    (`perf.prepare_for_inference`): on CPUs where that is faster (`layers.cpu_packing_pays`)."""
+def packs_cpu_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the denoiser's weights (UNet convolutions, MMDiT linear layers) are kept
+    pre-packed for oneDNN by default (`perf.prepare_for_inference`): on CPUs where that is faster
+    (`layers.cpu_packing_pays`)."""
     return device.type == "cpu" and cpu_packing_pays(dtype)
 
 
@@ -216,14 +217,14 @@ class Defaults:
     dtype: torch.dtype  # the UNet's and text encoders' compute dtype (`default_dtype`)
     weight_dtype: torch.dtype  # their matrices' storage dtype (`default_weight_dtype`)
     vae_dtype: torch.dtype  # the VAE's (`vae_dtype`; SDXL's differs on fp16 GPUs)
-    pack_weights: bool  # UNet convolution weights pre-packed for oneDNN (`packs_conv_weights`)
+    pack_weights: bool  # denoiser weights pre-packed for oneDNN (`packs_cpu_weights`)
 
 
 def defaults(device: torch.device, flags: Iterable[str] | None = None) -> Defaults:
     """The `Defaults` on `device` (CPU feature `flags`: default read from /proc/cpuinfo)."""
     dtype = default_dtype(device, flags)
     return Defaults(dtype, default_weight_dtype(device, dtype), vae_dtype(device, dtype),
-                    packs_conv_weights(device, dtype))
+                    packs_cpu_weights(device, dtype))
 
 
 def available_memory(device: torch.device) -> int:
@@ -381,12 +382,12 @@ def describe(device: torch.device | None = None) -> str:
         if chosen.pack_weights:
             packing = "pre-packed for oneDNN"
         elif cpu_packing_supported(dtype):
-            packing = "channels-last (oneDNN's pre-packed weights are slower without AVX-512)"
+            packing = "plain, convolutions channels-last (oneDNN's pre-packed weights are slower without AVX-512)"
         else:
-            packing = "channels-last (no oneDNN packing in this build)"
-        rows.append(("UNet conv weights", packing))
+            packing = "plain, convolutions channels-last (no oneDNN packing in this build)"
+        rows.append(("denoiser weights", packing))
     else:
-        rows.append(("UNet conv weights", "channels-last"))
+        rows.append(("denoiser weights", "plain (convolutions channels-last)"))
     rows.append(("attention", "torch scaled_dot_product_attention"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -11,7 +11,8 @@ from torch import nn
 
 from sdlab.models import layers
 from sdlab.models.layers import _conv2d_as_matmul
-from sdlab.models.layers import Conv2d, GroupNorm32, cpu_packing_supported, geglu, group_norm_silu, pack_conv_weights
+from sdlab.models.layers import (Conv2d, GroupNorm32, Linear, cpu_packing_supported, geglu, group_norm_silu,
+                                 pack_weights_for_cpu)
 
 
 def _saved_bytes(fn, *params: torch.Tensor) -> int:
@@ -271,6 +272,17 @@ def test_geglu_equals_the_plain_gate_and_keeps_only_its_input():
 # ---------------------------------------------------------------- pre-packed conv weights (CPU inference)
 
 
+def assert_unpacked_by_state_dict_and_casts(module, weight):
+    """A packed module's state dict holds the plain weight; loading one, or a cast, unpacks."""
+    state = module.state_dict()
+    assert not state["weight"].is_mkldnn and torch.equal(state["weight"], weight)
+    module.load_state_dict(state)
+    assert not module.packed and torch.equal(module.weight, weight)
+    module.pack_for_cpu()
+    module.float()
+    assert not module.packed and torch.equal(module.weight, weight.float())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernel, stride", [(3, 1), (3, 2), (1, 1)])
 def test_packed_conv_equals_the_plain_conv(dtype, kernel, stride):
@@ -291,14 +303,7 @@ def test_packed_conv_equals_the_plain_conv(dtype, kernel, stride):
     xg = x.detach().requires_grad_()
     conv(xg).float().square().sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
-    # The state dict holds the plain weight; loading one, or a cast, unpacks.
-    state = conv.state_dict()
-    assert not state["weight"].is_mkldnn and torch.equal(state["weight"], weight)
-    conv.load_state_dict(state)
-    assert not conv.packed and torch.equal(conv.weight, weight)
-    conv.pack_for_cpu()
-    conv.float()
-    assert not conv.packed and torch.equal(conv.weight, weight.float())
+    assert_unpacked_by_state_dict_and_casts(conv, weight)
 
 
 def test_convs_that_are_not_packed():
@@ -308,7 +313,67 @@ def test_convs_that_are_not_packed():
     same = Conv2d(32, 32, 3, padding="same").requires_grad_(False)
     half = Conv2d(32, 32, 3, padding=1).half().requires_grad_(False)
     assert not any(c.pack_for_cpu() for c in (trainable, grouped, narrow, same, half))
-    assert pack_conv_weights(nn.Sequential(Conv2d(32, 32, 1), Conv2d(32, 32, 1).requires_grad_(False))) == 1
+    assert pack_weights_for_cpu(nn.Sequential(Conv2d(32, 32, 1), Conv2d(32, 32, 1).requires_grad_(False))) == 1
+
+
+# ---------------------------------------------------------------- pre-packed linear weights (CPU inference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_equals_the_plain_linear(dtype):
+    if not cpu_packing_supported(dtype):
+        pytest.skip(f"this PyTorch build or CPU has no oneDNN {dtype} matrix products")
+    torch.manual_seed(0)
+    lin = Linear(48, 80).to(dtype).requires_grad_(False)
+    weight = lin.weight.detach().clone()
+    x = torch.randn(2, 7, 48, dtype=dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.02}
+    with torch.no_grad():
+        plain, plain_gelu = lin(x), F.gelu(lin(x), approximate="tanh")
+        assert torch.equal(lin.gelu_tanh(x), plain_gelu)  # plain weight: the two ops
+        assert lin.pack_for_cpu() and lin.packed and lin.weight.shape == weight.shape
+        assert not lin.pack_for_cpu()  # once is enough
+        torch.testing.assert_close(lin(x), plain, **tol)
+        if dtype == torch.bfloat16:  # oneDNN computes with the layout it would have reordered into
+            assert torch.equal(lin(x[0]), plain[0])
+        # The fused GELU reads the fp32 accumulator: within bf16 rounding of the two-op result.
+        torch.testing.assert_close(lin.gelu_tanh(x), plain_gelu, **tol)
+        torch.testing.assert_close(lin(x.transpose(0, 1)), plain.transpose(0, 1), **tol)  # any strides
+    # A gradient for the input takes the plain product (packed weights have no autograd).
+    xg = x.detach().requires_grad_()
+    lin.gelu_tanh(xg).float().square().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    assert_unpacked_by_state_dict_and_casts(lin, weight)
+
+
+def test_gelu_is_not_fused_where_a_hook_reads_the_output():
+    """Training LoRA adds its output in a forward hook: it must get the product, not the GELU of
+    it, packed weight or not."""
+    if not cpu_packing_supported(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN matrix products")
+    torch.manual_seed(0)
+    lin = Linear(32, 64).requires_grad_(False)
+    x = torch.randn(3, 32)
+    seen = []
+    with torch.no_grad():
+        product = F.linear(x, lin.weight, lin.bias)
+        assert lin.pack_for_cpu()
+        handle = lin.register_forward_hook(lambda m, args, out: seen.append(out) or out + 1)
+        out = lin.gelu_tanh(x)
+        handle.remove()
+    torch.testing.assert_close(seen[0], product, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, F.gelu(product + 1, approximate="tanh"), atol=1e-5, rtol=1e-5)
+
+
+def test_linears_that_are_not_packed():
+    trainable = Linear(32, 32)  # requires grad: training, not inference
+    narrow = Linear(8, 32).requires_grad_(False)  # under 16 features
+    half = Linear(32, 32).half().requires_grad_(False)
+    assert not any(m.pack_for_cpu() for m in (trainable, narrow, half))
+    if cpu_packing_supported(torch.float32):
+        net = nn.Sequential(Linear(32, 32).requires_grad_(False), nn.Linear(32, 32).requires_grad_(False),
+                            Conv2d(32, 32, 1).requires_grad_(False))
+        assert pack_weights_for_cpu(net) == 2  # a plain nn.Linear is not ours to pack
 
 
 # ---------------------------------------------------------------- circular padding (seamless images)
@@ -336,7 +401,7 @@ def test_circular_padding_wraps_every_padded_conv_for_the_block(packed, stride):
     with torch.no_grad():
         want = wrapped(x)
         if packed:
-            assert pack_conv_weights(net) == 2
+            assert pack_weights_for_cpu(net) == 2
         plain = net(x)
         with layers.circular_padding(net):
             assert [m.padding_mode for m in net] == ["circular", "circular", "zeros"]

@@ -101,6 +101,28 @@ def test_matches_diffusers(pair):
 
 
 @torch.no_grad()
+def test_packed_weights_give_the_same_output(pair):
+    """CPU inference packs the linear weights for oneDNN (`perf.prepare_for_inference`) and runs
+    the MLP's GELU inside fc1's product: the same numbers as the plain model, to fp32 rounding."""
+    from sdlab.models.layers import cpu_packing_supported, pack_weights_for_cpu, unpack_weights
+
+    if not cpu_packing_supported(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN matrix products")
+    ours, _ = pair
+    i = inputs(ours.cfg)
+    plain = ours(i["x"], i["t"], i["context"], i["y"])
+    linears = sum(isinstance(m, torch.nn.Linear) for m in ours.modules())
+    try:
+        ours.requires_grad_(False)  # inference weights: frozen
+        assert pack_weights_for_cpu(ours) == linears
+        assert ours.joint_blocks[0].x_block.mlp.fc1.weight.is_mkldnn
+        assert max_diff(ours(i["x"], i["t"], i["context"], i["y"]), plain) < 1e-5
+    finally:
+        unpack_weights(ours)
+        ours.requires_grad_(True)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("skip", [(1,), (0, 2)])  # (0, 2) leaves out the pre-only last layer too
 def test_skip_layers_match_diffusers(pair, skip):
     ours, ref = pair

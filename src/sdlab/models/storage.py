@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdlab.models.layers import unpack_conv_weights
+from sdlab.models.layers import unpack_weights
 
 # Narrower than every compute dtype they are used with.
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
@@ -77,7 +77,7 @@ def set_dtypes(net: nn.Module, compute: torch.dtype, weights: torch.dtype | None
     _unwrap(net)
     # A weight packed for oneDNN (`layers.Conv2d.pack_for_cpu`) has no dtype cast of its own:
     # every change below starts from the plain layout.
-    unpack_conv_weights(net)
+    unpack_weights(net)
     narrow = narrowable(net, weights) if weights != compute else {}
     trainable = [name for name in narrow if net.get_parameter(name).requires_grad]
     if trainable:
