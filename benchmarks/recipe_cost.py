@@ -21,7 +21,8 @@ activations), the high-water mark of the timed steps alone, and on a GPU CUDA's 
 `--smoke` runs tiny models of the same layout at 64 px to check the plumbing (seconds, not hours).
 `--dir` keeps the checkpoints there for later runs (otherwise a temporary folder, removed).
 Run by hand, not by pytest. The full run on a 2-core CPU takes an hour or more and needs ~40 GiB
-of RAM for the SDXL LoRA at 1024 px in fp32.
+of RAM for the SDXL LoRA at 1024 px in fp32 (an estimate; 16 GiB in bf16, as the recipe is
+written: `--recipes character_lora_sdxl --set mixed_precision=bf16` on a CPU with bf16 in hardware).
 """
 
 from __future__ import annotations
