@@ -5,7 +5,6 @@ own loader reads into a diffusers UNet and transformers text encoder with the ou
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -309,34 +306,17 @@ def test_lycoris_resume_is_exact(tmp_path, shapes, base_model, steps, sets):
 def test_lycoris_two_processes_match_one(tmp_path, shapes):
     """2 gloo processes with batch 1 each == 1 process with batch 2: a LoHa on SDXL's UNet and both
     text encoders (the harness of test_trainer.py's test_two_processes_match_one)."""
-    from tests.training.test_trainer import _DDP_SCRIPT, _free_port
+    from tests.training.test_trainer import assert_two_processes_match_one
 
-    script = tmp_path / "ddp.py"
-    script.write_text(_DDP_SCRIPT)
     single = save_native(tiny_bundle("sdxl"), tmp_path / "sdxl.safetensors")
     sets = [f"data.folder={str(shapes)!r}", "data.resolution=32", "data.enable_bucket=false", "mode='lora'",
             f"base_model={str(single)!r}", "lr=1e-2", "steps=2", "lora.rank=4", "lora.train_text_encoder=true",
             "lora.network_module='lycoris.kohya'", "lora.network_args=['algo=loha', 'conv_dim=2', 'conv_alpha=1']"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    two_procs = subprocess.Popen([*torchrun, str(script), str(tmp_path / "two.json"), *sets, "batch_size=1",
-                                  f"output_dir={str(tmp_path / 'two')!r}"],
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        # The one-process reference runs here, meanwhile.
-        one = Trainer(load_config(None, [*sets, "batch_size=2", f"output_dir={str(tmp_path / 'one')!r}"]),
-                      progress_bar=False)
-        batches = one._global_batches()
-        one_losses = [one.train_step(batches) for _ in range(2)]
-        _, err = two_procs.communicate(timeout=300)
-    finally:
-        two_procs.kill()
-    assert two_procs.returncode == 0, err[-4000:]
-    two = json.loads((tmp_path / "two.json").read_text())
-    assert two["world"] == 2 and one.world == 1
+    one = assert_two_processes_match_one(
+        tmp_path, [*sets, "batch_size=1", f"output_dir={str(tmp_path / 'two')!r}"],
+        lambda: Trainer(load_config(None, [*sets, "batch_size=2", f"output_dir={str(tmp_path / 'one')!r}"]),
+                        progress_bar=False))
     assert any(n.startswith("lora_te2_") for n in one.lora.loras)
-    assert two["losses"] == pytest.approx(one_losses, rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- LoCon

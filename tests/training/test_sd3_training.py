@@ -48,12 +48,16 @@ def sd3(tmp_path_factory) -> Path:
     return tiny_sd3_folder(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
 
 
-def config(tmp: Path, data: Path, base: Path, **over):
-    """A tiny SD3 LoRA run (rank 4, alpha 2, 32 px); `over` are `--set` style overrides."""
+def config_sets(tmp: Path, data: Path, base: Path, **over) -> list[str]:
+    """A tiny SD3 LoRA run (rank 4, alpha 2, 32 px) as `--set` arguments; `over` are more of them."""
     sets = [f"data.folder={str(data)!r}", "data.resolution=32", "data.enable_bucket=false", "data.cache_latents=true",
             f"output_dir={str(tmp / 'out')!r}", "batch_size=2", "lr=1e-3", "mode='lora'",
             f"base_model={str(base)!r}", "steps=4", "lora.rank=4", "lora.alpha=2", "save_dtype='fp32'"]
-    return load_config(None, sets + [f"{k}={v}" for k, v in over.items()])
+    return sets + [f"{k}={v}" for k, v in over.items()]
+
+
+def config(tmp: Path, data: Path, base: Path, **over):
+    return load_config(None, config_sets(tmp, data, base, **over))
 
 
 def trainer(cfg) -> Trainer:
@@ -381,3 +385,18 @@ def test_options_of_the_other_family_are_refused_before_any_step(tmp_path, shape
         trainer(config(tmp_path, shapes, model, **sets))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- many processes
+
+
+def test_two_processes_match_one(tmp_path, shapes, sd3):
+    """2 gloo processes with batch 1 each == 1 process with batch 2 on SD3: the same global batches,
+    noise and logit-normal timesteps, the text-encoder cache filled per process, and DDP over a
+    LoRA on the MMDiT (and on CLIP-L / CLIP-G, whose cached T5 part no gradient reaches)."""
+    from tests.training.test_trainer import assert_two_processes_match_one
+
+    common = {"steps": 2, "weighting_scheme": "'logit_normal'", "training_shift": 3.0,
+              "cache_text_encoder_outputs": "true", "lora.train_text_encoder": "true"}
+    assert_two_processes_match_one(tmp_path, config_sets(tmp_path / "two", shapes, sd3, batch_size=1, **common),
+                                   lambda: trainer(config(tmp_path / "one", shapes, sd3, batch_size=2, **common)))

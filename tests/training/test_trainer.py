@@ -1044,14 +1044,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_two_processes_match_one(tmp_path: Path, sets: list[str], one_process, timeout: float = 300):
+    """Two gloo processes with batch 1 each (`sets`, as `--set` arguments, for `_DDP_SCRIPT`) give
+    the losses of one process with batch 2 (`one_process()`, a Trainer built here, meanwhile: a
+    third interpreter costs seconds) over two steps. Returns the one-process Trainer."""
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    two_procs = subprocess.Popen([*torchrun, str(script), str(tmp_path / "two.json"), *sets], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        one = one_process()
+        batches = one._global_batches()
+        one_losses = [one.train_step(batches) for _ in range(2)]
+        _, err = two_procs.communicate(timeout=timeout)
+    finally:
+        two_procs.kill()
+    assert two_procs.returncode == 0, err[-4000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world"] == 2 and one.world == 1
+    assert two["losses"] == pytest.approx(one_losses, rel=1e-4)
+    return one
+
+
 @pytest.mark.parametrize("model", ["scratch", "sdxl-finetune-text-encoders", "sdxl-lora-text-encoders",
                                    "sdxl-embedding"])
 def test_two_processes_match_one(tmp_path, shapes, model):
     """2 gloo processes with batch 1 each == 1 process with batch 2 (same global batches and noise).
     Fine-tuned SDXL text encoders have parameters no gradient reaches (CLIP-L's last layer and final
     norm): DDP must be told, or its second step fails."""
-    script = tmp_path / "ddp.py"
-    script.write_text(_DDP_SCRIPT)
     common = {"lr": "1e-3", "steps": 2}
     if model == "scratch":  # adaptive noise reads every rank's latents; multires noise rescales the global batch
         common.update(noise_offset=0.1, adaptive_noise_scale=0.5, multires_noise_iterations=3)
@@ -1068,23 +1091,8 @@ def test_two_processes_match_one(tmp_path, shapes, model):
     sets = [f"data.folder={str(shapes)!r}", "data.resolution=32", "data.enable_bucket=false", "mode='scratch'",
             "model.preset='tiny'", "batch_size=1", f"output_dir={str(tmp_path / 'two')!r}"]
     sets += [f"{k}={v}" for k, v in common.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    two_procs = subprocess.Popen([*torchrun, str(script), str(tmp_path / "two.json"), *sets], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        # The one-process reference runs here, meanwhile (a third interpreter costs seconds).
-        one = trainer(config(tmp_path / "one", shapes, batch_size=2, **common))
-        batches = one._global_batches()
-        one_losses = [one.train_step(batches) for _ in range(2)]
-        _, err = two_procs.communicate(timeout=120)
-    finally:
-        two_procs.kill()
-    assert two_procs.returncode == 0, err[-4000:]
-    two = json.loads((tmp_path / "two.json").read_text())
-    assert two["world"] == 2 and one.world == 1
-    assert two["losses"] == pytest.approx(one_losses, rel=1e-4)
+    assert_two_processes_match_one(tmp_path, sets,
+                                   lambda: trainer(config(tmp_path / "one", shapes, batch_size=2, **common)), timeout=120)
 
 
 def test_fp8_base_trains_as_a_base_rounded_to_fp8(tmp_path, shapes, fresh_accelerate):
