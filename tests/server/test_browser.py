@@ -7,27 +7,17 @@ screenshot of each scenario is saved under $SDLAB_TEST_ARTIFACTS (default
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import os
-import re
-import shutil
-import tempfile
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-CHROMIUM = os.environ.get("SDLAB_CHROMIUM", "/usr/bin/chromium")
-if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
-    pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium; or set SDLAB_CHROMIUM)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed "
-                               "(pip install playwright; no browser download is needed)")
+from .browser import (chromium, english_left, gallery_images, generate_and_wait, open_page, png_of, screenshot,
+                      select_checkpoint, sent_bodies, skip_without_a_browser, wait_for_page)
+
+skip_without_a_browser()
 uvicorn = pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
@@ -45,14 +35,6 @@ from .live import serving  # noqa: E402
 NATIVE_64 = "demo64.safetensors"
 PLAIN_SD1 = "tiny.safetensors"
 MAX_SEED_TEXT = "9223372036854775807"  # the API's upper bound for seeds (2**63 - 1)
-
-REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(os.environ.get("SDLAB_TEST_ARTIFACTS", REPO / "test-artifacts"))
-# Flags that keep Chromium off the network it does not have, and quiet in a container.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
-TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -77,63 +59,9 @@ def base_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def playwright():
-    with sync_api.sync_playwright() as pw:
-        yield pw
-
-
-@contextmanager
-def chromium(pw, locale: str):
-    """A Chromium whose browser language is `locale` (navigator.languages, Accept-Language)."""
-    profile = tempfile.mkdtemp(prefix="sdlab-chromium-")
-    try:
-        ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, locale=locale,
-                                                    args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900})
-    except Exception as e:  # a Chromium that cannot start here is an environment problem, not ours
-        shutil.rmtree(profile, ignore_errors=True)
-        pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(e).splitlines()[0][:200]}")
-    try:
-        yield ctx
-    finally:
-        ctx.close()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def browser(playwright):
-    # English whatever the machine's LANG says: the page follows the browser's language
-    with chromium(playwright, "en-US") as ctx:
-        yield ctx
-
-
-@pytest.fixture(scope="module")
 def zh_browser(playwright):
     with chromium(playwright, "zh-CN") as ctx:
         yield ctx
-
-
-def open_page(ctx, base_url):
-    page = ctx.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(base_url + "/")
-    wait_for_page(page)
-    return page, errors
-
-
-def wait_for_page(page) -> None:
-    page.wait_for_function("document.querySelector('#model').options.length > 0 "
-                           "&& document.querySelector('#sampler').options.length > 0 "
-                           "&& document.querySelector('#model-status').textContent !== ''")
-
-
-@pytest.fixture
-def page(browser, base_url):
-    page, errors = open_page(browser, base_url)
-    yield page
-    page.close()
-    assert not errors, errors
 
 
 @pytest.fixture
@@ -145,32 +73,6 @@ def zh_page(zh_browser, base_url):
     assert not errors, errors
 
 
-def screenshot(page, name: str, full_page: bool = True) -> Path:
-    """full_page=False for what is on screen only (the large view covers the window, not the page)."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=full_page)
-    print(f"screenshot: {path}")
-    return path
-
-
-def gallery_images(page) -> list[dict]:
-    return page.eval_on_selector_all(
-        "#gallery img", "els => els.map(e => ({w: e.naturalWidth, h: e.naturalHeight, ok: e.complete, src: e.src}))")
-
-
-def png_of(data_url: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
-
-
-def generate_and_wait(page, n: int = 1) -> None:
-    """Click Generate and wait for `n` decoded images in the tab's gallery and the button back."""
-    page.click("#generate")
-    page.wait_for_function(f"[...document.querySelectorAll('#gallery img')].length === {n} && "
-                           "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth) "
-                           "&& document.querySelector('#generate').textContent === 'Generate'")
-
-
 def server_options(base_url: str) -> dict:
     with urllib.request.urlopen(base_url + "/sdapi/v1/options") as r:
         return json.load(r)
@@ -180,14 +82,6 @@ def set_server_options(base_url: str, options: dict) -> None:
     req = urllib.request.Request(base_url + "/sdapi/v1/options", data=json.dumps(options).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
     urllib.request.urlopen(req, timeout=60).read()
-
-
-def sent_bodies(page, path: str) -> list[dict]:
-    """The JSON bodies the page POSTs to /sdapi/v1/<path> from now on."""
-    bodies: list[dict] = []
-    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/sdapi/v1/" + path)
-            and r.method == "POST" else None)
-    return bodies
 
 
 def test_type_a_prompt_generate_and_see_the_image_in_the_gallery(page, tmp_path):
@@ -367,16 +261,6 @@ def test_png_info_reads_a_dropped_image_and_sends_it_to_txt2img(page, tmp_path):
 
 
 # -- issue 25: what a newcomer trips over --------------------------------------------------------------
-
-
-def select_checkpoint(page, name: str) -> None:
-    """Pick a checkpoint in the header by file name; wait until the server has loaded it."""
-    value = page.evaluate("(name) => [...document.querySelector('#model').options].map(o => o.value)"
-                          ".find(v => v.startsWith(name))", name)
-    page.select_option("#model", value)
-    page.wait_for_function("(name) => !document.querySelector('#model').disabled && "
-                           "document.querySelector('#model').value.startsWith(name) && "
-                           "!document.querySelector('#model-status').textContent.includes('loading')", arg=name)
 
 
 def size_fields(page) -> tuple[str, str]:
@@ -661,52 +545,6 @@ def test_hires_fix_from_the_txt2img_tab(page):
     page.click("#generate")
     assert page.text_content("#error") == "Upscale by must be at least 1"
     screenshot(page, "hires-fix")
-
-
-# Latin words the Chinese page keeps: names of things, keys, and the English the community keeps
-# beside its Chinese terms ("提示词引导系数 (CFG Scale)").
-KEPT_WORDS = {"CFG", "Scale", "LoRA", "VAE", "CLIP", "Steps", "Sampler", "Seed", "Hires", "fix", "Embedding",
-              "Refiner", "Latent", "PNG", "SHA", "Ctrl", "Enter", "Esc", "sdlab", "Stable", "Diffusion", "GPU", "CPU",
-              "NV", "NVIDIA", "NoobAI-XL", "v-pred", "FP8", "FP16", "SDXL", "English", "ControlNet", "Eta",
-              "ComfyUI"}
-
-# Every visible text of the page that a person reads as words: text nodes, the options of the
-# page's own choices, and the titles, placeholders, ARIA labels and alt texts of what is shown.
-# Left out: what the server lists (checkpoints, samplers, LoRAs...; [data-list] marks the others),
-# what the user or the model wrote (prompts, infotexts), and code.
-VISIBLE_TEXTS = """() => {
-  const data = "#model, #sampler, #scheduler, #lora, #embedding, #refiner, #hr-upscaler, #lang, #model-status, " +
-               "textarea, #infotext, #png-text, #png-table, code, .readonly, #styles-list, [data-list], " +
-               "#extras-info";
-  const shown = (el) => el.tagName === "OPTION" ? el.parentElement.checkVisibility() : el.checkVisibility();
-  const out = [];
-  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
-  for (let n; (n = walker.nextNode());) {
-    const el = n.parentElement, text = n.textContent.trim();
-    if (text && !el.closest(data + ", script, style, svg") && shown(el)) out.push(text);
-  }
-  for (const el of document.querySelectorAll("[title], [placeholder], [aria-label], [alt]")) {
-    // the switch names each language in its own; a setting's title is its key in the API
-    if (el.matches("#lang, #settings-form label") || el.closest(data) || !shown(el)) continue;
-    for (const a of ["title", "placeholder", "aria-label", "alt"]) if (el.getAttribute(a)) out.push(el.getAttribute(a));
-  }
-  return out;
-}"""
-
-
-def english_left(page) -> list[str]:
-    """The visible texts that are still English: an English entry of the table (one the
-    Chinese table writes otherwise), or a Latin word that is not a kept name."""
-    en, zh = page.evaluate("[I18N.en, I18N['zh-CN']]")
-    english = {v.strip() for k, v in en.items() if v != zh.get(k)}
-    left = []
-    for text in page.evaluate(VISIBLE_TEXTS):
-        prose = re.sub(r"<[^>]*>", "", text)  # prompt syntax (<lora:name:1>) is the same in every language
-        words = [w for w in re.findall(r"[A-Za-z][A-Za-z0-9_.-]*[A-Za-z0-9]", prose)
-                 if w not in KEPT_WORDS and not re.search(r"[0-9_]", w)]  # keys and file names carry _ or digits
-        if text in english or words:
-            left.append(text)
-    return left
 
 
 def test_the_page_in_chinese_from_the_browsers_language_switched_and_remembered(zh_page):

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from .test_browser import (chromium, english_left, gallery_images, generate_and_wait, open_page,
-                           png_of, screenshot, sent_bodies, sync_api)
+from .browser import (english_left, gallery_images, generate_and_wait, png_of, screenshot, sent_bodies,
+                      skip_without_a_browser)
+
+skip_without_a_browser()
 
 pytest.importorskip("cv2")
 
@@ -62,26 +64,6 @@ def base_url(models, tmp_path_factory):
     app = create_app(ServerSettings(models_dir=models, outputs_dir=tmp_path_factory.mktemp("outputs")))
     with serving(app) as port:
         yield f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def playwright():
-    with sync_api.sync_playwright() as pw:
-        yield pw
-
-
-@pytest.fixture(scope="module")
-def browser(playwright):
-    with chromium(playwright, "en-US") as ctx:
-        yield ctx
-
-
-@pytest.fixture
-def page(browser, base_url):
-    page, errors = open_page(browser, base_url)
-    yield page
-    page.close()
-    assert not errors, errors
 
 
 def shape(path, size=(48, 40), parameters: str | None = None):

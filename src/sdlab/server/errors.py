@@ -40,6 +40,11 @@ class ModelLoadError(SdlabError):
     """A checkpoint in the folder could not be loaded: 500, with the loader's message."""
 
 
+class NeedsOption(SdlabError):
+    """A checkpoint that loads only with an option the client has not set (an SD3.5 file with no
+    VAE chosen): 422, since the client can fix it, unlike a damaged file (`ModelLoadError`)."""
+
+
 STATUS = (  # checked in order: subclasses first
     (NotFound, 404),
     (BadInput, 400),
@@ -49,6 +54,7 @@ STATUS = (  # checked in order: subclasses first
     (MissingDependency, 500),  # a package the server's installation lacks: not the client's doing
     (NotProvided, 501),
     (NoModel, 503),
+    (NeedsOption, 422),
     (ModelLoadError, 500),
     (SdlabError, 422),  # any other user-facing error is a request the pipeline refused
 )

@@ -15,6 +15,7 @@ from ..demo_model import builtin_model, demo_model_path
 from ..errors import SdlabError
 from ..families import Family
 from .catalog import CheckpointEntry, ModelCatalog, NotFound
+from .errors import NeedsOption
 from .settings import ServerSettings
 from .worker import Worker
 
@@ -95,7 +96,7 @@ class ServerState:
         s = self.settings
         vae = self.vae_for(entry)
         if vae is None and not checkpoint_family(entry.path)[1]:
-            raise SdlabError(f"{entry.name} holds no VAE (SD3.5 files ship without one): choose SD3's VAE with the "
+            raise NeedsOption(f"{entry.name} holds no VAE (SD3.5 files ship without one): choose SD3's VAE with the "
                              f"sd_vae option (a file in {self.catalog.models.folder('vae')}, POST /sdapi/v1/options "
                              '{"sd_vae": "NAME"}) or start the server with --vae NAME|PATH')
         weight_dtype = torch.float8_e4m3fn if self._fp8_weights(entry) else parse_weight_dtype(s.weight_dtype)

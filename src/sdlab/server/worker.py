@@ -27,7 +27,7 @@ from ..errors import SdlabError
 from ..outputs import samples_folder, save_image
 from ..pipeline import GenerationRequest, GenerationResult, Interrupted, Pipeline, Progress
 from .catalog import CheckpointEntry, ModelCatalog
-from .errors import ModelLoadError, NoModel
+from .errors import ModelLoadError, NeedsOption, NoModel
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,8 @@ class Worker:
         log.info("loading %s", entry.path)
         try:
             self._pipeline = self._loader(entry)
+        except NeedsOption:
+            raise  # the client's to fix (a 422), not a broken file
         except SdlabError as e:
             raise ModelLoadError(f"cannot load {entry.name}: {e}") from None
         self._loaded_key = key

@@ -151,6 +151,15 @@ def _userdata_names(request: Request) -> tuple[str, str | None]:
     return unquote(source), (unquote(dest) if sep else None)
 
 
+def _user_path(files: UserFiles, name: str, *, folder_ok: bool = True) -> Path | Response:
+    """The path of a user file, or the answer that refuses it: 400 for no name, 403 for a name
+    outside the user folder (and, where `folder_ok` is false, for the user folder itself)."""
+    path = files.path(name) if name else None
+    if path is None or (not folder_ok and path == files.root.resolve()):
+        return Response(status_code=403 if name else 400)
+    return path
+
+
 def _flag(request: Request, name: str, default: bool) -> bool:
     value = request.query_params.get(name)
     return default if value is None else value.lower() == "true"
@@ -257,9 +266,9 @@ def make_router() -> APIRouter:
     async def get_userdata(request: Request):
         files = user_files(request)
         name, _ = _userdata_names(request)
-        path = files.path(name) if name else None
-        if path is None:
-            return Response(status_code=403 if name else 400)
+        path = _user_path(files, name)
+        if isinstance(path, Response):
+            return path
         if not path.is_file():
             if name in BOOT_FILES:
                 media, empty = BOOT_FILES[name]
@@ -277,14 +286,14 @@ def make_router() -> APIRouter:
     async def post_userdata(request: Request):
         files = user_files(request)
         name, dest_name = _userdata_names(request)
-        path = files.path(name) if name else None
-        if path is None or path == files.root.resolve():
-            return Response(status_code=403 if name else 400)
+        path = _user_path(files, name, folder_ok=False)
+        if isinstance(path, Response):
+            return path
         overwrite, full_info = _flag(request, "overwrite", True), _flag(request, "full_info", False)
         if dest_name is not None:  # /userdata/{file}/move/{dest}
-            dest = files.path(dest_name) if dest_name else None
-            if dest is None or dest == files.root.resolve():
-                return Response(status_code=403 if dest_name else 400)
+            dest = _user_path(files, dest_name, folder_ok=False)
+            if isinstance(dest, Response):
+                return dest
             if not path.is_file():
                 return Response(status_code=404)
             if not overwrite and dest.exists():
@@ -308,9 +317,9 @@ def make_router() -> APIRouter:
     async def delete_userdata(request: Request):
         files = user_files(request)
         name, _ = _userdata_names(request)
-        path = files.path(name) if name else None
-        if path is None:
-            return Response(status_code=403 if name else 400)
+        path = _user_path(files, name)
+        if isinstance(path, Response):
+            return path
         if not path.is_file():
             return Response(status_code=404)
         path.unlink()
