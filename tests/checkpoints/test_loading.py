@@ -277,7 +277,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sdlab", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_bad_files_give_one_line_errors(tmp_path):
+def test_bad_files_give_one_line_errors(tmp_path, capsys):
     good = save_native(tiny_bundle("sd1"), tmp_path / "good.safetensors")
     data = good.read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
@@ -289,12 +289,18 @@ def test_bad_files_give_one_line_errors(tmp_path):
 
     cases = {"truncated.safetensors": "truncated", "notes.ckpt": "not a readable", "evil.ckpt": "run code",
              "unknown.pt": "not a Stable Diffusion", "missing.safetensors": "no such file"}
-    for name, words in cases.items():
-        r = _cli("info", str(tmp_path / name))
-        assert r.returncode != 0, name
-        assert "Traceback" not in r.stderr, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and name in lines[0] and words in lines[0], (name, r.stderr)
+    for i, (name, words) in enumerate(cases.items()):
+        # The first through `python -m sdlab` (the entry point's own handling); the others through
+        # the same main() in this process, seconds faster each.
+        if i == 0:
+            r = _cli("info", str(tmp_path / name))
+            code, err = r.returncode, r.stderr
+        else:
+            code, err = cli_main(["info", str(tmp_path / name)]), capsys.readouterr().err
+        assert code != 0, name
+        assert "Traceback" not in err, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and name in lines[0] and words in lines[0], (name, err)
     assert not target.exists(), "unpickling ran code"
 
 
