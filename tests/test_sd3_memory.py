@@ -132,7 +132,7 @@ def test_parking_is_only_for_gpus_and_not_with_offload(pipe):
 def test_the_server_keeps_encoders_while_a_generation_job_waits():
     from sdlab.server.worker import Job, Worker
 
-    worker = Worker(catalog=None, loader=lambda entry: None)
+    worker = Worker(catalog=None, loader=lambda entry, options: None)
     assert not worker.generation_waiting()
     worker._queue.put(Job("load", None))
     assert not worker.generation_waiting()

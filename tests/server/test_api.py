@@ -190,9 +190,10 @@ def test_txt2img_same_seed_same_image_and_random_seed_reported(client):
 def test_unknown_fields_and_options_pass_with_a_note(client):
     """Keys no request model declares, and options sdlab does not have, are dropped as the web UI
     drops them (clients of newer versions and forks send their own), with a note in info."""
-    _, info = txt2img(client, prompt="x", steps=1, no_such_field=[1, 2], override_settings={"sd_vae": "x.pt"})
+    _, info = txt2img(client, prompt="x", steps=1, no_such_field=[1, 2],
+                      override_settings={"sd_hypernetwork": "None"})
     notes = " | ".join(info["notes"])
-    assert "no_such_field" in notes and info["ignored_fields"] == ["no_such_field"] and "sd_vae" in notes
+    assert "no_such_field" in notes and info["ignored_fields"] == ["no_such_field"] and "sd_hypernetwork" in notes
 
 
 def test_hires_fix_gives_a_larger_image_whose_infotext_the_web_ui_reads(client):
@@ -1075,6 +1076,13 @@ def test_fp8_storage_option_reloads_the_model_with_fp8_weights(models_dir):
         again, _ = txt2img(c, seed=4)
         assert again["images"] == plain["images"] and storage() == (torch.float32, torch.float32)
         r = c.post(f"{API}/options", json={"fp8_storage": "On"})
+        assert r.status_code == 422 and "fp8_storage must be one of" in r.text
+        # For one request (override_settings): that request's model in fp8, the next one's as the options say.
+        once, _ = txt2img(c, seed=4, override_settings={"fp8_storage": "Enable"})
+        assert once["images"] == fp8["images"] and storage() == (torch.float8_e4m3fn, torch.float8_e4m3fn)
+        after, _ = txt2img(c, seed=4)
+        assert after["images"] == plain["images"] and storage() == (torch.float32, torch.float32)
+        r = c.post(f"{API}/txt2img", json={"prompt": "x", "override_settings": {"fp8_storage": "On"}})
         assert r.status_code == 422 and "fp8_storage must be one of" in r.text
 
 

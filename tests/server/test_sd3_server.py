@@ -111,6 +111,22 @@ def test_sd_vae_option_loads_a_vae_less_sd3_file(models, tmp_path):
     assert infotext == our_infotext and f"VAE: {VAE_FILE.removesuffix('.safetensors')}" in infotext
 
 
+def test_override_settings_sd_vae_is_this_requests_vae(models, tmp_path):
+    """The web UI's override_settings {"sd_vae": NAME}: this request's model is loaded with that VAE
+    (the Python API's image with load(..., vae=NAME)), and the next request without it gets the
+    options' choice again (here none: the VAE-less file is refused), as the web UI restores them."""
+    app = create_app(ServerSettings(models_dir=models, model=SD1, outputs_dir=tmp_path, **FP32))
+    with TestClient(app) as client:
+        pixels, infotext = _txt2img(client, override_settings={"sd_model_checkpoint": BARE, "sd_vae": VAE_FILE})
+        ours, our_infotext = _python(models, 77)
+        assert np.array_equal(pixels, ours) and infotext == our_infotext
+        assert client.get(f"{API}/options").json()["sd_vae"] == "Automatic"  # the option itself is unchanged
+        r = client.post(f"{API}/txt2img", json={**BODY, "override_settings": {"sd_model_checkpoint": BARE}})
+        assert r.status_code == 422 and "holds no VAE" in r.json()["detail"]
+        r = client.post(f"{API}/txt2img", json={**BODY, "override_settings": {"sd_vae": "nope"}})
+        assert r.status_code == 422 and "sd_vae" in r.json()["detail"] and "\n" not in r.json()["detail"]
+
+
 def test_serve_vae_and_t5_max_length_flags(models, tmp_path):
     from sdlab.cli import build_parser
 

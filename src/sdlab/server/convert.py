@@ -23,7 +23,7 @@ from .errors import BadInput, OverLimit, Unsupported
 from .models import GenerationFields, Img2ImgRequest, Txt2ImgRequest
 from .images import decode_image
 from .settings import Limits
-from .state import (RANDN_SOURCES, ServerState, bool_option, clip_skip_value, noise_schedule_value,
+from .state import (LOAD_OPTIONS, RANDN_SOURCES, ServerState, bool_option, clip_skip_value, noise_schedule_value,
                     randn_source_value)
 from .worker import JobResult
 
@@ -158,6 +158,8 @@ class Prepared:
     styled_negative_prompt: str = ""
     # ControlNet: for each unit of request.controls, whether its detected map is appended to images.
     control_maps: list[bool] = field(default_factory=list)
+    # override_settings of the options a model is loaded with (sd_vae, fp8_storage): the job's.
+    load_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _fill_from_infotext(body: GenerationFields) -> GenerationFields:
@@ -238,6 +240,7 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     randn = state.option("randn_source")
     noise_schedule = state.option("sd_noise_schedule")
     no_detectmap = state.option("control_net_no_detectmap")
+    load_options: dict[str, Any] = {}
     for key, value in body.override_settings.items():
         if key == "sd_model_checkpoint":
             checkpoint = state.catalog.find_checkpoint(str(value))
@@ -249,6 +252,8 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
             noise_schedule = noise_schedule_value(value)
         elif key == "control_net_no_detectmap":
             no_detectmap = bool_option(key, value)
+        elif key in LOAD_OPTIONS:  # for this request's model: loaded with them, then as the options say
+            load_options[key] = state.checked_option(key, value)
         else:
             notes.append(f"override_settings[{key!r}] is not an option sdlab has; ignored")
 
@@ -293,7 +298,7 @@ def prepare(body: Txt2ImgRequest | Img2ImgRequest, state: ServerState) -> Prepar
     # refused before the request waits in the queue, and for the info.
     styled = apply_styles(gen, state.styles_file)
     return Prepared(gen, checkpoint, notes, ignored, sampler_info.name, styled.prompt, styled.negative_prompt,
-                    [u.save_detected_map and not no_detectmap for u in units])
+                    [u.save_detected_map and not no_detectmap for u in units], load_options)
 
 
 def _sd3_fields(body: GenerationFields, gen: GenerationRequest) -> GenerationRequest:

@@ -129,7 +129,7 @@ async def run_script(body: Body, kind: str, state: ServerState, request: Request
         return out, saved, entry[0]
 
     try:
-        out, saved, entry = await run_job(Job(kind, prep.checkpoint, task=work), state, request)  # type: ignore[arg-type]
+        out, saved, entry = await run_job(Job(kind, prep.checkpoint, task=work, options=prep.load_options), state, request)  # type: ignore[arg-type]
     except ClientGone:
         return Response(status_code=499)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from fastapi import Request
@@ -26,6 +28,11 @@ FP8_STORAGE = ("Disable", "Enable for SDXL", "Enable")  # the web UI's "FP8 weig
 # The web UI's sd_vae choices besides a file's name: "Automatic" is the server's --vae where it was
 # started with one, else the checkpoint's own VAE; "None" is always the checkpoint's own.
 VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"
+# The options a model is loaded with: a change of one (or a request's override_settings of one)
+# loads it again.
+LOAD_OPTIONS = ("fp8_storage", "sd_vae")
+NO_SUCH_OPTION = object()
+EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 class ServerState:
@@ -44,7 +51,8 @@ class ServerState:
                                          "sd_noise_schedule": "Default", "fp8_storage": "Disable",
                                          # the ControlNet extension's "Do not append detectmap to output"
                                          "control_net_no_detectmap": False, "sd_vae": VAE_AUTOMATIC}
-        # A model is loaded again when fp8_storage changes what its weights are stored as, or sd_vae its VAE.
+        # A model is loaded again when fp8_storage changes what its weights are stored as, or sd_vae
+        # its VAE (the options' values, or a job's override_settings of them).
         self.worker = Worker(self.catalog, self._load_pipeline, load_key=self.load_options)
         # ComfyUI's face (its queue records, history, websockets), whose jobs share the worker.
         from .comfy.state import ComfyState
@@ -86,7 +94,9 @@ class ServerState:
         self.catalog.refresh()
         return next(e for e in self.catalog.checkpoints() if e.path == demo)
 
-    def _load_pipeline(self, entry: CheckpointEntry):
+    def _load_pipeline(self, entry: CheckpointEntry, overrides: Mapping[str, Any] = EMPTY):
+        """The pipeline of a checkpoint, loaded with the server's load options (LOAD_OPTIONS) or a
+        request's `overrides` of them (its override_settings)."""
         import torch
 
         from ..device import parse_dtype, parse_weight_dtype
@@ -94,12 +104,13 @@ class ServerState:
         from ..pipeline import Pipeline
 
         s = self.settings
-        vae = self.vae_for(entry)
+        vae = self.vae_for(entry, overrides.get("sd_vae"))
         if vae is None and not checkpoint_family(entry.path)[1]:
             raise NeedsOption(f"{entry.name} holds no VAE (SD3.5 files ship without one): choose SD3's VAE with the "
                              f"sd_vae option (a file in {self.catalog.models.folder('vae')}, POST /sdapi/v1/options "
                              '{"sd_vae": "NAME"}) or start the server with --vae NAME|PATH')
-        weight_dtype = torch.float8_e4m3fn if self._fp8_weights(entry) else parse_weight_dtype(s.weight_dtype)
+        weight_dtype = (torch.float8_e4m3fn if self._fp8_weights(entry, overrides.get("fp8_storage"))
+                        else parse_weight_dtype(s.weight_dtype))
         root = self.catalog.models.root  # SD3's separate encoders, where ComfyUI keeps them (as sdlab.load)
         # As sdlab.load(model, vae=...): an SD3 file without a VAE is built with this one; every
         # other model has its own replaced by it (`Pipeline.use_vae`, named in the infotext).
@@ -115,15 +126,17 @@ class ServerState:
             pipeline.use_vae(vae)
         return pipeline
 
-    def load_options(self) -> tuple[Any, ...]:
-        """The options a model is loaded with: a change of one loads the selected model again."""
-        return self.option("fp8_storage"), self.option("sd_vae")
+    def load_options(self, overrides: Mapping[str, Any] = EMPTY) -> tuple[Any, ...]:
+        """The options a model is loaded with (LOAD_OPTIONS; a request's `overrides` of them
+        first): a change of one loads the model again."""
+        return tuple(overrides.get(key, self.option(key)) for key in LOAD_OPTIONS)
 
-    def vae_for(self, entry: CheckpointEntry) -> Path | None:
-        """The VAE file the sd_vae option chooses for a checkpoint (None: its own). A file named in
-        the option replaces any model's VAE, as the web UI's; --vae ("Automatic") only those of the
-        models whose latents it makes, so that an SD3 VAE given for SD3.5 files leaves SD 1.x alone."""
-        choice = self.option("sd_vae")
+    def vae_for(self, entry: CheckpointEntry, choice: str | None = None) -> Path | None:
+        """The VAE file the sd_vae option (or `choice`, a request's) chooses for a checkpoint
+        (None: its own). A file named in the option replaces any model's VAE, as the web UI's; --vae
+        ("Automatic") only those of the models whose latents it makes, so that an SD3 VAE given for
+        SD3.5 files leaves SD 1.x alone."""
+        choice = choice or self.option("sd_vae")
         if choice == VAE_NONE:
             return None
         if choice != VAE_AUTOMATIC:
@@ -147,10 +160,10 @@ class ServerState:
         """The VAE files the sd_vae option may name, as GET /sdapi/v1/sd-vae lists them."""
         return [(m.name + m.path.suffix, m.path) for m in self.catalog.models.list_vaes()]
 
-    def _fp8_weights(self, entry: CheckpointEntry) -> bool:
-        """Whether the fp8_storage option asks for fp8 weights for this model (the web UI's rule:
-        "Enable", or "Enable for SDXL" and an SDXL model, base or refiner)."""
-        choice = self.option("fp8_storage")
+    def _fp8_weights(self, entry: CheckpointEntry, choice: str | None = None) -> bool:
+        """Whether the fp8_storage option (or `choice`, a request's) asks for fp8 weights for this
+        model (the web UI's rule: "Enable", or "Enable for SDXL" and an SDXL model, base or refiner)."""
+        choice = choice or self.option("fp8_storage")
         if choice != "Enable for SDXL":
             return choice == "Enable"
         from ..checkpoints.loader import config_of, open_model
@@ -173,6 +186,21 @@ class ServerState:
 
     def set_option(self, key: str, value: Any) -> bool:
         """Set one option; False if sdlab has no such option (the web UI ignores those too)."""
+        if key in ("sd_model_checkpoint", "sd_checkpoint_hash", "samples_format"):
+            return key == "sd_model_checkpoint"  # handled by the router (a model switch)
+        value = self.checked_option(key, value)
+        if value is NO_SUCH_OPTION:
+            return False
+        with self._lock:
+            self._options[key] = value
+        return True
+
+    def checked_option(self, key: str, value: Any) -> Any:
+        """An option's value as the server keeps it (NO_SUCH_OPTION for a key sdlab does not have).
+
+        Raises:
+            SdlabError: a value the option does not take.
+        """
         if key == "CLIP_stop_at_last_layers":
             value = clip_skip_value(value)
         elif key == "randn_source":
@@ -191,13 +219,9 @@ class ServerState:
                     self._vae_path(value)
                 except SdlabError as e:
                     raise SdlabError(f"sd_vae: {e}; or 'Automatic' / 'None' (the checkpoint's own VAE)") from None
-        elif key in ("sd_model_checkpoint", "sd_checkpoint_hash", "samples_format"):
-            return key == "sd_model_checkpoint"  # handled by the router (a model switch)
         else:
-            return False
-        with self._lock:
-            self._options[key] = value
-        return True
+            return NO_SUCH_OPTION
+        return value
 
     def option(self, key: str) -> Any:
         with self._lock:

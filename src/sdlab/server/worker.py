@@ -15,10 +15,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from PIL import Image
@@ -48,6 +49,10 @@ class Job:
     # A "graph" job (ComfyUI's face): what runs in the worker thread, given a `TaskContext`;
     # its return value is the job's result.
     task: Callable[[TaskContext], Any] | None = None
+    # Load options (`ServerState.load_options`: sd_vae, fp8_storage) this job's model is loaded
+    # with instead of the server's: a request's override_settings. A job after it without them
+    # loads the model as the options say again, as the web UI restores them afterwards.
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def cancel(self) -> None:
         """The client is gone: drop the job if it waits, stop it at the next step if it runs."""
@@ -91,15 +96,16 @@ class ProgressSnapshot:
     preview: Callable[[], Image.Image | None] | None
 
 
-Loader = Callable[[CheckpointEntry], Pipeline]
+Loader = Callable[[CheckpointEntry, Mapping[str, Any]], Pipeline]  # (checkpoint, a job's load options)
 
 
 class Worker:
     """One thread, one model, one queue."""
 
-    def __init__(self, catalog: ModelCatalog, loader: Loader, load_key: Callable[[], Any] = lambda: None):
-        """`load_key()`: the settings a model is loaded with (its weight dtype, say); a model
-        loaded under another key is loaded again."""
+    def __init__(self, catalog: ModelCatalog, loader: Loader,
+                 load_key: Callable[[Mapping[str, Any]], Any] = lambda options: None):
+        """`load_key(options)`: the settings a model is loaded with (its weight dtype, say), given a
+        job's overrides of them; a model loaded under another key is loaded again."""
         self.catalog = catalog
         self._loader = loader
         self._load_key = load_key
@@ -206,13 +212,14 @@ class Worker:
                                  job_timestamp=time.strftime("%Y%m%d%H%M%S"), time_start=time.time(),
                                  textinfo=textinfo)
 
-    def _ensure_model(self, entry: CheckpointEntry | None) -> tuple[Pipeline, CheckpointEntry]:
+    def _ensure_model(self, entry: CheckpointEntry | None,
+                      options: Mapping[str, Any] = MappingProxyType({})) -> tuple[Pipeline, CheckpointEntry]:
         if entry is None:
             if self._pipeline is not None:
                 return self._pipeline, self.loaded
             raise NoModel(f"no model to generate with: put a checkpoint in {self.catalog.root / 'Stable-diffusion'} "
                           "or start the server with --model")
-        key = self._load_key()
+        key = self._load_key(options)
         if (self._pipeline is not None and self.loaded is not None and self.loaded.path == entry.path
                 and self._loaded_key == key):
             return self._pipeline, self.loaded
@@ -224,7 +231,7 @@ class Worker:
             self._state.textinfo = f"Loading {entry.name}"
         log.info("loading %s", entry.path)
         try:
-            self._pipeline = self._loader(entry)
+            self._pipeline = self._loader(entry, options)
         except NeedsOption:
             raise  # the client's to fix (a 422), not a broken file
         except SdlabError as e:
@@ -243,7 +250,7 @@ class Worker:
 
     def _load_job(self, job: Job) -> CheckpointEntry:
         self._begin(job, 1, 0, f"Loading {job.checkpoint.name if job.checkpoint else ''}")
-        return self._ensure_model(job.checkpoint)[1]
+        return self._ensure_model(job.checkpoint, job.options)[1]
 
     def _task_job(self, job: Job) -> Any:
         self._begin(job, 1, 0, {"graph": "Running a graph", "extras": "Upscaling", "merge": "Merging checkpoints"}
@@ -253,7 +260,7 @@ class Worker:
     def _generate_job(self, job: Job) -> JobResult:
         req = job.request
         self._begin(job, req.n_iter, req.steps, f"Preparing {job.kind}")
-        pipeline, entry = self._ensure_model(job.checkpoint)
+        pipeline, entry = self._ensure_model(job.checkpoint, job.options)
         steps_done = 0
 
         def callback(p: Progress) -> None:
@@ -317,7 +324,7 @@ class TaskContext:
         self.job = job
 
     def pipeline(self, entry: CheckpointEntry | None) -> Pipeline:
-        return self._worker._ensure_model(entry)[0]
+        return self._worker._ensure_model(entry, self.job.options)[0]
 
     @property
     def loaded(self) -> CheckpointEntry | None:

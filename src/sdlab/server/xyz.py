@@ -181,7 +181,7 @@ async def run_xyz(body: Txt2ImgRequest | Img2ImgRequest, kind: str, state: Serve
         return grid, saved, entry
 
     try:
-        done = await run_job(Job(kind, prep.checkpoint, task=work), state, request)  # type: ignore[arg-type]
+        done = await run_job(Job(kind, prep.checkpoint, task=work, options=prep.load_options), state, request)  # type: ignore[arg-type]
     except ClientGone:
         return Response(status_code=499)
     grid, saved, entry = done

@@ -29,7 +29,7 @@ async def _generate(body: Txt2ImgRequest | Img2ImgRequest, kind: str, state: Ser
     try:
         # save_images decides alone, as in the web UI's API (it sets do_not_save_samples to its opposite).
         save_to = state.outputs_dir if body.save_images else None
-        done = await run_job(Job(kind, prep.checkpoint, prep.request, save_to=save_to), state, request)
+        done = await run_job(Job(kind, prep.checkpoint, prep.request, save_to=save_to, options=prep.load_options), state, request)
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
