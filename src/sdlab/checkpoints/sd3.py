@@ -32,7 +32,7 @@ from ..families import FAMILIES, MMDIT_MARKER, UNET_PREFIX, VAE_PREFIX, ModelCon
 from ..models.mmdit import MMDiT, MMDiTConfig
 from ..models.storage import STORAGE_DTYPES
 from ..models.t5 import T5Config, T5Encoder, config_from_state_dict as t5_config
-from ..models.vae import VAEConfig
+from ..models.vae import config_from_state_dict as vae_config
 from . import diffusers_folder as dfolder
 from . import diffusers_keys as dk
 from .io import StateDict, read_state_dict
@@ -237,7 +237,7 @@ def with_vae_file(sd: StateDict, file: str | Path) -> StateDict:
         plan = {k[len(VAE_PREFIX):]: dk.Derived((k,)) for k in keys if k.startswith(VAE_PREFIX)}
     elif any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
         try:
-            plan = dk.vae_plan({k: f.shapes[k] for k in keys}, _diffusers_vae_config(f.shapes))
+            plan = dk.vae_plan({k: f.shapes[k] for k in keys}, vae_config(f.shapes, layout="diffusers"))
         except SdlabError as e:
             raise SdlabError(f"{path}: {e}") from None
     else:
@@ -247,23 +247,6 @@ def with_vae_file(sd: StateDict, file: str | Path) -> StateDict:
     parts = {k: (sd, dk.Derived((k,))) for k in sd.shapes if not k.startswith(VAE_PREFIX)}
     parts.update({VAE_PREFIX + k: (f, d) for k, d in plan.items()})
     return dfolder._converted(parts, sd.path, dict(sd.metadata))
-
-
-def _diffusers_vae_config(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
-    """The VAEConfig of an AutoencoderKL state dict without its config.json, read off the shapes
-    (as `models.vae.config_from_state_dict` reads the released layout)."""
-    try:
-        base, in_channels = shapes["encoder.conv_in.weight"][:2]
-        levels = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down_blocks.")})
-        mult = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"][0] // base for i in range(levels))
-        blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down_blocks.0.resnets.")})
-        return VAEConfig(in_channels=in_channels, out_channels=shapes["decoder.conv_out.weight"][0],
-                         latent_channels=shapes["decoder.conv_in.weight"][1], base_channels=base, channel_mult=mult,
-                         num_res_blocks=blocks, use_quant_conv="post_quant_conv.weight" in shapes)
-    except KeyError as e:
-        raise SdlabError(f"the VAE weights are incomplete (missing {e.args[0]})") from None
-    except ValueError as e:
-        raise SdlabError(f"the VAE shapes give an invalid config: {e}") from None
 
 
 def absent_clip_zeros(cfg: ModelConfig) -> tuple[int, int] | None:

@@ -65,12 +65,20 @@ PRESETS: Mapping[str, VAEConfig] = MappingProxyType({
 })
 
 
-def config_from_state_dict(shapes: Mapping[str, Any], prefix: str = "") -> VAEConfig:
+# Where the encoder's levels and their ResNet blocks are in each key layout a VAE file comes in:
+# `encoder.down.{level}.block.{n}.` (the released LDM files) or `encoder.down_blocks.{level}.resnets.{n}.`
+# (diffusers' AutoencoderKL). The other keys the config is read from are named alike in both.
+_ENCODER_LEVELS = {"original": ("encoder.down", "block"), "diffusers": ("encoder.down_blocks", "resnets")}
+
+
+def config_from_state_dict(shapes: Mapping[str, Any], prefix: str = "", layout: str = "original") -> VAEConfig:
     """Read the VAE config off a state dict's tensor shapes (norm_groups is 32 in every released VAE).
 
     Args:
         shapes: key -> tensor or shape, of the whole file or of the VAE alone.
         prefix: the VAE's key prefix in `shapes`, e.g. "first_stage_model.".
+        layout: "original" (the released files' keys) or "diffusers" (an AutoencoderKL state dict
+            without its config.json).
 
     Raises:
         SdlabError: no VAE under the prefix, or an incomplete one.
@@ -82,9 +90,10 @@ def config_from_state_dict(shapes: Mapping[str, Any], prefix: str = "") -> VAECo
                          "is missing")
     try:
         base, in_channels = s["encoder.conv_in.weight"][:2]
-        levels = len({k.split(".")[2] for k in s if k.startswith("encoder.down.")})
-        blocks = len({k.split(".")[4] for k in s if k.startswith("encoder.down.0.block.")})
-        mult = tuple(s[f"encoder.down.{i}.block.0.conv2.weight"][0] // base for i in range(levels))
+        down, block = _ENCODER_LEVELS[layout]
+        levels = len({k.split(".")[2] for k in s if k.startswith(f"{down}.")})
+        blocks = len({k.split(".")[4] for k in s if k.startswith(f"{down}.0.{block}.")})
+        mult = tuple(s[f"{down}.{i}.{block}.0.conv2.weight"][0] // base for i in range(levels))
         return VAEConfig(in_channels=in_channels, out_channels=s["decoder.conv_out.weight"][0],
                          latent_channels=s["decoder.conv_in.weight"][1], base_channels=base, channel_mult=mult,
                          num_res_blocks=blocks, use_quant_conv="post_quant_conv.weight" in s)
