@@ -77,6 +77,13 @@ def save_native(bundle: Bundle, path: Path, metadata: dict[str, str] | None = No
     return path
 
 
+def save_with_native_size(bundle: Bundle, path: Path, size: int) -> Path:
+    """Save with sdlab's config saying the model was trained at `size` px (as the demo model's
+    does), so that the page and /sdlab/v1/model-info open it at that size."""
+    cfg = replace(bundle.config, family=replace(bundle.config.family, default_size=size))
+    return save_native(bundle, path, metadata={"sdlab.config": cfg.to_json()})
+
+
 def with_family(cfg: ModelConfig, family: str) -> ModelConfig:
     return replace(cfg, family=FAMILIES[family])
 

@@ -1180,12 +1180,9 @@ def test_model_info_gives_a_checkpoints_native_size(client, models_dir, tmp_path
     selected = client.get(f"{API}/options").json()["sd_model_checkpoint"]
     assert r.json() == {"title": selected, "family": "sd1", "family_label": "Stable Diffusion 1.x",
                         "native_size": 512, "error": None}
-    from dataclasses import replace
+    from tests.tiny import save_with_native_size
 
-    bundle = tiny_bundle("sd1")
-    cfg = replace(bundle.config, family=replace(bundle.config.family, default_size=64))
-    small = models_dir / "Stable-diffusion" / "small.safetensors"
-    save_native(bundle, small, metadata={"sdlab.config": cfg.to_json()})
+    small = save_with_native_size(tiny_bundle("sd1"), models_dir / "Stable-diffusion" / "small.safetensors", 64)
     try:
         client.post(f"{API}/refresh-checkpoints")
         info = client.get("/sdlab/v1/model-info", params={"checkpoint": "small.safetensors"}).json()

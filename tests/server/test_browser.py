@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from dataclasses import replace
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from sdlab.server.app import create_app  # noqa: E402
 from sdlab.server.settings import Limits, ServerSettings  # noqa: E402
-from tests.tiny import save_native, tiny_bundle  # noqa: E402
+from tests.tiny import save_native, save_with_native_size, tiny_bundle  # noqa: E402
 
 from .live import serving  # noqa: E402
 
@@ -42,8 +41,7 @@ def base_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     (root / "Stable-diffusion").mkdir()
     bundle = tiny_bundle("sd1")
-    cfg = replace(bundle.config, family=replace(bundle.config.family, default_size=64))
-    save_native(bundle, root / "Stable-diffusion" / NATIVE_64, metadata={"sdlab.config": cfg.to_json()})
+    save_with_native_size(bundle, root / "Stable-diffusion" / NATIVE_64, 64)
     save_native(bundle, root / "Stable-diffusion" / PLAIN_SD1)
     (root / "Lora").mkdir()
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}, root / "Lora" / "shapes.safetensors")

@@ -9,8 +9,6 @@ Screenshots (1280 and 420 px wide) go where test_browser.py puts its own.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -32,7 +30,7 @@ from sdlab.recipes.xyz import axis_options  # noqa: E402
 from sdlab.server.app import create_app  # noqa: E402
 from sdlab.server.settings import ServerSettings  # noqa: E402
 from tests.models.test_controlnet import random_controlnet  # noqa: E402
-from tests.tiny import save_native, tiny_bundle  # noqa: E402
+from tests.tiny import save_native, save_with_native_size, tiny_bundle  # noqa: E402
 
 from .live import serving  # noqa: E402
 
@@ -45,8 +43,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     (root / "Stable-diffusion").mkdir()
     bundle = tiny_bundle("sd1")
-    cfg = replace(bundle.config, family=replace(bundle.config.family, default_size=64))
-    save_native(bundle, root / "Stable-diffusion" / DEMO, metadata={"sdlab.config": cfg.to_json()})
+    save_with_native_size(bundle, root / "Stable-diffusion" / DEMO, 64)
     (root / "ControlNet").mkdir()
     # the tiny VAE scales by 4: two stride-2 convs in the hint encoder
     net = random_controlnet(ControlNetConfig(bundle.config.unet, hint_block_channels=(16, 32, 64)))
