@@ -272,7 +272,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # (B, D, h, w) -> (B, h*w, D), made contiguous: as a transposed view, every elementwise op
         # after it would keep the image stream in that layout (the residual adds, the norms), and
-        # each linear layer would copy it first: 4% of a 1024 px step.
+        # each linear layer would copy it first: 3% of a 1024 px step (measured on two blocks).
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 

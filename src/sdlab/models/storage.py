@@ -75,7 +75,7 @@ def set_dtypes(net: nn.Module, compute: torch.dtype, weights: torch.dtype | None
     if weights != compute and weights not in STORAGE_DTYPES:
         raise ValueError(f"weights can be stored as {', '.join(map(str, STORAGE_DTYPES))}, not {weights}")
     _unwrap(net)
-    # A weight packed for oneDNN (`layers.Conv2d.pack_for_cpu`) has no dtype cast of its own:
+    # A weight packed for oneDNN (`layers.Conv2d` / `layers.Linear` `.pack_for_cpu`) has no dtype cast of its own:
     # every change below starts from the plain layout.
     unpack_weights(net)
     narrow = narrowable(net, weights) if weights != compute else {}
